@@ -1,0 +1,149 @@
+"""The one validated, frozen configuration tree of splitserve.
+
+`Config` holds one sub-config per component; each component takes only its own.
+Load from YAML with `load_config(path)`; every field has a one-line docstring (the
+`doc` metadata) that also feeds `--help`. Validation happens once, in `__post_init__`,
+and raises `ValueError` naming the field and the fix. Nothing is silently rewritten.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KV_DTYPES = ("float32", "bfloat16", "float16", "fp8_e4m3")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    """A dataclass field carrying its one-line docstring."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+def _require(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"config field '{name}': {msg}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = _f("smollm2", "model: 'smollm2', a .gguf path, a safetensors dir, or 'dummy:SHAPE'")
+    dtype: str = _f("float32", "weight/activation dtype: float32, bfloat16 or float16")
+    device: str = _f("auto", "device: auto (cuda if present), cpu or cuda")
+    cache_dir: str = _f("", "where fetched/converted models are cached ('' = ~/.cache/splitserve)")
+    seed: int = _f(0, "seed for dummy weights")
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+                 f"got {self.dtype!r}; use float32, bfloat16 or float16")
+        _require(self.device in DEVICES, "model.device", f"got {self.device!r}; use one of {DEVICES}")
+        _require(bool(self.model), "model.model", "must name a model")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = _f(16, "tokens per KV block")
+    num_blocks: int = _f(0, "KV blocks in the pool (0 = size from memory fraction)")
+    memory_fraction: float = _f(0.85, "fraction of free accelerator memory for the KV cache (GPU)")
+    cpu_cache_gib: float = _f(1.0, "KV cache size in GiB when running on CPU and num_blocks = 0")
+    kv_dtype: str = _f("auto", "KV dtype: auto (= model dtype), float32, bfloat16, float16, fp8_e4m3")
+    enable_prefix_caching: bool = _f(True, "reuse KV of identical prompt prefixes")
+    hash_seed: int = _f(0x5EED, "seed of the chained prefix hash; every worker must agree")
+
+    def __post_init__(self) -> None:
+        _require(self.block_size in (8, 16, 32, 64, 128), "cache.block_size",
+                 f"got {self.block_size}; use 8, 16, 32, 64 or 128")
+        _require(self.num_blocks >= 0, "cache.num_blocks", "must be >= 0 (0 = auto)")
+        _require(0.0 < self.memory_fraction <= 0.98, "cache.memory_fraction", "must be in (0, 0.98]")
+        _require(self.cpu_cache_gib > 0, "cache.cpu_cache_gib", "must be > 0")
+        _require(self.kv_dtype == "auto" or self.kv_dtype in KV_DTYPES, "cache.kv_dtype",
+                 f"got {self.kv_dtype!r}; use auto or one of {KV_DTYPES}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = _f(64, "most sequences in the running batch")
+    max_num_batched_tokens: int = _f(2048, "token budget of one step (chunked prefill splits above it)")
+    max_model_len: int = _f(0, "longest prompt+output (0 = the model's context length)")
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs >= 1, "scheduler.max_num_seqs", "must be >= 1")
+        _require(self.max_num_batched_tokens >= 16, "scheduler.max_num_batched_tokens", "must be >= 16")
+        _require(self.max_model_len >= 0, "scheduler.max_model_len", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    lease_timeout_s: float = _f(30.0, "a KV reservation expires if not completed within this")
+    expected_transports: str = _f("auto", "auto, tcp, cuda_ipc or rdma: warn loudly if UCX picks less")
+    self_test: bool = _f(True, "run a loopback bandwidth self-test at agent start-up")
+
+    def __post_init__(self) -> None:
+        _require(self.lease_timeout_s > 0, "transfer.lease_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+
+    def replace(self, section: str, **changes: Any) -> "Config":
+        """A copy with `changes` applied to one section (validated again)."""
+        sub = dataclasses.replace(getattr(self, section), **changes)
+        return dataclasses.replace(self, **{section: sub})
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"config section '{where}': unknown field(s) {sorted(unknown)}; "
+                         f"known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        ftype = known[name].type
+        sub = _SECTIONS.get(name) if cls is Config else None
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ValueError(f"config section '{name}' must be a mapping")
+            kwargs[name] = _build(sub, value, name)
+        else:
+            kwargs[name] = value
+        del ftype
+    return cls(**kwargs)
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "transfer": TransferConfig,
+}
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data or {}, "<root>")
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate a YAML config file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {p} does not exist")
+    with p.open() as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p}: top level must be a mapping of sections")
+    return config_from_dict(data)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """name -> one-line doc, for --help."""
+    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
