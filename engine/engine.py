@@ -1,0 +1,188 @@
+"""LLMEngine: the model runtime's public face.
+
+    engine = LLMEngine.from_config(config)
+    rid = engine.add_request("Hello", SamplingParams(max_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step(): ...          # streamed deltas, every step
+    engine.generate(["a", "b"], params)       # or run a batch to completion
+
+Each step: scheduler.schedule() -> runner.execute() -> scheduler.update_from_output() -> detokenize,
+stop strings -> RequestOutput deltas.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..config import Config
+from ..kernels.reference import FP8_DTYPE
+from .attention import KVCache, TorchPagedAttention
+from .block_pool import BlockPool
+from .loader import LoadedModel, load
+from .model import LlamaModel
+from .model_runner import ModelRunner
+from .model_source import default_cache_dir, resolve
+from .request import FinishReason, Request, SamplingParams, validate_prompt
+from .sampler import Sampler
+from .scheduler import Scheduler
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "fp8_e4m3": FP8_DTYPE}
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]                  # all generated so far
+    text: str                             # all generated text so far (stop string removed)
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    num_cached_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Track:
+    request: Request
+    arrival: float
+    first_token_time: float | None = None
+    sent_tokens: int = 0
+    sent_text: str = ""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config model.device is 'cuda' but no CUDA device is available")
+    return torch.device(device)
+
+
+class LLMEngine:
+    def __init__(self, config: Config, loaded: LoadedModel, device: torch.device):
+        self.config = config
+        self.arch = loaded.arch
+        self.tokenizer = loaded.tokenizer
+        self.device = device
+        self.model = LlamaModel(loaded.arch, loaded.weights)
+        self.max_model_len = config.scheduler.max_model_len or loaded.arch.max_position_embeddings
+        cc = config.cache
+        kv_dtype = self.model.dtype if cc.kv_dtype == "auto" else _TORCH_DTYPES[cc.kv_dtype]
+        num_blocks = cc.num_blocks or self._auto_num_blocks(kv_dtype)
+        self.kv_cache = KVCache(self.arch.num_layers, num_blocks, cc.block_size, self.arch.num_kv_heads,
+                                self.arch.head_dim, kv_dtype, device)
+        self.pool = BlockPool(num_blocks, cc.block_size, cc.hash_seed, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.pool, self.max_model_len)
+        attn = TorchPagedAttention(self.kv_cache, self.arch.head_dim ** -0.5)
+        self.sampler = Sampler(device)
+        self.runner = ModelRunner(self.model, attn, self.sampler, cc.block_size)
+        self._tracks: dict[str, _Track] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_config(cls, config: Config) -> "LLMEngine":
+        mc = config.model
+        device = resolve_device(mc.device)
+        loaded = load(resolve(mc.model, mc.cache_dir), mc.dtype, str(device), mc.seed,
+                      default_cache_dir(mc.cache_dir))
+        return cls(config, loaded, device)
+
+    def _auto_num_blocks(self, kv_dtype: torch.dtype) -> int:
+        a, cc = self.arch, self.config.cache
+        per_block = KVCache.bytes_per_block(a.num_layers, cc.block_size, a.num_kv_heads, a.head_dim, kv_dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cc.memory_fraction)
+        else:
+            budget = int(cc.cpu_cache_gib * (1 << 30))
+        return max(1, budget // per_block)
+
+    # ------------------------------------------------------------ requests
+    def add_request(self, prompt: str | Sequence[int] | None = None, params: SamplingParams | None = None,
+                    request_id: str | None = None, messages: list[dict] | None = None) -> str:
+        """Queue a request (text, token ids, or chat messages); returns its id."""
+        params = params or SamplingParams()
+        if messages is not None:
+            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if prompt is None:
+            raise ValueError("a request needs a prompt (text or token ids) or chat messages")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        validate_prompt(ids, self.arch.vocab_size, self.max_model_len)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        req = Request(rid, ids, params, eos_token_ids=self.tokenizer.eos_token_ids, arrival_time=time.monotonic())
+        self.scheduler.add_request(req)
+        self._tracks[rid] = _Track(req, req.arrival_time)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        req = self.scheduler.abort_request(request_id)
+        self._tracks.pop(request_id, None)
+        self.sampler.release(request_id)
+        return req is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        sampled = self.runner.execute(sched)
+        updated = self.scheduler.update_from_output(sched, sampled)
+        now = time.monotonic()
+        return [self._emit(self._tracks[r.request_id], now) for r in updated if r.request_id in self._tracks]
+
+    def _emit(self, tr: _Track, now: float) -> RequestOutput:
+        req = tr.request
+        if tr.first_token_time is None:
+            tr.first_token_time = now
+        text = self.tokenizer.decode(req.output_token_ids)
+        stop_at = _find_stop(text, req.params.stop, len(tr.sent_text))
+        if stop_at is not None and not req.is_finished:
+            self.scheduler.finish_request(req, FinishReason.STOP)
+        if stop_at is not None:
+            text = text[:stop_at]
+        elif not req.is_finished:
+            text = text.rstrip("\ufffd")       # hold back an incomplete UTF-8 sequence
+        out = RequestOutput(
+            req.request_id, req.prompt_token_ids, list(req.output_token_ids), text,
+            req.output_token_ids[tr.sent_tokens:], text[len(tr.sent_text):], req.is_finished,
+            req.finish_reason.value if req.finish_reason else None, req.num_cached_tokens)
+        tr.sent_tokens, tr.sent_text = len(req.output_token_ids), text
+        if req.is_finished:
+            n = len(req.output_token_ids)
+            out.timings = {"ttft_s": tr.first_token_time - tr.arrival, "e2e_s": now - tr.arrival,
+                           "tpot_s": (now - tr.first_token_time) / max(n - 1, 1)}
+            del self._tracks[req.request_id]
+            self.sampler.release(req.request_id)
+        return out
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                 | None = None) -> list[RequestOutput]:
+        """Run prompts as one continuous batch to completion; outputs in prompt order."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+
+def _find_stop(text: str, stops: tuple[str, ...], searched: int) -> int | None:
+    """Index where the earliest stop string starts, looking only at text not yet sent."""
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, searched - len(s) + 1))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best

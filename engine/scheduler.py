@@ -1,0 +1,196 @@
+"""Continuous-batching scheduler with chunked prefill, prefix caching and preemption. No torch.
+
+Life cycle of a request:
+    WaitingQueue  -- admitted (prefix matched, blocks allocated) -->  RunningBatch
+    RunningBatch  -- blocks ran out: preempted (blocks freed, recompute later) --> front of WaitingQueue
+    RunningBatch  -- stop token / stop string / max tokens / abort -->  finished (blocks freed)
+
+Every step spends a token budget (`max_num_batched_tokens`). Running requests go first, in
+arrival order: a decoding request takes one token, a request still prefilling takes the next chunk
+of its prompt. If a running request cannot get the blocks for its new tokens, the most recently
+admitted running request is preempted until it can. Waiting requests are then admitted in order
+(first-come first-served; the head is never skipped) while budget, seats and blocks remain. A
+request that does not fit whole takes a chunk of its prompt now and the rest in later steps.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from ..config import SchedulerConfig
+from .block_pool import BlockPool, prefix_hashes
+from .request import FinishReason, Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    start: int             # position of the first new token (= num_computed_tokens before the step)
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the request's known tokens, so its last logits are sampled."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, max_model_len: int):
+        self.config = config
+        self.pool = pool
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # ------------------------------------------------------------ admission
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        limit = min(req.num_prompt_tokens + req.params.max_tokens, self.max_model_len)
+        need = blocks_needed(limit, self.pool.block_size)
+        if need > self.pool.num_blocks:
+            raise ValueError(f"request {req.request_id}: needs {need} KV blocks for {limit} tokens but the "
+                             f"pool holds {self.pool.num_blocks}; lower max_tokens or grow the KV cache")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return None
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.finish_request(req, FinishReason.ABORT)
+        return req
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------ one step
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(out, budget)
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            need = blocks_needed(req.num_computed_tokens + n, self.pool.block_size) - len(req.blocks)
+            while not self.pool.can_allocate(need):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                break
+            req.blocks.extend(self.pool.allocate(max(need, 0)))
+            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            tokens = req.all_token_ids
+            hit = self.pool.match_prefix(tokens, max_tokens=req.num_tokens - 1)
+            n = min(req.num_tokens - hit.num_tokens, budget)
+            need = blocks_needed(hit.num_tokens + n, self.pool.block_size) - len(hit.blocks)
+            reclaimed = sum(1 for b in hit.blocks if b.ref_cnt == 0)
+            if not self.pool.can_allocate(need + reclaimed):
+                break
+            self.waiting.popleft()
+            self.pool.touch(hit.blocks)
+            req.blocks = list(hit.blocks) + self.pool.allocate(need)
+            req.num_computed_tokens = hit.num_tokens
+            req.num_cached_tokens = hit.num_tokens
+            req.block_hashes = [b.block_hash for b in hit.blocks]
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+            budget -= n
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release_blocks(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ------------------------------------------------------------ after the model ran
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance counters, cache full blocks, append sampled tokens, finish what stopped.
+
+        Returns the requests that got a new token (finished ones included)."""
+        touched = []
+        for chunk in out.chunks:
+            req = chunk.request
+            if req.status != RequestStatus.RUNNING:   # aborted in between
+                continue
+            req.num_computed_tokens += chunk.num_new_tokens
+            self._cache_full_blocks(req)
+            if chunk.samples:
+                req.append_token(sampled[req.request_id])
+                touched.append(req)
+                reason = req.check_stop(self.max_model_len)
+                if reason is not None:
+                    self.finish_request(req, reason)
+        return touched
+
+    def _cache_full_blocks(self, req: Request) -> None:
+        bs = self.pool.block_size
+        num_full = req.num_computed_tokens // bs
+        if num_full <= len(req.block_hashes) or not self.pool.enable_prefix_caching:
+            return
+        tokens = req.all_token_ids
+        hashes = prefix_hashes(self.pool.hash_seed, tokens[: num_full * bs], bs)
+        for i in range(len(req.block_hashes), num_full):
+            self.pool.cache_block(req.blocks[i], hashes[i], tokens[i * bs:(i + 1) * bs])
+        req.block_hashes = hashes
+
+    def finish_request(self, req: Request, reason: FinishReason) -> None:
+        if req.is_finished:
+            return
+        if req in self.running:
+            self.running.remove(req)
+        self._release_blocks(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.requests.pop(req.request_id, None)
+
+    def _release_blocks(self, req: Request) -> None:
+        self.pool.free(reversed(req.blocks))   # tail first: suffix blocks are evicted before prefix blocks
+        req.blocks = []
+        req.block_hashes = []
+
+    def requests_in(self, statuses: Iterable[RequestStatus]) -> list[Request]:
+        s = set(statuses)
+        return [r for r in self.requests.values() if r.status in s]
