@@ -1,0 +1,225 @@
+"""Paged decode attention: one new query token per sequence over its paged KV cache.
+
+Reference: `reference.decode_attention_ref` (= `paged_attention_ref` with one token per seq).
+
+Work split. One program per (sequence, kv head, KV split). GQA: the `group` query heads that
+share a kv head are the rows of one [BLOCK_H, head_dim] tile, so each K/V tile is read from
+memory once and feeds a tensor-core dot for the whole group. Split-KV: a long context is cut
+into `num_splits` chunks processed by separate programs, which write a normalized partial
+output and its log-sum-exp (base 2) to scratch; `splitkv_reduce` merges them. `num_splits` is
+chosen on the host from shapes alone (batch, kv heads, SM count, the block table's width), and
+each sequence's chunk length is computed on the GPU from its own seq_len, so the launch never
+reads tensor values: no host sync, capturable in a CUDA graph. With one split the kernel
+writes the final output directly and no reduce runs.
+
+FP8 (e4m3) caches are converted in registers; the K scale is folded into the softmax scale and
+the V scale is applied once to the output row. Addressing is int64 (block id * block stride).
+A sequence of length 0 (graph padding) produces a zero output row, not NaN.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, check_kv_cache,
+                      check_last_contiguous, check_seq_metadata, next_pow2, sm_count)
+from .splitkv_reduce import splitkv_reduce
+
+# Tuning (H200, Llama-3-8B heads; see bench/kernels.py and bench/results/kernels.md)
+BLOCK_N = 64            # KV tokens per inner-loop tile
+NUM_STAGES = 3          # software-pipelining depth of the K/V loads
+NUM_WARPS = 4
+MIN_CHUNK = 256         # fewest KV tokens worth giving one split
+PROGRAMS_PER_SM = 4     # split until the grid has about this many programs per SM
+MAX_SPLITS = 128
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    qk_scale_log2,                      # softmax scale * log2(e)
+    stride_qb, stride_qh,
+    stride_kb, stride_ko, stride_kh,
+    stride_vb, stride_vo, stride_vh,
+    stride_bt, stride_ob, stride_oh,
+    num_splits,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    FP8: tl.constexpr, DIRECT_OUT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # this sequence's chunk per split: a multiple of BLOCK_N, at least MIN_CHUNK
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    chunk = tl.maximum(chunk, MIN_CHUNK)
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + offs_h                            # query heads of this kv head
+    hmask = offs_h < GROUP
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+                + offs_d[None, :], mask=hmask[:, None], other=0.0)   # [BLOCK_H, D]
+    if FP8:
+        qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr + kvh)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kvh.to(tl.int64) * stride_kh + offs_d[None, :]
+    v_base = v_cache_ptr + kvh.to(tl.int64) * stride_vh + offs_d[None, :]
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        nmask = pos < end
+        blk = tl.load(bt_row + pos // PAGE, mask=nmask, other=0).to(tl.int64)
+        off = (pos % PAGE).to(tl.int64)
+        k = tl.load(k_base + blk[:, None] * stride_kb + off[:, None] * stride_ko,
+                    mask=nmask[:, None], other=0.0)         # [BLOCK_N, D]
+        v = tl.load(v_base + blk[:, None] * stride_vb + off[:, None] * stride_vo,
+                    mask=nmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2   # [BLOCK_H, BLOCK_N]
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+
+    has = l_i > 0.0                                         # false: empty split or seq_len 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if DIRECT_OUT:
+        if FP8:
+            o = o * tl.load(v_scale_ptr + kvh)
+        tl.store(out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
+                 + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+    else:
+        # scratch: part_out [num_seqs, num_q_heads, num_splits, D], part_lse [.., num_splits]
+        row = (seq.to(tl.int64) * GROUP * tl.num_programs(1) + heads) * num_splits + split
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o,
+                 mask=hmask[:, None])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=hmask)
+
+
+class SplitKVScratch(NamedTuple):
+    """Float32 scratch for split-KV decode; preallocate it to keep a captured graph's pool flat."""
+    part_out: torch.Tensor   # [num_seqs, num_q_heads, num_splits, head_dim]
+    part_lse: torch.Tensor   # [num_seqs, num_q_heads, num_splits], log2-sum-exp of each split
+
+
+def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int,
+                       device: torch.device) -> int:
+    """KV splits per (seq, kv head), from static shape information only.
+
+    Enough programs to fill the GPU (PROGRAMS_PER_SM per SM), but no split shorter than
+    MIN_CHUNK tokens of the longest context the block table can hold.
+    """
+    programs = max(1, num_seqs * num_kv_heads)
+    want = math.ceil(PROGRAMS_PER_SM * sm_count(device) / programs)
+    most = max(1, math.ceil(max_context / MIN_CHUNK))
+    return max(1, min(want, most, MAX_SPLITS))
+
+
+def alloc_split_kv_scratch(num_seqs: int, num_q_heads: int, head_dim: int, num_splits: int,
+                           device: torch.device) -> SplitKVScratch:
+    return SplitKVScratch(
+        torch.empty(num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32,
+                    device=device),
+        torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=device))
+
+
+def _check_decode_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale,
+                       out) -> bool:
+    fp8 = check_kv_cache(k_cache, v_cache, k_scale, v_scale)
+    check_dim("q", q, 3, "[num_seqs, num_q_heads, head_dim]")
+    check_dtype("q", q, ACT_DTYPES)
+    check_last_contiguous("q", q)
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    check(head_dim == k_cache.shape[3],
+          f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
+    check(num_q_heads % num_kv_heads == 0,
+          f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    check(fp8 or k_cache.dtype == q.dtype,
+          f"q is {q.dtype} but the cache is {k_cache.dtype}; a non-FP8 cache must match q")
+    check_seq_metadata(seq_lens, block_tables, num_seqs)
+    if out is not None:
+        check(out.shape == q.shape and out.dtype == q.dtype,
+              f"out must be {q.dtype} {tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
+        check_last_contiguous("out", out)
+    check_device("q", q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                 seq_lens=seq_lens, k_scale=k_scale, v_scale=v_scale, out=out)
+    return fp8
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None,
+                           out: torch.Tensor | None = None, num_splits: int | None = None,
+                           scratch: SplitKVScratch | None = None) -> torch.Tensor:
+    """Decode attention of one new token per sequence over the paged cache.
+
+    q:            [num_seqs, num_q_heads, head_dim] fp16/bf16 (last dim contiguous)
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype or FP8 e4m3
+    block_tables: int32 [num_seqs, max_blocks_per_seq]; seq_lens: int32 [num_seqs], the
+                  context length *including* the new token (its K/V already written)
+    scale:        softmax scale (usually head_dim ** -0.5)
+    k_scale, v_scale: float32 [num_kv_heads], required for (and only for) an FP8 cache
+    out:          optional preallocated [num_seqs, num_q_heads, head_dim] in q's dtype
+    num_splits:   override the split-KV count (default: `plan_decode_splits`)
+    scratch:      optional preallocated `SplitKVScratch` with at least num_splits splits
+    Returns out. No host sync and no value-dependent allocation: capturable in a CUDA graph.
+    """
+    fp8 = _check_decode_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale, out)
+    num_seqs, num_q_heads, head_dim = q.shape
+    _, page, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        num_splits = plan_decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * page,
+                                        q.device)
+    check(num_splits >= 1, f"num_splits must be >= 1, got {num_splits}")
+    direct = num_splits == 1
+    if not direct:
+        if scratch is None:
+            scratch = alloc_split_kv_scratch(num_seqs, num_q_heads, head_dim, num_splits, q.device)
+        want = (num_seqs, num_q_heads, num_splits, head_dim)
+        check(tuple(scratch.part_out.shape) == want and scratch.part_out.is_contiguous()
+              and tuple(scratch.part_lse.shape) == want[:3] and scratch.part_lse.is_contiguous()
+              and scratch.part_out.dtype == scratch.part_lse.dtype == torch.float32,
+              f"scratch must be contiguous float32 part_out {want} and part_lse {want[:3]}")
+        part_out, part_lse = scratch
+    else:
+        part_out = part_lse = out                     # unused when DIRECT_OUT
+    scale_k = k_scale if fp8 else q
+    scale_v = v_scale if fp8 else q
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, scale_k, scale_v,
+        out, part_out, part_lse,
+        scale * 1.4426950408889634,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        num_splits,
+        GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=head_dim, PAGE=page,
+        BLOCK_N=BLOCK_N, MIN_CHUNK=MIN_CHUNK, FP8=fp8, DIRECT_OUT=direct,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    if not direct:
+        splitkv_reduce(part_out, part_lse, out, group, v_scale if fp8 else None)
+    return out

@@ -1,0 +1,121 @@
+"""paged_decode_attention (Triton) against the float32 torch reference.
+
+Tolerances. The reference computes in float32 from the same stored K/V (FP8 values dequantized
+exactly), so the kernel's error comes from: q.K products of fp16/bf16 operands accumulated in
+fp32 (exact products, ~1e-6 relative), probabilities rounded to the compute dtype before the
+P.V dot (bf16: 2^-9 relative per weight, fp16: 2^-12), and the final rounding of the output
+(bf16 2^-9, fp16 2^-12). Relative errors that are random across a sum of many terms add up in
+quadrature, so a few units of the output rounding bound the whole: rel_err <= 1e-2 (bf16) /
+2e-3 (fp16) over the tensor, and elementwise |out - ref| <= rtol*|ref| + atol*max|ref| with the
+same constants. Measured here: ~3e-3 (bf16), ~5e-4 (fp16). A NaN (an unwritten output, or an
+unmasked read of the NaN-poisoned cache tail) fails every check.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before any kernel module is imported
+
+import pytest  # noqa: E402
+
+from splitserve.kernels.testing import make_paged_case, rel_err, setup_kernel_tests  # noqa: E402
+
+DEVICE = setup_kernel_tests()
+
+import splitserve.kernels.decode_attention as decode_mod  # noqa: E402
+from splitserve.kernels import (FP8_DTYPE, alloc_split_kv_scratch, decode_attention_ref,  # noqa: E402
+                                paged_decode_attention)
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+KV = {"bf16": (torch.bfloat16, torch.bfloat16), "fp16": (torch.float16, torch.float16),
+      "fp8-bf16": (torch.bfloat16, FP8_DTYPE), "fp8-fp16": (torch.float16, FP8_DTYPE)}
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    assert not torch.isnan(out).any(), "NaN in output: unwritten rows or unmasked reads"
+    err = rel_err(out, ref)
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+    o, r = out.double(), ref.double()
+    bound = tol * r.abs() + tol * r.abs().max()
+    assert ((o - r).abs() <= bound).all(), f"max abs err {(o - r).abs().max():.3e}"
+
+
+def lengths(block_size: int) -> list[int]:
+    """Tile edges of the paging (1, bs-1, bs, bs+1), a long one: 7 sequences, odd batch."""
+    return [1, block_size - 1, block_size, block_size + 1, 5 * block_size + 3, 2, 77]
+
+
+def run_case(seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, kv, seed,
+             num_splits=None, scratch=False):
+    dtype, kv_dtype = KV[kv]
+    c = make_paged_case(seq_lens, [1] * len(seq_lens), num_q_heads, num_kv_heads, head_dim,
+                        block_size, dtype, kv_dtype, device=DEVICE, seed=seed)
+    ref = decode_attention_ref(c.q.cpu(), c.k_cache.cpu(), c.v_cache.cpu(),
+                               c.block_tables.cpu(), c.seq_lens.cpu(), c.scale,
+                               None if c.k_scale is None else c.k_scale.cpu(),
+                               None if c.v_scale is None else c.v_scale.cpu())
+    out = torch.full_like(c.q, float("nan"))
+    buf = None
+    if scratch:
+        buf = alloc_split_kv_scratch(c.q.shape[0], num_q_heads, head_dim, num_splits, c.q.device)
+        buf.part_out.fill_(float("nan"))
+        buf.part_lse.fill_(float("nan"))
+    got = paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.seq_lens,
+                                 c.scale, c.k_scale, c.v_scale, out=out,
+                                 num_splits=num_splits, scratch=buf)
+    assert got is out
+    assert_close(out.cpu(), ref, TOL[dtype])
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 16 tokens and splits as short as 16 so tiny CPU cases cross every edge."""
+    monkeypatch.setattr(decode_mod, "BLOCK_N", 16)
+    monkeypatch.setattr(decode_mod, "MIN_CHUNK", 16)
+
+
+@pytest.mark.parametrize("kv", list(KV))
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (8, 2), (8, 1)])  # GQA 1, 4, 8
+def test_decode_dtypes_and_gqa(kv, num_q_heads, num_kv_heads, small_tiles):
+    head_dim, block_size = (64, 16) if num_kv_heads == 2 else (128, 32)
+    run_case(lengths(block_size), num_q_heads, num_kv_heads, head_dim, block_size, kv,
+             seed=num_q_heads * 10 + len(kv), num_splits=3)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_decode_head_dims_block_sizes_splits(head_dim, block_size, num_splits, small_tiles):
+    run_case(lengths(block_size), 4, 1, head_dim, block_size, "bf16",
+             seed=head_dim + block_size + num_splits, num_splits=num_splits)
+
+
+def test_decode_default_tiles_and_planned_splits():
+    """The shipped tile sizes and the split planner (no monkeypatching)."""
+    run_case([1, 15, 16, 17, 300], 8, 2, 64, 16, "fp8-bf16", seed=3)
+
+
+def test_decode_preallocated_scratch(small_tiles):
+    run_case([33, 1, 70], 4, 2, 64, 16, "fp16", seed=4, num_splits=4, scratch=True)
+
+
+def test_decode_zero_length_rows_are_zero(small_tiles):
+    """seq_len 0 (a CUDA-graph padding row) yields zeros, not NaN, for any split count."""
+    for num_splits in (1, 3):
+        c = make_paged_case([0, 20, 0], [1, 1, 1], 4, 2, 64, 16, torch.bfloat16,
+                            torch.bfloat16, device=DEVICE, seed=5)
+        out = torch.full_like(c.q, float("nan"))
+        paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.seq_lens, c.scale,
+                               out=out, num_splits=num_splits)
+        assert (out[0] == 0).all() and (out[2] == 0).all()
+        assert not torch.isnan(out[1]).any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", ["bf16", "fp8-fp16"])
+def test_decode_long_context(kv):
+    """A few thousand tokens through the default tiles and planner."""
+    run_case([2049, 3000, 1], 8, 1, 128, 16, kv, seed=6)
