@@ -82,9 +82,26 @@ class TransferConfig:
     lease_timeout_s: float = _f(30.0, "a KV reservation expires if not completed within this")
     expected_transports: str = _f("auto", "auto, tcp, cuda_ipc or rdma: warn loudly if UCX picks less")
     self_test: bool = _f(True, "run a loopback bandwidth self-test at agent start-up")
+    self_test_mib: int = _f(64, "MiB moved by the start-up self-test")
+    listen_host: str = _f("127.0.0.1", "address the transfer agent listens on (peers connect to it)")
+    listen_port: int = _f(0, "port the transfer agent listens on (0 = any free port)")
+    connect_timeout_s: float = _f(5.0, "connecting to a peer agent and its handshake must finish within this")
+    direct_min_blocks: int = _f(4, "block runs at least this long go straight into place; shorter ones are staged")
+    staging_layers: int = _f(4, "staged layers in flight per transfer (bounds staging memory)")
+    sweep_interval_s: float = _f(0.05, "how often leases are checked for expiry and stray writes drained")
 
     def __post_init__(self) -> None:
         _require(self.lease_timeout_s > 0, "transfer.lease_timeout_s", "must be > 0")
+        _require(self.expected_transports in ("auto", "tcp", "cuda_ipc", "rdma"),
+                 "transfer.expected_transports",
+                 f"got {self.expected_transports!r}; use auto, tcp, cuda_ipc or rdma")
+        _require(self.self_test_mib >= 1, "transfer.self_test_mib", "must be >= 1")
+        _require(bool(self.listen_host), "transfer.listen_host", "must name an address")
+        _require(0 <= self.listen_port < 65536, "transfer.listen_port", "must be in [0, 65535]")
+        _require(self.connect_timeout_s > 0, "transfer.connect_timeout_s", "must be > 0")
+        _require(self.direct_min_blocks >= 1, "transfer.direct_min_blocks", "must be >= 1")
+        _require(self.staging_layers >= 1, "transfer.staging_layers", "must be >= 1")
+        _require(0 < self.sweep_interval_s <= 1.0, "transfer.sweep_interval_s", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)

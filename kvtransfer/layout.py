@@ -1,0 +1,166 @@
+"""KV pool layout, the deterministic message plan both sides derive, and per-layer checksums.
+
+Pool layout (one tensor per worker):
+    kv: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+so one region (layer, k|v, block) is contiguous: block_size * num_kv_heads * head_dim * itemsize
+bytes. An FP8 pool may carry scales: [num_layers, 2, num_kv_heads] float32, which travel per layer.
+
+A transfer moves the regions of n source blocks into n destination blocks (src_ids[i] ->
+dst_ids[i]) for every layer. `TransferPlan` turns that into tag messages, identically on both
+sides (it is a pure function of the ids and `direct_min_blocks`):
+  * maximal runs where src and dst ids both step by +1 are coalesced; a run of at least
+    `direct_min_blocks` blocks is sent *direct*: one message per (layer, k|v, run), read from the
+    source pool and received straight into the destination blocks (zero copies);
+  * every other block is *staged*: per layer, the sender gathers all such regions (K then V) into
+    one contiguous buffer, sends it as one message, and the receiver scatters it into its blocks.
+Per layer the message order is: direct K runs, direct V runs, the staged bundle, the scales.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, Sequence
+
+PROTOCOL_VERSION = 1
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8_e4m3": 1, "uint8": 1}
+MAX_LAYERS = 1 << 10        # tag field widths, see wire.data_tag
+MAX_MSGS_PER_LAYER = 1 << 22
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of one worker's KV pool tensor (see the module docstring)."""
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "bfloat16"
+    has_scales: bool = False   # FP8 pools: per-layer [2, num_kv_heads] float32 scales travel too
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"KVLayout.dtype {self.dtype!r}: use one of {sorted(DTYPE_BYTES)}")
+        for name in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"KVLayout.{name} must be >= 1")
+        if self.num_layers > MAX_LAYERS:
+            raise ValueError(f"KVLayout.num_layers {self.num_layers} > {MAX_LAYERS} (tag field)")
+        if self.region_bytes % 8:
+            raise ValueError("KVLayout: a block region must be a multiple of 8 bytes (checksums)")
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def region_bytes(self) -> int:
+        """Bytes of one (layer, k|v, block) region."""
+        return self.block_size * self.num_kv_heads * self.head_dim * self.itemsize
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block holds across all layers, K and V."""
+        return self.region_bytes * 2 * self.num_layers
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads,
+                self.head_dim)
+
+    def compat_record(self, model: str) -> dict:
+        """What two peers must agree on (num_blocks may differ between pools)."""
+        rec = asdict(self)
+        rec.pop("num_blocks")
+        rec["model"] = model
+        rec["version"] = PROTOCOL_VERSION
+        return rec
+
+
+def compat_mismatch(mine: dict, theirs: dict) -> str | None:
+    """None if compatible, else a sentence naming every differing field."""
+    diffs = [f"{k}: ours={mine.get(k)!r} theirs={theirs.get(k)!r}"
+             for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    return ("incompatible KV peers (" + "; ".join(diffs) + ")") if diffs else None
+
+
+class Run(NamedTuple):
+    """Blocks src[i0:i0+n] -> dst[i0:i0+n] with both id lists stepping by one."""
+    i0: int
+    n: int
+    src0: int
+    dst0: int
+
+
+def coalesce(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[Run]:
+    """Maximal runs where both src and dst ids are consecutive."""
+    runs: list[Run] = []
+    i, n = 0, len(dst_ids)
+    while i < n:
+        j = i + 1
+        while j < n and src_ids[j] == src_ids[j - 1] + 1 and dst_ids[j] == dst_ids[j - 1] + 1:
+            j += 1
+        runs.append(Run(i, j - i, src_ids[i], dst_ids[i]))
+        i = j
+    return runs
+
+
+class DirectMsg(NamedTuple):
+    kv: int     # 0 = K, 1 = V
+    run: Run
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """Per-layer tag messages of one transfer (the same on both sides)."""
+    layout: KVLayout
+    direct: tuple[DirectMsg, ...]   # per layer, in this order
+    staged_idx: tuple[int, ...]     # positions i (into the id lists) that go through staging
+    src_ids: tuple[int, ...]
+    dst_ids: tuple[int, ...]
+
+    @classmethod
+    def build(cls, layout: KVLayout, src_ids: Sequence[int], dst_ids: Sequence[int],
+              direct_min_blocks: int) -> "TransferPlan":
+        if len(src_ids) != len(dst_ids) or not dst_ids:
+            raise ValueError(f"transfer needs equal, non-empty block lists "
+                             f"(src {len(src_ids)}, dst {len(dst_ids)})")
+        if len(set(dst_ids)) != len(dst_ids):
+            raise ValueError("destination block ids must be distinct")
+        runs = coalesce(list(src_ids), list(dst_ids))
+        direct_runs = [r for r in runs if r.n >= direct_min_blocks]
+        staged = [i for r in runs if r.n < direct_min_blocks for i in range(r.i0, r.i0 + r.n)]
+        direct = tuple(DirectMsg(kv, r) for kv in (0, 1) for r in direct_runs)
+        plan = cls(layout, direct, tuple(staged), tuple(src_ids), tuple(dst_ids))
+        if plan.msgs_per_layer > MAX_MSGS_PER_LAYER:
+            raise ValueError("too many messages per layer for the tag field")
+        return plan
+
+    @property
+    def staged_bytes(self) -> int:
+        """Bytes of one layer's staged bundle (K regions then V regions)."""
+        return 2 * len(self.staged_idx) * self.layout.region_bytes
+
+    @property
+    def msgs_per_layer(self) -> int:
+        return len(self.direct) + (1 if self.staged_idx else 0) + (1 if self.layout.has_scales else 0)
+
+    @property
+    def staged_msg(self) -> int:
+        """Message index of the staged bundle within a layer."""
+        return len(self.direct)
+
+    @property
+    def scales_msg(self) -> int:
+        return len(self.direct) + (1 if self.staged_idx else 0)
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self.dst_ids) * self.layout.block_bytes
+
+
+
+def ids_digest(ids: Sequence[int]) -> str:
+    """Short hash of a block-id list, compared by both sides before any data moves."""
+    return hashlib.sha1(json.dumps(list(ids)).encode()).hexdigest()[:16]

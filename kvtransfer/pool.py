@@ -1,0 +1,87 @@
+"""The bridge between the plan and torch memory: buffer views, gather/scatter, checksums.
+
+Everything that touches the KV tensor lives here; the rest of kvtransfer deals in ids.
+`kv` is the pool tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] on CPU or
+CUDA; `scales` (FP8 pools) is [num_layers, 2, num_kv_heads] float32.
+"""
+from __future__ import annotations
+
+import torch
+
+from .layout import KVLayout, TransferPlan
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "fp8_e4m3": torch.float8_e4m3fn, "uint8": torch.uint8}
+_MIX = 0x9E3779B97F4A7C15 - (1 << 64)   # odd 64-bit constant, as a signed int64
+
+
+def torch_dtype(layout: KVLayout) -> torch.dtype:
+    return _TORCH_DTYPES[layout.dtype]
+
+
+def check_pool(kv: torch.Tensor, layout: KVLayout, scales: torch.Tensor | None) -> None:
+    if tuple(kv.shape) != layout.shape or kv.dtype != torch_dtype(layout):
+        raise ValueError(f"KV pool is {tuple(kv.shape)} {kv.dtype}; layout says "
+                         f"{layout.shape} {torch_dtype(layout)}")
+    if not kv.is_contiguous():
+        raise ValueError("KV pool tensor must be contiguous")
+    if layout.has_scales != (scales is not None):
+        raise ValueError("layout.has_scales must match whether a scales tensor is given")
+    if scales is not None and (tuple(scales.shape) != (layout.num_layers, 2, layout.num_kv_heads)
+                               or scales.dtype != torch.float32 or not scales.is_contiguous()):
+        raise ValueError("scales must be contiguous float32 [num_layers, 2, num_kv_heads]")
+
+
+def as_buffer(t: torch.Tensor):
+    """A contiguous tensor as something ucxx's Array accepts (no copy)."""
+    flat = t.reshape(-1).view(torch.uint8)
+    return flat if flat.is_cuda else flat.numpy()
+
+
+def words(kv: torch.Tensor, layer: int) -> torch.Tensor:
+    """One layer as int64 words per region: [2, num_blocks, region_bytes // 8]."""
+    return kv[layer].reshape(2, kv.shape[2], -1).view(torch.int64)
+
+
+def direct_view(kv: torch.Tensor, layer: int, kv_idx: int, start: int, n: int):
+    return as_buffer(kv[layer, kv_idx, start:start + n])
+
+
+def index_tensor(ids, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(list(ids), dtype=torch.long, device=device)
+
+
+def gather_staged(kv: torch.Tensor, layer: int, src_idx: torch.Tensor, out: torch.Tensor) -> None:
+    """out[k|v, i] = kv[layer, k|v, src_idx[i]];  out: [2, n, *region]."""
+    torch.index_select(kv[layer], 1, src_idx, out=out)
+
+
+def scatter_staged(kv: torch.Tensor, layer: int, dst_idx: torch.Tensor, staged: torch.Tensor) -> None:
+    kv[layer].index_copy_(1, dst_idx, staged)
+
+
+def staging_tensor(kv: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.empty((2, n, *kv.shape[3:]), dtype=kv.dtype, device=kv.device)
+
+
+def layer_checksum(kv: torch.Tensor, layer: int, idx: torch.Tensor,
+                   scales: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 (0-d tensor, on kv's device) over the regions (layer, k|v, idx[i]) in plan order.
+
+    Per-region word sums, each weighted by an odd, position-dependent factor, so a corrupted
+    byte and a region landing in the wrong block both change it. Integer arithmetic wraps
+    mod 2^64 and is exact, so CPU and CUDA agree.
+    """
+    sums = words(kv, layer).index_select(1, idx).sum(-1).reshape(-1)     # [2n]
+    weights = torch.arange(sums.numel(), device=kv.device, dtype=torch.int64) * 2 + 1
+    total = (sums * (weights * _MIX)).sum()
+    if scales is not None:
+        total = total + scales[layer].reshape(-1).view(torch.int64).sum() * 7
+    return total
+
+
+def plan_checksums(kv: torch.Tensor, plan: TransferPlan, ids, scales=None) -> list[int]:
+    """Checksums of all layers for the blocks `ids` (src ids on the sender, dst on the receiver)."""
+    idx = index_tensor(ids, kv.device)
+    sums = [layer_checksum(kv, l, idx, scales) for l in range(plan.layout.num_layers)]
+    return [int(x) for x in torch.stack(sums).tolist()]

@@ -1,0 +1,152 @@
+"""Decode side of one transfer attempt: receives posted straight into reserved blocks.
+
+Life of an attempt (one per lease epoch):
+  begin     -> every direct message gets a tag receive posted on its destination blocks, the
+               first `staging_layers` staged bundles get receives into a lease-owned ring;
+               each posted receive is one admitted write on the lease (LeaseTable.begin_write)
+  landing   -> a finished staged receive is scattered into the blocks (only while the lease is
+               live), then its ring slot is re-posted for the layer `staging_layers` ahead
+  complete  -> wait for every receive, checksum the destination blocks, compare, and only then
+               ask the lease table to hand the blocks to the request
+  abort     -> (expiry, cancel, reissue, rejection, dead sender) every receive still posted is
+               *plugged*: the agent sends a zero-length message with that tag to itself, which
+               completes the receive without writing. When all receives have ended, the lease
+               table frees the blocks (expired/cancelled) exactly once. A late write from the
+               old sender then finds no receive: it waits in UCX's unexpected queue until the
+               agent's sweeper drains it into scratch memory (see agent._sweep).
+All methods run on the agent's event loop thread.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from ucxx._lib.arr import Array
+from ucxx.types import Tag, TagMaskFull
+
+from . import pool
+from .layout import TransferPlan
+from .lease import LeaseTable
+from .state import TransferFSM, TransferState
+from .wire import data_tag
+
+if TYPE_CHECKING:
+    from .agent import TransferAgent
+
+
+class RecvAttempt:
+    def __init__(self, agent: "TransferAgent", lease_id: int, epoch: int, tag_key: int,
+                 plan: TransferPlan, ep, fsm: TransferFSM) -> None:
+        self.agent, self.lease_id, self.epoch, self.tag_key = agent, lease_id, epoch, tag_key
+        self.plan, self.ep, self.fsm = plan, ep, fsm
+        self.leases: LeaseTable = agent.leases
+        self.pending: dict[int, asyncio.Future] = {}   # tag -> receive still in flight
+        self.tasks: list[asyncio.Future] = []
+        self.errors: list[str] = []
+        self.aborted = False
+        self.drained = asyncio.Event()
+        kv = agent.kv
+        self.dst_idx = pool.index_tensor([plan.dst_ids[i] for i in plan.staged_idx], kv.device)
+        w = min(agent.config.staging_layers, plan.layout.num_layers)
+        self.ring = [pool.staging_tensor(kv, len(plan.staged_idx)) for _ in range(w)] \
+            if plan.staged_idx else []
+        self.rx_scales = (torch.empty_like(agent.scales) if agent.scales is not None else None)
+        self.bytes = 0
+
+    # ---- posting -------------------------------------------------------------------------
+    def post_all(self) -> bool:
+        """Post the receives; False if the lease refused a write (then the attempt aborts)."""
+        L = self.plan.layout.num_layers
+        for layer in range(L):
+            for m, d in enumerate(self.plan.direct):
+                view = pool.direct_view(self.agent.kv, layer, d.kv, d.run.dst0, d.run.n)
+                if not self._post(layer, m, view, None):
+                    return False
+            if self.rx_scales is not None:
+                if not self._post(layer, self.plan.scales_msg, pool.as_buffer(self.rx_scales[layer]), None):
+                    return False
+        for layer in range(len(self.ring)):
+            if not self._post_staged(layer):
+                return False
+        return True
+
+    def _post_staged(self, layer: int) -> bool:
+        slot = self.ring[layer % len(self.ring)]
+        return self._post(layer, self.plan.staged_msg, pool.as_buffer(slot),
+                          lambda: self._land_staged(layer, slot))
+
+    def _post(self, layer: int, msg: int, buf, on_done: Callable[[], None] | None) -> bool:
+        if self.aborted or not self.leases.begin_write(self.lease_id, self.epoch):
+            return False
+        tag = data_tag(self.tag_key, layer, msg)
+        arr = buf if isinstance(buf, Array) else Array(buf)
+        req = self.ep._ep.tag_recv(arr, Tag(tag), TagMaskFull)
+        fut = asyncio.ensure_future(self._finish(tag, req, arr.nbytes, on_done))
+        self.pending[tag] = fut
+        self.tasks.append(fut)
+        return True
+
+    async def _finish(self, tag: int, req, nbytes: int, on_done) -> None:
+        try:
+            await req.wait()
+            if not self.aborted:
+                self.bytes += nbytes
+                if on_done is not None:
+                    on_done()
+        except Exception as e:   # cancelled by UCX (peer died) or plugged after abort
+            if not self.aborted:
+                self.errors.append(f"receive {tag:#x} failed: {e!r}")
+        finally:
+            self.pending.pop(tag, None)
+            self.leases.end_write(self.lease_id)
+            if self.aborted and not self.pending:
+                self.drained.set()
+
+    def _land_staged(self, layer: int, slot: torch.Tensor) -> None:
+        """Scatter one staged bundle into the blocks; re-arm the ring slot for a later layer.
+        Runs inside the receive's admitted write, so the lease cannot free the blocks under it."""
+        pool.scatter_staged(self.agent.kv, layer, self.dst_idx, slot)
+        if self.agent.kv.is_cuda:
+            torch.cuda.current_stream().synchronize()   # the slot is reused below
+        nxt = layer + len(self.ring)
+        if nxt < self.plan.layout.num_layers and not self._post_staged(nxt):
+            self.errors.append(f"lease refused the staged receive of layer {nxt}")
+
+    # ---- completion ----------------------------------------------------------------------
+    async def verify(self, checksums: list[int]) -> str | None:
+        """Wait for every receive, then compare checksums. None if the data is good."""
+        while self.tasks:
+            batch, self.tasks = self.tasks, []
+            await asyncio.gather(*batch, return_exceptions=True)
+        if self.aborted:
+            return "attempt was aborted"
+        if self.errors:
+            return self.errors[0]
+        ours = await asyncio.get_running_loop().run_in_executor(
+            None, pool.plan_checksums, self.agent.kv, self.plan, self.plan.dst_ids, self.rx_scales)
+        if len(checksums) != len(ours):
+            return f"completion has {len(checksums)} layer checksums, expected {len(ours)}"
+        bad = [l for l, (a, b) in enumerate(zip(ours, checksums)) if a != b]
+        if bad:
+            return f"checksum mismatch in layers {bad[:8]}"
+        if self.rx_scales is not None and not torch.equal(self.rx_scales, self.agent.scales):
+            return "FP8 scales differ from this pool's scales (KV quantized differently)"
+        return None
+
+    # ---- abort ---------------------------------------------------------------------------
+    async def abort(self, reason: str) -> None:
+        """Fail the attempt and plug every posted receive; returns once all have ended."""
+        if not self.aborted:
+            self.aborted = True
+            self.fsm.fail(reason)
+            for tag in list(self.pending):
+                await self.agent.plug(tag)
+            if not self.pending:
+                self.drained.set()
+            self.agent.tombstone(self.tag_key)
+        await self.drained.wait()
+
+    @property
+    def state(self) -> TransferState:
+        return self.fsm.poll().state

@@ -1,0 +1,204 @@
+"""Prefill side of one transfer: `KVSender`, driven by the prefill forward, layer by layer.
+
+    sender = agent.open_sender(handoff, src_block_ids)    # Bootstrapping
+    for layer in model:                                      # the forward pass
+        ...compute layer, write its KV into the pool...
+        sender.push_layer(layer_idx)                         # non-blocking, thread-safe
+    sender.poll()   # Transferring ... Success | Failed(reason)
+
+On the agent's loop: connect (cached endpoint, compatibility checked at first contact), send
+`begin`, wait for `ready`, then per pushed layer: wait until the layer's KV is written (a CUDA
+event recorded by push_layer), gather the staged regions into a staging buffer (at most
+`staging_layers` in flight), post all tag sends of that layer without waiting for the previous
+ones, and fold the layer's checksum. After the last layer and all sends: `complete` with the
+per-layer checksums, then Success on the decode side's `ack`. Any refusal, a dead peer or the
+lease's deadline ends in Failed; `on_done` (release of the source blocks) runs exactly once.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+from ucxx._lib.arr import Array
+from ucxx.types import Tag
+
+from . import pool
+from .layout import TransferPlan, ids_digest
+from .state import TransferFSM, TransferState, TransferStatus
+from .wire import HandoffRecord, data_tag, encode
+
+if TYPE_CHECKING:
+    from .agent import TransferAgent
+
+
+class KVSender:
+    """One KV handoff from this (prefill) worker into a decode worker's reserved blocks."""
+
+    def __init__(self, agent: "TransferAgent", handoff: HandoffRecord, src_block_ids: Sequence[int],
+                 on_done: Callable[["KVSender"], None] | None = None) -> None:
+        self.agent, self.handoff = agent, handoff
+        self.src_ids = [int(b) for b in src_block_ids]
+        self.plan = TransferPlan.build(agent.layout, self.src_ids, list(handoff.block_ids),
+                                       handoff.direct_min_blocks)
+        self.fsm = TransferFSM()
+        self.deadline = time.monotonic() + handoff.ttl_s
+        self._on_done = on_done
+        self._lock = threading.Lock()
+        self._pushed: set[int] = set()
+        self._events: dict[int, torch.cuda.Event | None] = {}
+        self._layer_ready: dict[int, asyncio.Event] = {}
+        self.reply: asyncio.Future | None = None    # set by the agent's control loop
+        self.cancel_ack: asyncio.Future | None = None
+        self.bytes_sent = 0
+        self.started = time.perf_counter()
+        self.finished_at: float | None = None
+        self.complete_hook: Callable[[dict], dict] | None = None   # tests: forge a completion
+        self._task = agent.submit(self._run())
+
+    # ---- caller side (any thread) ------------------------------------------------------------
+    def push_layer(self, layer: int) -> None:
+        """Layer `layer`'s KV is written to the pool (on the current CUDA stream): send it."""
+        L = self.plan.layout.num_layers
+        if not 0 <= layer < L:
+            raise ValueError(f"push_layer({layer}): the model has {L} layers")
+        with self._lock:
+            if layer in self._pushed:
+                raise ValueError(f"layer {layer} was already pushed")
+            self._pushed.add(layer)
+        ev = None
+        if self.agent.kv.is_cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+        self.agent.loop.call_soon_threadsafe(self._mark_ready, layer, ev)
+
+    def push_all(self) -> None:
+        """All layers are already in the pool (e.g. a prefix-cache hit): send everything."""
+        for layer in range(self.plan.layout.num_layers):
+            self.push_layer(layer)
+
+    def poll(self) -> TransferStatus:
+        """Non-blocking: Bootstrapping, Transferring, Success or Failed(reason)."""
+        return self.fsm.poll()
+
+    def wait(self, timeout: float | None = None) -> TransferStatus:
+        return self.fsm.wait(timeout)
+
+    def cancel(self, timeout: float = 5.0) -> bool:
+        """Abort the transfer; True once the decode side acknowledged (its blocks are freed)."""
+        return self.agent.call(self._cancel(), timeout)
+
+    @property
+    def elapsed_s(self) -> float:
+        return (self.finished_at or time.perf_counter()) - self.started
+
+    # ---- loop side ---------------------------------------------------------------------------
+    def _mark_ready(self, layer: int, ev) -> None:
+        self._events[layer] = ev
+        self._layer_ready.setdefault(layer, asyncio.Event()).set()
+
+    async def _run(self) -> None:
+        peer = None
+        try:
+            remaining = self.deadline - time.monotonic()
+            peer = await asyncio.wait_for(self._transfer(), timeout=max(remaining, 0.001))
+        except asyncio.TimeoutError:
+            self.fsm.fail(f"deadline ({self.handoff.ttl_s:.1f}s) passed in state "
+                          f"{self.fsm.poll().state.value}")
+        except asyncio.CancelledError:
+            self.fsm.fail("agent closed")
+        except Exception as e:   # dead peer, refusal, bad input: all end the transfer
+            self.fsm.fail(str(e) or repr(e))
+        finally:
+            self.finished_at = time.perf_counter()
+            self.agent.sender_done(self, peer)
+            if self._on_done is not None:
+                self._on_done(self)
+
+    async def _transfer(self):
+        h = self.handoff
+        peer = await self.agent.peer((h.host, h.port))
+        self.reply = asyncio.get_running_loop().create_future()
+        peer.senders[(h.lease_id, h.epoch)] = self
+        await peer.send(encode("begin", lease=h.lease_id, epoch=h.epoch, src=self.src_ids,
+                               dst_digest=ids_digest(h.block_ids)))
+        msg = await self.reply
+        if msg["t"] != "ready":
+            raise RuntimeError(f"decode worker refused the transfer: {msg.get('reason')}")
+        self.fsm.to(TransferState.TRANSFERRING)
+        sends, checksums = await self._send_layers(peer)
+        await asyncio.gather(*sends)
+        sums = [int(x) for x in torch.stack(checksums).tolist()]
+        self.reply = asyncio.get_running_loop().create_future()
+        completion = {"lease": h.lease_id, "epoch": h.epoch, "checksums": sums}
+        if self.complete_hook is not None:
+            completion = self.complete_hook(completion)
+        await peer.send(encode("complete", **completion))
+        msg = await self.reply
+        if msg["t"] != "ack":
+            raise RuntimeError(f"decode worker rejected the completion: {msg.get('reason')}")
+        self.fsm.to(TransferState.SUCCESS)
+        return peer
+
+    async def _send_layers(self, peer):
+        kv, plan, loop = self.agent.kv, self.plan, asyncio.get_running_loop()
+        src_all = pool.index_tensor(self.src_ids, kv.device)
+        src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
+        window = asyncio.Semaphore(self.agent.config.staging_layers)
+        sends: list = []
+        checksums: list[torch.Tensor] = []
+        for layer in range(plan.layout.num_layers):
+            await self._layer_ready.setdefault(layer, asyncio.Event()).wait()
+            ev = self._events[layer]
+            if ev is not None:
+                await loop.run_in_executor(None, ev.synchronize)
+            for m, d in enumerate(plan.direct):
+                sends.append(self._send(peer, pool.direct_view(kv, layer, d.kv, d.run.src0, d.run.n),
+                                        layer, m, None))
+            if plan.staged_idx:
+                await window.acquire()
+                staging = pool.staging_tensor(kv, len(plan.staged_idx))
+                await loop.run_in_executor(None, self._gather, layer, src_staged, staging)
+                sends.append(self._send(peer, pool.as_buffer(staging), layer, plan.staged_msg,
+                                        window))
+            if self.agent.scales is not None:
+                sends.append(self._send(peer, pool.as_buffer(self.agent.scales[layer]), layer,
+                                        plan.scales_msg, None))
+            checksums.append(pool.layer_checksum(kv, layer, src_all, self.agent.scales))
+        return sends, checksums
+
+    def _gather(self, layer: int, idx: torch.Tensor, out: torch.Tensor) -> None:
+        pool.gather_staged(self.agent.kv, layer, idx, out)
+        if out.is_cuda:
+            torch.cuda.current_stream(out.device).synchronize()
+
+    def _send(self, peer, buf, layer: int, msg: int, window: asyncio.Semaphore | None):
+        arr = Array(buf)
+        req = peer.ep._ep.tag_send(arr, Tag(data_tag(self.handoff.tag_key, layer, msg)))
+
+        async def done():
+            try:
+                await req.wait()
+                self.bytes_sent += arr.nbytes
+            finally:
+                if window is not None:
+                    window.release()
+        return asyncio.ensure_future(done())
+
+    async def _cancel(self) -> bool:
+        if self.fsm.poll().done:
+            return False
+        h = self.handoff
+        peer = self.agent.peers.get((h.host, h.port))
+        if peer is None:
+            self._task.cancel()
+            return False
+        self.cancel_ack = asyncio.get_running_loop().create_future()
+        await peer.send(encode("cancel", lease=h.lease_id, epoch=h.epoch, reason="prefill cancelled"))
+        try:
+            await asyncio.wait_for(self.cancel_ack, timeout=max(self.deadline - time.monotonic(), 0.01))
+        finally:
+            self._task.cancel()
+        return True

@@ -1,0 +1,189 @@
+"""Multi-process harness for kvtransfer tests and benchmarks (one agent per process).
+
+`spawn_worker(...)` starts a process holding a random KV pool and a TransferAgent and returns a
+`WorkerProxy`; `proxy.call("method", *args)` runs a `PoolWorker` method there. Processes are
+started with the spawn context, so nothing from the parent's UCX state leaks into them.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+from typing import Any
+
+import torch
+
+
+class PoolWorker:
+    """Lives in the child: a KV pool, a free list standing in for the engine's block pool,
+    and the agent."""
+
+    def __init__(self, layout_kw: dict, seed: int, config_kw: dict, model: str, device: str) -> None:
+        from splitserve.config import TransferConfig
+        from .agent import TransferAgent
+        from .layout import KVLayout
+        from .pool import torch_dtype
+        self.layout = KVLayout(**layout_kw)
+        g = torch.Generator().manual_seed(seed)
+        raw = torch.randint(-2**31, 2**31 - 1, (self.layout.num_layers * 2 * self.layout.num_blocks
+                                               * self.layout.region_bytes // 4,), generator=g,
+                            dtype=torch.int32)
+        self.kv = raw.view(torch_dtype(self.layout)).view(self.layout.shape).to(device)
+        self.scales = (torch.rand((self.layout.num_layers, 2, self.layout.num_kv_heads),
+                                  generator=torch.Generator().manual_seed(7)).to(device)
+                       if self.layout.has_scales else None)
+        self.free = set(range(self.layout.num_blocks))
+        self.free_calls: list[list[int]] = []
+        self.agent = TransferAgent(self.kv, self.layout, TransferConfig(**config_kw), model=model,
+                                   free_blocks=self._free_blocks, scales=self.scales)
+        self.senders: dict[int, Any] = {}
+
+    def _free_blocks(self, ids: list[int]) -> None:
+        dup = self.free.intersection(ids)
+        if dup:
+            raise AssertionError(f"blocks {sorted(dup)} freed twice")
+        self.free.update(ids)
+        self.free_calls.append(list(ids))
+
+    # ---- decode side ---------------------------------------------------------------------
+    def reserve(self, ids: list[int] | None = None, n: int = 0, seed: int = 0) -> dict:
+        if ids is None:
+            g = torch.Generator().manual_seed(seed)
+            pick = torch.randperm(len(self.free), generator=g)[:n].tolist()
+            ids = [sorted(self.free)[i] for i in pick]
+        missing = set(ids) - self.free
+        if missing:
+            raise AssertionError(f"blocks {sorted(missing)[:5]} are not free")
+        self.free.difference_update(ids)
+        return self.agent.reserve(ids).to_dict()
+
+    def poison(self, ids: list[int]) -> None:
+        self.kv[:, :, ids] = 0
+
+    def wait_lease(self, lease_id: int, timeout: float) -> tuple[str, str]:
+        st = self.agent.wait_lease(lease_id, timeout)
+        return st.state.value, st.reason
+
+    def cancel(self, lease_id: int) -> bool:
+        return self.agent.cancel(lease_id)
+
+    def reissue(self, lease_id: int) -> dict:
+        return self.agent.reissue(lease_id).to_dict()
+
+    def integrity(self) -> dict:
+        self.agent.leases.check_integrity()
+        return {"free": len(self.free), "free_calls": len(self.free_calls),
+                "live": self.agent.leases.live_count(), "freed_count": self.agent.leases.freed_count}
+
+    def release_completed(self, ids: list[int]) -> None:
+        """The request finished: its blocks go back to the pool (engine's job, not the lease's)."""
+        self.free.update(ids)
+
+    # ---- prefill side --------------------------------------------------------------------
+    def send(self, handoff: dict, src: list[int], layer_delay_s: float = 0.0,
+             wait: bool = True, timeout: float = 60.0, corrupt: str = "") -> tuple[str, str]:
+        from .wire import HandoffRecord
+        rec = HandoffRecord.from_dict(handoff)
+        s = self.agent.open_sender(rec, src)
+        if corrupt == "checksum":
+            s.complete_hook = lambda c: {**c, "checksums": [x ^ 1 for x in c["checksums"]]}
+        elif corrupt == "epoch":
+            s.complete_hook = lambda c: {**c, "epoch": c["epoch"] - 1}
+        self.senders[rec.lease_id] = s
+        for layer in range(self.layout.num_layers):
+            if layer_delay_s:
+                time.sleep(layer_delay_s)
+            s.push_layer(layer)
+        if not wait:
+            return ("pending", "")
+        st = s.wait(timeout)
+        return st.state.value, st.reason
+
+    def sender_status(self, lease_id: int, timeout: float = 0.0) -> tuple[str, str]:
+        st = self.senders[lease_id].wait(timeout)
+        return st.state.value, st.reason
+
+    def sender_cancel(self, lease_id: int) -> bool:
+        return self.senders[lease_id].cancel()
+
+    def blocks(self, ids: list[int]) -> torch.Tensor:
+        return self.kv[:, :, ids].cpu().contiguous()
+
+    def self_test(self) -> dict:
+        r = self.agent.self_test_report
+        return {} if r is None else {"transports": r.transports, "gbps": r.bandwidth_gbps,
+                                     "ok": r.ok, "resources": r.context_resources}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _serve(conn, args) -> None:
+    try:
+        obj = PoolWorker(*args)
+        conn.send(("ok", obj.agent.address))
+    except BaseException:
+        conn.send(("err", traceback.format_exc()))
+        return
+    while True:
+        try:
+            method, a, kw = conn.recv()
+        except EOFError:
+            break
+        if method == "__exit__":
+            obj.agent.close()
+            conn.send(("ok", None))
+            break
+        try:
+            conn.send(("ok", getattr(obj, method)(*a, **kw)))
+        except BaseException:
+            conn.send(("err", traceback.format_exc()))
+
+
+class WorkerProxy:
+    def __init__(self, proc, conn, address) -> None:
+        self.proc, self.conn, self.address = proc, conn, address
+
+    def call(self, method: str, *args, timeout: float = 120.0, **kw) -> Any:
+        self.conn.send((method, args, kw))
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"worker call {method} took over {timeout}s")
+        status, val = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"worker call {method} failed:\n{val}")
+        return val
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join(10)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.call("__exit__", timeout=15)
+            except Exception:
+                pass
+            self.proc.join(5)
+        self.kill()
+
+
+def spawn_worker(layout_kw: dict, seed: int, config_kw: dict | None = None,
+                 model: str = "test-model", device: str = "cpu",
+                 start_timeout: float = 120.0) -> WorkerProxy:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    cfg = {"self_test": False, "lease_timeout_s": 20.0, **(config_kw or {})}
+    proc = ctx.Process(target=_serve, args=(child, (layout_kw, seed, cfg, model, device)),
+                       daemon=True)
+    proc.start()
+    if not parent.poll(start_timeout):
+        proc.kill()
+        raise TimeoutError("worker did not start")
+    status, val = parent.recv()
+    if status != "ok":
+        proc.kill()
+        raise RuntimeError(f"worker failed to start:\n{val}")
+    return WorkerProxy(proc, parent, tuple(val))
