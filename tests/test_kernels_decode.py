@@ -119,3 +119,45 @@ def test_decode_zero_length_rows_are_zero(small_tiles):
 def test_decode_long_context(kv):
     """A few thousand tokens through the default tiles and planner."""
     run_case([2049, 3000, 1], 8, 1, 128, 16, kv, seed=6)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA device")
+def test_decode_and_write_kv_capture_in_a_cuda_graph():
+    """Capture write_kv + decode once; replays follow new seq_lens / slots / q values."""
+    from splitserve.kernels import write_kv
+
+    c = make_paged_case([40, 300, 7], [1, 1, 1], 8, 2, 128, 16, torch.bfloat16, FP8_DTYPE,
+                        device=DEVICE, seed=11)
+    k_new = torch.randn(3, 2, 128, device=DEVICE).to(torch.bfloat16)
+    v_new = torch.randn(3, 2, 128, device=DEVICE).to(torch.bfloat16)
+    slots = torch.full((3,), -1, dtype=torch.int64, device=DEVICE)
+    out = torch.empty_like(c.q)
+    num_splits = decode_mod.plan_decode_splits(3, 2, c.block_tables.shape[1] * 16, c.q.device)
+    scratch = alloc_split_kv_scratch(3, 8, 128, num_splits, c.q.device)
+
+    def step():
+        write_kv(k_new, v_new, c.k_cache, c.v_cache, slots, c.k_scale, c.v_scale)
+        paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.seq_lens, c.scale,
+                               c.k_scale, c.v_scale, out=out, num_splits=num_splits,
+                               scratch=scratch)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()                                       # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for new_lens in ([41, 300, 8], [1, 17, 2]):
+        c.seq_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        c.q.copy_(torch.randn_like(c.q, dtype=torch.float32))
+        # each seq's new token goes to position new_len - 1 (within its allocated blocks)
+        pos = torch.tensor(new_lens, device=DEVICE) - 1
+        slots.copy_(c.block_tables[torch.arange(3, device=DEVICE), pos // 16].long() * 16
+                    + pos % 16)
+        out.fill_(float("nan"))
+        graph.replay()
+        cpu = [t.cpu() for t in (c.q, c.k_cache, c.v_cache, c.block_tables, c.seq_lens)]
+        ref = decode_attention_ref(*cpu, c.scale, c.k_scale.cpu(), c.v_scale.cpu())
+        assert_close(out.cpu(), ref, TOL[torch.bfloat16])
