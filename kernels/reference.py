@@ -101,8 +101,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         v = v.transpose(0, 1).repeat_interleave(group, dim=0)
         scores = torch.matmul(qi, k.transpose(1, 2)) * scale             # [Hq, q_len, S]
         # query j (0-based among new tokens) sits at position seq_len - q_len + j
-        qpos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
-        kpos = torch.arange(seq_len).unsqueeze(0)
+        qpos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+        kpos = torch.arange(seq_len, device=q.device).unsqueeze(0)
         scores = scores.masked_fill(kpos > qpos, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.matmul(probs, v).transpose(0, 1).to(q.dtype)
