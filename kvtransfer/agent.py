@@ -43,7 +43,7 @@ class Peer:
 
     def __init__(self, ep, name: str) -> None:
         self.ep, self.name = ep, name
-        self.senders: dict[tuple[int, int], KVSender] = {}
+        self.senders: dict[int, KVSender] = {}   # by transfer id (xid)
         self.hello: asyncio.Future = asyncio.get_running_loop().create_future()
         self.lost = False
 
@@ -217,7 +217,7 @@ class TransferAgent:
         self._rx_status[lease_id] = TransferFSM()
         return self._record(lease)
 
-    async def _cancel_lease(self, lease_id: int, reason: str) -> bool:
+    async def _cancel_lease(self, lease_id: int, reason: str, notify: bool = True) -> bool:
         try:
             self.leases.cancel(lease_id)
         except LeaseError:
@@ -226,15 +226,16 @@ class TransferAgent:
         attempt = self._attempts.pop(lease_id, None)
         if attempt is not None:
             await attempt.abort(reason)
-            await self._notify_sender(attempt, "cancel", reason)
+            if notify:
+                await self._notify_sender(attempt, "cancel", reason)
         metrics.leases_live().set(self.leases.live_count())
         lease = self.leases.get(lease_id)
         return bool(lease and lease.freed)
 
     async def _notify_sender(self, attempt: RecvAttempt, kind: str, reason: str) -> None:
         try:
-            await attempt.ep.am_send(encode(kind, lease=attempt.lease_id, epoch=attempt.epoch,
-                                            reason=reason))
+            await attempt.ep.am_send(encode(kind, xid=attempt.xid, lease=attempt.lease_id,
+                                            epoch=attempt.epoch, reason=reason))
         except Exception:
             pass   # the sender is gone; nothing to tell
 
@@ -242,7 +243,7 @@ class TransferAgent:
         asyncio.ensure_future(self._begin(peer, msg))
 
     async def _begin(self, peer: Peer, msg: dict) -> None:
-        lease_id, epoch = msg["lease"], msg["epoch"]
+        lease_id, epoch, xid = msg["lease"], msg["epoch"], msg["xid"]
         lease = self.leases.get(lease_id)
         why = None
         if lease is None or lease.state is not LeaseState.LIVE:
@@ -260,24 +261,26 @@ class TransferAgent:
             except ValueError as e:
                 why = str(e)
         if why is not None:
-            await peer.send(encode("reject", lease=lease_id, epoch=epoch, reason=why))
+            await peer.send(encode("reject", xid=xid, lease=lease_id, epoch=epoch, reason=why))
             return
         fsm = self._rx_status[lease_id]
         attempt = RecvAttempt(self, lease_id, epoch, lease.tag_key, plan, peer.ep, fsm)
+        attempt.xid = xid
         self._attempts[lease_id] = attempt
         attempt.started = time.perf_counter()
         if not attempt.post_all():
             await attempt.abort("lease resolved while posting receives")
-            await peer.send(encode("reject", lease=lease_id, epoch=epoch, reason=fsm.poll().reason))
+            await peer.send(encode("reject", xid=xid, lease=lease_id, epoch=epoch,
+                                    reason=fsm.poll().reason))
             return
         fsm.to(TransferState.TRANSFERRING)
-        await peer.send(encode("ready", lease=lease_id, epoch=epoch))
+        await peer.send(encode("ready", xid=xid, lease=lease_id, epoch=epoch))
 
     def _on_complete(self, peer: Peer, msg: dict) -> None:
         asyncio.ensure_future(self._complete(peer, msg))
 
     async def _complete(self, peer: Peer, msg: dict) -> None:
-        lease_id, epoch = msg["lease"], msg["epoch"]
+        lease_id, epoch, xid = msg["lease"], msg["epoch"], msg["xid"]
         attempt = self._attempts.get(lease_id)
         lease = self.leases.get(lease_id)
         if attempt is None or attempt.epoch != epoch or attempt.ep is not peer.ep:
@@ -285,7 +288,7 @@ class TransferAgent:
                    if lease is not None and lease.epoch != epoch
                    else f"no live transfer for lease {lease_id} epoch {epoch}"
                    + (f" (lease {lease.state.value})" if lease is not None else ""))
-            await peer.send(encode("reject", lease=lease_id, epoch=epoch, reason=why))
+            await peer.send(encode("reject", xid=xid, lease=lease_id, epoch=epoch, reason=why))
             return
         why = await attempt.verify(msg["checksums"])
         if why is None:
@@ -296,7 +299,7 @@ class TransferAgent:
         if why is not None:
             await attempt.abort(why)
             metrics.transfers_total().labels(side=side, outcome="failed").inc()
-            await peer.send(encode("reject", lease=lease_id, epoch=epoch, reason=why))
+            await peer.send(encode("reject", xid=xid, lease=lease_id, epoch=epoch, reason=why))
             return
         attempt.fsm.to(TransferState.SUCCESS)
         self.tombstone(attempt.tag_key)   # a duplicate of this transfer is drained, not landed
@@ -304,10 +307,10 @@ class TransferAgent:
         metrics.bytes_total().labels(direction="rx").inc(attempt.bytes)
         metrics.transfer_seconds().labels(side=side).observe(time.perf_counter() - attempt.started)
         metrics.leases_live().set(self.leases.live_count())
-        await peer.send(encode("ack", lease=lease_id, epoch=epoch))
+        await peer.send(encode("ack", xid=xid, lease=lease_id, epoch=epoch))
 
     def _on_cancel(self, peer: Peer, msg: dict) -> None:
-        sender = peer.senders.get((msg["lease"], msg["epoch"]))
+        sender = peer.senders.get(msg["xid"])
         if sender is not None:   # we are the prefill side: the decode side cancelled
             sender.fsm.fail(f"cancelled by the decode worker: {msg.get('reason')}")
             sender._task.cancel()
@@ -318,8 +321,10 @@ class TransferAgent:
         attempt = self._attempts.get(msg["lease"])
         ok = False
         if attempt is not None and attempt.epoch == msg["epoch"] and attempt.ep is peer.ep:
-            ok = await self._cancel_lease(msg["lease"], f"cancelled by sender: {msg.get('reason')}")
-        await peer.send(encode("cancel_ack", lease=msg["lease"], epoch=msg["epoch"], ok=ok))
+            ok = await self._cancel_lease(msg["lease"], f"cancelled by sender: {msg.get('reason')}",
+                                          notify=False)
+        await peer.send(encode("cancel_ack", xid=msg["xid"], lease=msg["lease"], epoch=msg["epoch"],
+                               ok=ok))
 
     # ---- prefill side --------------------------------------------------------------------
     def open_sender(self, handoff: HandoffRecord, src_block_ids: Sequence[int],
@@ -331,7 +336,7 @@ class TransferAgent:
         return KVSender(self, handoff, src_block_ids, on_done)
 
     def _on_reply(self, peer: Peer, msg: dict) -> None:
-        sender = peer.senders.get((msg["lease"], msg["epoch"]))
+        sender = peer.senders.get(msg["xid"])
         if sender is None:
             return
         if msg["t"] == "cancel_ack":
@@ -349,7 +354,7 @@ class TransferAgent:
         h = sender.handoff
         p = self.peers.get((h.host, h.port))
         if p is not None:
-            p.senders.pop((h.lease_id, h.epoch), None)
+            p.senders.pop(sender.xid, None)
         ok = sender.poll().state is TransferState.SUCCESS
         metrics.transfers_total().labels(side="prefill", outcome="success" if ok else "failed").inc()
         metrics.bytes_total().labels(direction="tx").inc(sender.bytes_sent)

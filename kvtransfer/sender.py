@@ -17,6 +17,7 @@ lease's deadline ends in Failed; `on_done` (release of the source blocks) runs e
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from .agent import TransferAgent
 
 
+_XIDS = itertools.count(1)
+
+
 class KVSender:
     """One KV handoff from this (prefill) worker into a decode worker's reserved blocks."""
 
@@ -44,6 +48,7 @@ class KVSender:
         self.plan = TransferPlan.build(agent.layout, self.src_ids, list(handoff.block_ids),
                                        handoff.direct_min_blocks)
         self.fsm = TransferFSM()
+        self.xid = next(_XIDS)   # names this transfer in every control message and reply
         self.deadline = time.monotonic() + handoff.ttl_s
         self._on_done = on_done
         self._lock = threading.Lock()
@@ -121,8 +126,8 @@ class KVSender:
         h = self.handoff
         peer = await self.agent.peer((h.host, h.port))
         self.reply = asyncio.get_running_loop().create_future()
-        peer.senders[(h.lease_id, h.epoch)] = self
-        await peer.send(encode("begin", lease=h.lease_id, epoch=h.epoch, src=self.src_ids,
+        peer.senders[self.xid] = self
+        await peer.send(encode("begin", xid=self.xid, lease=h.lease_id, epoch=h.epoch, src=self.src_ids,
                                dst_digest=ids_digest(h.block_ids)))
         msg = await self.reply
         if msg["t"] != "ready":
@@ -132,7 +137,7 @@ class KVSender:
         await asyncio.gather(*sends)
         sums = [int(x) for x in torch.stack(checksums).tolist()]
         self.reply = asyncio.get_running_loop().create_future()
-        completion = {"lease": h.lease_id, "epoch": h.epoch, "checksums": sums}
+        completion = {"xid": self.xid, "lease": h.lease_id, "epoch": h.epoch, "checksums": sums}
         if self.complete_hook is not None:
             completion = self.complete_hook(completion)
         await peer.send(encode("complete", **completion))
@@ -196,9 +201,11 @@ class KVSender:
             self._task.cancel()
             return False
         self.cancel_ack = asyncio.get_running_loop().create_future()
-        await peer.send(encode("cancel", lease=h.lease_id, epoch=h.epoch, reason="prefill cancelled"))
+        await peer.send(encode("cancel", xid=self.xid, lease=h.lease_id, epoch=h.epoch,
+                               reason="prefill cancelled"))
         try:
             await asyncio.wait_for(self.cancel_ack, timeout=max(self.deadline - time.monotonic(), 0.01))
         finally:
+            self.fsm.fail("cancelled by the prefill worker")
             self._task.cancel()
         return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 import traceback
 from typing import Any
@@ -92,12 +93,16 @@ class PoolWorker:
         elif corrupt == "epoch":
             s.complete_hook = lambda c: {**c, "epoch": c["epoch"] - 1}
         self.senders[rec.lease_id] = s
-        for layer in range(self.layout.num_layers):
-            if layer_delay_s:
-                time.sleep(layer_delay_s)
-            s.push_layer(layer)
+
+        def forward() -> None:   # stands in for the prefill forward pass
+            for layer in range(self.layout.num_layers):
+                if layer_delay_s:
+                    time.sleep(layer_delay_s)
+                s.push_layer(layer)
         if not wait:
+            threading.Thread(target=forward, daemon=True).start()
             return ("pending", "")
+        forward()
         st = s.wait(timeout)
         return st.state.value, st.reason
 

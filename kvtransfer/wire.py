@@ -1,9 +1,10 @@
 """Wire types: the handoff record, control messages (JSON over UCX active messages) and the
 64-bit tags of data messages.
 
-Control messages (one AM each, {"t": type, ...}):
+Control messages (one AM each, {"t": type, ...}); every transfer message carries `xid`, the
+sender's transfer id, which the decode side echoes in its replies:
     hello        {compat}                      first contact, both directions; mismatch -> hello_err
-    begin        {lease, epoch, src, dst_digest, sender}   P -> D, opens an attempt
+    begin        {xid, lease, epoch, src, dst_digest}   P -> D, opens an attempt
     ready        {lease, epoch}                D -> P, receives are posted
     reject       {lease, epoch, reason}        D -> P, attempt refused or failed
     complete     {lease, epoch, checksums}     P -> D, all layers sent

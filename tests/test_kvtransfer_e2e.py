@@ -1,0 +1,159 @@
+"""End-to-end KV transfers between separate processes over UCX loopback (TCP on CPU).
+
+One decode process and one prefill process, each with its own random KV pool and agent; bytes
+are compared block by block after every transfer, and the decode pool's free list and lease
+table are checked for integrity.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import pytest
+import torch
+
+from splitserve.kvtransfer.testing import spawn_worker
+
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+pytestmark = pytest.mark.timeout(180)
+
+LAYOUT = dict(num_layers=4, num_blocks=512, block_size=4, num_kv_heads=2, head_dim=8,
+              dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    d = spawn_worker(LAYOUT, seed=1, config_kw={"self_test": True, "direct_min_blocks": 4})
+    p = spawn_worker(LAYOUT, seed=2)
+    yield d, p
+    d.close()
+    p.close()
+
+
+def same_bytes(p, src, d, dst) -> bool:
+    a = p.call("blocks", src).view(torch.int16)
+    b = d.call("blocks", dst).view(torch.int16)
+    return torch.equal(a, b)
+
+
+def transfer(d, p, dst, src, **kw):
+    d.call("poison", dst)
+    h = d.call("reserve", ids=dst)
+    sent = p.call("send", h, src, **kw)
+    got = d.call("wait_lease", h["lease_id"], 10)
+    return h, sent, got
+
+
+CASES = {
+    "single": ([7], [300]),
+    "contiguous": (list(range(100, 164)), list(range(0, 64))),
+    "scattered": (random.Random(1).sample(range(512), 50), random.Random(2).sample(range(512), 50)),
+    "hundreds-mixed": (list(range(200, 260)) + random.Random(3).sample(list(range(0, 200)) + list(range(300, 512)), 240),
+                       random.Random(4).sample(range(512), 300)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transfer_bytes_verified(pair, case):
+    d, p = pair
+    dst, src = CASES[case]
+    h, sent, got = transfer(d, p, dst, src)
+    assert sent == ("success", "") and got == ("success", "")
+    assert same_bytes(p, src, d, dst)
+    d.call("release_completed", dst)
+    assert d.call("integrity")["live"] == 0
+
+
+def test_self_test_reports_transports(pair):
+    d, _ = pair
+    rep = d.call("self_test")
+    assert rep["ok"] and rep["gbps"] > 0 and "tcp" in rep["transports"]
+
+
+def test_wrong_checksum_rejected(pair):
+    d, p = pair
+    dst, src = [10, 11, 40], [1, 2, 3]
+    h, sent, got = transfer(d, p, dst, src, corrupt="checksum")
+    assert sent[0] == "failed" and "checksum mismatch" in sent[1]
+    assert got[0] == "failed" and "checksum mismatch" in got[1]
+    # the lease is still live (a retry could reuse it) until cancelled; then freed once
+    before = d.call("integrity")
+    assert d.call("cancel", h["lease_id"]) is True
+    after = d.call("integrity")
+    assert after["free_calls"] == before["free_calls"] + 1 and after["live"] == 0
+
+
+def test_stale_epoch_completion_rejected(pair):
+    d, p = pair
+    dst, src = [50, 51], [60, 61]
+    h, sent, got = transfer(d, p, dst, src, corrupt="epoch")
+    assert sent[0] == "failed" and "epoch" in sent[1]
+    assert d.call("cancel", h["lease_id"]) is True
+
+
+def test_reissued_lease_refuses_old_epoch(pair):
+    d, p = pair
+    dst, src = [70, 71, 72], [1, 5, 9]
+    h1 = d.call("reserve", ids=dst)
+    h2 = d.call("reissue", h1["lease_id"])
+    assert h2["epoch"] == h1["epoch"] + 1 and h2["tag_key"] != h1["tag_key"]
+    sent = p.call("send", h1, src)
+    assert sent[0] == "failed" and "stale epoch" in sent[1]
+    assert p.call("send", h2, src) == ("success", "")
+    assert same_bytes(p, src, d, dst)
+    d.call("release_completed", dst)
+
+
+def test_incompatible_peer_refused(pair):
+    d, _ = pair
+    other = spawn_worker({**LAYOUT, "block_size": 8, "num_blocks": 64}, seed=3)
+    try:
+        h = d.call("reserve", ids=[90])
+        sent = other.call("send", h, [1])
+        assert sent[0] == "failed" and "incompatible KV peers" in sent[1] and "block_size" in sent[1]
+        assert d.call("cancel", h["lease_id"]) is True
+    finally:
+        other.close()
+
+
+def test_sender_cancel_is_acknowledged(pair):
+    d, p = pair
+    dst, src = [100, 101, 102, 103], [0, 1, 2, 3]
+    h = d.call("reserve", ids=dst)
+    p.call("send", h, src, layer_delay_s=0.3, wait=False)
+    time.sleep(0.4)
+    before = d.call("integrity")
+    assert p.call("sender_cancel", h["lease_id"]) is True
+    assert p.call("sender_status", h["lease_id"], 5)[0] == "failed"
+    assert d.call("wait_lease", h["lease_id"], 5)[0] == "failed"
+    after = d.call("integrity")
+    assert after["free_calls"] == before["free_calls"] + 1 and after["live"] == 0
+
+
+@pytest.mark.parametrize("offset", [-0.05, 0.0, 0.02, 0.1])
+def test_cancel_racing_last_write(pair, offset):
+    """Decode cancels around the moment the last layer lands: either the cancel wins (blocks
+    freed once, both sides Failed) or the completion wins (cancel refused, both Success,
+    bytes exact). Never a mix."""
+    d, p = pair
+    dst, src = random.Random(offset).sample(range(400, 512), 20), list(range(20))
+    d.call("poison", dst)
+    h = d.call("reserve", ids=dst)
+    before = d.call("integrity")
+    delay = 0.05
+    p.call("send", h, src, layer_delay_s=delay, wait=False)
+    time.sleep(max(delay * LAYOUT["num_layers"] + offset, 0))
+    cancelled = d.call("cancel", h["lease_id"])
+    rx = d.call("wait_lease", h["lease_id"], 10)
+    tx = p.call("sender_status", h["lease_id"], 10)
+    after = d.call("integrity")
+    if cancelled:
+        assert rx[0] == "failed" and tx[0] == "failed"
+        assert after["free_calls"] == before["free_calls"] + 1
+    else:
+        assert rx == ("success", "") and tx == ("success", "")
+        assert after["free_calls"] == before["free_calls"]
+        assert same_bytes(p, src, d, dst)
+        d.call("release_completed", dst)
+    assert after["live"] == 0
