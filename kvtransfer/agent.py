@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -65,6 +66,7 @@ class TransferAgent:
         self._attempts: dict[int, RecvAttempt] = {}
         self._tombstones: dict[int, float] = {}
         self.self_test_report: SelfTestReport | None = None
+        self._stream = torch.cuda.Stream(kv.device) if kv.is_cuda else None
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="kvtransfer", daemon=True)
         self._thread.start()
@@ -90,6 +92,15 @@ class TransferAgent:
         self._self_ep = await ucxx.create_endpoint(host, self._listener.port)
         self._sweeper = asyncio.ensure_future(self._sweep_forever())
         return host, self._listener.port
+
+    def side_stream(self):
+        """Context in which gathers, scatters and checksums run (CUDA: a non-blocking stream
+        of the agent, so they overlap the forward pass; CPU: nothing)."""
+        return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+
+    def sync_side_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
 
     @property
     def address(self) -> tuple[str, int]:

@@ -106,9 +106,9 @@ class RecvAttempt:
     def _land_staged(self, layer: int, slot: torch.Tensor) -> None:
         """Scatter one staged bundle into the blocks; re-arm the ring slot for a later layer.
         Runs inside the receive's admitted write, so the lease cannot free the blocks under it."""
-        pool.scatter_staged(self.agent.kv, layer, self.dst_idx, slot)
-        if self.agent.kv.is_cuda:
-            torch.cuda.current_stream().synchronize()   # the slot is reused below
+        with self.agent.side_stream():
+            pool.scatter_staged(self.agent.kv, layer, self.dst_idx, slot)
+        self.agent.sync_side_stream()   # the slot is reused below
         nxt = layer + len(self.ring)
         if nxt < self.plan.layout.num_layers and not self._post_staged(nxt):
             self.errors.append(f"lease refused the staged receive of layer {nxt}")
@@ -123,8 +123,7 @@ class RecvAttempt:
             return "attempt was aborted"
         if self.errors:
             return self.errors[0]
-        ours = await asyncio.get_running_loop().run_in_executor(
-            None, pool.plan_checksums, self.agent.kv, self.plan, self.plan.dst_ids, self.rx_scales)
+        ours = await asyncio.get_running_loop().run_in_executor(None, self._checksums)
         if len(checksums) != len(ours):
             return f"completion has {len(checksums)} layer checksums, expected {len(ours)}"
         bad = [l for l, (a, b) in enumerate(zip(ours, checksums)) if a != b]
@@ -133,6 +132,10 @@ class RecvAttempt:
         if self.rx_scales is not None and not torch.equal(self.rx_scales, self.agent.scales):
             return "FP8 scales differ from this pool's scales (KV quantized differently)"
         return None
+
+    def _checksums(self) -> list[int]:
+        with self.agent.side_stream():
+            return pool.plan_checksums(self.agent.kv, self.plan, self.plan.dst_ids, self.rx_scales)
 
     # ---- abort ---------------------------------------------------------------------------
     async def abort(self, reason: str) -> None:

@@ -162,22 +162,30 @@ class KVSender:
             for m, d in enumerate(plan.direct):
                 sends.append(self._send(peer, pool.direct_view(kv, layer, d.kv, d.run.src0, d.run.n),
                                         layer, m, None))
+            staging = None
             if plan.staged_idx:
                 await window.acquire()
                 staging = pool.staging_tensor(kv, len(plan.staged_idx))
-                await loop.run_in_executor(None, self._gather, layer, src_staged, staging)
+            checksums.append(await loop.run_in_executor(
+                None, self._prepare_layer, layer, src_staged, staging, src_all))
+            if staging is not None:
                 sends.append(self._send(peer, pool.as_buffer(staging), layer, plan.staged_msg,
                                         window))
             if self.agent.scales is not None:
                 sends.append(self._send(peer, pool.as_buffer(self.agent.scales[layer]), layer,
                                         plan.scales_msg, None))
-            checksums.append(pool.layer_checksum(kv, layer, src_all, self.agent.scales))
         return sends, checksums
 
-    def _gather(self, layer: int, idx: torch.Tensor, out: torch.Tensor) -> None:
-        pool.gather_staged(self.agent.kv, layer, idx, out)
-        if out.is_cuda:
-            torch.cuda.current_stream(out.device).synchronize()
+    def _prepare_layer(self, layer: int, staged_idx: torch.Tensor, staging: torch.Tensor | None,
+                       all_idx: torch.Tensor) -> torch.Tensor:
+        """Off the loop thread: gather the staged regions and checksum the layer. On CUDA this
+        runs on the agent's side stream, so it overlaps the forward pass on the main stream."""
+        with self.agent.side_stream():
+            if staging is not None:
+                pool.gather_staged(self.agent.kv, layer, staged_idx, staging)
+            total = pool.layer_checksum(self.agent.kv, layer, all_idx, self.agent.scales)
+            self.agent.sync_side_stream()
+        return total
 
     def _send(self, peer, buf, layer: int, msg: int, window: asyncio.Semaphore | None):
         arr = Array(buf)

@@ -92,7 +92,7 @@ class PoolWorker:
             s.complete_hook = lambda c: {**c, "checksums": [x ^ 1 for x in c["checksums"]]}
         elif corrupt == "epoch":
             s.complete_hook = lambda c: {**c, "epoch": c["epoch"] - 1}
-        self.senders[rec.lease_id] = s
+        self.senders[(rec.port, rec.lease_id)] = s
 
         def forward() -> None:   # stands in for the prefill forward pass
             for layer in range(self.layout.num_layers):
@@ -106,12 +106,20 @@ class PoolWorker:
         st = s.wait(timeout)
         return st.state.value, st.reason
 
-    def sender_status(self, lease_id: int, timeout: float = 0.0) -> tuple[str, str]:
-        st = self.senders[lease_id].wait(timeout)
+    def sender_status(self, handoff: dict, timeout: float = 0.0) -> tuple[str, str]:
+        st = self.senders[(handoff["port"], handoff["lease_id"])].wait(timeout)
         return st.state.value, st.reason
 
-    def sender_cancel(self, lease_id: int) -> bool:
-        return self.senders[lease_id].cancel()
+    def sender_side(self) -> dict:
+        """What the prefill side still holds: cached peers and unfinished senders."""
+        return self.agent.call(self._sender_side())
+
+    async def _sender_side(self) -> dict:
+        return {"peers": len(self.agent.peers),
+                "active_senders": sum(len(p.senders) for p in self.agent.peers.values())}
+
+    def sender_cancel(self, handoff: dict) -> bool:
+        return self.senders[(handoff["port"], handoff["lease_id"])].cancel()
 
     def blocks(self, ids: list[int]) -> torch.Tensor:
         return self.kv[:, :, ids].cpu().contiguous()

@@ -124,8 +124,8 @@ def test_sender_cancel_is_acknowledged(pair):
     p.call("send", h, src, layer_delay_s=0.3, wait=False)
     time.sleep(0.4)
     before = d.call("integrity")
-    assert p.call("sender_cancel", h["lease_id"]) is True
-    assert p.call("sender_status", h["lease_id"], 5)[0] == "failed"
+    assert p.call("sender_cancel", h) is True
+    assert p.call("sender_status", h, 5)[0] == "failed"
     assert d.call("wait_lease", h["lease_id"], 5)[0] == "failed"
     after = d.call("integrity")
     assert after["free_calls"] == before["free_calls"] + 1 and after["live"] == 0
@@ -146,7 +146,7 @@ def test_cancel_racing_last_write(pair, offset):
     time.sleep(max(delay * LAYOUT["num_layers"] + offset, 0))
     cancelled = d.call("cancel", h["lease_id"])
     rx = d.call("wait_lease", h["lease_id"], 10)
-    tx = p.call("sender_status", h["lease_id"], 10)
+    tx = p.call("sender_status", h, 10)
     after = d.call("integrity")
     if cancelled:
         assert rx[0] == "failed" and tx[0] == "failed"

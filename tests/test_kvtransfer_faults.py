@@ -1,0 +1,110 @@
+"""Fault tests: processes killed mid-transfer, and many concurrent transfers.
+
+Heavy (several processes on a 2-core machine), so marked slow; they still run in CI.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import pytest
+import torch
+
+from splitserve.kvtransfer.testing import spawn_worker
+
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+LAYOUT = dict(num_layers=8, num_blocks=512, block_size=4, num_kv_heads=2, head_dim=8,
+              dtype="bfloat16")
+
+
+def wait_for(pred, timeout: float, every: float = 0.1):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    return pred()
+
+
+def test_receiver_killed_mid_transfer():
+    d = spawn_worker(LAYOUT, seed=1)
+    p = spawn_worker(LAYOUT, seed=2)
+    try:
+        h = d.call("reserve", ids=list(range(32)))
+        p.call("send", h, list(range(100, 132)), layer_delay_s=0.25, wait=False)
+        time.sleep(0.6)                    # a few layers are on the wire
+        t0 = time.monotonic()
+        d.kill()
+        state, reason = p.call("sender_status", h, 25)
+        took = time.monotonic() - t0
+        assert state == "failed" and reason, reason
+        assert took < h["ttl_s"]           # failed well within the deadline, no hang
+        info = p.call("sender_side")
+        assert info["active_senders"] == 0 and info["peers"] == 0   # its side is cleaned
+    finally:
+        d.kill()
+        p.close()
+
+
+def test_sender_killed_mid_transfer():
+    d = spawn_worker(LAYOUT, seed=1, config_kw={"lease_timeout_s": 3.0})
+    p = spawn_worker(LAYOUT, seed=2)
+    try:
+        total = d.call("integrity")["free"]
+        ids = random.Random(5).sample(range(512), 40)
+        h = d.call("reserve", ids=ids)
+        p.call("send", h, list(range(40)), layer_delay_s=0.25, wait=False)
+        time.sleep(0.6)
+        p.kill()
+        state, reason = d.call("wait_lease", h["lease_id"], 10)
+        assert state == "failed", reason
+        # the lease outlives its sender until the deadline, then frees the blocks once
+        info = wait_for(lambda: (lambda i: i if i["live"] == 0 and i["free"] == total else None)(
+            d.call("integrity")), 10)
+        assert info and info["free_calls"] == 1 and info["freed_count"] == 1, info
+        # the pool is whole and reusable: a fresh transfer into the same blocks works
+        p2 = spawn_worker(LAYOUT, seed=3)
+        try:
+            h2 = d.call("reserve", ids=ids)
+            assert p2.call("send", h2, list(range(40))) == ("success", "")
+            a = p2.call("blocks", list(range(40))).view(torch.int16)
+            assert torch.equal(a, d.call("blocks", ids).view(torch.int16))
+        finally:
+            p2.close()
+        assert d.call("integrity")["free_calls"] == 1
+    finally:
+        p.kill()
+        d.close()
+
+
+def test_100_concurrent_transfers_two_pairs():
+    small = {**LAYOUT, "num_layers": 4}
+    ds = [spawn_worker(small, seed=10 + i) for i in range(2)]
+    ps = [spawn_worker(small, seed=20 + i) for i in range(2)]
+    try:
+        rnd = random.Random(0)
+        jobs = []   # (decode, prefill, handoff, src)
+        for k in range(100):
+            d, p = ds[k % 2], ps[(k // 2) % 2]
+            n = rnd.choice([1, 2, 5, 8])
+            h = d.call("reserve", n=n, seed=k)
+            src = rnd.sample(range(512), n)
+            d.call("poison", h["block_ids"])
+            jobs.append((d, p, h, src))
+        for d, p, h, src in jobs:
+            p.call("send", h, src, wait=False)
+        for d, p, h, src in jobs:
+            assert p.call("sender_status", h, 60) == ("success", ""), h["lease_id"]
+            assert d.call("wait_lease", h["lease_id"], 30) == ("success", "")
+            a = p.call("blocks", src).view(torch.int16)
+            assert torch.equal(a, d.call("blocks", h["block_ids"]).view(torch.int16))
+        for d in ds:
+            info = d.call("integrity")
+            assert info["live"] == 0 and info["free_calls"] == 0
+    finally:
+        for w in ds + ps:
+            w.close()
