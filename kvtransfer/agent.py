@@ -67,6 +67,8 @@ class TransferAgent:
         self._tombstones: dict[int, float] = {}
         self.self_test_report: SelfTestReport | None = None
         self._stream = torch.cuda.Stream(kv.device) if kv.is_cuda else None
+        # torch work (gather, scatter, checksums) runs here, off the loop thread
+        self.executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kvtransfer-torch")
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="kvtransfer", daemon=True)
         self._thread.start()
@@ -453,6 +455,7 @@ class TransferAgent:
             log.debug("kvtransfer close", exc_info=True)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
+        self.executor.shutdown(wait=False)
 
     async def _close(self) -> None:
         self._sweeper.cancel()

@@ -6,6 +6,7 @@ CUDA; `scales` (FP8 pools) is [num_layers, 2, num_kv_heads] float32.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .layout import KVLayout, TransferPlan
@@ -51,30 +52,93 @@ def index_tensor(ids, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(list(ids), dtype=torch.long, device=device)
 
 
+# On CPU, gathers, scatters and sums go through numpy (single-threaded, no OpenMP): torch's
+# OpenMP regions cost milliseconds each on small busy VMs and made CPU checksums run at ~80 MB/s.
+
+def _np_words(kv: torch.Tensor, layer: int):
+    return words(kv, layer).numpy()
+
+
 def gather_staged(kv: torch.Tensor, layer: int, src_idx: torch.Tensor, out: torch.Tensor) -> None:
     """out[k|v, i] = kv[layer, k|v, src_idx[i]];  out: [2, n, *region]."""
-    torch.index_select(kv[layer], 1, src_idx, out=out)
+    if kv.is_cuda:
+        torch.index_select(kv[layer], 1, src_idx, out=out)
+    else:
+        np.take(_np_words(kv, layer), src_idx.numpy(), axis=1,
+                out=out.reshape(2, out.shape[1], -1).view(torch.int64).numpy())
 
 
 def scatter_staged(kv: torch.Tensor, layer: int, dst_idx: torch.Tensor, staged: torch.Tensor) -> None:
-    kv[layer].index_copy_(1, dst_idx, staged)
+    if kv.is_cuda:
+        kv[layer].index_copy_(1, dst_idx, staged)
+    else:
+        _np_words(kv, layer)[:, dst_idx.numpy()] = \
+            staged.reshape(2, staged.shape[1], -1).view(torch.int64).numpy()
 
 
 def staging_tensor(kv: torch.Tensor, n: int) -> torch.Tensor:
     return torch.empty((2, n, *kv.shape[3:]), dtype=kv.dtype, device=kv.device)
 
 
+def region_sums(kv: torch.Tensor, layer: int, idx: torch.Tensor,
+                runs: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Word sums of regions (layer, k|v, ids) in plan order: [2, n] int64.
+
+    `runs` lists (position, first id, length) of coalesced runs: long runs are summed through
+    views (no copy), the rest through one index_select.
+    """
+    cpu = not kv.is_cuda
+    w = _np_words(kv, layer) if cpu else words(kv, layer)
+    out = torch.empty((2, idx.numel()), dtype=torch.int64, device=kv.device)
+    o = out.numpy() if cpu else out
+    short = []
+    for pos, first, n in runs:
+        if n >= 8:
+            o[:, pos:pos + n] = w[:, first:first + n].sum(-1)
+        else:
+            short.extend(range(pos, pos + n))
+    if short:
+        if cpu:
+            sel = np.asarray(short)
+            o[:, sel] = w[:, idx.numpy()[sel]].sum(-1)
+        else:
+            sel = torch.as_tensor(short, dtype=torch.long, device=kv.device)
+            o[:, sel] = w.index_select(1, idx[sel]).sum(-1)
+    return out
+
+
+def ids_runs(ids) -> list[tuple[int, int, int]]:
+    """(position, first id, length) of maximal runs of consecutive ids."""
+    runs, i, ids = [], 0, list(ids)
+    while i < len(ids):
+        j = i + 1
+        while j < len(ids) and ids[j] == ids[j - 1] + 1:
+            j += 1
+        runs.append((i, ids[i], j - i))
+        i = j
+    return runs
+
+
 def layer_checksum(kv: torch.Tensor, layer: int, idx: torch.Tensor,
-                   scales: torch.Tensor | None = None) -> torch.Tensor:
+                   scales: torch.Tensor | None = None,
+                   runs: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
     """int64 (0-d tensor, on kv's device) over the regions (layer, k|v, idx[i]) in plan order.
 
     Per-region word sums, each weighted by an odd, position-dependent factor, so a corrupted
     byte and a region landing in the wrong block both change it. Integer arithmetic wraps
     mod 2^64 and is exact, so CPU and CUDA agree.
     """
-    sums = words(kv, layer).index_select(1, idx).sum(-1).reshape(-1)     # [2n]
-    weights = torch.arange(sums.numel(), device=kv.device, dtype=torch.int64) * 2 + 1
-    total = (sums * (weights * _MIX)).sum()
+    if runs is None:
+        runs = ids_runs(idx.tolist())
+    sums = region_sums(kv, layer, idx, runs).reshape(-1)                  # [2n]
+    if not kv.is_cuda:
+        with np.errstate(over="ignore"):
+            s = sums.numpy()
+            wts = (np.arange(s.size, dtype=np.int64) * 2 + 1) * np.int64(_MIX)
+            total = torch.tensor(int((s * wts).sum()), dtype=torch.int64)
+    else:
+        weights = torch.arange(sums.numel(), device=kv.device, dtype=torch.int64) * 2 + 1
+        total = (sums * (weights * _MIX)).sum()
     if scales is not None:
         total = total + scales[layer].reshape(-1).view(torch.int64).sum() * 7
     return total
@@ -83,5 +147,6 @@ def layer_checksum(kv: torch.Tensor, layer: int, idx: torch.Tensor,
 def plan_checksums(kv: torch.Tensor, plan: TransferPlan, ids, scales=None) -> list[int]:
     """Checksums of all layers for the blocks `ids` (src ids on the sender, dst on the receiver)."""
     idx = index_tensor(ids, kv.device)
-    sums = [layer_checksum(kv, l, idx, scales) for l in range(plan.layout.num_layers)]
+    runs = ids_runs(ids)
+    sums = [layer_checksum(kv, l, idx, scales, runs) for l in range(plan.layout.num_layers)]
     return [int(x) for x in torch.stack(sums).tolist()]

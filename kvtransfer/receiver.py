@@ -19,7 +19,7 @@ All methods run on the agent's event loop thread.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from ucxx._lib.arr import Array
@@ -73,27 +73,30 @@ class RecvAttempt:
 
     def _post_staged(self, layer: int) -> bool:
         slot = self.ring[layer % len(self.ring)]
-        return self._post(layer, self.plan.staged_msg, pool.as_buffer(slot),
-                          lambda: self._land_staged(layer, slot))
+        return self._post(layer, self.plan.staged_msg, pool.as_buffer(slot), (layer, slot))
 
-    def _post(self, layer: int, msg: int, buf, on_done: Callable[[], None] | None) -> bool:
+    def _post(self, layer: int, msg: int, buf, staged: tuple | None) -> bool:
         if self.aborted or not self.leases.begin_write(self.lease_id, self.epoch):
             return False
         tag = data_tag(self.tag_key, layer, msg)
         arr = buf if isinstance(buf, Array) else Array(buf)
         req = self.ep._ep.tag_recv(arr, Tag(tag), TagMaskFull)
-        fut = asyncio.ensure_future(self._finish(tag, req, arr.nbytes, on_done))
+        fut = asyncio.ensure_future(self._finish(tag, req, arr.nbytes, staged))
         self.pending[tag] = fut
         self.tasks.append(fut)
         return True
 
-    async def _finish(self, tag: int, req, nbytes: int, on_done) -> None:
+    async def _finish(self, tag: int, req, nbytes: int, staged: tuple | None) -> None:
         try:
             await req.wait()
             if not self.aborted:
                 self.bytes += nbytes
-                if on_done is not None:
-                    on_done()
+                if staged is not None:   # still inside this receive's admitted write
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.agent.executor, self._scatter, *staged)
+                    nxt = staged[0] + len(self.ring)
+                    if nxt < self.plan.layout.num_layers and not self._post_staged(nxt):
+                        self.errors.append(f"lease refused the staged receive of layer {nxt}")
         except Exception as e:   # cancelled by UCX (peer died) or plugged after abort
             if not self.aborted:
                 self.errors.append(f"receive {tag:#x} failed: {e!r}")
@@ -103,15 +106,12 @@ class RecvAttempt:
             if self.aborted and not self.pending:
                 self.drained.set()
 
-    def _land_staged(self, layer: int, slot: torch.Tensor) -> None:
-        """Scatter one staged bundle into the blocks; re-arm the ring slot for a later layer.
-        Runs inside the receive's admitted write, so the lease cannot free the blocks under it."""
+    def _scatter(self, layer: int, slot: torch.Tensor) -> None:
+        """Off the loop: scatter one staged bundle into the blocks. Runs inside the receive's
+        admitted write, so the lease cannot free the blocks under it."""
         with self.agent.side_stream():
             pool.scatter_staged(self.agent.kv, layer, self.dst_idx, slot)
-        self.agent.sync_side_stream()   # the slot is reused below
-        nxt = layer + len(self.ring)
-        if nxt < self.plan.layout.num_layers and not self._post_staged(nxt):
-            self.errors.append(f"lease refused the staged receive of layer {nxt}")
+        self.agent.sync_side_stream()   # the slot is re-posted right after
 
     # ---- completion ----------------------------------------------------------------------
     async def verify(self, checksums: list[int]) -> str | None:
@@ -123,7 +123,8 @@ class RecvAttempt:
             return "attempt was aborted"
         if self.errors:
             return self.errors[0]
-        ours = await asyncio.get_running_loop().run_in_executor(None, self._checksums)
+        ours = await asyncio.get_running_loop().run_in_executor(self.agent.executor,
+                                                                self._checksums)
         if len(checksums) != len(ours):
             return f"completion has {len(checksums)} layer checksums, expected {len(ours)}"
         bad = [l for l, (a, b) in enumerate(zip(ours, checksums)) if a != b]

@@ -133,8 +133,12 @@ class KVSender:
         if msg["t"] != "ready":
             raise RuntimeError(f"decode worker refused the transfer: {msg.get('reason')}")
         self.fsm.to(TransferState.TRANSFERRING)
+        self.trace = [("ready", time.perf_counter() - self.started)]
         sends, checksums = await self._send_layers(peer)
+        self.trace.append(("posted", time.perf_counter() - self.started))
+        self.trace.append(("prep_total", getattr(self, "prep_s", 0.0)))
         await asyncio.gather(*sends)
+        self.trace.append(("sent", time.perf_counter() - self.started))
         sums = [int(x) for x in torch.stack(checksums).tolist()]
         self.reply = asyncio.get_running_loop().create_future()
         completion = {"xid": self.xid, "lease": h.lease_id, "epoch": h.epoch, "checksums": sums}
@@ -142,6 +146,7 @@ class KVSender:
             completion = self.complete_hook(completion)
         await peer.send(encode("complete", **completion))
         msg = await self.reply
+        self.trace.append(("acked", time.perf_counter() - self.started))
         if msg["t"] != "ack":
             raise RuntimeError(f"decode worker rejected the completion: {msg.get('reason')}")
         self.fsm.to(TransferState.SUCCESS)
@@ -154,6 +159,7 @@ class KVSender:
         window = asyncio.Semaphore(self.agent.config.staging_layers)
         sends: list = []
         checksums: list[torch.Tensor] = []
+        self._runs = pool.ids_runs(self.src_ids)
         for layer in range(plan.layout.num_layers):
             await self._layer_ready.setdefault(layer, asyncio.Event()).wait()
             ev = self._events[layer]
@@ -167,7 +173,7 @@ class KVSender:
                 await window.acquire()
                 staging = pool.staging_tensor(kv, len(plan.staged_idx))
             checksums.append(await loop.run_in_executor(
-                None, self._prepare_layer, layer, src_staged, staging, src_all))
+                self.agent.executor, self._prepare_layer, layer, src_staged, staging, src_all))
             if staging is not None:
                 sends.append(self._send(peer, pool.as_buffer(staging), layer, plan.staged_msg,
                                         window))
@@ -180,11 +186,14 @@ class KVSender:
                        all_idx: torch.Tensor) -> torch.Tensor:
         """Off the loop thread: gather the staged regions and checksum the layer. On CUDA this
         runs on the agent's side stream, so it overlaps the forward pass on the main stream."""
+        t0 = time.perf_counter()
         with self.agent.side_stream():
             if staging is not None:
                 pool.gather_staged(self.agent.kv, layer, staged_idx, staging)
-            total = pool.layer_checksum(self.agent.kv, layer, all_idx, self.agent.scales)
+            total = pool.layer_checksum(self.agent.kv, layer, all_idx, self.agent.scales,
+                                        self._runs)
             self.agent.sync_side_stream()
+        self.prep_s = getattr(self, "prep_s", 0.0) + time.perf_counter() - t0
         return total
 
     def _send(self, peer, buf, layer: int, msg: int, window: asyncio.Semaphore | None):

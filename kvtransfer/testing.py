@@ -27,11 +27,11 @@ class PoolWorker:
         from .layout import KVLayout
         from .pool import torch_dtype
         self.layout = KVLayout(**layout_kw)
-        g = torch.Generator().manual_seed(seed)
-        raw = torch.randint(-2**31, 2**31 - 1, (self.layout.num_layers * 2 * self.layout.num_blocks
-                                               * self.layout.region_bytes // 4,), generator=g,
-                            dtype=torch.int32)
-        self.kv = raw.view(torch_dtype(self.layout)).view(self.layout.shape).to(device)
+        g = torch.Generator(device=device).manual_seed(seed)
+        n_words = self.layout.num_layers * 2 * self.layout.num_blocks * self.layout.region_bytes // 4
+        raw = torch.randint(-2**31, 2**31 - 1, (n_words,), generator=g, dtype=torch.int32,
+                            device=device)
+        self.kv = raw.view(torch_dtype(self.layout)).view(self.layout.shape)
         self.scales = (torch.rand((self.layout.num_layers, 2, self.layout.num_kv_heads),
                                   generator=torch.Generator().manual_seed(7)).to(device)
                        if self.layout.has_scales else None)
@@ -128,6 +128,102 @@ class PoolWorker:
         r = self.agent.self_test_report
         return {} if r is None else {"transports": r.transports, "gbps": r.bandwidth_gbps,
                                      "ok": r.ok, "resources": r.context_resources}
+
+    # ---- benchmark support ------------------------------------------------------------------
+    def raw_recv(self, nbytes: int, tag: int) -> None:
+        """Post a receive of one contiguous buffer (the pool's first bytes) with a raw tag."""
+        self.agent.call(self._raw_recv(nbytes, tag))
+
+    async def _raw_recv(self, nbytes: int, tag: int) -> None:
+        import asyncio
+        from ucxx._lib.arr import Array
+        from ucxx.types import Tag, TagMaskFull
+        from .pool import as_buffer
+        buf = Array(as_buffer(self.kv.view(-1).view(torch.uint8)[:nbytes]))
+        ep = self.agent._self_ep   # tag matching is per worker: any endpoint of ours will do
+        req = ep._ep.tag_recv(buf, Tag(tag), TagMaskFull)
+
+        async def then_ack():   # tell the sender the bytes have landed
+            await req.wait()
+            await self._raw_peer.send(__import__("numpy").zeros(1, "uint8"), tag=tag + 1,
+                                      force_tag=True)
+        asyncio.ensure_future(then_ack())
+
+    def raw_connect(self, addr) -> None:
+        """Decode side of the raw baseline: an endpoint back to the sender for the ack."""
+        self._raw_peer = self.agent.call(self.agent.peer(tuple(addr))).ep
+
+    def raw_send(self, addr, nbytes: int, tag: int) -> float:
+        """Send the pool's first `nbytes` as one message; seconds until the receiver's ack."""
+        return self.agent.call(self._raw_send(tuple(addr), nbytes, tag), timeout=300)
+
+    async def _raw_send(self, addr, nbytes: int, tag: int) -> float:
+        import numpy as np
+        from .pool import as_buffer
+        peer = await self.agent.peer(addr)
+        ack = np.zeros(1, np.uint8)
+        if self.kv.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        recv = __import__("asyncio").ensure_future(
+            self.agent._self_ep.recv(ack, tag=tag + 1, force_tag=True))
+        await peer.ep.send(as_buffer(self.kv.view(-1).view(torch.uint8)[:nbytes]), tag=tag,
+                           force_tag=True)
+        await recv
+        return time.perf_counter() - t0
+
+    def timed_send(self, handoff: dict, src: list[int], timeout: float = 300.0) -> dict:
+        """All layers ready up front (push_all): time from open to verified Success."""
+        from .wire import HandoffRecord
+        if self.kv.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        s = self.agent.open_sender(HandoffRecord.from_dict(handoff), src)
+        s.push_all()
+        st = s.wait(timeout)
+        return {"state": st.state.value, "reason": st.reason, "seconds": time.perf_counter() - t0,
+                "trace": getattr(s, "trace", None)}
+
+    def overlapped_send(self, handoff: dict, src: list[int], tokens: int, hidden: int,
+                        ffn: int, timeout: float = 300.0) -> dict:
+        """A prefill-shaped forward (per layer: [tokens, hidden] @ [hidden, ffn] @ [ffn, hidden])
+        pushing each layer's KV as it finishes; returns the exposed transfer time."""
+        from .wire import HandoffRecord
+        dev, dt = self.kv.device, (torch.bfloat16 if self.kv.is_cuda else torch.float32)
+        x = torch.randn(tokens, hidden, device=dev, dtype=dt)
+        w1 = torch.randn(hidden, ffn, device=dev, dtype=dt) / hidden ** 0.5
+        w2 = torch.randn(ffn, hidden, device=dev, dtype=dt) / ffn ** 0.5
+        sync = torch.cuda.synchronize if self.kv.is_cuda else (lambda: None)
+
+        def layer(h):
+            return torch.relu(h @ w1) @ w2
+
+        for _ in range(2):
+            layer(x)   # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(self.layout.num_layers):
+            y = layer(x)
+        sync()
+        compute_only = time.perf_counter() - t0
+        s = self.agent.open_sender(HandoffRecord.from_dict(handoff), src)
+        t0 = time.perf_counter()
+        for i in range(self.layout.num_layers):
+            y = layer(x)
+            s.push_layer(i)
+        sync()
+        t_last = time.perf_counter()
+        st = s.wait(timeout)
+        t_done = time.perf_counter()
+        del y
+        return {"state": st.state.value, "reason": st.reason,
+                "layer_s": compute_only / self.layout.num_layers, "compute_only_s": compute_only,
+                "forward_with_transfer_s": t_last - t0, "exposed_s": t_done - t_last}
+
+    def digest(self, ids: list[int]) -> str:
+        import hashlib
+        return hashlib.sha1(self.kv[:, :, ids].contiguous().view(torch.uint8).cpu().numpy()
+                            .tobytes()).hexdigest()
 
     def pid(self) -> int:
         return os.getpid()
