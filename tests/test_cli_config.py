@@ -1,0 +1,62 @@
+"""The `splitserve generate` command line (as other tools call it) and the config tree."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from splitserve.config import Config, config_from_dict, field_docs, load_config, CacheConfig
+
+
+def _cli(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "splitserve", *args], capture_output=True, text=True,
+                          check=check, timeout=600)
+
+
+@pytest.mark.slow
+def test_generate_json_on_the_real_model():
+    out = _cli("generate", "--prompt", "The capital of France is", "--max-tokens", "8", "--json")
+    obj = json.loads(out.stdout)
+    assert set(obj) >= {"token_ids", "text", "finish_reason", "prompt_token_ids"}
+    assert len(obj["token_ids"]) <= 8 and obj["finish_reason"] in ("stop", "length")
+    assert "Paris" in obj["text"]
+
+
+@pytest.mark.slow
+def test_generate_batch_and_chat_stream():
+    out = _cli("generate", "--model", "dummy:tiny", "--prompt", "a", "--prompt", "bb", "--max-tokens", "4",
+               "--json", "--temperature", "0.9", "--seed", "3")
+    objs = json.loads(out.stdout)["outputs"]
+    assert len(objs) == 2 and all(len(o["token_ids"]) <= 4 for o in objs)
+    again = json.loads(_cli("generate", "--model", "dummy:tiny", "--prompt", "a", "--prompt", "bb",
+                            "--max-tokens", "4", "--json", "--temperature", "0.9", "--seed", "3").stdout)
+    assert [o["token_ids"] for o in again["outputs"]] == [o["token_ids"] for o in objs]   # seeded
+    chat = _cli("generate", "--prompt", "Say hi", "--chat", "--max-tokens", "6")
+    assert chat.stdout.strip()
+
+
+def test_bad_input_is_one_clear_line():
+    r = _cli("generate", "--model", "dummy:tiny", "--prompt", "x", "--top-p", "2", check=False)
+    assert r.returncode == 2 and "top_p" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("generate", "--model", "/nonexistent/m.gguf", "--prompt", "x", check=False)
+    assert r.returncode == 2 and "/nonexistent/m.gguf" in r.stderr
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="cache.block_size"):
+        config_from_dict({"cache": {"block_size": 7}})
+    with pytest.raises(ValueError, match="unknown field"):
+        config_from_dict({"cache": {"blocksize": 16}})
+    with pytest.raises(ValueError, match="unknown field"):
+        config_from_dict({"nope": {}})
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  model: dummy:tiny\ncache:\n  block_size: 32\n")
+    cfg = load_config(p)
+    assert cfg.model.model == "dummy:tiny" and cfg.cache.block_size == 32
+    assert cfg == config_from_dict({"model": {"model": "dummy:tiny"}, "cache": {"block_size": 32}})
+    with pytest.raises(Exception):
+        cfg.cache.block_size = 8          # frozen
+    assert all(field_docs(CacheConfig).values()), "every field has a doc line"
+    assert Config().replace("cache", kv_dtype="fp8_e4m3").cache.kv_dtype == "fp8_e4m3"
