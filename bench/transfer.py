@@ -37,7 +37,6 @@ if not (ROOT / "splitserve.egg-info").exists() or "splitserve" not in sys.module
         sub = types.ModuleType("splitserve.kvtransfer")
         sub.__path__ = [str(ROOT / "kvtransfer")]
         sys.modules["splitserve.kvtransfer"] = sub
-        os.environ["PYTHONPATH"] = f"{ROOT}/bench:{os.environ.get('PYTHONPATH', '')}"
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
@@ -121,7 +120,8 @@ def main() -> None:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "device": args.device, "self_test": d.call("self_test"), "rows": rows,
-              "overlap": ov, "layout": layout}
+              "overlap": ov, "layout": layout, "peer_transports": p.call("peer_transports")}
+    print("prefill->decode endpoint transports:", report["peer_transports"], flush=True)
     d.close()
     p.close()
     write(report, Path(args.out))
@@ -134,7 +134,8 @@ def write(rep: dict, out: Path) -> None:
     lines = [f"# KV transfer, {rep['device']} ({rep['date']}, commit {rep['commit']})", "",
              f"Command: `python bench/{rep['command']}`  ",
              f"Self-test: transports {rep['self_test'].get('transports')}, "
-             f"{rep['self_test'].get('gbps', 0):.2f} GB/s loopback", "",
+             f"{rep['self_test'].get('gbps', 0):.2f} GB/s loopback; prefill->decode endpoint "
+             f"lanes: {rep.get('peer_transports')}", "",
              "| blocks | pattern | MiB | paged ms | paged GB/s | raw ms | raw GB/s | paged/raw |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rep["rows"]:

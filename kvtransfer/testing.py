@@ -225,11 +225,25 @@ class PoolWorker:
         return hashlib.sha1(self.kv[:, :, ids].contiguous().view(torch.uint8).cpu().numpy()
                             .tobytes()).hexdigest()
 
+    def peer_transports(self) -> dict:
+        from .selftest import ep_info, lane_transports
+        return self.agent.call(self._peer_transports(ep_info, lane_transports))
+
+    async def _peer_transports(self, ep_info, lane_transports) -> dict:
+        return {p.name: lane_transports(ep_info(p.ep)) for p in self.agent.peers.values()}
+
+    def exec(self, code: str) -> None:
+        """Benchmark/diagnostic hook: run a statement in the worker process."""
+        exec(code, {"self": self})
+
     def pid(self) -> int:
         return os.getpid()
 
 
 def _serve(conn, args) -> None:
+    import logging
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(message)s")
+    logging.getLogger("splitserve.kvtransfer").setLevel(logging.INFO)
     try:
         obj = PoolWorker(*args)
         conn.send(("ok", obj.agent.address))

@@ -87,7 +87,7 @@ class TransferConfig:
     listen_port: int = _f(0, "port the transfer agent listens on (0 = any free port)")
     connect_timeout_s: float = _f(5.0, "connecting to a peer agent and its handshake must finish within this")
     direct_min_blocks: int = _f(4, "block runs at least this long go straight into place; shorter ones are staged")
-    staging_layers: int = _f(4, "staged layers in flight per transfer (bounds staging memory)")
+    staging_layers: int = _f(8, "staged layers in flight per transfer (bounds staging memory)")
     sweep_interval_s: float = _f(0.05, "how often leases are checked for expiry and stray writes drained")
 
     def __post_init__(self) -> None:
