@@ -26,7 +26,7 @@ from .loader import LoadedModel, load
 from .model import LlamaModel
 from .model_runner import ModelRunner
 from .model_source import default_cache_dir, resolve
-from .request import FinishReason, Request, SamplingParams, validate_prompt
+from .request import FinishReason, Request, SamplingParams, find_stop, validate_prompt
 from .sampler import Sampler
 from .scheduler import Scheduler
 
@@ -106,8 +106,19 @@ class LLMEngine:
 
     # ------------------------------------------------------------ requests
     def add_request(self, prompt: str | Sequence[int] | None = None, params: SamplingParams | None = None,
-                    request_id: str | None = None, messages: list[dict] | None = None) -> str:
-        """Queue a request (text, token ids, or chat messages); returns its id."""
+                    request_id: str | None = None, messages: list[dict] | None = None,
+                    hold_blocks: bool = False) -> str:
+        """Queue a request (text, token ids, or chat messages); returns its id.
+
+        hold_blocks: keep the KV blocks when the request finishes (a prefill worker pushes them,
+        then calls release_held)."""
+        req = self._new_request(prompt, params, request_id, messages)
+        req.hold_blocks = hold_blocks
+        self.scheduler.add_request(req)
+        self._tracks[req.request_id] = _Track(req, req.arrival_time)
+        return req.request_id
+
+    def _new_request(self, prompt, params, request_id, messages) -> Request:
         params = params or SamplingParams()
         if messages is not None:
             prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -116,10 +127,39 @@ class LLMEngine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         validate_prompt(ids, self.arch.vocab_size, self.max_model_len)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        req = Request(rid, ids, params, eos_token_ids=self.tokenizer.eos_token_ids, arrival_time=time.monotonic())
-        self.scheduler.add_request(req)
-        self._tracks[rid] = _Track(req, req.arrival_time)
-        return rid
+        return Request(rid, ids, params, eos_token_ids=self.tokenizer.eos_token_ids, arrival_time=time.monotonic())
+
+    # ------------------------------------------------------------ disaggregation
+    def reserve_remote(self, prompt_token_ids: Sequence[int], params: SamplingParams,
+                       request_id: str) -> tuple[list[int], int] | None:
+        """Decode side: reserve blocks for a prompt whose KV another worker computes.
+
+        Returns (block ids to fill, number of leading prompt tokens already cached here), or
+        None when the pool has no room now."""
+        req = self._new_request(list(prompt_token_ids), params, request_id, None)
+        limit = min(req.num_prompt_tokens + params.max_tokens, self.max_model_len)
+        if -(-limit // self.pool.block_size) > self.pool.num_blocks:
+            raise ValueError(f"request {request_id}: needs more KV blocks than the pool holds")
+        ids = self.scheduler.reserve_remote(req)
+        if ids is None:
+            return None
+        self._tracks[request_id] = _Track(req, req.arrival_time)
+        return ids, req.num_cached_tokens
+
+    def commit_remote(self, request_id: str, first_token: int) -> RequestOutput | None:
+        """Decode side: the prompt's KV arrived and was verified; decode from the first token.
+
+        Returns the request's output when the first token already finished it (eos, max_tokens 1)."""
+        req = self.scheduler.commit_remote(request_id, first_token)
+        tr = self._tracks[request_id]
+        tr.first_token_time = time.monotonic()
+        return self._emit(tr, tr.first_token_time) if req.is_finished else None
+
+    def held_block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.scheduler.held[request_id].blocks]
+
+    def release_held(self, request_id: str) -> None:
+        self.scheduler.release_held(request_id)
 
     def abort(self, request_id: str) -> bool:
         req = self.scheduler.abort_request(request_id)
@@ -145,7 +185,7 @@ class LLMEngine:
         if tr.first_token_time is None:
             tr.first_token_time = now
         text = self.tokenizer.decode(req.output_token_ids)
-        stop_at = _find_stop(text, req.params.stop, len(tr.sent_text))
+        stop_at = find_stop(text, req.params.stop, len(tr.sent_text))
         if stop_at is not None and not req.is_finished:
             self.scheduler.finish_request(req, FinishReason.STOP)
         if stop_at is not None:
@@ -176,13 +216,3 @@ class LLMEngine:
                 if out.finished:
                     final[out.request_id] = out
         return [final[i] for i in ids]
-
-
-def _find_stop(text: str, stops: tuple[str, ...], searched: int) -> int | None:
-    """Index where the earliest stop string starts, looking only at text not yet sent."""
-    best = None
-    for s in stops:
-        i = text.find(s, max(0, searched - len(s) + 1))
-        if i != -1 and (best is None or i < best):
-            best = i
-    return best

@@ -37,6 +37,20 @@ def load(src: ModelSource, dtype: str = "float32", device: str = "cpu", seed: in
     return load_dummy(src.shape, tdt, device, seed)
 
 
+def load_tokenizer(src: ModelSource) -> TextTokenizer:
+    """Only the tokenizer (the router tokenizes; it holds no weights)."""
+    if src.kind == "gguf":
+        import gguf
+        reader = gguf.GGUFReader(str(src.path))
+        names = {t.name for t in reader.tensors}
+        arch = _gguf_arch(reader, src.path, "output.weight" in names, "blk.0.attn_q.bias" in names)
+        return _gguf_tokenizer(reader, src.path, arch)
+    if src.kind == "safetensors":
+        return _hf_tokenizer(src.path, _hf_arch(src.path))
+    arch = dummy_arch(src.shape)
+    return byte_tokenizer(arch.vocab_size, arch.eos_token_ids)
+
+
 # ---------------------------------------------------------------- GGUF
 _GGUF_LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",

@@ -51,6 +51,7 @@ class SamplingParams:
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    TRANSFERRING = "transferring"    # decode side: blocks reserved, prompt KV arriving over the wire
     PREEMPTED = "preempted"
     FINISHED = "finished"
 
@@ -76,6 +77,7 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     block_hashes: list[bytes] = field(default_factory=list)   # hashes of full blocks, computed lazily
+    hold_blocks: bool = False        # prefill side: keep the KV blocks after finishing, for a push
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -117,3 +119,13 @@ def validate_prompt(token_ids: Sequence[int], vocab_size: int, max_model_len: in
     if len(token_ids) >= max_model_len:
         raise ValueError(f"prompt has {len(token_ids)} tokens; the limit is {max_model_len - 1} "
                          f"(max_model_len {max_model_len} leaves room for one generated token)")
+
+
+def find_stop(text: str, stops: tuple[str, ...], searched: int) -> int | None:
+    """Index where the earliest stop string starts, looking only at text not yet sent."""
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, searched - len(s) + 1))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best

@@ -4,6 +4,12 @@ Life cycle of a request:
     WaitingQueue  -- admitted (prefix matched, blocks allocated) -->  RunningBatch
     RunningBatch  -- blocks ran out: preempted (blocks freed, recompute later) --> front of WaitingQueue
     RunningBatch  -- stop token / stop string / max tokens / abort -->  finished (blocks freed)
+Disaggregation adds two parking places outside the batch:
+    TransferQueue (decode side)  reserve_remote() allocates the prompt's blocks (after a prefix
+                                 match) while its KV arrives over the wire; commit_remote() moves
+                                 the request into RunningBatch with the first token appended.
+    HeldBlocks (prefill side)    a request with hold_blocks=True keeps its blocks when it finishes
+                                 so its KV can be pushed; release_held() frees them.
 
 Every step spends a token budget (`max_num_batched_tokens`). Running requests go first, in
 arrival order: a decoding request takes one token, a request still prefilling takes the next chunk
@@ -61,6 +67,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.transferring: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}
 
     # ------------------------------------------------------------ admission
     def add_request(self, req: Request) -> None:
@@ -80,12 +88,61 @@ class Scheduler:
             return None
         if req in self.waiting:
             self.waiting.remove(req)
+        self.transferring.pop(request_id, None)
         self.finish_request(req, FinishReason.ABORT)
         return req
+
+    # ------------------------------------------------------------ disaggregation
+    def reserve_remote(self, req: Request) -> list[int] | None:
+        """Decode side: take blocks for the whole prompt (reusing a cached prefix) and park the
+        request in the TransferQueue. Returns the ids of the blocks the sender must fill, starting
+        at block index req.num_cached_tokens // block_size, or None when the pool has no room."""
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        n = req.num_prompt_tokens
+        hit = self.pool.match_prefix(req.prompt_token_ids, max_tokens=n - 1)
+        need = blocks_needed(n, self.pool.block_size) - len(hit.blocks)
+        reclaimed = sum(1 for b in hit.blocks if b.ref_cnt == 0)
+        if not self.pool.can_allocate(need + reclaimed):
+            return None
+        self.pool.touch(hit.blocks)
+        new = self.pool.allocate(need)
+        req.blocks = list(hit.blocks) + new
+        req.num_cached_tokens = hit.num_tokens
+        req.block_hashes = [b.block_hash for b in hit.blocks]
+        req.status = RequestStatus.TRANSFERRING
+        self.requests[req.request_id] = req
+        self.transferring[req.request_id] = req
+        return [b.block_id for b in new]
+
+    def commit_remote(self, request_id: str, first_token: int) -> Request:
+        """The prompt's KV has landed and been verified: join the running batch."""
+        req = self.transferring.pop(request_id)
+        req.num_computed_tokens = req.num_prompt_tokens
+        self._cache_full_blocks(req)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        req.append_token(first_token)
+        reason = req.check_stop(self.max_model_len)
+        if reason is not None:
+            self.finish_request(req, reason)
+        return req
+
+    def release_held(self, request_id: str) -> None:
+        """Prefill side: the push is over (or abandoned); give the blocks back."""
+        req = self.held.pop(request_id, None)
+        if req is not None:
+            self.pool.free(reversed(req.blocks))
+            req.blocks = []
 
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def num_blocks_in_flight(self) -> int:
+        """Blocks parked outside the batch (TransferQueue + HeldBlocks)."""
+        return sum(len(r.blocks) for r in [*self.transferring.values(), *self.held.values()])
 
     # ------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
@@ -181,7 +238,10 @@ class Scheduler:
             return
         if req in self.running:
             self.running.remove(req)
-        self._release_blocks(req)
+        if req.hold_blocks and reason != FinishReason.ABORT:
+            self.held[req.request_id] = req
+        else:
+            self._release_blocks(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         self.requests.pop(req.request_id, None)

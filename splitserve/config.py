@@ -105,11 +105,52 @@ class TransferConfig:
 
 
 @dataclass(frozen=True)
+class RouterConfig:
+    host: str = _f("127.0.0.1", "address the gRPC API listens on")
+    grpc_port: int = _f(50051, "gRPC API port (0 = any free port)")
+    metrics_port: int = _f(9400, "Prometheus /metrics port of the router (0 = any free port, -1 = off)")
+    local_prefill_max_tokens: int = _f(64, "uncached prompts up to this many tokens prefill on the decode worker")
+    max_queued_requests: int = _f(256, "requests in flight above this are refused with RESOURCE_EXHAUSTED")
+    health_interval_s: float = _f(1.0, "how often workers are pinged and their load snapshots refreshed")
+    prefill_retries: int = _f(2, "times a failed remote prefill is retried on another prefill worker")
+    request_timeout_s: float = _f(600.0, "a request still running after this is aborted")
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.grpc_port < 65536, "router.grpc_port", "must be in [0, 65535]")
+        _require(-1 <= self.metrics_port < 65536, "router.metrics_port", "must be -1 (off) or a port")
+        _require(self.local_prefill_max_tokens >= 0, "router.local_prefill_max_tokens", "must be >= 0")
+        _require(self.max_queued_requests >= 1, "router.max_queued_requests", "must be >= 1")
+        _require(self.health_interval_s > 0, "router.health_interval_s", "must be > 0")
+        _require(self.prefill_retries >= 0, "router.prefill_retries", "must be >= 0")
+        _require(self.request_timeout_s > 0, "router.request_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    num_prefill: int = _f(1, "prefill workers at start")
+    num_decode: int = _f(1, "decode workers at start")
+    ray_address: str = _f("", "Ray cluster to join ('' = start a local one)")
+    cpus_per_worker: float = _f(1.0, "Ray CPUs reserved by each worker actor")
+    gpus_per_worker: float = _f(0.0, "Ray GPUs reserved by each worker actor (1 = one GPU each)")
+    placement_strategy: str = _f("PACK", "placement group strategy for the workers: PACK or SPREAD")
+
+    def __post_init__(self) -> None:
+        _require(self.num_prefill >= 0, "cluster.num_prefill", "must be >= 0")
+        _require(self.num_decode >= 1, "cluster.num_decode", "must be >= 1 (decode workers serve every request)")
+        _require(self.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0")
+        _require(self.gpus_per_worker >= 0, "cluster.gpus_per_worker", "must be >= 0")
+        _require(self.placement_strategy in ("PACK", "SPREAD"), "cluster.placement_strategy",
+                 "use PACK or SPREAD")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def replace(self, section: str, **changes: Any) -> "Config":
         """A copy with `changes` applied to one section (validated again)."""
@@ -142,6 +183,8 @@ _SECTIONS: dict[str, type] = {
     "cache": CacheConfig,
     "scheduler": SchedulerConfig,
     "transfer": TransferConfig,
+    "router": RouterConfig,
+    "cluster": ClusterConfig,
 }
 
 

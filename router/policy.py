@@ -1,0 +1,89 @@
+"""Placement policy: which decode worker, local or remote prefill, which prefill worker.
+
+A pure function of load snapshots (plain dicts from WorkerRuntime.snapshot), no Ray, no torch.
+The SLO-aware scheduler replaces `LoadAwarePolicy` behind the same `place()`.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class Placement:
+    decode: str
+    prefill: str | None          # None = prefill locally on the decode worker
+
+    @property
+    def remote(self) -> bool:
+        return self.prefill is not None
+
+
+class NoWorker(Exception):
+    """No worker of a needed role can take the request."""
+
+
+class Policy(Protocol):
+    def place(self, prompt_tokens: int, decode: Sequence[dict], prefill: Sequence[dict],
+              exclude: frozenset[str] = frozenset()) -> Placement: ...
+
+
+def _usable(snaps: Sequence[dict], exclude: frozenset[str]) -> list[dict]:
+    return [s for s in snaps if not s.get("draining") and s["name"] not in exclude]
+
+
+def _decode_load(s: dict) -> tuple:
+    # most free KV first, then the smallest batch (running + parked transfers + waiting)
+    used = 1.0 - s["free_blocks"] / max(s["total_blocks"], 1)
+    return (s["num_waiting"], round(used, 2), s["num_running"] + s["num_transferring"], s["name"])
+
+
+def _prefill_load(s: dict) -> tuple:
+    return (s["num_waiting"] + s["num_running"], s["name"])
+
+
+class LoadAwarePolicy:
+    """Least-loaded decode worker; short prompts prefill locally; least-loaded prefill worker."""
+
+    def __init__(self, local_prefill_max_tokens: int):
+        self.local_prefill_max_tokens = local_prefill_max_tokens
+
+    def place(self, prompt_tokens: int, decode: Sequence[dict], prefill: Sequence[dict],
+              exclude: frozenset[str] = frozenset()) -> Placement:
+        ds = _usable(decode, exclude)
+        if not ds:
+            raise NoWorker("no decode worker is available")
+        d = min(ds, key=_decode_load)
+        ps = _usable(prefill, exclude)
+        if prompt_tokens <= self.local_prefill_max_tokens or not ps:
+            return Placement(d["name"], None)
+        return Placement(d["name"], min(ps, key=_prefill_load)["name"])
+
+
+class RoundRobinPolicy:
+    """Baseline: rotate over decode workers and prefill workers, always disaggregate."""
+
+    def __init__(self) -> None:
+        self._d = itertools.count()
+        self._p = itertools.count()
+
+    def place(self, prompt_tokens: int, decode: Sequence[dict], prefill: Sequence[dict],
+              exclude: frozenset[str] = frozenset()) -> Placement:
+        ds = sorted(_usable(decode, exclude), key=lambda s: s["name"])
+        if not ds:
+            raise NoWorker("no decode worker is available")
+        ps = sorted(_usable(prefill, exclude), key=lambda s: s["name"])
+        p = ps[next(self._p) % len(ps)]["name"] if ps else None
+        return Placement(ds[next(self._d) % len(ds)]["name"], p)
+
+
+class ColocatedPolicy:
+    """Baseline: every request prefills and decodes on one (least-loaded) decode worker."""
+
+    def place(self, prompt_tokens: int, decode: Sequence[dict], prefill: Sequence[dict],
+              exclude: frozenset[str] = frozenset()) -> Placement:
+        return LoadAwarePolicy(1 << 62).place(prompt_tokens, decode, prefill, exclude)
+
+
+POLICIES = {"load_aware": LoadAwarePolicy, "round_robin": RoundRobinPolicy, "colocated": ColocatedPolicy}

@@ -1,0 +1,297 @@
+"""The router: the only component that sees the whole cluster.
+
+A request's life here (see docs/architecture.md):
+    admit       validate sampling params, tokenize (chat template), refuse when overloaded
+    place       the policy picks decode worker D, local or remote prefill, prefill worker P
+    prefill     remote: D reserves blocks under a lease -> P prefills and pushes KV -> D verifies
+                the lease and commits the first token. local: D prefills itself.
+    stream      a pump per decode worker long-polls its token deltas into each flight's queue
+    finish      complete (usage + timing breakdown) or error; metrics; the flight is dropped
+Failure rules: P dies or its push fails -> D's lease gets a new epoch and another P retries
+(no P left -> D prefills locally); D dies -> each of its flights migrates to another D with
+prompt + tokens so far (positions dedupe the stream); no D left -> UNAVAILABLE.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from ..config import RouterConfig
+from ..engine.request import SamplingParams, find_stop, validate_prompt
+from .metrics import RouterMetrics
+from .policy import NoWorker, Placement, Policy
+from .workers import WorkerDied, WorkerPool
+
+log = logging.getLogger("splitserve.router")
+
+
+class RequestError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code          # a grpc.StatusCode name
+
+
+@dataclass
+class Event:
+    kind: str                     # "chunk" | "complete" | "error"
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Flight:
+    rid: str
+    prompt: list[int]
+    params: dict
+    events: asyncio.Queue
+    arrival: float
+    tokens: list[int] = field(default_factory=list)
+    sent_text: str = ""
+    base: int = 0                 # tokens generated before the current decode worker took over
+    decode: str | None = None
+    prefill: str | None = None
+    remote: bool = False
+    cached: int = 0
+    t_dispatch: float | None = None
+    t_first: float | None = None
+    t_last: float | None = None
+    prefill_s: float = 0.0
+    transfer_s: float = 0.0
+    migrations: int = 0
+    retries: int = 0
+    done: bool = False
+    task: asyncio.Task | None = None
+
+
+class Router:
+    def __init__(self, config: RouterConfig, tokenizer, max_model_len: int, workers: WorkerPool,
+                 policy: Policy, metrics: RouterMetrics | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.workers = workers
+        self.policy = policy
+        self.metrics = metrics or RouterMetrics()
+        self.flights: dict[str, Flight] = {}
+        self._ids = itertools.count(1)
+        workers.on_decode_output = self._on_output
+        workers.on_decode_died = self._on_decode_died
+
+    # ------------------------------------------------------------ admission
+    def admit(self, prompt: str | None, token_ids: list[int] | None, messages: list[dict] | None,
+              params: dict, request_id: str | None = None) -> Flight:
+        try:
+            sp = SamplingParams(**params)
+            if messages:
+                prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            ids = list(token_ids) if token_ids else self.tokenizer.encode(prompt or "")
+            validate_prompt(ids, self.tokenizer.vocab_size, self.max_model_len)
+        except (ValueError, TypeError) as exc:
+            raise RequestError("INVALID_ARGUMENT", str(exc)) from exc
+        if len(self.flights) >= self.config.max_queued_requests:
+            raise RequestError("RESOURCE_EXHAUSTED", f"{len(self.flights)} requests in flight; retry later")
+        if not self.workers.decode_names():
+            raise RequestError("UNAVAILABLE", "no decode worker is available")
+        rid = request_id or f"{next(self._ids)}"
+        if rid in self.flights:
+            raise RequestError("INVALID_ARGUMENT", f"request id {rid} is already in flight")
+        params = {**params, "stop": tuple(sp.stop), "stop_token_ids": tuple(sp.stop_token_ids)}
+        f = Flight(rid, ids, params, asyncio.Queue(), time.monotonic())
+        self.flights[rid] = f
+        self.metrics.in_flight.set(len(self.flights))
+        return f
+
+    async def generate(self, flight: Flight) -> AsyncIterator[Event]:
+        """Run an admitted flight and yield its events; cancelling the iterator aborts it."""
+        flight.task = asyncio.create_task(self._dispatch(flight))
+        try:
+            while True:
+                ev = await asyncio.wait_for(flight.events.get(), self.config.request_timeout_s)
+                yield ev
+                if ev.kind != "chunk":
+                    return
+        except (asyncio.CancelledError, asyncio.TimeoutError, GeneratorExit):
+            await self.abort(flight.rid)
+            raise
+        finally:
+            self.flights.pop(flight.rid, None)
+            self.metrics.in_flight.set(len(self.flights))
+
+    async def abort(self, rid: str) -> bool:
+        f = self.flights.get(rid)
+        if f is None or f.done:
+            return False
+        f.done = True
+        if f.task and not f.task.done():
+            f.task.cancel()
+        for name in {f.decode, f.prefill} - {None}:
+            await self.workers.try_call(name, "abort", rid)
+        self.metrics.requests.labels("abort").inc()
+        return True
+
+    # ------------------------------------------------------------ placement and prefill
+    async def _dispatch(self, f: Flight, exclude: frozenset[str] = frozenset()) -> None:
+        try:
+            place = self.policy.place(len(f.prompt), self.workers.snapshots("decode"),
+                                      self.workers.snapshots("prefill"), exclude | self.workers.dead)
+            f.decode, f.t_dispatch = place.decode, time.monotonic()
+            if place.remote:
+                await self._remote_prefill(f, place)
+            else:
+                await self.workers.call(place.decode, "generate_local", f.rid, f.prompt, f.params)
+        except NoWorker as exc:
+            self._fail(f, "UNAVAILABLE", str(exc))
+        except WorkerDied as exc:
+            if exc.name == f.decode:
+                await self._migrate(f)
+            else:
+                self._fail(f, "UNAVAILABLE", str(exc))
+        except RequestError as exc:
+            self._fail(f, exc.code, str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:   # a worker raised: report it to the client, keep the router up
+            log.exception("request %s failed", f.rid)
+            self._fail(f, "INTERNAL", f"{type(exc).__name__}: {exc}")
+
+    async def _remote_prefill(self, f: Flight, place: Placement) -> None:
+        d = place.decode
+        res = await self.workers.call(d, "start_remote", f.rid, f.prompt, f.params)
+        if res is None:     # no KV room on D right now: let D queue it and prefill itself
+            await self.workers.call(d, "generate_local", f.rid, f.prompt, f.params)
+            return
+        handoff, lease = res["handoff"], res["handoff"]["lease_id"]
+        f.remote, f.cached = True, res["num_cached_tokens"]
+        tried: set[str] = set()
+        p: str | None = place.prefill
+        while True:
+            f.prefill = p
+            tried.add(p)
+            try:
+                out = await self.workers.call(p, "prefill", f.rid, f.prompt, f.params, handoff, res["first_block"])
+            except WorkerDied:
+                out = {"ok": False, "reason": f"prefill worker {p} died"}
+            if out["ok"]:
+                break
+            self.metrics.transfer_failures.inc()
+            p = self._another_prefill(f, tried)
+            if p is None:      # give up on remote prefill: D recomputes the prompt itself
+                await self.workers.call(d, "cancel_remote", f.rid, lease)
+                f.remote, f.prefill = False, None
+                await self.workers.call(d, "generate_local", f.rid, f.prompt, f.params)
+                return
+            log.warning("request %s: %s; retrying on %s", f.rid, out["reason"], p)
+            f.retries += 1
+            self.metrics.prefill_retries.inc()
+            handoff = await self.workers.call(d, "reissue", f.rid, lease)
+        f.prefill_s, f.transfer_s = out["prefill_s"], out["transfer_s"]
+        self.metrics.transfer_latency.observe(out["transfer_s"])
+        if not await self.workers.call(d, "commit_remote", f.rid, lease, out["first_token"]):
+            raise RequestError("INTERNAL", "the decode worker rejected the transferred KV")
+        self._add_tokens(f, 0, [out["first_token"]])
+
+    def _another_prefill(self, f: Flight, tried: set[str]) -> str | None:
+        if f.retries >= self.config.prefill_retries:
+            return None
+        alive = [s for s in self.workers.snapshots("prefill")
+                 if s["name"] not in tried and s["name"] not in self.workers.dead and not s.get("draining")]
+        return min(alive, key=lambda s: s["num_waiting"] + s["num_running"])["name"] if alive else None
+
+    # ------------------------------------------------------------ streaming
+    def _on_output(self, worker: str, rec: dict) -> None:
+        f = self.flights.get(rec["request_id"])
+        if f is None or f.done or f.decode != worker:
+            return
+        f.cached = max(f.cached, rec["num_cached_tokens"]) if not f.migrations else f.cached
+        self._add_tokens(f, f.base + rec["offset"], rec["new_token_ids"])
+        if rec["finished"] and not f.done:
+            self._complete(f, rec["finish_reason"])
+
+    def _add_tokens(self, f: Flight, position: int, ids: list[int]) -> None:
+        """Append the tokens at `position` that the stream has not carried yet (dedupe by position)."""
+        fresh = ids[max(0, len(f.tokens) - position):]
+        if not fresh or f.done:
+            return
+        now = time.monotonic()
+        if f.t_first is None:
+            f.t_first = now
+            self.metrics.ttft.observe(now - f.arrival)
+        elif f.t_last is not None:
+            self.metrics.itl.observe(now - f.t_last)
+        f.t_last = now
+        f.tokens.extend(fresh)
+        text = self.tokenizer.decode(f.tokens)
+        stop_at = find_stop(text, f.params.get("stop", ()), len(f.sent_text))
+        if stop_at is not None:
+            text = text[:stop_at]
+        else:
+            text = text.rstrip("\ufffd")
+        delta, f.sent_text = text[len(f.sent_text):], text
+        f.events.put_nowait(Event("chunk", fresh, delta))
+        if stop_at is not None:
+            asyncio.ensure_future(self.workers.try_call(f.decode, "abort", f.rid))
+            self._complete(f, "stop")
+
+    def _complete(self, f: Flight, reason: str) -> None:
+        f.done = True
+        now = time.monotonic()
+        t_first = f.t_first or now
+        n = len(f.tokens)
+        timing = {"queue_ms": ((f.t_dispatch or now) - f.arrival) * 1e3, "prefill_ms": f.prefill_s * 1e3,
+                  "transfer_ms": f.transfer_s * 1e3, "decode_ms": (now - t_first) * 1e3,
+                  "ttft_ms": (t_first - f.arrival) * 1e3, "e2e_ms": (now - f.arrival) * 1e3}
+        if not f.remote:
+            timing["prefill_ms"] = max(0.0, (t_first - (f.t_dispatch or f.arrival)) * 1e3)
+        if n > 1:
+            self.metrics.tpot.observe((now - t_first) / (n - 1))
+        self.metrics.e2e.observe(now - f.arrival)
+        self.metrics.requests.labels(reason).inc()
+        f.events.put_nowait(Event("complete", info={
+            "finish_reason": reason, "token_ids": list(f.tokens), "text": f.sent_text,
+            "usage": {"prompt_tokens": len(f.prompt), "completion_tokens": n, "cached_prompt_tokens": f.cached},
+            "timing": timing, "prefill_worker": f.prefill or f.decode or "", "decode_worker": f.decode or "",
+            "remote_prefill": f.remote, "migrations": f.migrations, "prefill_retries": f.retries}))
+
+    def _fail(self, f: Flight, code: str, message: str) -> None:
+        if f.done:
+            return
+        f.done = True
+        self.metrics.requests.labels("error").inc()
+        f.events.put_nowait(Event("error", info={"code": code, "message": message}))
+
+    # ------------------------------------------------------------ decode failover
+    def _on_decode_died(self, worker: str) -> None:
+        for f in list(self.flights.values()):
+            if f.decode == worker and not f.done:
+                if f.task and not f.task.done():
+                    f.task.cancel()
+                f.task = asyncio.ensure_future(self._migrate(f))
+
+    async def _migrate(self, f: Flight) -> None:
+        """Continue on another decode worker: re-prefill prompt + tokens so far there."""
+        dead = f.decode
+        f.migrations += 1
+        self.metrics.migrations.inc()
+        remaining = f.params.get("max_tokens", 64) - len(f.tokens)
+        if remaining <= 0:
+            self._complete(f, "length")
+            return
+        log.warning("request %s: decode worker %s died; migrating with %d tokens so far", f.rid, dead,
+                    len(f.tokens))
+        f.base = len(f.tokens)
+        prompt = f.prompt + f.tokens
+        params = {**f.params, "max_tokens": remaining}
+        try:
+            place = self.policy.place(len(prompt), self.workers.snapshots("decode"), [],
+                                      frozenset({dead}) | self.workers.dead)
+            f.decode = place.decode
+            await self.workers.call(place.decode, "generate_local", f.rid, prompt, params)
+        except NoWorker:
+            self._fail(f, "UNAVAILABLE", f"decode worker {dead} died and no other decode worker is available")
+        except WorkerDied as exc:
+            await self._migrate(f) if exc.name == f.decode else self._fail(f, "UNAVAILABLE", str(exc))

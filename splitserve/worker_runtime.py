@@ -1,0 +1,113 @@
+"""What a prefill worker and a decode worker share: an engine on its step-loop thread, a KV
+transfer agent over the engine's KV pool, load snapshots and the integrity check.
+
+Plain Python classes; `deploy/` wraps them as Ray actors, tests may construct them directly.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+from .config import Config
+
+log = logging.getLogger("splitserve.worker")
+
+_KV_DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16",
+                   "torch.float8_e4m3fn": "fp8_e4m3"}
+
+
+@dataclass
+class WorkerSnapshot:
+    """A worker's live load, as the router's policy sees it (plain data)."""
+    name: str
+    role: str                   # "prefill" | "decode"
+    num_running: int
+    num_waiting: int
+    num_transferring: int
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    steps: int
+    draining: bool
+    time: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def output_record(out) -> dict:
+    """A RequestOutput as the plain dict that crosses the worker -> router boundary."""
+    return {"request_id": out.request_id, "offset": len(out.token_ids) - len(out.new_token_ids),
+            "new_token_ids": list(out.new_token_ids), "finished": out.finished,
+            "finish_reason": out.finish_reason, "num_cached_tokens": out.num_cached_tokens,
+            "num_prompt_tokens": len(out.prompt_token_ids)}
+
+
+class WorkerRuntime:
+    role = "worker"
+
+    def __init__(self, config: Config, name: str, with_transfer: bool = True):
+        from .engine.engine import LLMEngine
+        from .engine.loop import EngineLoop
+        self.config = config
+        self.name = name
+        self.engine = LLMEngine.from_config(config)
+        self.loop = EngineLoop(self.engine)
+        self.draining = False
+        self.agent = self._start_agent() if with_transfer else None
+        log.info("%s %s up: %d KV blocks of %d tokens", self.role, name, self.engine.pool.num_blocks,
+                 self.engine.pool.block_size)
+
+    def _start_agent(self):
+        from .kvtransfer import KVLayout
+        from .kvtransfer.agent import TransferAgent
+        e = self.engine
+        kv = e.kv_cache.kv
+        layout = KVLayout(num_layers=kv.shape[0], num_blocks=kv.shape[2], block_size=kv.shape[3],
+                          num_kv_heads=kv.shape[4], head_dim=kv.shape[5],
+                          dtype=_KV_DTYPE_NAMES[str(kv.dtype)], has_scales=e.kv_cache.scales is not None)
+        return TransferAgent(kv, layout, self.config.transfer, model=self.config.model.model,
+                             free_blocks=self._lease_freed, scales=e.kv_cache.scales)
+
+    def _lease_freed(self, block_ids: list[int]) -> None:
+        """A lease expired or was cancelled: overridden by the decode worker."""
+
+    # ------------------------------------------------------------ shared RPCs
+    def ping(self) -> str:
+        if self.loop.error is not None:
+            raise RuntimeError(f"{self.name}: engine loop died: {self.loop.error!r}")
+        return self.name
+
+    def transfer_address(self) -> tuple[str, int] | None:
+        return None if self.agent is None else self.agent.address
+
+    def snapshot(self) -> dict:
+        def take(e):
+            s = e.scheduler
+            return WorkerSnapshot(self.name, self.role, len(s.running), len(s.waiting), len(s.transferring),
+                                  e.pool.num_free_blocks, e.pool.num_blocks, e.pool.block_size,
+                                  self.loop.steps, self.draining, time.time())
+        return self.loop.run(take).to_dict()
+
+    def abort(self, request_id: str) -> bool:
+        return bool(self.loop.run(lambda e: e.abort(request_id)))
+
+    def check_integrity(self) -> dict:
+        """Pool invariants hold and no blocks are parked in leases, transfers or holds."""
+        def check(e):
+            e.pool.check_integrity()
+            leases = self.agent.leases.live_count() if self.agent is not None else 0
+            return {"used_blocks": e.pool.num_used_blocks, "live_leases": leases,
+                    "in_flight_blocks": e.scheduler.num_blocks_in_flight,
+                    "unfinished": e.has_unfinished()}
+        return self.loop.run(check)
+
+    def drain(self) -> None:
+        """Take no new requests; the router stops routing here and waits until idle."""
+        self.draining = True
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+        if self.agent is not None:
+            self.agent.close()
