@@ -28,19 +28,20 @@ BLOCK_M = 128
 BLOCK_N = 64
 NUM_WARPS = 8
 NUM_STAGES = 3
+FP8_FP16_COMPUTE = True   # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather than bf16
 
 
 @triton.jit
 def _extend_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
     block_tables_ptr, k_scale_ptr, v_scale_ptr,
-    qk_scale_log2,                      # softmax scale * log2(e)
+    sm_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_ko, stride_kh,
-    stride_vb, stride_vo, stride_vh,
+    stride_kb, stride_ko, stride_kh,       # v_cache has the same strides
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
+    FP16_COMPUTE: tl.constexpr,
 ):
     mtile = tl.num_programs(0) - 1 - tl.program_id(0)   # heaviest causal tiles first
     head = tl.program_id(1)
@@ -60,15 +61,21 @@ def _extend_kernel(
     tok = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=mmask[:, None], other=0.0)          # [BLOCK_M, D]
+    # scores in log2 units: s = (q . k_stored) * qk_scale_log2
+    qk_scale_log2 = sm_scale * 1.4426950408889634
     if FP8:
         qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr + kvh)
+        if FP16_COMPUTE:
+            # bf16 -> fp16 is exact within fp16's range (8 mantissa bits into 11): the
+            # scale is not folded into q, whose rounding would cost accuracy
+            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kvh.to(tl.int64) * stride_kh + offs_d[None, :]
-    v_base = v_cache_ptr + kvh.to(tl.int64) * stride_vh + offs_d[None, :]
+    v_base = v_cache_ptr + kvh.to(tl.int64) * stride_kh + offs_d[None, :]
 
     # phase 1: keys [0, full_end) precede every query of the tile: no mask needed
     full_end = (ctx + mtile * BLOCK_M) // BLOCK_N * BLOCK_N
@@ -77,7 +84,7 @@ def _extend_kernel(
         blk = tl.load(bt_row + pos // PAGE).to(tl.int64)
         off = (pos % PAGE).to(tl.int64)
         k = tl.load(k_base + blk[:, None] * stride_kb + off[:, None] * stride_ko)
-        v = tl.load(v_base + blk[:, None] * stride_vb + off[:, None] * stride_vo)
+        v = tl.load(v_base + blk[:, None] * stride_kb + off[:, None] * stride_ko)
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2      # [BLOCK_M, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -95,7 +102,7 @@ def _extend_kernel(
         off = (pos % PAGE).to(tl.int64)
         k = tl.load(k_base + blk[:, None] * stride_kb + off[:, None] * stride_ko,
                     mask=nmask[:, None], other=0.0)
-        v = tl.load(v_base + blk[:, None] * stride_vb + off[:, None] * stride_vo,
+        v = tl.load(v_base + blk[:, None] * stride_kb + off[:, None] * stride_ko,
                     mask=nmask[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2
         s = tl.where((pos[None, :] <= q_pos[:, None]) & nmask[None, :], s, float("-inf"))
@@ -146,6 +153,8 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
           f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     check(fp8 or k_cache.dtype == q.dtype,
           f"q is {q.dtype} but the cache is {k_cache.dtype}; a non-FP8 cache must match q")
+    check(k_cache.stride() == v_cache.stride(),
+          f"k_cache strides {k_cache.stride()} differ from v_cache strides {v_cache.stride()}")
     check_dim("query_start_loc", query_start_loc, 1, "[num_seqs + 1]")
     check(query_start_loc.dtype == torch.int32,
           f"query_start_loc must be int32, got {query_start_loc.dtype}")
@@ -170,13 +179,12 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _extend_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
         k_scale if fp8 else q, v_scale if fp8 else q,
-        scale * 1.4426950408889634,
+        scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, FP8=fp8,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, FP8=fp8, FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out

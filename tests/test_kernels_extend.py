@@ -72,6 +72,13 @@ def test_extend_dtypes_and_gqa(kv, num_q_heads, num_kv_heads, small_tiles):
              seed=num_q_heads + 3 * len(kv))
 
 
+def test_extend_fp8_in_q_dtype(small_tiles, monkeypatch):
+    """The alternative FP8 path: K/V converted to q's dtype instead of fp16."""
+    monkeypatch.setattr(extend_mod, "FP8_FP16_COMPUTE", False)
+    seq_lens, q_lens = mixed_batch(16)
+    run_case(seq_lens, q_lens, 8, 2, 64, 16, "fp8-bf16", seed=13)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_extend_head_dims_block_sizes(head_dim, block_size, small_tiles):
