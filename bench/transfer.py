@@ -65,7 +65,8 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     nb = max(sizes)
     layout = dict(LLAMA3_8B, num_blocks=nb)
-    cfg = {"self_test": True, "lease_timeout_s": 600.0, "self_test_mib": 256 if args.device == "cuda" else 64}
+    cfg = {"self_test": True, "lease_timeout_s": 600.0, "self_test_mib": 256 if args.device == "cuda" else 64,
+           "staging_layers": 8 if args.device == "cuda" else 4}   # CPU: 2 x 8 GiB pools in 23 GiB
     t0 = time.time()
     d = spawn_worker(layout, seed=1, config_kw=cfg, device=args.device, start_timeout=600)
     p = spawn_worker(layout, seed=2, config_kw=cfg, device=args.device, start_timeout=600)

@@ -58,6 +58,10 @@ class KVSender:
         self.reply: asyncio.Future | None = None    # set by the agent's control loop
         self.cancel_ack: asyncio.Future | None = None
         self.bytes_sent = 0
+        # timings for benchmarks: (phase, seconds since open), executor and send-call totals
+        self.trace: list[tuple[str, float]] = []
+        self.prep_s = 0.0
+        self.send_s = 0.0
         self.started = time.perf_counter()
         self.finished_at: float | None = None
         self.complete_hook: Callable[[dict], dict] | None = None   # tests: forge a completion
@@ -133,11 +137,10 @@ class KVSender:
         if msg["t"] != "ready":
             raise RuntimeError(f"decode worker refused the transfer: {msg.get('reason')}")
         self.fsm.to(TransferState.TRANSFERRING)
-        self.trace = [("ready", time.perf_counter() - self.started)]
+        self.trace.append(("ready", time.perf_counter() - self.started))
         sends, checksums = await self._send_layers(peer)
         self.trace.append(("posted", time.perf_counter() - self.started))
-        self.trace.append(("prep_total", getattr(self, "prep_s", 0.0)))
-        self.trace.append(("send_calls", getattr(self, "send_s", 0.0)))
+        self.trace += [("prep_total", self.prep_s), ("send_calls", self.send_s)]
         await asyncio.gather(*sends)
         self.trace.append(("sent", time.perf_counter() - self.started))
         sums = [int(x) for x in torch.stack(checksums).tolist()]
@@ -211,14 +214,14 @@ class KVSender:
                 out.append(pool.layer_checksum(self.agent.kv, layer, all_idx, self.agent.scales,
                                                self._runs))
             self.agent.sync_side_stream()
-        self.prep_s = getattr(self, "prep_s", 0.0) + time.perf_counter() - t0
+        self.prep_s += time.perf_counter() - t0
         return out
 
     def _send(self, peer, buf, layer: int, msg: int, window: asyncio.Semaphore | None):
         t0 = time.perf_counter()
         arr = Array(buf)
         req = peer.ep._ep.tag_send(arr, Tag(data_tag(self.handoff.tag_key, layer, msg)))
-        self.send_s = getattr(self, "send_s", 0.0) + time.perf_counter() - t0
+        self.send_s += time.perf_counter() - t0
 
         async def done():
             try:

@@ -182,7 +182,7 @@ class PoolWorker:
         s.push_all()
         st = s.wait(timeout)
         return {"state": st.state.value, "reason": st.reason, "seconds": time.perf_counter() - t0,
-                "trace": getattr(s, "trace", None)}
+                "trace": s.trace}
 
     def overlapped_send(self, handoff: dict, src: list[int], tokens: int, hidden: int,
                         ffn: int, timeout: float = 300.0) -> dict:
