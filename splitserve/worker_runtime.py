@@ -6,6 +6,7 @@ Plain Python classes; `deploy/` wraps them as Ray actors, tests may construct th
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -31,6 +32,8 @@ class WorkerSnapshot:
     steps: int
     draining: bool
     time: float
+    metrics_port: int = 0
+    pid: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +59,7 @@ class WorkerRuntime:
         self.loop = EngineLoop(self.engine)
         self.draining = False
         self.agent = self._start_agent() if with_transfer else None
+        self.metrics_port = _serve_metrics()
         log.info("%s %s up: %d KV blocks of %d tokens", self.role, name, self.engine.pool.num_blocks,
                  self.engine.pool.block_size)
 
@@ -74,6 +78,9 @@ class WorkerRuntime:
         """A lease expired or was cancelled: overridden by the decode worker."""
 
     # ------------------------------------------------------------ shared RPCs
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
     def ping(self) -> str:
         if self.loop.error is not None:
             raise RuntimeError(f"{self.name}: engine loop died: {self.loop.error!r}")
@@ -87,8 +94,10 @@ class WorkerRuntime:
             s = e.scheduler
             return WorkerSnapshot(self.name, self.role, len(s.running), len(s.waiting), len(s.transferring),
                                   e.pool.num_free_blocks, e.pool.num_blocks, e.pool.block_size,
-                                  self.loop.steps, self.draining, time.time())
-        return self.loop.run(take).to_dict()
+                                  self.loop.steps, self.draining, time.time(), self.metrics_port, os.getpid())
+        snap = self.loop.run(take)
+        _engine_gauges(snap)
+        return snap.to_dict()
 
     def abort(self, request_id: str) -> bool:
         return bool(self.loop.run(lambda e: e.abort(request_id)))
@@ -111,3 +120,28 @@ class WorkerRuntime:
         self.loop.stop()
         if self.agent is not None:
             self.agent.close()
+
+
+_GAUGES: dict = {}
+
+
+def _serve_metrics() -> int:
+    """This process's Prometheus endpoint (kvtransfer's metrics and the engine gauges below)."""
+    from prometheus_client import Gauge, start_http_server
+    server, _ = start_http_server(0, addr="127.0.0.1")
+    _GAUGES["used"] = Gauge("splitserve_engine_kv_blocks_used", "KV blocks in use", ["worker"])
+    _GAUGES["free"] = Gauge("splitserve_engine_kv_blocks_free", "KV blocks free", ["worker"])
+    _GAUGES["running"] = Gauge("splitserve_engine_running", "requests in the running batch", ["worker"])
+    _GAUGES["waiting"] = Gauge("splitserve_engine_waiting", "requests in the waiting queue", ["worker"])
+    _GAUGES["transferring"] = Gauge("splitserve_engine_transferring", "requests waiting for KV", ["worker"])
+    return server.server_port
+
+
+def _engine_gauges(s: WorkerSnapshot) -> None:
+    if not _GAUGES:
+        return
+    _GAUGES["used"].labels(s.name).set(s.total_blocks - s.free_blocks)
+    _GAUGES["free"].labels(s.name).set(s.free_blocks)
+    _GAUGES["running"].labels(s.name).set(s.num_running)
+    _GAUGES["waiting"].labels(s.name).set(s.num_waiting)
+    _GAUGES["transferring"].labels(s.name).set(s.num_transferring)

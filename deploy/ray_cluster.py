@@ -1,0 +1,128 @@
+"""Build the serving graph on Ray from a validated Config: worker actors (in a placement group),
+the router, the gRPC server and the metrics endpoint. Wiring only; behaviour lives in the plain
+classes (PrefillWorker, DecodeWorker, Router, WorkerPool).
+
+    cluster = ServingCluster(config)
+    await cluster.start()            # ray.init (local unless cluster.ray_address), actors, servers
+    await cluster.add_worker("prefill"); await cluster.remove_worker("decode-1")
+    await cluster.stop()
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+
+from ..config import Config
+from ..engine.loader import load_tokenizer
+from ..engine.model_source import resolve
+from ..router.metrics import RouterMetrics
+from ..router.policy import POLICIES
+from ..router.router import Router
+from ..router.workers import WorkerPool
+
+log = logging.getLogger("splitserve.deploy")
+
+
+def actor_class(role: str):
+    import ray
+    if role == "prefill":
+        from ..prefill_worker.worker import PrefillWorker as cls
+    else:
+        from ..decode_worker.worker import DecodeWorker as cls
+    # threaded actor: take_outputs long-polls while other calls (reserve, commit, abort) proceed
+    return ray.remote(max_concurrency=64, max_restarts=0)(cls)
+
+
+class ServingCluster:
+    def __init__(self, config: Config, policy: str = "load_aware"):
+        self.config = config
+        self.policy_name = policy
+        self.metrics = RouterMetrics()
+        self.pool = WorkerPool(config.router.health_interval_s, self.metrics)
+        self.router: Router | None = None
+        self.grpc_server = None
+        self.grpc_port: int | None = None
+        self.actors: dict[str, object] = {}
+        self._seq = {"prefill": itertools.count(), "decode": itertools.count()}
+        self._pg = None
+
+    def _init_ray(self) -> None:
+        import ray
+        if ray.is_initialized():
+            return
+        cc = self.config.cluster
+        if cc.ray_address:
+            ray.init(address=cc.ray_address, log_to_driver=True)
+        else:   # a local cluster: logical CPUs for every worker even on a 2-core machine
+            need = int((cc.num_prefill + cc.num_decode + 2) * cc.cpus_per_worker) + 1
+            ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
+                     log_to_driver=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+    def _placement_group(self, n: int):
+        import ray
+        from ray.util.placement_group import placement_group
+        cc = self.config.cluster
+        bundle = {"CPU": cc.cpus_per_worker}
+        if cc.gpus_per_worker:
+            bundle["GPU"] = cc.gpus_per_worker
+        pg = placement_group([dict(bundle) for _ in range(n)], strategy=cc.placement_strategy)
+        ray.get(pg.ready(), timeout=300)
+        return pg
+
+    def _spawn(self, role: str, bundle_index: int | None = None):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        cc = self.config.cluster
+        name = f"{role}-{next(self._seq[role])}"
+        opts = {"num_cpus": cc.cpus_per_worker, "num_gpus": cc.gpus_per_worker}
+        if bundle_index is not None and self._pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._pg, bundle_index)
+        actor = actor_class(role).options(**opts).remote(self.config, name)
+        self.actors[name] = actor
+        return name, role, actor
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._init_ray()
+        tokenizer = load_tokenizer(resolve(cfg.model.model, cfg.model.cache_dir))
+        roles = ["decode"] * cfg.cluster.num_decode + ["prefill"] * cfg.cluster.num_prefill
+        self._pg = self._placement_group(len(roles))
+        spawned = [self._spawn(role, i) for i, role in enumerate(roles)]
+        await asyncio.gather(*(self.pool.add(*s) for s in spawned))
+        snap = self.pool.snapshots("decode")[0]
+        max_len = cfg.scheduler.max_model_len or await self.pool.call(snap["name"], "max_model_len")
+        policy_cls = POLICIES[self.policy_name]
+        policy = policy_cls(cfg.router.local_prefill_max_tokens) if self.policy_name == "load_aware" else policy_cls()
+        self.router = Router(cfg.router, tokenizer, max_len, self.pool, policy, self.metrics)
+        self.pool.start_health()
+        from ..router.grpc_server import start_grpc
+        info = {"model": cfg.model.model, "vocab_size": tokenizer.vocab_size, "max_model_len": max_len,
+                "block_size": cfg.cache.block_size, "kv_dtype": cfg.cache.kv_dtype}
+        self.grpc_server, self.grpc_port = await start_grpc(self.router, info, cfg.router.host, cfg.router.grpc_port)
+        if cfg.router.metrics_port >= 0:
+            self.metrics.serve(cfg.router.metrics_port, cfg.router.host)
+        log.info("serving on %s:%d (%d prefill, %d decode)", cfg.router.host, self.grpc_port,
+                 cfg.cluster.num_prefill, cfg.cluster.num_decode)
+
+    async def add_worker(self, role: str) -> str:
+        name, role, actor = self._spawn(role)
+        await self.pool.add(name, role, actor)
+        return name
+
+    async def remove_worker(self, name: str) -> None:
+        await self.pool.remove(name)
+        self.actors.pop(name, None)
+
+    async def stop(self) -> None:
+        import ray
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=1.0)
+        await self.pool.close()
+        for actor in self.actors.values():
+            ray.kill(actor, no_restart=True)
+        self.actors.clear()
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+            remove_placement_group(self._pg)
+            self._pg = None
