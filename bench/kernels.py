@@ -437,15 +437,14 @@ def tune_decode():
                                 (64, 4, 4, False), (128, 3, 4, False)], tiles8, fp, fp_out)
 
     def split(c):
-        DECODE.PROGRAMS_PER_SM, DECODE.MIN_CHUNK, DECODE.FUSED_REDUCE = c
+        DECODE.PROGRAMS_PER_SM, DECODE.MIN_CHUNK = c
 
     both = {**bf, **fp}
-    _sweep("decode-split", [(2, 256, True), (2, 256, False), (4, 128, True), (2, 128, True),
-                            (8, 128, True), (2, 512, True), (1, 256, True)], split, both,
-           {**bf_out, **fp_out})
+    _sweep("decode-split", [(2, 256), (4, 128), (2, 128), (8, 128), (2, 512), (1, 256)],
+           split, both, {**bf_out, **fp_out})
     best = dict(TILES_16BIT=DECODE.TILES_16BIT, TILES_FP8=DECODE.TILES_FP8,
                 FP8_FP16_COMPUTE=DECODE.FP8_FP16_COMPUTE, PROGRAMS_PER_SM=DECODE.PROGRAMS_PER_SM,
-                MIN_CHUNK=DECODE.MIN_CHUNK, FUSED_REDUCE=DECODE.FUSED_REDUCE)
+                MIN_CHUNK=DECODE.MIN_CHUNK)
     RESULTS["decode_config"] = best
     print("decode config chosen:", best, flush=True)
     del bf, fp, both, bf_out, fp_out
@@ -557,7 +556,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     RESULTS["meta"] = dict(date=datetime.date.today().isoformat(), commit=args.commit,
-                           gpu="cpu-smoke" if SMOKE else torch.cuda.get_device_name(), torch=torch.__version__,
+                           gpu="cpu-smoke" if SMOKE else torch.cuda.get_device_name(),
+                           torch=torch.__version__,
                            triton=triton.__version__, command=" ".join(sys.argv))
     print(RESULTS["meta"], flush=True)
     bw = 4.24 if SMOKE else (ceiling() or 4.24)
@@ -567,7 +567,7 @@ def main() -> None:
     RESULTS.setdefault("decode_config", dict(
         TILES_16BIT=DECODE.TILES_16BIT, TILES_FP8=DECODE.TILES_FP8,
         FP8_FP16_COMPUTE=DECODE.FP8_FP16_COMPUTE, PROGRAMS_PER_SM=DECODE.PROGRAMS_PER_SM,
-        MIN_CHUNK=DECODE.MIN_CHUNK, FUSED_REDUCE=DECODE.FUSED_REDUCE))
+        MIN_CHUNK=DECODE.MIN_CHUNK))
     RESULTS.setdefault("extend_config", dict(BLOCK_M=EXTEND.BLOCK_M, BLOCK_N=EXTEND.BLOCK_N,
                                              NUM_WARPS=EXTEND.NUM_WARPS,
                                              NUM_STAGES=EXTEND.NUM_STAGES))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable
 
 import torch
 
@@ -40,15 +41,18 @@ def sm_count(device: torch.device) -> int:
     return _sm_count_cached(index)
 
 
-def check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: Callable[[], str]) -> None:
+    """Raise ValueError(msg()) unless cond. The message is built only on failure: these
+    checks run on every kernel call, and formatting them eagerly cost ~40 us of host time."""
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg())
 
 
 def check_device(ref_name: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     """All tensors on ref's device; CPU tensors only under the Triton interpreter."""
     if ref.device.type == "cpu":
-        check(interpreting(), f"{ref_name} is on the CPU: the Triton kernels need CUDA tensors "
+        check(interpreting(), lambda: f"{ref_name} is on the CPU: the Triton kernels need "
+              "CUDA tensors "
               "(or TRITON_INTERPRET=1); use splitserve.kernels.reference on CPU")
     elif ref.device.type != "cuda":
         raise ValueError(f"{ref_name} is on {ref.device}; the Triton kernels need CUDA tensors")
@@ -58,22 +62,22 @@ def check_device(ref_name: str, ref: torch.Tensor, **tensors: torch.Tensor | Non
 
 
 def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
-    check(t.dtype in allowed, f"{name} has dtype {t.dtype}; expected one of "
+    check(t.dtype in allowed, lambda: f"{name} has dtype {t.dtype}; expected one of "
           f"{', '.join(str(d) for d in allowed)}")
 
 
 def check_dim(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
-    check(t.dim() == ndim, f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+    check(t.dim() == ndim, lambda: f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
 
 
 def check_last_contiguous(name: str, t: torch.Tensor) -> None:
-    check(t.stride(-1) == 1, f"{name} must be contiguous in its last dim (stride(-1)==1), "
+    check(t.stride(-1) == 1, lambda: f"{name} must be contiguous in its last dim (stride(-1)==1), "
           f"got strides {t.stride()}")
 
 
 def check_head_dim(head_dim: int) -> None:
     check(16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0,
-          f"head_dim {head_dim} is not supported: it must be a power of two in [16, 256]")
+          lambda: f"head_dim {head_dim} is not supported: it must be a power of two in [16, 256]")
 
 
 def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -82,47 +86,48 @@ def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor,
     layout = "[num_blocks, block_size, num_kv_heads, head_dim]"
     check_dim("k_cache", k_cache, 4, layout)
     check_dim("v_cache", v_cache, 4, layout)
-    check(k_cache.shape == v_cache.shape, f"k_cache {tuple(k_cache.shape)} and v_cache "
+    check(k_cache.shape == v_cache.shape, lambda: f"k_cache {tuple(k_cache.shape)} and v_cache "
           f"{tuple(v_cache.shape)} must have the same shape {layout}")
     check_dtype("k_cache", k_cache, KV_DTYPES)
     check(v_cache.dtype == k_cache.dtype,
-          f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
+          lambda: f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
     check_last_contiguous("k_cache", k_cache)
     check_last_contiguous("v_cache", v_cache)
     check_head_dim(k_cache.shape[3])
     block_size = k_cache.shape[1]
     check(block_size >= 1 and block_size & (block_size - 1) == 0,
-          f"block_size {block_size} must be a power of two")
+          lambda: f"block_size {block_size} must be a power of two")
     fp8 = k_cache.dtype == FP8_DTYPE
     num_kv_heads = k_cache.shape[2]
     for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
         if not fp8:
-            check(scale is None, f"{name} was given but the cache is {k_cache.dtype}: "
+            check(scale is None, lambda: f"{name} was given but the cache is {k_cache.dtype}: "
                   "scales belong to FP8 caches only")
             continue
-        check(scale is not None, f"the cache is FP8 ({FP8_DTYPE}) but no {name} was given; "
+        check(scale is not None, lambda: f"the cache is FP8 ({FP8_DTYPE}) but no {name} was given; "
               "an FP8 KV cache must travel with its per-kv-head float32 scales")
         assert scale is not None
         check(scale.dtype == torch.float32 and tuple(scale.shape) == (num_kv_heads,),
-              f"{name} must be float32 [num_kv_heads={num_kv_heads}], got {scale.dtype} "
+              lambda: f"{name} must be float32 [num_kv_heads={num_kv_heads}], got {scale.dtype} "
               f"{tuple(scale.shape)}")
-        check(scale.stride(0) == 1, f"{name} must be contiguous")
+        check(scale.stride(0) == 1, lambda: f"{name} must be contiguous")
     return fp8
 
 
 def check_seq_metadata(seq_lens: torch.Tensor, block_tables: torch.Tensor,
                        num_seqs: int) -> None:
     check_dim("seq_lens", seq_lens, 1, "[num_seqs]")
-    check(seq_lens.dtype == torch.int32, f"seq_lens must be int32, got {seq_lens.dtype}")
+    check(seq_lens.dtype == torch.int32, lambda: f"seq_lens must be int32, got {seq_lens.dtype}")
     check(seq_lens.shape[0] == num_seqs,
-          f"seq_lens has {seq_lens.shape[0]} entries, expected num_seqs={num_seqs}")
+          lambda: f"seq_lens has {seq_lens.shape[0]} entries, expected num_seqs={num_seqs}")
     check_dim("block_tables", block_tables, 2, "[num_seqs, max_blocks_per_seq]")
     check(block_tables.dtype == torch.int32,
-          f"block_tables must be int32, got {block_tables.dtype}")
+          lambda: f"block_tables must be int32, got {block_tables.dtype}")
     check(block_tables.shape[0] >= num_seqs,
-          f"block_tables has {block_tables.shape[0]} rows, expected at least num_seqs={num_seqs}")
+          lambda: f"block_tables has {block_tables.shape[0]} rows, expected at least "
+          f"num_seqs={num_seqs}")
     check_last_contiguous("block_tables", block_tables)
-    check(seq_lens.stride(0) == 1, "seq_lens must be contiguous")
+    check(seq_lens.stride(0) == 1, lambda: "seq_lens must be contiguous")
 
 
 def next_pow2(n: int) -> int:

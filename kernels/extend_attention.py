@@ -23,11 +23,11 @@ import triton.language as tl
 from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, check_kv_cache,
                       check_last_contiguous, check_seq_metadata)
 
-# Tuning for Hopper, head_dim 128 (bench/kernels.py); smaller head dims use the same tiles.
-BLOCK_M = 128
+# Tuning: H200, head_dim 128, swept by bench/kernels.py --tune (bench/results/kernels.md).
+BLOCK_M = 64
 BLOCK_N = 64
-NUM_WARPS = 8
-NUM_STAGES = 3
+NUM_WARPS = 4
+NUM_STAGES = 2
 FP8_FP16_COMPUTE = True   # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather than bf16
 
 
@@ -148,31 +148,32 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_tokens, num_q_heads, head_dim = q.shape
     _, page, num_kv_heads, _ = k_cache.shape
     check(head_dim == k_cache.shape[3],
-          f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
+          lambda: f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
     check(num_q_heads % num_kv_heads == 0,
-          f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+          lambda: f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     check(fp8 or k_cache.dtype == q.dtype,
-          f"q is {q.dtype} but the cache is {k_cache.dtype}; a non-FP8 cache must match q")
+          lambda: f"q is {q.dtype} but the cache is {k_cache.dtype}; a non-FP8 cache must match q")
     check(k_cache.stride() == v_cache.stride(),
-          f"k_cache strides {k_cache.stride()} differ from v_cache strides {v_cache.stride()}")
+          lambda: f"k_cache strides {k_cache.stride()} differ from v_cache strides "
+          f"{v_cache.stride()}")
     check_dim("query_start_loc", query_start_loc, 1, "[num_seqs + 1]")
     check(query_start_loc.dtype == torch.int32,
-          f"query_start_loc must be int32, got {query_start_loc.dtype}")
+          lambda: f"query_start_loc must be int32, got {query_start_loc.dtype}")
     check(query_start_loc.shape[0] >= 1 and query_start_loc.stride(0) == 1,
-          "query_start_loc must be contiguous with num_seqs + 1 >= 1 entries")
+          lambda: "query_start_loc must be contiguous with num_seqs + 1 >= 1 entries")
     num_seqs = query_start_loc.shape[0] - 1
     check_seq_metadata(seq_lens, block_tables, num_seqs)
     if out is None:
         out = torch.empty_like(q)
     check(out.shape == q.shape and out.dtype == q.dtype,
-          f"out must be {q.dtype} {tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
+          lambda: f"out must be {q.dtype} {tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
     check_last_contiguous("out", out)
     check_device("q", q, k_cache=k_cache, v_cache=v_cache, query_start_loc=query_start_loc,
                  seq_lens=seq_lens, block_tables=block_tables, k_scale=k_scale,
                  v_scale=v_scale, out=out)
     if max_query_len is None:
         max_query_len = num_tokens
-    check(max_query_len >= 0, f"max_query_len must be >= 0, got {max_query_len}")
+    check(max_query_len >= 0, lambda: f"max_query_len must be >= 0, got {max_query_len}")
     if num_seqs == 0 or num_tokens == 0 or max_query_len == 0:
         return out
     grid = (triton.cdiv(max_query_len, BLOCK_M), num_q_heads, num_seqs)

@@ -58,8 +58,10 @@ def _write_kv_kernel(
         # div_rn: IEEE division like the reference (Triton's `/` is approximate in fp32)
         ks = tl.load(k_scale_ptr + offs_h, mask=offs_h < num_kv_heads, other=1.0)
         vs = tl.load(v_scale_ptr + offs_h, mask=offs_h < num_kv_heads, other=1.0)
-        k = round_to_e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(k, ks[:, None]), -FP8_MAX), FP8_MAX))
-        v = round_to_e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(v, vs[:, None]), -FP8_MAX), FP8_MAX))
+        k = tl.math.div_rn(k, ks[:, None])
+        v = tl.math.div_rn(v, vs[:, None])
+        k = round_to_e4m3_grid(tl.minimum(tl.maximum(k, -FP8_MAX), FP8_MAX))
+        v = round_to_e4m3_grid(tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX))
     kc = k_cache_ptr + blk * stride_kc_blk + off * stride_kc_off
     vc = v_cache_ptr + blk * stride_vc_blk + off * stride_vc_off
     tl.store(kc + offs_h[:, None] * stride_kc_h + offs_d[None, :],
@@ -86,22 +88,23 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     check_dim("k", k, 3, layout)
     check_dim("v", v, 3, layout)
     _, _, num_kv_heads, head_dim = k_cache.shape
-    check(k.shape == v.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
+    check(k.shape == v.shape, lambda: f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
     check(tuple(k.shape[1:]) == (num_kv_heads, head_dim),
-          f"k has shape {tuple(k.shape)}, expected [num_tokens, {num_kv_heads}, {head_dim}] "
+          lambda: f"k has shape {tuple(k.shape)}, expected "
+          f"[num_tokens, {num_kv_heads}, {head_dim}] "
           "to match the cache")
     check_dtype("k", k, ACT_DTYPES)
-    check(v.dtype == k.dtype, f"k is {k.dtype} but v is {v.dtype}")
+    check(v.dtype == k.dtype, lambda: f"k is {k.dtype} but v is {v.dtype}")
     check(fp8 or k_cache.dtype == k.dtype,
-          f"k is {k.dtype} but the cache is {k_cache.dtype}; a non-FP8 cache must match k")
+          lambda: f"k is {k.dtype} but the cache is {k_cache.dtype}; a non-FP8 cache must match k")
     check_last_contiguous("k", k)
     check_last_contiguous("v", v)
     check_dim("slot_mapping", slot_mapping, 1, "[num_tokens]")
     check(slot_mapping.dtype == torch.int64,
-          f"slot_mapping must be int64, got {slot_mapping.dtype}")
+          lambda: f"slot_mapping must be int64, got {slot_mapping.dtype}")
     check(slot_mapping.shape[0] == k.shape[0],
-          f"slot_mapping has {slot_mapping.shape[0]} entries but k has {k.shape[0]} tokens")
-    check(slot_mapping.stride(0) == 1, "slot_mapping must be contiguous")
+          lambda: f"slot_mapping has {slot_mapping.shape[0]} entries but k has {k.shape[0]} tokens")
+    check(slot_mapping.stride(0) == 1, lambda: "slot_mapping must be contiguous")
     check_device("k", k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
                  k_scale=k_scale, v_scale=v_scale)
     num_tokens = k.shape[0]

@@ -60,8 +60,8 @@ def run_case(seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, kv, seed
     out = torch.full_like(c.q, float("nan"))
     buf = None
     if scratch:
-        buf = alloc_split_kv_scratch(c.q.shape[0], num_q_heads, num_kv_heads, head_dim,
-                                     num_splits, c.q.device)
+        buf = alloc_split_kv_scratch(c.q.shape[0], num_q_heads, head_dim, num_splits,
+                                     c.q.device)
         buf.part_out.fill_(float("nan"))
         buf.part_lse.fill_(float("nan"))
     got = paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.seq_lens,
@@ -95,13 +95,9 @@ def test_decode_head_dims_block_sizes_splits(head_dim, block_size, num_splits, s
              seed=head_dim + block_size + num_splits, num_splits=num_splits)
 
 
-@pytest.mark.parametrize("fused_reduce", [True, False])
 @pytest.mark.parametrize("fp16_compute", [True, False])
-def test_decode_reduce_and_fp8_compute_variants(fused_reduce, fp16_compute, small_tiles,
-                                                monkeypatch):
-    """Both split merges (in-kernel last-split merge, separate reduce kernel) and both FP8
-    compute dtypes (fp16, q's dtype)."""
-    monkeypatch.setattr(decode_mod, "FUSED_REDUCE", fused_reduce)
+def test_decode_fp8_compute_variants(fp16_compute, small_tiles, monkeypatch):
+    """Both FP8 compute dtypes: fp16 (the default) and q's dtype."""
     monkeypatch.setattr(decode_mod, "FP8_FP16_COMPUTE", fp16_compute)
     run_case(lengths(16), 8, 2, 64, 16, "fp8-bf16", seed=12, num_splits=4)
 
@@ -146,7 +142,7 @@ def test_decode_and_write_kv_capture_in_a_cuda_graph():
     slots = torch.full((3,), -1, dtype=torch.int64, device=DEVICE)
     out = torch.empty_like(c.q)
     num_splits = decode_mod.plan_decode_splits(3, 2, c.block_tables.shape[1] * 16, c.q.device)
-    scratch = alloc_split_kv_scratch(3, 8, 2, 128, num_splits, c.q.device)
+    scratch = alloc_split_kv_scratch(3, 8, 128, num_splits, c.q.device)
 
     def step():
         write_kv(k_new, v_new, c.k_cache, c.v_cache, slots, c.k_scale, c.v_scale)
