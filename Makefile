@@ -6,12 +6,10 @@ STAMP   := $(VENV)/.splitserve-installed
 
 .PHONY: run test test-fast setup clean
 
-## run: set up, then run the main job on the embedded default model (SmolLM2-135M, CPU)
+## run: set up, then run the main job: a local Ray cluster (1 prefill + 1 decode worker) on the
+## embedded SmolLM2-135M, a few chat requests streamed through the gRPC API with their timings
 run: setup
-	$(BIN)/splitserve generate --chat --max-tokens 48 \
-	  --prompt "What is the capital of France?" \
-	  --prompt "Write a haiku about the sea." \
-	  --prompt "Explain in one sentence what a KV cache is."
+	$(BIN)/splitserve demo --max-tokens 48
 
 ## test: set up, then run the whole test suite (slow end-to-end tests included)
 test: setup

@@ -38,7 +38,11 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     eng = LLMEngine.from_config(Config().replace("model", device="cpu"))
     base = eng.tokenizer.encode("In the beginning of the twentieth century, the small harbour town was known "
-                                "for its fishing fleet, its lighthouse and the long winters that")
+                                "for its fishing fleet, its lighthouse and the long winters that kept the "
+                                "boats in port for months. The children of the town learned to mend nets "
+                                "before they could read, and every family kept a lamp in the window.")
+    if len(base) < args.prompt_len:
+        raise SystemExit(f"base prompt has {len(base)} tokens < --prompt-len {args.prompt_len}")
     params = SamplingParams(max_tokens=args.new, ignore_eos=True)
     rows = []
     for bs in [int(b) for b in args.batches.split(",")]:
@@ -53,7 +57,7 @@ def main() -> None:
                 g = hf.generate(torch.tensor(prompts), do_sample=False, max_new_tokens=args.new,
                                 eos_token_id=-1, pad_token_id=0,
                                 attention_mask=torch.ones(bs, args.prompt_len, dtype=torch.long))
-            return g[:, args.prompt_len:].tolist()
+            return g[:, len(prompts[0]):].tolist()
 
         same = run_ours() == run_hf()
         t_ours, t_hf = [], []

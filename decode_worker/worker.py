@@ -12,6 +12,7 @@ Life cycle (named after the queues in engine/scheduler.py):
 from __future__ import annotations
 
 import logging
+import threading
 
 from ..config import Config
 from ..engine.request import SamplingParams
@@ -96,4 +97,9 @@ class DecodeWorker(WorkerRuntime):
     # ------------------------------------------------------------ streaming
     def take_outputs(self, timeout: float = 0.5) -> list[dict]:
         """Token deltas of every request on this worker since the last call (long poll)."""
-        return [output_record(o) for o in self.loop.take_outputs(timeout)]
+        recs = [output_record(o) for o in self.loop.take_outputs(timeout)]
+        if self.fault and self.fault[0] == "die_after_tokens":
+            self._delivered = getattr(self, "_delivered", 0) + sum(len(r["new_token_ids"]) for r in recs)
+            if self._delivered >= self.fault[1]:
+                threading.Timer(0.3, self._die).start()   # after these outputs reach the router
+        return recs

@@ -56,9 +56,14 @@ class PrefillWorker(WorkerRuntime):
                 return {"ok": False, "reason": "aborted"}
             t1 = time.monotonic()
             src = self.loop.run(lambda e: e.held_block_ids(request_id))[first_block:]
+            if self.fault and self.fault[0] == "die_before_push":
+                self._die()
             sender = self.agent.open_sender(HandoffRecord.from_dict(handoff), src)
             for layer in range(self.engine.arch.num_layers):
                 sender.push_layer(layer)
+                if self.fault and self.fault[0] == "die_mid_push" and layer == self.engine.arch.num_layers // 2:
+                    time.sleep(0.2)
+                    self._die()
             status = sender.wait(timeout)
             t2 = time.monotonic()
             ok = status.state is TransferState.SUCCESS

@@ -58,6 +58,7 @@ class WorkerRuntime:
         self.engine = LLMEngine.from_config(config)
         self.loop = EngineLoop(self.engine)
         self.draining = False
+        self.fault: tuple[str, int] | None = None
         self.agent = self._start_agent() if with_transfer else None
         self.metrics_port = _serve_metrics()
         log.info("%s %s up: %d KV blocks of %d tokens", self.role, name, self.engine.pool.num_blocks,
@@ -111,6 +112,15 @@ class WorkerRuntime:
                     "in_flight_blocks": e.scheduler.num_blocks_in_flight,
                     "unfinished": e.has_unfinished()}
         return self.loop.run(check)
+
+    def inject_fault(self, kind: str, arg: int = 0) -> None:
+        """Fault injection for tests: the process really dies (os._exit) at the named point.
+        prefill: 'die_before_push', 'die_mid_push'; decode: 'die_after_tokens' (arg = tokens)."""
+        self.fault = (kind, arg)
+
+    def _die(self) -> None:
+        log.error("%s: injected fault %s: exiting now", self.name, self.fault)
+        os._exit(17)
 
     def drain(self) -> None:
         """Take no new requests; the router stops routing here and waits until idle."""
