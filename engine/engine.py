@@ -12,6 +12,7 @@ stop strings -> RequestOutput deltas.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -21,7 +22,9 @@ import torch
 from ..config import Config
 from ..kernels.reference import FP8_DTYPE
 from .attention import KVCache, TorchPagedAttention
+from .attention_triton import TritonPagedAttention
 from .block_pool import BlockPool
+from .cuda_graph import DecodeGraphRunner, decode_buckets
 from .loader import LoadedModel, load
 from .model import LlamaModel
 from .model_runner import ModelRunner
@@ -29,6 +32,8 @@ from .model_source import default_cache_dir, resolve
 from .request import FinishReason, Request, SamplingParams, find_stop, validate_prompt
 from .sampler import Sampler
 from .scheduler import Scheduler
+
+log = logging.getLogger("splitserve.engine")
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                  "fp8_e4m3": FP8_DTYPE}
@@ -66,7 +71,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 class LLMEngine:
-    def __init__(self, config: Config, loaded: LoadedModel, device: torch.device):
+    def __init__(self, config: Config, loaded: LoadedModel, device: torch.device, attention: str = "auto"):
+        """attention: 'auto' (Triton kernels + CUDA graphs on CUDA, torch on CPU), 'torch', or
+        'triton' (the GPU path; on CPU it runs under TRITON_INTERPRET=1 without graphs, for tests)."""
+        if attention not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention must be auto, torch or triton, got {attention!r}")
         self.config = config
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer
@@ -74,35 +83,84 @@ class LLMEngine:
         self.model = LlamaModel(loaded.arch, loaded.weights)
         self.max_model_len = config.scheduler.max_model_len or loaded.arch.max_position_embeddings
         cc = config.cache
+        use_triton = attention == "triton" or (attention == "auto" and device.type == "cuda")
+        buckets = decode_buckets(config.scheduler.max_num_seqs) if use_triton else ()
         kv_dtype = self.model.dtype if cc.kv_dtype == "auto" else _TORCH_DTYPES[cc.kv_dtype]
-        num_blocks = cc.num_blocks or self._auto_num_blocks(kv_dtype)
+        num_blocks = cc.num_blocks or self._auto_num_blocks(kv_dtype, max(buckets, default=1))
         self.kv_cache = KVCache(self.arch.num_layers, num_blocks, cc.block_size, self.arch.num_kv_heads,
                                 self.arch.head_dim, kv_dtype, device)
+        self._log_kv_cache(kv_dtype)
         self.pool = BlockPool(num_blocks, cc.block_size, cc.hash_seed, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.pool, self.max_model_len)
-        attn = TorchPagedAttention(self.kv_cache, self.arch.head_dim ** -0.5)
+        scale = self.arch.head_dim ** -0.5
+        graphs = None
+        if use_triton:
+            attn = TritonPagedAttention(self.kv_cache, scale, self.arch.num_heads)
+            width = -(-self.max_model_len // cc.block_size)
+            graphs = DecodeGraphRunner(self.model, attn, width, buckets, use_graphs=device.type == "cuda")
+            t0 = time.perf_counter()
+            graphs.capture()
+            self.graph_capture_s = time.perf_counter() - t0
+        else:
+            attn = TorchPagedAttention(self.kv_cache, scale)
         self.sampler = Sampler(device)
-        self.runner = ModelRunner(self.model, attn, self.sampler, cc.block_size)
+        self.runner = ModelRunner(self.model, attn, self.sampler, cc.block_size, graphs)
         self._tracks: dict[str, _Track] = {}
         self._ids = itertools.count()
 
     @classmethod
-    def from_config(cls, config: Config) -> "LLMEngine":
+    def from_config(cls, config: Config, attention: str = "auto") -> "LLMEngine":
         mc = config.model
         device = resolve_device(mc.device)
         loaded = load(resolve(mc.model, mc.cache_dir), mc.dtype, str(device), mc.seed,
                       default_cache_dir(mc.cache_dir))
-        return cls(config, loaded, device)
+        return cls(config, loaded, device, attention)
 
-    def _auto_num_blocks(self, kv_dtype: torch.dtype) -> int:
+    def _auto_num_blocks(self, kv_dtype: torch.dtype, max_decode_batch: int) -> int:
+        """CUDA: fraction of the memory free after weights, less the activations' peak (measured
+        by one forward of the largest step); CPU: cache.cpu_cache_gib."""
         a, cc = self.arch, self.config.cache
         per_block = KVCache.bytes_per_block(a.num_layers, cc.block_size, a.num_kv_heads, a.head_dim, kv_dtype)
+        self.memory_report: dict[str, float] = {}
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * cc.memory_fraction)
+            activations = self._profile_activations(max_decode_batch)
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cc.memory_fraction) - activations
+            self.memory_report = {"free_after_weights_gib": free / 2**30, "total_gib": total / 2**30,
+                                  "activations_gib": activations / 2**30,
+                                  "weights_gib": torch.cuda.memory_allocated(self.device) / 2**30}
         else:
             budget = int(cc.cpu_cache_gib * (1 << 30))
         return max(1, budget // per_block)
+
+    @torch.inference_mode()
+    def _profile_activations(self, max_decode_batch: int) -> int:
+        """Peak bytes of one forward over the largest step (attention replaced by identity)."""
+        class _Identity:
+            def forward(self, layer, q, k, v):
+                return q
+        sc = self.config.scheduler
+        t = max(sc.max_num_batched_tokens, max_decode_batch)
+        ids = torch.zeros(t, dtype=torch.long, device=self.device)
+        rows = torch.arange(min(t, max(sc.max_num_seqs, max_decode_batch)), device=self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.model.forward(ids, ids, _Identity(), rows)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        torch.cuda.empty_cache()
+        return int(peak * 1.2) + (256 << 20)   # + cuBLAS workspaces, graph pool slack
+
+    def _log_kv_cache(self, kv_dtype: torch.dtype) -> None:
+        c = self.kv_cache
+        nbytes = c.kv.numel() * c.kv.element_size()
+        self.kv_report = {"num_blocks": c.num_blocks, "block_size": c.block_size,
+                          "num_tokens": c.num_blocks * c.block_size, "gib": nbytes / 2**30,
+                          "dtype": str(kv_dtype).replace("torch.", ""), **getattr(self, "memory_report", {})}
+        log.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB %s (device %s)",
+                 c.num_blocks, c.block_size, c.num_blocks * c.block_size, nbytes / 2**30,
+                 self.kv_report["dtype"], self.device)
 
     # ------------------------------------------------------------ requests
     def add_request(self, prompt: str | Sequence[int] | None = None, params: SamplingParams | None = None,

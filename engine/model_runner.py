@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import AttentionMetadata
+from .cuda_graph import DecodeGraphRunner, DecodeInputs
 from .scheduler import SchedulerOutput
 
 
@@ -55,19 +56,53 @@ def build_inputs(out: SchedulerOutput, block_size: int, device: torch.device) ->
     return StepInputs(t(ids, torch.int64), t(pos, torch.int64), meta, t(logits_idx, torch.int64), rows)
 
 
+def build_decode_inputs(out: SchedulerOutput, block_size: int) -> DecodeInputs:
+    """Host-side inputs of a step whose chunks are all one token (see `is_single_token_step`)."""
+    ids, pos, slots, seq_lens, tables = [], [], [], [], []
+    for chunk in out.chunks:
+        req, s = chunk.request, chunk.start
+        table = [b.block_id for b in req.blocks]
+        ids.append(req.all_token_ids[s])
+        pos.append(s)
+        slots.append(table[s // block_size] * block_size + s % block_size)
+        seq_lens.append(s + 1)
+        tables.append(table)
+    return DecodeInputs(ids, pos, slots, seq_lens, tables)
+
+
+def is_single_token_step(out: SchedulerOutput) -> bool:
+    return all(c.num_new_tokens == 1 for c in out.chunks)
+
+
 class ModelRunner:
-    def __init__(self, model, attn_backend, sampler, block_size: int):
+    def __init__(self, model, attn_backend, sampler, block_size: int,
+                 decode_graphs: DecodeGraphRunner | None = None):
         self.model = model
         self.attn = attn_backend
         self.sampler = sampler
         self.block_size = block_size
         self.device = model.device
+        self.decode_graphs = decode_graphs   # GPU path: decode steps from static buffers / graphs
 
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         """Run one step; returns request_id -> sampled token for the chunks that sample."""
+        g = self.decode_graphs
+        if g is not None and len(out.chunks) <= g.max_batch and is_single_token_step(out):
+            return self._execute_decode(out)
         inp = build_inputs(out, self.block_size, self.device)
         self.attn.prepare(inp.meta)
         logits = self.model.forward(inp.input_ids, inp.positions, self.attn, inp.logits_indices)
         reqs = [out.chunks[i].request for i in inp.sampling_rows]
         tokens = self.sampler.sample(logits, [r.request_id for r in reqs], [r.params for r in reqs])
         return {r.request_id: tok for r, tok in zip(reqs, tokens)}
+
+    def _execute_decode(self, out: SchedulerOutput) -> dict[str, int]:
+        logits, greedy = self.decode_graphs.run(build_decode_inputs(out, self.block_size))
+        rows = [i for i, c in enumerate(out.chunks) if c.samples]
+        reqs = [out.chunks[i].request for i in rows]
+        if all(r.params.greedy for r in reqs):
+            tokens = greedy.tolist()          # the step's one host sync
+            return {r.request_id: tokens[i] for r, i in zip(reqs, rows)}
+        idx = torch.tensor(rows, device=logits.device)
+        sampled = self.sampler.sample(logits[idx], [r.request_id for r in reqs], [r.params for r in reqs])
+        return {r.request_id: tok for r, tok in zip(reqs, sampled)}

@@ -1,0 +1,70 @@
+"""The GPU attention backend: the Triton paged kernels behind `TorchPagedAttention`'s interface.
+
+    backend.prepare(meta)                 # once per step
+    out = backend.forward(layer, q, k, v) # per layer: write_kv, then decode or extend attention
+
+Decode-only steps (every sequence adds one token) use `paged_decode_attention` (GQA-packed,
+split-KV); everything else (prefill, chunked prefill, mixed batches) uses
+`paged_extend_attention`, which handles any query length including 1. The split-KV count of a
+decode step is planned on the host from shapes alone (batch size, kv heads, the block table's
+width), and its float32 scratch is allocated once per (batch, splits) and reused by every
+layer and every later step: a decode step launched this way reads no tensor value on the host
+and allocates nothing that depends on values, so `engine/cuda_graph.py` can capture it.
+
+FP8 (e4m3) caches: the per-(layer, k|v, kv-head) float32 scales live in `KVCache.scales` and
+stay 1.0 (no calibration). e4m3 covers +-448 with 3 mantissa bits, so K/V activations of
+Llama-family models (|x| well under 448 after RMSNorm'd projections) are stored with ~2^-4
+relative rounding and no saturation; a calibrated scale would only matter for outliers > 448.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import AttentionMetadata, KVCache
+
+
+class TritonPagedAttention:
+    """Paged attention through splitserve.kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
+
+    def __init__(self, cache: KVCache, scale: float, num_q_heads: int):
+        from .. import kernels   # lazy: the Triton modules load only when this backend is built
+        self.k = kernels
+        self.cache = cache
+        self.scale = scale
+        self.num_q_heads = num_q_heads
+        self.meta: AttentionMetadata | None = None
+        self._decode = False
+        self._num_splits = 1
+        self._scratch = None
+        self._scratches: dict[tuple[int, int], object] = {}
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Pick the kernel for the step and, for decode, the split count and its scratch."""
+        self.meta = meta
+        self._decode = meta.is_decode_only
+        if not self._decode:
+            return
+        kv = self.cache.kv
+        n, width = meta.num_seqs, meta.block_tables.shape[1]
+        splits = self.k.plan_decode_splits(n, kv.shape[4], width * self.cache.block_size, kv.device)
+        self._num_splits = splits
+        self._scratch = None
+        if splits > 1:
+            key = (n, splits)
+            if key not in self._scratches:
+                self._scratches[key] = self.k.alloc_split_kv_scratch(n, self.num_q_heads, kv.shape[5],
+                                                                    splits, kv.device)
+            self._scratch = self._scratches[key]
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] (views of the fused QKV are fine) -> [T, Hq, D]."""
+        meta = self.meta
+        k_cache, v_cache, k_scale, v_scale = self.cache.layer(layer)
+        self.k.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+        if self._decode:
+            return self.k.paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, k_scale, v_scale,
+                num_splits=self._num_splits, scratch=self._scratch)
+        return self.k.paged_extend_attention(
+            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, self.scale,
+            k_scale, v_scale, max_query_len=meta.max_query_len)
