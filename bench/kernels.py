@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark of the Triton paged-attention kernels against torch, side by side, one process.
 
-    python3 bench/kernels.py [--tune] [--quick] [--commit SHA]
+    python3 bench/kernels.py [--tune] [--quick] [--no-flex] [--commit SHA]
+    python bench/kernels.py --smoke     # CPU dry run of every section (Triton interpreter)
 
 Sections (each checks correctness against the float32 reference or torch SDPA first):
   ceiling  device-to-device copy bandwidth (bytes read + written) -- the HBM ceiling

@@ -29,7 +29,9 @@ def round_to_e4m3_grid(x):
     # adding 1.5 * 2^23 * ulp rounds to a multiple of ulp with the fp32 adder's RNE
     magic = ((ulp_exp + 23 + 127) << 23).to(tl.float32, bitcast=True) * 1.5
     mag = (tl.abs(x) + magic) - magic
-    return tl.where(x < 0, -mag, mag)       # on |x|, so tiny negatives keep their -0
+    # on |x| so that tiny negatives round to -0 like torch (a GPU compiler may still emit +0,
+    # equal in value)
+    return tl.where(x < 0, -mag, mag)
 
 
 @triton.jit

@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before any kernel module is imported
 
 import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from splitserve.kernels.testing import make_paged_case, rel_err, setup_kernel_tests  # noqa: E402
 
@@ -121,6 +123,32 @@ def test_decode_zero_length_rows_are_zero(small_tiles):
                                out=out, num_splits=num_splits)
         assert (out[0] == 0).all() and (out[2] == 0).all()
         assert not torch.isnan(out[1]).any()
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(st.lists(st.integers(0, 90), min_size=1, max_size=5), st.integers(1, 6),
+       st.sampled_from(["bf16", "fp16", "fp8-bf16"]))
+def test_decode_random_batches(seq_lens, num_splits, kv):
+    """Random lengths (0 = padding row) and split counts under the small tiles."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode_mod, "TILES_16BIT", (16, 2, 4))
+        mp.setattr(decode_mod, "TILES_FP8", (16, 2, 4))
+        mp.setattr(decode_mod, "MIN_CHUNK", 16)
+        dtype, kv_dtype = KV[kv]
+        c = make_paged_case(seq_lens, [1] * len(seq_lens), 4, 2, 64, 16, dtype, kv_dtype,
+                            device=DEVICE, seed=sum(seq_lens) + num_splits)
+        out = torch.full_like(c.q, float("nan"))
+        paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.seq_lens,
+                               c.scale, c.k_scale, c.v_scale, out=out, num_splits=num_splits)
+    live = [i for i, n in enumerate(seq_lens) if n > 0]
+    assert (out[[i for i, n in enumerate(seq_lens) if n == 0]] == 0).all()
+    if live:
+        idx = torch.tensor(live)
+        cpu = [t.cpu() for t in (c.q, c.k_cache, c.v_cache, c.block_tables, c.seq_lens)]
+        ref = decode_attention_ref(cpu[0][idx], cpu[1], cpu[2], cpu[3][idx], cpu[4][idx],
+                                   c.scale, None if c.k_scale is None else c.k_scale.cpu(),
+                                   None if c.v_scale is None else c.v_scale.cpu())
+        assert_close(out.cpu()[idx], ref, TOL[dtype])
 
 
 @pytest.mark.slow
