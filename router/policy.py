@@ -34,13 +34,15 @@ def _usable(snaps: Sequence[dict], exclude: frozenset[str]) -> list[dict]:
 
 
 def _decode_load(s: dict) -> tuple:
-    # most free KV first, then the smallest batch (running + parked transfers + waiting)
+    # "assigned" is the router's own live count of requests placed on the worker (snapshots lag
+    # by up to one health interval, so a burst would otherwise all land on one worker); then the
+    # worker's queue, then the most free KV.
     used = 1.0 - s["free_blocks"] / max(s["total_blocks"], 1)
-    return (s["num_waiting"], round(used, 2), s["num_running"] + s["num_transferring"], s["name"])
+    return (s.get("assigned", 0) + s["num_waiting"], round(used, 2), s["name"])
 
 
 def _prefill_load(s: dict) -> tuple:
-    return (s["num_waiting"] + s["num_running"], s["name"])
+    return (s.get("assigned", 0), s["num_waiting"] + s["num_running"], s["name"])
 
 
 class LoadAwarePolicy:

@@ -137,9 +137,9 @@ class Router:
     # ------------------------------------------------------------ placement and prefill
     async def _dispatch(self, f: Flight, exclude: frozenset[str] = frozenset()) -> None:
         try:
-            place = self.policy.place(len(f.prompt), self.workers.snapshots("decode"),
-                                      self.workers.snapshots("prefill"), exclude | self.workers.dead)
-            f.decode, f.t_dispatch = place.decode, time.monotonic()
+            place = self.policy.place(len(f.prompt), self._snapshots("decode"), self._snapshots("prefill"),
+                                      exclude | self.workers.dead)
+            f.decode, f.prefill, f.t_dispatch = place.decode, place.prefill, time.monotonic()
             if place.remote:
                 await self._remote_prefill(f, place)
             else:
@@ -163,6 +163,7 @@ class Router:
         d = place.decode
         res = await self.workers.call(d, "start_remote", f.rid, f.prompt, f.params)
         if res is None:     # no KV room on D right now: let D queue it and prefill itself
+            f.prefill = None
             await self.workers.call(d, "generate_local", f.rid, f.prompt, f.params)
             return
         handoff, lease = res["handoff"], res["handoff"]["lease_id"]
@@ -194,6 +195,16 @@ class Router:
         if not await self.workers.call(d, "commit_remote", f.rid, lease, out["first_token"]):
             raise RequestError("INTERNAL", "the decode worker rejected the transferred KV")
         self._add_tokens(f, 0, [out["first_token"]])
+
+    def _snapshots(self, role: str) -> list[dict]:
+        """Worker snapshots plus the router's live count of flights assigned to each worker."""
+        key = "decode" if role == "decode" else "prefill"
+        counts: dict[str, int] = {}
+        for f in self.flights.values():
+            name = getattr(f, key)
+            if name and not f.done and (role == "decode" or f.remote):
+                counts[name] = counts.get(name, 0) + 1
+        return [{**s, "assigned": counts.get(s["name"], 0)} for s in self.workers.snapshots(role)]
 
     def _another_prefill(self, f: Flight, tried: set[str]) -> str | None:
         if f.retries >= self.config.prefill_retries:
@@ -287,7 +298,7 @@ class Router:
         prompt = f.prompt + f.tokens
         params = {**f.params, "max_tokens": remaining}
         try:
-            place = self.policy.place(len(prompt), self.workers.snapshots("decode"), [],
+            place = self.policy.place(len(prompt), self._snapshots("decode"), [],
                                       frozenset({dead}) | self.workers.dead)
             f.decode = place.decode
             await self.workers.call(place.decode, "generate_local", f.rid, prompt, params)
