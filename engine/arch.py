@@ -53,6 +53,9 @@ _L3 = dict(vocab_size=128256, rope_theta=500000.0, max_position_embeddings=13107
 SHAPES: dict[str, ModelArch] = {
     "llama3-8b": ModelArch(4096, 32, 32, 8, 14336, name="llama3-8b", **_L3),
     "llama3-70b": ModelArch(8192, 80, 64, 8, 28672, name="llama3-70b", **_L3),
+    # the largest Llama shape whose bf16 weights (67 GB) leave room for a KV cache on one 141 GB
+    # GPU: Code Llama 34B's layout (48 layers, GQA 64 q / 8 kv heads) with Llama 3's vocabulary
+    "llama-34b-gqa": ModelArch(8192, 48, 64, 8, 22016, name="llama-34b-gqa", **_L3),
     "llama2-7b": ModelArch(4096, 32, 32, 32, 11008, 32000, max_position_embeddings=4096,
                            bos_token_id=1, eos_token_ids=(2,), name="llama2-7b"),
     "mistral-7b": ModelArch(4096, 32, 32, 8, 14336, 32768, rope_theta=1e6, max_position_embeddings=32768,

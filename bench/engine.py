@@ -1,0 +1,536 @@
+#!/usr/bin/env python3
+"""The engine on the GPU, side by side with its ceilings and with transformers, in one process.
+
+    python3 bench/engine.py [--out DIR] [--budget-s 300]      # H200, dummy:llama3-8b bf16
+    python3 bench/engine.py --smoke                          # CPU dry run (TRITON_INTERPRET, tiny)
+
+Sections (each prints as it goes; the JSON under --out is rewritten after every section, so a
+timeout still leaves data):
+  ceiling   D2D copy bandwidth (bytes read + written) and a bf16 8192^3 matmul
+  correct   greedy tokens of the engine (Triton + CUDA graphs, bf16) for mixed-length prompts vs
+            an independent float32 eager torch forward of the same weights, teacher-forced on
+            the engine's tokens; a mismatch whose float32 margin is < NEAR_TIE is a near-tie
+  ttft      one request end to end through the engine API (TTFT, TPOT, per-phase breakdown)
+  prefill   tokens/s of 1k, 8k, 32k prompts vs the tensor-core ceiling (matmul + causal attn FLOPs)
+  engine32  decode steps through the whole engine (scheduler + runner), 32 requests at ~1k
+  decode    runner decode steps (host inputs -> padded static buffers -> graph replay -> tokens
+            on the host) at B in 1,8,32,128,256 x context 1k, 8k x KV bf16, fp8, on a randomly
+            filled cache, beside the roofline (weight bytes + KV bytes) / copy bandwidth
+  hf        transformers LlamaForCausalLM on the same weights, generate(cache_implementation=
+            "static"), per-step time from two generate lengths
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+try:
+    import splitserve.engine  # noqa: F401
+except ImportError:   # the device has no install: map the package folders by hand
+    pkg = types.ModuleType("splitserve")
+    pkg.__path__ = [str(REPO / "splitserve"), str(REPO)]    # engine/, kernels/ -> splitserve.*
+    sys.modules["splitserve"] = pkg
+
+from splitserve.config import Config  # noqa: E402
+from splitserve.engine.cuda_graph import DecodeInputs  # noqa: E402
+from splitserve.engine.engine import LLMEngine  # noqa: E402
+from splitserve.engine.loader import load_dummy  # noqa: E402
+from splitserve.engine.request import SamplingParams  # noqa: E402
+
+DEV = torch.device("cpu" if SMOKE else "cuda")
+SHAPE, DTYPE = ("tiny", "float16") if SMOKE else ("llama3-8b", "bfloat16")
+BATCHES = (1, 8) if SMOKE else (1, 8, 32, 128, 256)
+CONTEXTS = (64, 200) if SMOKE else (1024, 8192)
+PREFILLS = (64, 256) if SMOKE else (1024, 8192, 32768)
+NEAR_TIE = 0.1          # float32 logit margin under which a greedy mismatch is a near-tie
+R: dict = {"errors": []}
+T0 = time.time()
+
+
+def now_s() -> float:
+    return time.time() - T0
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int, warmup: int = 2) -> float:
+    """Median wall seconds of fn() (fn must end with a host sync)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def section(name: str, fn, args) -> None:
+    if now_s() > args.budget_s:
+        print(f"[{now_s():6.1f}s] skip {name}: over the time budget", flush=True)
+        R["errors"].append(f"{name}: skipped (time budget)")
+        return
+    print(f"[{now_s():6.1f}s] --- {name}", flush=True)
+    try:
+        fn(args)
+    except Exception as exc:   # keep going: the other sections still measure
+        traceback.print_exc()
+        R["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
+    write_json(args)
+
+
+def write_json(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine-gpu.json").write_text(json.dumps(R, indent=1, default=str))
+
+
+# ------------------------------------------------------------------ ceilings
+def bench_ceiling(args) -> None:
+    n = (64 << 20) if SMOKE else (1 << 30)
+    a = torch.randn(n, dtype=torch.bfloat16, device=DEV)
+    b = torch.empty_like(a)
+    t = timed(lambda: (b.copy_(a), sync()), 5 if SMOKE else 20)
+    R["copy_tbps"] = 2 * a.numel() * 2 / t / 1e12
+    m = 1024 if SMOKE else 8192
+    x = torch.randn(m, m, dtype=torch.bfloat16, device=DEV)
+    y = torch.randn(m, m, dtype=torch.bfloat16, device=DEV)
+    t = timed(lambda: (x @ y, sync()), 3 if SMOKE else 20)
+    R["matmul_tflops"] = 2 * m ** 3 / t / 1e12
+    print(f"copy {R['copy_tbps']:.2f} TB/s (read+write), bf16 matmul {R['matmul_tflops']:.0f} TFLOP/s")
+    del a, b, x, y
+
+
+# ------------------------------------------------------------------ engine construction
+def make_engine(kv_dtype: str, max_model_len: int) -> LLMEngine:
+    cfg = Config().replace("model", model=f"dummy:{SHAPE}", device=DEV.type, dtype=DTYPE, seed=0)
+    cache = dict(kv_dtype=kv_dtype, enable_prefix_caching=False, memory_fraction=0.9)
+    if SMOKE:
+        cache["num_blocks"] = 700
+    cfg = cfg.replace("cache", **cache)
+    cfg = cfg.replace("scheduler", max_num_seqs=max(BATCHES), max_model_len=max_model_len,
+                      max_num_batched_tokens=256 if SMOKE else 8192)
+    t = time.perf_counter()
+    loaded = load_dummy(SHAPE, getattr(torch, DTYPE), DEV.type, 0)
+    eng = LLMEngine(cfg, loaded, DEV, attention="triton")
+    R.setdefault("engines", {})[kv_dtype] = {"start_s": time.perf_counter() - t,
+                                              "graph_capture_s": getattr(eng, "graph_capture_s", 0.0),
+                                              "kv_cache": eng.kv_report}
+    print(f"engine kv={kv_dtype}: {eng.kv_report} start {time.perf_counter() - t:.1f}s", flush=True)
+    return eng
+
+
+def free_engine(eng) -> None:
+    eng.runner = eng.kv_cache = eng.model = None
+    gc.collect()
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads: every layer weight, the final norm and the LM head."""
+    n = sum(t.numel() * t.element_size() for lw in model.layers for t in lw.values() if t is not None)
+    return n + model.lm_head.numel() * model.lm_head.element_size() + model.w["model.norm.weight"].nbytes
+
+
+def rand_prompt(gen: torch.Generator, n: int, vocab: int) -> list[int]:
+    return torch.randint(2, vocab, (n,), generator=gen).tolist()
+
+
+# ------------------------------------------------------------------ correctness
+def llama3_inv_freq(arch) -> torch.Tensor:
+    """RoPE frequencies written out independently of engine/model.py (float64)."""
+    d = arch.head_dim
+    inv = 1.0 / arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    rs = arch.rope_scaling
+    if not rs:
+        return inv
+    f, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+    wl = 2 * torch.pi / inv
+    out = inv.clone()
+    for i in range(len(inv)):
+        if wl[i] > old / lo:
+            out[i] = inv[i] / f
+        elif wl[i] >= old / hi:
+            s = (old / wl[i] - lo) / (hi - lo)
+            out[i] = (1 - s) * inv[i] / f + s * inv[i]
+    return out
+
+
+@torch.inference_mode()
+def reference_logits(model, arch, tokens: list[int], first: int) -> torch.Tensor:
+    """float32 eager forward of the whole sequence (no cache); logits of positions >= first."""
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + arch.rms_norm_eps) * w.float()
+    n, hq, hk, d = len(tokens), arch.num_heads, arch.num_kv_heads, arch.head_dim
+    ids = torch.tensor(tokens, device=DEV)
+    x = model.w["model.embed_tokens.weight"][ids].float()
+    ang = torch.arange(n, device=DEV, dtype=torch.float64)[:, None] * llama3_inv_freq(arch).to(DEV)[None]
+    cos, sin = ang.cos().float(), ang.sin().float()                   # [n, d/2]
+
+    def rope(t):   # t: [n, H, d], rotate-half convention
+        a, b = t[..., :d // 2], t[..., d // 2:]
+        c, s = cos[:, None], sin[:, None]
+        return torch.cat([a * c - b * s, b * c + a * s], -1)
+    for lw in model.layers:
+        h = norm(x, lw["ln1"])
+        wq, wk, wv = lw["qkv"].float().split([hq * d, hk * d, hk * d])
+        q = rope((h @ wq.T).view(n, hq, d)).transpose(0, 1)
+        k = rope((h @ wk.T).view(n, hk, d)).transpose(0, 1).repeat_interleave(hq // hk, 0)
+        v = (h @ wv.T).view(n, hk, d).transpose(0, 1).repeat_interleave(hq // hk, 0)
+        s = (q @ k.transpose(1, 2)) * d ** -0.5
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=DEV).triu(1), float("-inf"))
+        o = (s.softmax(-1) @ v).transpose(0, 1).reshape(n, hq * d)
+        x = x + o @ lw["o"].float().T
+        h = norm(x, lw["ln2"])
+        g, u = (h @ lw["gate_up"].float().T).chunk(2, -1)
+        x = x + (torch.nn.functional.silu(g) * u) @ lw["down"].float().T
+    x = norm(x[first:], model.w["model.norm.weight"])
+    return x @ model.lm_head.float().T
+
+
+class _CausalSDPA:
+    """Plain causal attention over one whole sequence (no cache): the engine model's own bf16
+    eager logits, used only to measure how far bf16 rounding moves the logits."""
+    def forward(self, layer, q, k, v):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True)
+        return o.transpose(0, 1).contiguous()
+
+
+def bench_correct(args) -> None:
+    eng = args.eng
+    gen = torch.Generator().manual_seed(1)
+    lens = (5, 33, 17, 70, 2) if SMOKE else (13, 100, 257, 611, 1000, 31)
+    new = 8 if SMOKE else 12
+    prompts = [rand_prompt(gen, n, eng.arch.vocab_size) for n in lens]
+    outs = eng.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True))
+    rows, match, ties, bad, margins, noises = [], 0, 0, 0, [], []
+    for p, o in zip(prompts, outs):
+        seq = p + o.token_ids
+        ref = reference_logits(eng.model, eng.arch, seq[:-1], len(p) - 1)        # [new, V]
+        ids = torch.tensor(seq[:-1], device=DEV)
+        low = eng.model.forward(ids, torch.arange(len(ids), device=DEV), _CausalSDPA())[len(p) - 1:]
+        noise = (low - ref).pow(2).mean(-1).sqrt()          # rms bf16-vs-f32 logit error per row
+        top2 = ref.topk(2, dim=-1)
+        for j, tok in enumerate(o.token_ids):
+            best = int(top2.indices[j, 0])
+            margins.append(float(top2.values[j, 0] - top2.values[j, 1]))
+            if tok == best:
+                match += 1
+                continue
+            gap = float(ref[j, best] - ref[j, tok])
+            tol = max(NEAR_TIE, 3 * float(noise[j]))
+            kind = "near-tie" if gap < tol else "MISMATCH"
+            ties += kind == "near-tie"
+            bad += kind == "MISMATCH"
+            rows.append({"prompt_len": len(p), "step": j, "engine": tok, "ref": best, "gap": gap,
+                         "tol": tol, "kind": kind})
+        noises.append(float(noise.mean()))
+    R["correctness"] = {"prompt_lens": lens, "new_tokens": new, "tokens": match + ties + bad, "match": match,
+                        "near_ties": ties, "mismatches": bad, "near_tie_margin": f"max({NEAR_TIE}, 3 x rms(bf16 eager - f32 logits) of the row)",
+                        "rms_bf16_logit_error": statistics.mean(noises) if noises else None,
+                        "median_top2_margin": statistics.median(margins), "details": rows, "passed": bad == 0}
+    print(f"correctness: {match}/{match + ties + bad} equal, {ties} near-ties, {bad} mismatches "
+          f"(median float32 top-2 margin {statistics.median(margins):.3f}) {rows}", flush=True)
+
+
+# ------------------------------------------------------------------ TTFT / TPOT, prefill, engine decode
+def bench_ttft(args) -> None:
+    eng = args.eng
+    gen = torch.Generator().manual_seed(2)
+    phases: dict[str, list[float]] = {"schedule": [], "execute": []}
+    sched, execute = eng.scheduler.schedule, eng.runner.execute
+
+    def wrap(name, fn):
+        def inner(*a):
+            t = time.perf_counter()
+            r = fn(*a)
+            phases[name].append(time.perf_counter() - t)
+            return r
+        return inner
+    eng.scheduler.schedule, eng.runner.execute = wrap("schedule", sched), wrap("execute", execute)
+    new = 16 if SMOKE else 128
+    plen = 50 if SMOKE else 1000
+    for run in range(2):                      # the first run warms up the prefill kernels
+        for v in phases.values():
+            v.clear()
+        rid = eng.add_request(rand_prompt(gen, plen, eng.arch.vocab_size),
+                              SamplingParams(max_tokens=new, ignore_eos=True))
+        t0, steps, final = time.perf_counter(), [], None
+        while eng.has_unfinished():
+            t = time.perf_counter()
+            for o in eng.step():
+                final = o if o.request_id == rid and o.finished else final
+            steps.append(time.perf_counter() - t)
+    eng.scheduler.schedule, eng.runner.execute = sched, execute
+    total = time.perf_counter() - t0
+    step_sum = sum(steps)
+    phases["update+detokenize"] = [s - a - b for s, a, b in zip(steps, phases["schedule"], phases["execute"])]
+    R["ttft"] = {"prompt_len": plen, "new_tokens": new, **final.timings,
+                 "first_step_s": steps[0], "decode_step_median_s": statistics.median(steps[1:]),
+                 "breakdown_median_s": {k: statistics.median(v[1:]) for k, v in phases.items() if len(v) > 1},
+                 "prefill_execute_s": phases["execute"][0], "outside_step_s": total - step_sum}
+    print(f"ttft: {json.dumps(R['ttft'])}", flush=True)
+
+
+def prefill_flops(arch, n: int) -> float:
+    """Matmul FLOPs of an n-token prompt (sampling only the last token) + causal attention."""
+    a = arch
+    per_tok = 2 * (a.hidden_size * (a.q_size + 2 * a.kv_size) + a.q_size * a.hidden_size
+                   + 3 * a.hidden_size * a.intermediate_size) * a.num_layers
+    attn = 2 * 2 * a.num_heads * a.head_dim * a.num_layers * n * n / 2
+    return per_tok * n + attn + 2 * a.hidden_size * a.vocab_size
+
+
+def bench_prefill(args) -> None:
+    eng = args.eng
+    gen = torch.Generator().manual_seed(3)
+    R["prefill"] = []
+    for n in (PREFILLS[0],) + PREFILLS:       # the first is a warm-up
+        eng.generate([rand_prompt(gen, n, eng.arch.vocab_size)], SamplingParams(max_tokens=1))
+        sync()
+        t = time.perf_counter()
+        eng.generate([rand_prompt(gen, n, eng.arch.vocab_size)], SamplingParams(max_tokens=1))
+        sync()
+        dt = time.perf_counter() - t
+        fl = prefill_flops(eng.arch, n)
+        row = {"prompt_len": n, "s": dt, "tok_s": n / dt, "tflops": fl / dt / 1e12,
+               "ceiling_tok_s": R["matmul_tflops"] * 1e12 / fl * n,
+               "chunk": eng.config.scheduler.max_num_batched_tokens}
+        row["fraction_of_ceiling"] = row["tok_s"] / row["ceiling_tok_s"]
+        R["prefill"] = [r for r in R["prefill"] if r["prompt_len"] != n] + [row]
+        print(f"prefill {n}: {dt * 1e3:.1f} ms, {row['tok_s']:.0f} tok/s, {row['tflops']:.0f} TFLOP/s "
+              f"({row['fraction_of_ceiling']:.0%} of the matmul ceiling)", flush=True)
+
+
+def bench_engine32(args) -> None:
+    """Decode steps of the full engine loop (scheduler + inputs + graph + detokenize)."""
+    eng = args.eng
+    b, plen, new = (4, 40, 8) if SMOKE else (32, 1000, 48)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(b):
+        eng.add_request(rand_prompt(gen, plen, eng.arch.vocab_size), SamplingParams(max_tokens=new, ignore_eos=True))
+    steps = []
+    while eng.has_unfinished():
+        t = time.perf_counter()
+        eng.step()
+        steps.append(time.perf_counter() - t)
+    dec = steps[-(new - 2):]
+    R["engine_decode"] = {"batch": b, "context": plen, "step_median_s": statistics.median(dec),
+                          "tok_s": b / statistics.median(dec)}
+    print(f"engine loop decode B={b} ctx~{plen}: {statistics.median(dec) * 1e3:.2f} ms/step", flush=True)
+
+
+# ------------------------------------------------------------------ runner decode vs roofline
+def fill_cache_random(eng) -> None:
+    kv = eng.kv_cache.kv
+    for layer in range(kv.shape[0]):
+        for j in range(2):
+            if kv.dtype.is_floating_point and kv.element_size() >= 2:
+                kv[layer, j].normal_()
+            else:
+                kv[layer, j].copy_(torch.randn(kv.shape[2:], dtype=torch.bfloat16, device=DEV))
+    sync()
+
+
+def decode_inputs(eng, b: int, ctx: int, rng: np.random.Generator) -> DecodeInputs:
+    bs = eng.kv_cache.block_size
+    nb = -(-ctx // bs)
+    blocks = rng.permutation(eng.kv_cache.num_blocks)[:b * nb].reshape(b, nb).astype(np.int32)
+    slots = [int(blocks[i, (ctx - 1) // bs]) * bs + (ctx - 1) % bs for i in range(b)]
+    ids = rng.integers(2, eng.arch.vocab_size, b).tolist()
+    return DecodeInputs(ids, [ctx - 1] * b, slots, [ctx] * b, [row.tolist() for row in blocks])
+
+
+def bench_decode(args) -> None:
+    eng, kv_name = args.eng, args.kv_name
+    fill_cache_random(eng)
+    wbytes = weight_bytes(eng.model)
+    a = eng.arch
+    kv_tok = a.num_layers * 2 * a.num_kv_heads * a.head_dim * eng.kv_cache.kv.element_size()
+    rng = np.random.default_rng(5)
+    runner = eng.runner.decode_graphs
+    for ctx in CONTEXTS:
+        for b in BATCHES:
+            row = {"kv": kv_name, "batch": b, "context": ctx}
+            if b * -(-ctx // eng.kv_cache.block_size) > eng.kv_cache.num_blocks:
+                row["skipped"] = f"needs {b * ctx} KV tokens, the cache holds {eng.kv_report['num_tokens']}"
+                R["decode"].append(row)
+                print(f"decode {kv_name} B={b} ctx={ctx}: {row['skipped']}", flush=True)
+                continue
+            inp = decode_inputs(eng, b, ctx, rng)
+            t = timed(lambda: runner.run(inp)[1].tolist(), 5 if SMOKE else 20, warmup=3)
+            nbytes = wbytes + b * ctx * kv_tok
+            roof = nbytes / (R["copy_tbps"] * 1e12)
+            row.update(step_s=t, tok_s=b / t, roofline_step_s=roof, roofline_tok_s=b / roof,
+                       bytes_per_step=nbytes, step_over_roofline=t / roof, achieved_tbps=nbytes / t / 1e12)
+            R["decode"].append(row)
+            print(f"decode {kv_name} B={b:3d} ctx={ctx:5d}: {t * 1e3:7.2f} ms/step {b / t:8.0f} tok/s | "
+                  f"roofline {roof * 1e3:6.2f} ms ({t / roof:.2f}x) | {nbytes / t / 1e12:.2f} TB/s", flush=True)
+
+
+# ------------------------------------------------------------------ transformers baseline
+def hf_model(model, arch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
+                      intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_layers,
+                      num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_kv_heads,
+                      head_dim=arch.head_dim, rope_theta=arch.rope_theta, rope_scaling=arch.rope_scaling,
+                      rms_norm_eps=arch.rms_norm_eps, max_position_embeddings=arch.max_position_embeddings,
+                      tie_word_embeddings=arch.tie_word_embeddings)
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(cfg)
+    q, kv = arch.q_size, arch.kv_size
+    sd = {"model.embed_tokens.weight": model.w["model.embed_tokens.weight"],
+          "model.norm.weight": model.w["model.norm.weight"], "lm_head.weight": model.lm_head}
+    for i, lw in enumerate(model.layers):   # views into the engine's fused tensors: no copy
+        p = f"model.layers.{i}."
+        wq, wk, wv = lw["qkv"].split([q, kv, kv])
+        g, u = lw["gate_up"].chunk(2)
+        sd.update({p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk,
+                   p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": lw["o"],
+                   p + "mlp.gate_proj.weight": g, p + "mlp.up_proj.weight": u,
+                   p + "mlp.down_proj.weight": lw["down"], p + "input_layernorm.weight": lw["ln1"],
+                   p + "post_attention_layernorm.weight": lw["ln2"]})
+    hf.load_state_dict(sd, assign=True, strict=False)
+    with torch.device(DEV):                       # rebuild the rotary buffers left on meta
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)
+    return hf.eval()
+
+
+@torch.inference_mode()
+def bench_hf(args) -> None:
+    hf = hf_model(args.model, args.arch)
+    R["hf"] = []
+    ctx = CONTEXTS[0]
+    for b in BATCHES[:3]:
+        ids = torch.randint(2, args.arch.vocab_size, (b, ctx), device=DEV)
+        n1, n2 = (2, 6) if SMOKE else (4, 36)
+
+        def gen(n):
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                        do_sample=False, cache_implementation="static", pad_token_id=0)
+            sync()
+        gen(n1)
+        t1 = timed(lambda: gen(n1), 1, warmup=0)
+        t2 = timed(lambda: gen(n2), 1, warmup=0)
+        step = (t2 - t1) / (n2 - n1)
+        R["hf"].append({"batch": b, "context": ctx, "step_s": step, "tok_s": b / step})
+        print(f"hf static-cache generate B={b} ctx={ctx}: {step * 1e3:.2f} ms/step {b / step:.0f} tok/s", flush=True)
+
+
+# ------------------------------------------------------------------ table
+def table() -> str:
+    lines = ["| KV | B | context | ms/step | tok/s | roofline ms | step / roofline | HF static ms/step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    hf = {(h["batch"], h["context"]): h["step_s"] for h in R.get("hf", [])}
+    for r in R.get("decode", []):
+        if "skipped" in r:
+            lines.append(f"| {r['kv']} | {r['batch']} | {r['context']} | - | - | - | does not fit | |")
+            continue
+        h = hf.get((r["batch"], r["context"]))
+        lines.append(f"| {r['kv']} | {r['batch']} | {r['context']} | {r['step_s'] * 1e3:.2f} | {r['tok_s']:.0f} | "
+                     f"{r['roofline_step_s'] * 1e3:.2f} | {r['step_over_roofline']:.2f}x | "
+                     f"{'' if h is None or r['kv'] != 'bf16' else f'{h * 1e3:.2f}'} |")
+    return "\n".join(lines)
+
+
+def markdown() -> str:
+    c, t, e = R.get("correctness", {}), R.get("ttft", {}), R.get("engine_decode", {})
+    lines = [f"# Engine on the GPU: {R['shape']} {R['dtype']} ({R['date']}, commit {R['commit']}, {R['device']})", "",
+             f"Command: `{R['command']}`  ",
+             f"Ceilings measured in the same run: D2D copy {R.get('copy_tbps', 0):.2f} TB/s (read + write), "
+             f"bf16 matmul {R.get('matmul_tflops', 0):.0f} TFLOP/s.  ",
+             f"KV caches: {json.dumps({k: v['kv_cache'] for k, v in R.get('engines', {}).items()})}", "",
+             f"Correctness (greedy, float32 reference): {c.get('match')}/{c.get('tokens')} equal, "
+             f"{c.get('near_ties')} near-ties, {c.get('mismatches')} mismatches; prompts {c.get('prompt_lens')}.", "",
+             "## Decode (runner step: host inputs -> graph replay -> tokens on the host)", "", table(), ""]
+    if e:
+        lines += [f"Whole engine loop (scheduler + inputs + graph + detokenize), B={e['batch']}, context "
+                  f"~{e['context']}: {e['step_median_s'] * 1e3:.2f} ms/step, {e['tok_s']:.0f} tok/s.", ""]
+    if R.get("prefill"):
+        lines += ["## Prefill (one prompt, chunked by max_num_batched_tokens)", "",
+                  "| prompt | ms | tok/s | TFLOP/s | ceiling tok/s | fraction |", "|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['prompt_len']} | {r['s'] * 1e3:.1f} | {r['tok_s']:.0f} | {r['tflops']:.0f} | "
+                  f"{r['ceiling_tok_s']:.0f} | {r['fraction_of_ceiling']:.0%} |" for r in R["prefill"]]
+        lines.append("")
+    if t:
+        lines += [f"## One request end to end ({t['prompt_len']}-token prompt, {t['new_tokens']} tokens)", "",
+                  f"TTFT {t['ttft_s'] * 1e3:.1f} ms, TPOT {t['tpot_s'] * 1e3:.2f} ms; median decode step "
+                  f"{t['decode_step_median_s'] * 1e3:.2f} ms = "
+                  + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in t["breakdown_median_s"].items()), ""]
+    lines += [f"Errors / skipped: {R['errors']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", str(REPO / "bench" / "results")))
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip sections started after this")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
+    except Exception:
+        sha = os.environ.get("GIT_COMMIT", "unknown")
+    R.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), commit=sha,
+             command="python3 bench/engine.py " + " ".join(sys.argv[1:]), shape=SHAPE, dtype=DTYPE,
+             device=torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", decode=[])
+    if SMOKE:
+        from splitserve.kernels.testing import patch_interpreter_bf16_dot
+        patch_interpreter_bf16_dot()
+    section("ceiling", bench_ceiling, args)
+    longest = max(PREFILLS + CONTEXTS) + 64
+    for kv_dtype, kv_name in (("auto", "bf16"), ("fp8_e4m3", "fp8")):
+        if now_s() > args.budget_s:
+            break
+        args.eng, args.kv_name = make_engine(kv_dtype, longest), kv_name
+        if kv_name == "bf16":
+            for name, fn in (("correct", bench_correct), ("ttft", bench_ttft), ("prefill", bench_prefill),
+                             ("engine32", bench_engine32)):
+                section(name, fn, args)
+        section(f"decode-{kv_name}", bench_decode, args)
+        args.model, args.arch = args.eng.model, args.eng.arch   # the last engine's weights feed HF
+        free_engine(args.eng)
+        args.eng = None
+        if kv_name != "fp8":
+            args.model = None
+            gc.collect()
+    section("hf", bench_hf, args)
+    R["table"] = table()
+    write_json(args)
+    try:
+        (Path(args.out) / "engine-gpu.md").write_text(markdown())
+    except Exception:
+        traceback.print_exc()
+    print(f"\n[{now_s():.0f}s] {R['shape']} {R['dtype']} on {R['device']}, commit {R['commit']}; "
+          f"copy {R.get('copy_tbps', 0):.2f} TB/s, matmul {R.get('matmul_tflops', 0):.0f} TFLOP/s")
+    print(json.dumps({k: R.get(k) for k in ("correctness", "ttft", "engine_decode")}, default=str)[:1500])
+    print(R["table"])
+    print("errors:", R["errors"])
+
+
+if __name__ == "__main__":
+    main()
