@@ -1,0 +1,1 @@
+"""Discrete-event simulator of a splitserve cluster (see bench/simulator.py for the CLI)."""
