@@ -27,6 +27,7 @@ class ClusterSpec:
     num_decode: int
     local_chunk_tokens: int = 512          # prefill tokens a decode worker computes per step
     transfer_bw: float | None = None       # override of the profile's transfer bandwidth (B/s)
+    max_new_tokens: int | None = 512       # the policy's hint (a client's max_tokens); None = true output (oracle)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class Simulator:
         f = Flight(req, seq=req.rid)
         ds, ps = self._snapshots(req)
         hint = RequestHint(session=None if req.session is None else str(req.session),
-                           max_new_tokens=req.output_tokens, priority=req.priority)
+                           max_new_tokens=self.spec.max_new_tokens or req.output_tokens, priority=req.priority)
         if hasattr(self.policy, "admit"):
             adm = self.policy.admit(req.prompt_tokens, ds, ps, hint=hint)
             if not adm.accepted:

@@ -114,7 +114,7 @@ class DecodeWorkerSim:
             self._start(self.prealloc.popleft(), now)
 
     # ---------------------------------------------------------------- KV arrival from a prefill worker
-    def receive(self, f: Flight, now: float) -> None:
+    def receive(self, now: float, f: Flight) -> None:
         """The request's KV is here (transfer done): first token out, join at the next step boundary."""
         self.n_transferring -= 1
         f.t_first = now
