@@ -47,6 +47,7 @@ class ServingCluster:
         self.actors: dict[str, object] = {}
         self._seq = {"prefill": itertools.count(), "decode": itertools.count()}
         self._pg = None
+        self._bundles: list[str | None] = []     # placement-group bundle -> worker using it
 
     def _init_ray(self) -> None:
         import ray
@@ -55,8 +56,8 @@ class ServingCluster:
         cc = self.config.cluster
         if cc.ray_address:
             ray.init(address=cc.ray_address, log_to_driver=True)
-        else:   # a local cluster: logical CPUs for every worker even on a 2-core machine
-            need = int((cc.num_prefill + cc.num_decode + 2) * cc.cpus_per_worker) + 1
+        else:   # a local cluster: logical CPUs for every worker (and replacements) even on 2 cores
+            need = int((cc.num_prefill + cc.num_decode) * cc.cpus_per_worker * 2) + 8
             ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
                      log_to_driver=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
@@ -71,13 +72,23 @@ class ServingCluster:
         ray.get(pg.ready(), timeout=300)
         return pg
 
+    def _free_bundle(self) -> int | None:
+        """A placement-group bundle whose worker is gone (dead or removed), for a replacement."""
+        for i, owner in enumerate(self._bundles):
+            if owner is None or owner in self.pool.dead or owner not in self.actors:
+                return i
+        return None
+
     def _spawn(self, role: str, bundle_index: int | None = None):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         cc = self.config.cluster
         name = f"{role}-{next(self._seq[role])}"
         opts = {"num_cpus": cc.cpus_per_worker, "num_gpus": cc.gpus_per_worker}
+        if bundle_index is None:
+            bundle_index = self._free_bundle()
         if bundle_index is not None and self._pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._pg, bundle_index)
+            self._bundles[bundle_index] = name
         actor = actor_class(role).options(**opts).remote(self.config, name)
         self.actors[name] = actor
         return name, role, actor
@@ -88,6 +99,7 @@ class ServingCluster:
         tokenizer = load_tokenizer(resolve(cfg.model.model, cfg.model.cache_dir))
         roles = ["decode"] * cfg.cluster.num_decode + ["prefill"] * cfg.cluster.num_prefill
         self._pg = self._placement_group(len(roles))
+        self._bundles = [None] * len(roles)
         spawned = [self._spawn(role, i) for i, role in enumerate(roles)]
         await asyncio.gather(*(self.pool.add(*s) for s in spawned))
         snap = self.pool.snapshots("decode")[0]
@@ -112,7 +124,10 @@ class ServingCluster:
 
     async def remove_worker(self, name: str) -> None:
         await self.pool.remove(name)
-        self.actors.pop(name, None)
+        actor = self.actors.pop(name, None)
+        if actor is not None:
+            import ray
+            ray.kill(actor, no_restart=True)     # its bundle (if any) is free for a replacement
 
     async def stop(self) -> None:
         import ray

@@ -48,9 +48,13 @@ class WorkerPool:
         self._health: asyncio.Task | None = None
 
     # ------------------------------------------------------------ registry
-    async def add(self, name: str, role: str, actor: Any) -> None:
+    async def add(self, name: str, role: str, actor: Any, timeout: float = 600.0) -> None:
         w = Worker(name, role, actor)
-        w.snapshot = await self._remote(w, "snapshot")
+        try:   # the first call waits for the actor's constructor (model load, UCX self-test)
+            w.snapshot = await asyncio.wait_for(self._remote(w, "snapshot"), timeout)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"worker {name} did not start within {timeout:.0f}s (no free resources "
+                               "in the Ray cluster, or a slow model load)") from None
         self.workers[name] = w
         self.dead = self.dead - {name}
         if role == "decode":
