@@ -423,6 +423,9 @@ def hf_model(model, arch):
 @torch.inference_mode()
 def bench_hf(args) -> None:
     hf = hf_model(args.model, args.arch)
+    # transformers 5 torch.compiles static-cache decoding on CUDA by default; the first device run
+    # (2026-11-29) spent its whole time budget recompiling (1.9 s/step at B=1): time it eager
+    hf.generation_config.disable_compile = True
     R["hf"] = []
     ctx = CONTEXTS[0]
     for b in BATCHES[:3]:
