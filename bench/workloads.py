@@ -112,13 +112,15 @@ def multi_turn(sessions: int, turns: int, rate: float, seed: int = 0, system_tok
     reqs = []
     for s, t0 in enumerate(poisson_arrivals(rate, sessions, rng)):
         history, hist_ids, t = system_tokens, system, t0
+        prev_prompt = system_tokens
         for _ in range(turns):
             user = _lognormal_int(rng, user_median, 0.7, 8, 8192)
             prompt = history + user
-            hist_ids = hist_ids[: history // BLOCK_TOKENS] + ids.take(_blocks(prompt) - history // BLOCK_TOKENS)
+            keep = min(prev_prompt // BLOCK_TOKENS, len(hist_ids))  # full blocks of the previous prompt
+            hist_ids = hist_ids[:keep] + ids.take(_blocks(prompt) - keep)
             o = _lognormal_int(rng, output_median, 0.7, 1, 2048)
             reqs.append(Request(0, t, prompt, o, hist_ids, session=s))
-            history, t = prompt + o, t + rng.expovariate(1.0 / think_s)
+            prev_prompt, history, t = prompt, prompt + o, t + rng.expovariate(1.0 / think_s)
     return _renumber(reqs)
 
 

@@ -1,0 +1,82 @@
+"""Simulator sanity: conservation, light load meets SLOs, overload misses them, determinism, scale."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import workloads as wl
+from bench.sim.cache import PrefixCache, PrefixIndex
+from bench.sim.cluster import ClusterSpec, Simulator
+from bench.simulator import Setup, goodput, simulate
+from splitserve.router.cost_model import load_profile
+from splitserve.router.policy import RoundRobinPolicy
+from splitserve.router.slo_policy import SLO
+
+COST = load_profile("h200-llama3-8b")
+SLO_ = SLO(2.0, 0.05)
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "colocated", "slo_aware"])
+def test_light_load_meets_all_slos_and_conserves_requests(policy):
+    reqs = wl.synthetic(200, 1.0, seed=3)
+    res = simulate(reqs, Setup(policy, 2, 2), COST, SLO_)
+    assert len(res.requests) == 200 and [r.rid for r in res.requests] == list(range(200))
+    assert res.attainment(SLO_) == 1.0
+    for r, q in zip(res.requests, reqs):
+        # TTFT is at least the request's own prefill (minus what a cache saved)
+        assert r.ttft_s >= COST.prefill_time(q.prompt_tokens - r.cached_tokens, r.cached_tokens) * 0.99
+        assert r.tpot_s >= COST.decode_step_time(1, q.prompt_tokens) * 0.99 or q.output_tokens == 1
+
+
+def test_overload_misses_slos():
+    reqs = wl.long_context(200, 20.0, seed=1)
+    res = simulate(reqs, Setup("round_robin", 1, 1), COST, SLO_)
+    assert res.attainment(SLO_) < 0.2
+    res = simulate(reqs, Setup("slo_aware", 1, 1), COST, SLO_)
+    assert sum(r.rejected for r in res.requests) > 100, "admission refuses what cannot meet the SLO"
+
+
+def test_deterministic_by_seed():
+    reqs = wl.multi_turn(30, 4, 2.0, seed=5)
+    a = simulate(reqs, Setup("slo_aware", 2, 2), COST, SLO_)
+    b = simulate(reqs, Setup("slo_aware", 2, 2), COST, SLO_)
+    assert a == b
+    c = simulate(wl.multi_turn(30, 4, 2.0, seed=6), Setup("slo_aware", 2, 2), COST, SLO_)
+    assert a != c
+
+
+def test_prefix_reuse_is_real():
+    reqs = wl.agentic(100, 2.0, seed=0, shared_tokens=16384)
+    res = simulate(reqs, Setup("slo_aware", 2, 2), COST, SLO_)
+    hit = sum(r.cached_tokens for r in res.requests) / sum(r.prompt_tokens for r in res.requests)
+    assert hit > 0.8
+
+
+def test_slow_transfer_shifts_work_to_local_prefill():
+    reqs = wl.synthetic(200, 3.0, seed=2, prompt_median=4096)
+    fast = simulate(reqs, Setup("slo_aware", 2, 2), COST, SLO_).summary(SLO_)["remote_frac"]
+    slow = simulate(reqs, Setup("slo_aware", 2, 2), COST, SLO_, transfer_bw=2e8).summary(SLO_)["remote_frac"]
+    assert slow < fast
+
+
+def test_hundreds_of_workers():
+    reqs = wl.synthetic(600, 200.0, seed=0)
+    res = Simulator(ClusterSpec(100, 100), COST, RoundRobinPolicy()).run(reqs)
+    assert len(res.requests) == 600 and all(math.isfinite(r.ttft_s) for r in res.requests)
+
+
+def test_prefix_index_matches_leading_blocks_per_worker():
+    idx = PrefixIndex()
+    a, b = PrefixCache("a", idx, 10), PrefixCache("b", idx, 2)
+    a.insert([1, 2, 3])
+    b.insert([1, 2, 3])                      # capacity 2: LRU evicts 1
+    assert idx.match((1, 2, 3, 4)) == {"a": 3}
+    assert idx.match((9,)) == {}
+    assert a.hit_blocks((1, 2, 9)) == 2
+
+
+def test_goodput_interpolates_the_crossing():
+    pts = [{"rate": 1.0, "attainment": 1.0}, {"rate": 2.0, "attainment": 0.95}, {"rate": 3.0, "attainment": 0.85}]
+    assert goodput(pts) == pytest.approx(2.5)
+    assert goodput(pts[:2]) == 2.0 and goodput([{"rate": 1.0, "attainment": 0.5}]) == 0.0
