@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 from bench import workloads as wl  # noqa: E402
 from bench.sim.cluster import ClusterSpec, SimResult, Simulator  # noqa: E402
 from splitserve.router.cost_model import CostModel, load_profile  # noqa: E402
-from splitserve.router.policy import ColocatedPolicy, RoundRobinPolicy  # noqa: E402
+from splitserve.router.policy import ColocatedPolicy, LoadAwarePolicy, RoundRobinPolicy  # noqa: E402
 from splitserve.router.slo_policy import SLO, SLOAwarePolicy, SLOPolicyConfig  # noqa: E402
 
 ATTAINMENT = 0.9
@@ -53,7 +53,20 @@ def make_policy(name: str, cost: CostModel, slo: SLO, chunk_tokens: int = 512):
         return ColocatedPolicy()
     if name == "slo_aware":
         return SLOAwarePolicy(cost, SLOPolicyConfig(slo=slo, local_chunk_tokens=chunk_tokens))
-    raise ValueError(f"unknown policy {name!r} (round_robin, colocated, slo_aware)")
+    if name == "slo_aware_no_admission":  # ablation: same placement, every request admitted
+        return _PlaceOnly(make_policy("slo_aware", cost, slo, chunk_tokens))
+    if name == "load_aware":
+        return LoadAwarePolicy(512)
+    raise ValueError(f"unknown policy {name!r} (round_robin, colocated, slo_aware, slo_aware_no_admission, "
+                     "load_aware)")
+
+
+class _PlaceOnly:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def place(self, *args, **kw):
+        return self.inner.place(*args, **kw)
 
 
 def simulate(reqs: list[wl.Request], setup: Setup, cost: CostModel, slo: SLO,
