@@ -17,6 +17,7 @@ import threading
 from ..config import Config
 from ..engine.request import SamplingParams
 from ..kvtransfer.state import TransferState
+from ..logs import req
 from ..worker_runtime import WorkerRuntime, output_record
 
 log = logging.getLogger("splitserve.decode")
@@ -59,8 +60,8 @@ class DecodeWorker(WorkerRuntime):
         """Accept the transfer only if the lease reached Success (epoch and checksums verified)."""
         status = self.agent.wait_lease(lease_id, timeout)
         if status.state is not TransferState.SUCCESS:
-            log.warning("request %s: lease %d not successful (%s); aborting", request_id, lease_id,
-                        status.reason)
+            log.warning("lease %d not successful (%s); aborting", lease_id, status.reason,
+                        extra=req(request_id, worker=self.name, lease_id=lease_id))
             self.loop.run(lambda e: e.abort(request_id))
             self._forget_lease(lease_id)
             return False
@@ -86,7 +87,8 @@ class DecodeWorker(WorkerRuntime):
         lease_id = self._lease_blocks.pop(tuple(block_ids), None)
         request_id = self._lease_requests.pop(lease_id, None) if lease_id is not None else None
         if request_id is not None:
-            log.warning("request %s: lease %s ended without completion; aborting", request_id, lease_id)
+            log.warning("lease %s ended without completion; aborting", lease_id,
+                        extra=req(request_id, worker=self.name, lease_id=lease_id))
             self.loop.run(lambda e: e.abort(request_id))
 
     # ------------------------------------------------------------ colocated path

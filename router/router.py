@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator
 
 from ..config import RouterConfig
 from ..engine.request import SamplingParams, find_stop, validate_prompt
+from ..logs import req
 from .metrics import RouterMetrics
 from .policy import NoWorker, Placement, Policy
 from .workers import WorkerDied, WorkerPool
@@ -126,12 +127,12 @@ class Router:
         f = self.flights.get(rid)
         if f is None or f.done:
             return False
-        f.done = True
         if f.task and not f.task.done():
             f.task.cancel()
         for name in {f.decode, f.prefill} - {None}:
             await self.workers.try_call(name, "abort", rid)
-        self.metrics.requests.labels("abort").inc()
+        self._complete(f, "abort")          # ends the client's stream (if it is still listening)
+        log.info("aborted", extra=req(rid))
         return True
 
     # ------------------------------------------------------------ placement and prefill
@@ -156,7 +157,7 @@ class Router:
         except asyncio.CancelledError:
             raise
         except Exception as exc:   # a worker raised: report it to the client, keep the router up
-            log.exception("request %s failed", f.rid)
+            log.exception("request failed", extra=req(f.rid))
             self._fail(f, "INTERNAL", f"{type(exc).__name__}: {exc}")
 
     async def _remote_prefill(self, f: Flight, place: Placement) -> None:
@@ -186,7 +187,7 @@ class Router:
                 f.remote, f.prefill = False, None
                 await self.workers.call(d, "generate_local", f.rid, f.prompt, f.params)
                 return
-            log.warning("request %s: %s; retrying on %s", f.rid, out["reason"], p)
+            log.warning("remote prefill failed (%s); retrying on %s", out["reason"], p, extra=req(f.rid, worker=p))
             f.retries += 1
             self.metrics.prefill_retries.inc()
             handoff = await self.workers.call(d, "reissue", f.rid, lease)
@@ -249,6 +250,8 @@ class Router:
             self._complete(f, "stop")
 
     def _complete(self, f: Flight, reason: str) -> None:
+        if f.done:
+            return
         f.done = True
         now = time.monotonic()
         t_first = f.t_first or now
@@ -292,8 +295,8 @@ class Router:
         if remaining <= 0:
             self._complete(f, "length")
             return
-        log.warning("request %s: decode worker %s died; migrating with %d tokens so far", f.rid, dead,
-                    len(f.tokens))
+        log.warning("decode worker %s died; migrating with %d tokens so far", dead, len(f.tokens),
+                    extra=req(f.rid, worker=dead))
         f.base = len(f.tokens)
         prompt = f.prompt + f.tokens
         params = {**f.params, "max_tokens": remaining}

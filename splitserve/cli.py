@@ -99,6 +99,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     from .deploy.ray_cluster import ServingCluster
 
+    from .logs import setup_logging
+    setup_logging("router")
+
     async def serve() -> None:
         cluster = ServingCluster(_cluster_config(args), args.policy)
         await cluster.start()

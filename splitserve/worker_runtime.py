@@ -53,6 +53,8 @@ class WorkerRuntime:
     def __init__(self, config: Config, name: str, with_transfer: bool = True):
         from .engine.engine import LLMEngine
         from .engine.loop import EngineLoop
+        from .logs import setup_logging
+        setup_logging(name)
         self.config = config
         self.name = name
         self.engine = LLMEngine.from_config(config)

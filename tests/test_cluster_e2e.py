@@ -222,6 +222,79 @@ def test_pool_resized_while_requests_run(live, reference):
     live.check_integrity()
 
 
+def test_abort_rpc_and_overload(live):
+    import dataclasses
+    from splitserve.client import Client, make_request
+    client = Client(live.address)
+    stream = client.stream(make_request(messages=[{"role": "user", "content": SHORT[1]}], request_id=777,
+                                        max_tokens=200, ignore_eos=True))
+    kinds = []
+    for reply in stream:
+        kinds.append(reply.WhichOneof("kind"))
+        if len(kinds) == 2:
+            assert client.abort(777) is True
+        if kinds[-1] == "complete":
+            assert reply.complete.finish_reason == "abort"
+    assert kinds[-1] == "complete" and len(kinds) < 100
+    assert client.abort(777) is False
+    router = live.cluster.router
+    saved = router.config
+    router.config = dataclasses.replace(saved, max_queued_requests=1)
+    try:
+        first = client.stream(_req(SHORT[0], 50))
+        next(iter(first))                      # the first request is in flight
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate(_req(SHORT[2], 4))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        first.cancel()
+    finally:
+        router.config = saved
+    client.close()
+    live.check_integrity()
+
+
+def test_metrics_from_router_and_every_worker(live):
+    import urllib.request
+    _run_many(live.address, [LONG[0]], n=4)    # at least one remote prefill since the cluster started
+
+    def scrape(port):
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    text = scrape(live.cluster.metrics.port)
+    for name in ("splitserve_ttft_seconds_count", "splitserve_tpot_seconds_count", "splitserve_e2e_seconds_count",
+                 'splitserve_requests_total{outcome="length"}', "splitserve_kv_blocks_free",
+                 "splitserve_kv_transfer_seconds_count", "splitserve_worker_queue_depth"):
+        assert name in text, name
+    for role in ("prefill", "decode"):
+        for name in live.live(role):
+            snap = live.call(name, "snapshot")
+            wtext = scrape(snap["metrics_port"])
+            assert "splitserve_engine_kv_blocks_free" in wtext and "splitserve_kvtransfer_" in wtext, name
+
+
+def test_cli_client_against_the_cluster(live):
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "splitserve", "client", "--address", live.address, "--prompt",
+                          "Name a color.", "--chat", "--max-tokens", "6", "--json"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    obj = json.loads(out.stdout)
+    assert obj["finish_reason"] in ("stop", "length") and 0 < len(obj["token_ids"]) <= 6
+    assert set(obj["timing"]) >= {"ttft_ms", "e2e_ms"}
+
+
+def test_1p1d_greedy_equals_engine(live, reference):
+    """Shrink the pools to one prefill and one decode worker (drain + stop) and compare again."""
+    for role in ("prefill", "decode"):
+        for name in sorted(live.live(role))[1:]:
+            live.run(live.cluster.remove_worker(name), timeout=600)
+    assert len(live.live("prefill")) == 1 and len(live.live("decode")) == 1
+    prompts = [SHORT[0], LONG[0], LONG[3]]
+    for p, r in zip(prompts, _run_many(live.address, prompts)):
+        assert r.token_ids == reference(p)
+    live.check_integrity()
+
+
 def test_no_decode_worker_left_is_unavailable(live):
     from splitserve.client import Client
     for name in list(live.live("decode")):
