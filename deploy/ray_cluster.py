@@ -18,7 +18,7 @@ from ..config import Config
 from ..engine.loader import load_tokenizer
 from ..engine.model_source import resolve
 from ..router.metrics import RouterMetrics
-from ..router.policy import POLICIES
+from ..router.policy import build_policy
 from ..router.router import Router
 from ..router.workers import WorkerPool
 
@@ -36,9 +36,9 @@ def actor_class(role: str):
 
 
 class ServingCluster:
-    def __init__(self, config: Config, policy: str = "load_aware"):
+    def __init__(self, config: Config, policy: str | None = None):
         self.config = config
-        self.policy_name = policy
+        self.policy_name = policy or config.router.policy
         self.metrics = RouterMetrics()
         self.pool = WorkerPool(config.router.health_interval_s, self.metrics)
         self.router: Router | None = None
@@ -104,8 +104,7 @@ class ServingCluster:
         await asyncio.gather(*(self.pool.add(*s) for s in spawned))
         snap = self.pool.snapshots("decode")[0]
         max_len = cfg.scheduler.max_model_len or await self.pool.call(snap["name"], "max_model_len")
-        policy_cls = POLICIES[self.policy_name]
-        policy = policy_cls(cfg.router.local_prefill_max_tokens) if self.policy_name == "load_aware" else policy_cls()
+        policy = build_policy(self.policy_name, cfg.router)
         self.router = Router(cfg.router, tokenizer, max_len, self.pool, policy, self.metrics)
         self.pool.start_health()
         from ..router.grpc_server import start_grpc

@@ -35,7 +35,9 @@ class SplitServeServicer(pb_grpc.SplitServeServicer):
                 token_ids=list(request.token_ids.ids) if which == "token_ids" else None,
                 messages=[{"role": m.role, "content": m.content} for m in request.chat.messages]
                 if which == "chat" else None,
-                params=sampling_dict(request.sampling), request_id=rid)
+                params=sampling_dict(request.sampling), request_id=rid, priority=request.priority,
+                slo={"ttft_ms": request.slo.ttft_ms, "tpot_ms": request.slo.tpot_ms} if request.HasField("slo")
+                else None)
         except RequestError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
             return

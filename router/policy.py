@@ -88,4 +88,18 @@ class ColocatedPolicy:
         return LoadAwarePolicy(1 << 62).place(prompt_tokens, decode, prefill, exclude)
 
 
-POLICIES = {"load_aware": LoadAwarePolicy, "round_robin": RoundRobinPolicy, "colocated": ColocatedPolicy}
+def build_policy(name: str, config) -> Policy:
+    """The named policy from a RouterConfig (slo_aware loads its cost-model profile)."""
+    if name == "load_aware":
+        return LoadAwarePolicy(config.local_prefill_max_tokens)
+    if name == "round_robin":
+        return RoundRobinPolicy()
+    if name == "colocated":
+        return ColocatedPolicy()
+    if name == "slo_aware":
+        from .cost_model import load_profile
+        from .slo_policy import SLO, SLOAwarePolicy, SLOPolicyConfig
+        slo = SLO(ttft_s=config.slo_ttft_ms / 1e3, tpot_s=config.slo_tpot_ms / 1e3)
+        return SLOAwarePolicy(load_profile(config.cost_profile),
+                              SLOPolicyConfig(slo=slo, local_prefill_max_tokens=config.local_prefill_max_tokens))
+    raise ValueError(f"unknown policy {name!r}; use load_aware, slo_aware, round_robin or colocated")

@@ -65,6 +65,8 @@ class Flight:
     transfer_s: float = 0.0
     migrations: int = 0
     retries: int = 0
+    priority: int = 0             # higher first (proto)
+    slo: dict | None = None       # {"ttft_ms", "tpot_ms"} targets of this request, if any
     done: bool = False
     task: asyncio.Task | None = None
 
@@ -85,7 +87,8 @@ class Router:
 
     # ------------------------------------------------------------ admission
     def admit(self, prompt: str | None, token_ids: list[int] | None, messages: list[dict] | None,
-              params: dict, request_id: str | None = None) -> Flight:
+              params: dict, request_id: str | None = None, priority: int = 0,
+              slo: dict | None = None) -> Flight:
         try:
             sp = SamplingParams(**params)
             if messages:
@@ -102,7 +105,7 @@ class Router:
         if rid in self.flights:
             raise RequestError("INVALID_ARGUMENT", f"request id {rid} is already in flight")
         params = {**params, "stop": tuple(sp.stop), "stop_token_ids": tuple(sp.stop_token_ids)}
-        f = Flight(rid, ids, params, asyncio.Queue(), time.monotonic())
+        f = Flight(rid, ids, params, asyncio.Queue(), time.monotonic(), priority=priority, slo=slo)
         self.flights[rid] = f
         self.metrics.in_flight.set(len(self.flights))
         return f
@@ -138,8 +141,7 @@ class Router:
     # ------------------------------------------------------------ placement and prefill
     async def _dispatch(self, f: Flight, exclude: frozenset[str] = frozenset()) -> None:
         try:
-            place = self.policy.place(len(f.prompt), self._snapshots("decode"), self._snapshots("prefill"),
-                                      exclude | self.workers.dead)
+            place = self._place(f, exclude)
             f.decode, f.prefill, f.t_dispatch = place.decode, place.prefill, time.monotonic()
             if place.remote:
                 await self._remote_prefill(f, place)
@@ -196,6 +198,24 @@ class Router:
         if not await self.workers.call(d, "commit_remote", f.rid, lease, out["first_token"]):
             raise RequestError("INTERNAL", "the decode worker rejected the transferred KV")
         self._add_tokens(f, 0, [out["first_token"]])
+
+    def _place(self, f: Flight, exclude: frozenset[str]) -> Placement:
+        """Placement by the policy; a policy with admission control may refuse the request."""
+        args = (len(f.prompt), self._snapshots("decode"), self._snapshots("prefill"), exclude | self.workers.dead)
+        admit = getattr(self.policy, "admit", None)
+        if admit is None:
+            return self.policy.place(*args)
+        from .slo_policy import SLO
+        hint = {"max_new_tokens": f.params.get("max_tokens", 64),
+                "priority": 0 if f.priority > 0 else (1 if f.priority == 0 else 2)}
+        if f.slo and f.slo.get("ttft_ms") and f.slo.get("tpot_ms"):
+            hint["slo"] = SLO(f.slo["ttft_ms"] / 1e3, f.slo["tpot_ms"] / 1e3)
+        if not [s for s in args[1] if not s.get("draining") and s["name"] not in args[3]]:
+            raise NoWorker("no decode worker is available")
+        adm = admit(*args, hint=hint)
+        if not adm.accepted:
+            raise RequestError("RESOURCE_EXHAUSTED", f"{adm.reason}; retry after {adm.retry_after_s:.2f}s")
+        return adm.placement
 
     def _snapshots(self, role: str) -> list[dict]:
         """Worker snapshots plus the router's live count of flights assigned to each worker."""

@@ -79,7 +79,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", type=int, default=None, help="decode workers (default 1)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local cluster)")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
-    p.add_argument("--policy", default="load_aware", choices=["load_aware", "round_robin", "colocated"])
+    p.add_argument("--policy", default=None, choices=["load_aware", "slo_aware", "round_robin", "colocated"],
+                   help="placement policy (default: router.policy of the config, load_aware)")
 
 
 def _cluster_config(args: argparse.Namespace) -> Config:

@@ -114,8 +114,15 @@ class RouterConfig:
     health_interval_s: float = _f(1.0, "how often workers are pinged and their load snapshots refreshed")
     prefill_retries: int = _f(2, "times a failed remote prefill is retried on another prefill worker")
     request_timeout_s: float = _f(600.0, "a request still running after this is aborted")
+    policy: str = _f("load_aware", "placement policy: load_aware, slo_aware, round_robin or colocated")
+    cost_profile: str = _f("cpu-smollm2", "cost-model profile for slo_aware (router/profiles/NAME.json or a path)")
+    slo_ttft_ms: float = _f(2000.0, "default TTFT target (slo_aware; requests may carry their own)")
+    slo_tpot_ms: float = _f(100.0, "default TPOT target (slo_aware; requests may carry their own)")
 
     def __post_init__(self) -> None:
+        _require(self.policy in ("load_aware", "slo_aware", "round_robin", "colocated"), "router.policy",
+                 f"got {self.policy!r}; use load_aware, slo_aware, round_robin or colocated")
+        _require(self.slo_ttft_ms > 0 and self.slo_tpot_ms > 0, "router.slo_ttft_ms/slo_tpot_ms", "must be > 0")
         _require(0 <= self.grpc_port < 65536, "router.grpc_port", "must be in [0, 65535]")
         _require(-1 <= self.metrics_port < 65536, "router.metrics_port", "must be -1 (off) or a port")
         _require(self.local_prefill_max_tokens >= 0, "router.local_prefill_max_tokens", "must be >= 0")
