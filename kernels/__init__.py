@@ -13,6 +13,17 @@ API (all on CUDA tensors; CPU only under TRITON_INTERPRET=1 -- the engine's CPU 
                            k_scale=None, v_scale=None, max_query_len=None, out=None)
         varlen prefill / chunked prefill / prefix-hit extend over the paged cache.
 
+The fused layer glue of the engine's GPU path (references in `reference_fused.py`):
+
+    rms_norm(x, weight, eps, residual=None, out=None)
+        RMSNorm; with residual, residual <- residual + x in place and the sum is normed.
+    rope_write_kv(q, k, v, positions, cos_sin, k_cache=None, v_cache=None, slot_mapping=None,
+                  k_scale=None, v_scale=None)
+        rotate-half RoPE on q and k in place from a cos/sin cache; with a cache, also
+        `write_kv` of the rotated k and v.
+    silu_and_mul(gate_up, out=None)
+        silu(gate) * up of the gated MLP.
+
 Layouts and metadata are those of `reference.py`: caches [num_blocks, block_size,
 num_kv_heads, head_dim]; FP8 caches need float32 [num_kv_heads] scales (refused without).
 Every wrapper checks shapes, dtypes, strides and devices and raises ValueError; none reads
@@ -25,6 +36,8 @@ from typing import Any
 
 from .reference import (FP8_DTYPE, FP8_MAX, decode_attention_ref, paged_attention_ref,
                         write_kv_ref)
+from .reference_fused import (rms_norm_ref, rope_cos_sin_cache, rope_ref, rope_write_kv_ref,
+                              silu_and_mul_ref)
 
 # The Triton kernels load lazily, so the CPU engine can import the references without triton.
 _LAZY = {
@@ -34,6 +47,9 @@ _LAZY = {
     "alloc_split_kv_scratch": "decode_attention",
     "SplitKVScratch": "decode_attention",
     "paged_extend_attention": "extend_attention",
+    "rms_norm": "rmsnorm",
+    "rope_write_kv": "rope",
+    "silu_and_mul": "silu_mul",
 }
 
 
@@ -46,5 +62,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "FP8_DTYPE", "FP8_MAX", "SplitKVScratch", "alloc_split_kv_scratch", "decode_attention_ref",
     "paged_attention_ref", "paged_decode_attention", "paged_extend_attention",
-    "plan_decode_splits", "write_kv", "write_kv_ref",
+    "plan_decode_splits", "rms_norm", "rms_norm_ref", "rope_cos_sin_cache", "rope_ref",
+    "rope_write_kv", "rope_write_kv_ref", "silu_and_mul", "silu_and_mul_ref", "write_kv",
+    "write_kv_ref",
 ]

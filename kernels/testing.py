@@ -118,7 +118,8 @@ def patch_interpreter_bf16_dot() -> bool:
     return True
 
 
-KERNEL_MODULES = ("kv_write", "splitkv_reduce", "decode_attention", "extend_attention")
+KERNEL_MODULES = ("_rounding", "kv_write", "splitkv_reduce", "decode_attention", "extend_attention",
+                  "rmsnorm", "rope", "silu_mul")
 
 
 def setup_kernel_tests() -> str:
