@@ -1,12 +1,14 @@
 """Profile the real engine on CPU (SmolLM2-135M) and fit the `cpu-smollm2` cost profile.
 
-Times LLMEngine prefill forwards of 32..512 uncached tokens (one request, max_tokens=1, prefix
-cache reset) and decode steps at batch 1..16 over short and longer contexts, then fits
+Times LLMEngine prefill forwards of 32..1536 uncached tokens (one request, max_tokens=1, prefix
+cache reset; also after a cached prefix) and decode steps at batch 1..16 over short and longer
+contexts, with torch on --threads threads (default 1: a Ray worker actor with num_cpus=1 gets
+OMP_NUM_THREADS=1, so this is the per-worker speed of the real cluster), then fits
 router.cost_model on those samples (least squares) and writes router/profiles/cpu-smollm2.json
 with the samples, the fit error, date, commit and command. Imports torch: it is a profiling
 script, not the policy.
 
-    python bench/profile_cpu.py [--repeat 3] [--out router/profiles/cpu-smollm2.json]
+    python bench/profile_cpu.py [--repeat 3] [--threads 1] [--out router/profiles/cpu-smollm2.json]
 """
 from __future__ import annotations
 
@@ -27,12 +29,18 @@ def _prompt(n: int, salt: int) -> list[int]:
     return [(1000 + 37 * i + 101 * salt) % 40000 + 100 for i in range(n)]
 
 
-def time_prefill(eng, n: int, repeat: int, salt: int) -> float:
+def time_prefill(eng, n: int, repeat: int, salt: int, cached: int = 0) -> float:
+    """Median time of a prefill of n new tokens after `cached` prefix-cached tokens."""
     from splitserve.engine.request import SamplingParams
     times = []
     for r in range(repeat):
         eng.pool.reset_prefix_cache()
-        eng.add_request(_prompt(n, salt + r), SamplingParams(max_tokens=1, ignore_eos=True))
+        if cached:   # put the prefix in the cache first (untimed)
+            eng.add_request(_prompt(cached, salt + r), SamplingParams(max_tokens=1, ignore_eos=True))
+            while eng.has_unfinished():
+                eng.step()
+        eng.add_request(_prompt(cached, salt + r)[:cached] + _prompt(n, salt + r + 1000),
+                        SamplingParams(max_tokens=1, ignore_eos=True))
         t0 = time.perf_counter()
         while eng.has_unfinished():
             eng.step()
@@ -59,40 +67,96 @@ def time_decode(eng, batch: int, ctx: int, steps: int) -> float:
     return statistics.median(times)
 
 
+def robust_fit(samples: list, max_rel: float = 0.5):
+    """Least squares, then drop the samples off by more than `max_rel` (a contention spike on this
+    shared VM: a 1536-token prefill once took 53 s instead of ~7) and refit, at most a quarter of
+    each kind. Returns (FitResult, dropped samples)."""
+    res = fit(samples)
+    model = CostModel("tmp", res.prefill, res.decode or DecodeCoeffs(0, 0, 0), TransferCoeffs(0, 1.0), 0, 0, 1 << 30)
+
+    def rel(s) -> float:
+        if isinstance(s, PrefillSample):
+            pred = model.prefill_forward_time(sum(n for n, _ in s.seqs), sum(CostModel.pairs(n, c) for n, c in s.seqs))
+        else:
+            pred = model.decode_step_time(s.batch, s.kv_tokens)
+        return abs(pred - s.seconds) / s.seconds
+    dropped = []
+    for kind in (PrefillSample, DecodeSample):
+        mine = sorted((s for s in samples if isinstance(s, kind)), key=rel, reverse=True)
+        dropped += [s for s in mine[:len(mine) // 4] if rel(s) > max_rel]
+    if not dropped:
+        return res, []
+    return fit([s for s in samples if s not in dropped]), dropped
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (a Ray worker with 1 CPU gets 1)")
     ap.add_argument("--out", default="router/profiles/cpu-smollm2.json")
+    ap.add_argument("--refit", default="", help="refit the samples stored in this profile JSON (no timing)")
     args = ap.parse_args()
+    if args.refit:
+        return refit(args)
     import torch
     from splitserve.config import Config
     from splitserve.engine.engine import LLMEngine
-    torch.set_num_threads(2)
-    eng = LLMEngine.from_config(Config().replace("model", device="cpu")
-                                .replace("scheduler", max_num_batched_tokens=1024))
+    import os
+    torch.set_num_threads(args.threads)
+    eng = LLMEngine.from_config(Config().replace("model", device="cpu"))   # the workers' config (2048-token steps)
     time_prefill(eng, 32, 1, 99)  # warm-up
-    pre = [PrefillSample(((n, 0),), time_prefill(eng, n, args.repeat, n)) for n in (32, 64, 128, 256, 512)]
+    load0 = os.getloadavg()
+    pre = [PrefillSample(((n, 0),), time_prefill(eng, n, args.repeat, n)) for n in (16, 64, 128, 256, 512, 1024, 1536)]
+    pre += [PrefillSample(((n, c),), time_prefill(eng, n, args.repeat, n + c, c)) for n, c in ((64, 512), (256, 1024))]
     dec = [DecodeSample(b, b * (ctx + 2), time_decode(eng, b, ctx, args.steps))
            for b in (1, 4, 8, 16) for ctx in (64, 512)]
-    res = fit(pre + dec)
+    res, dropped = robust_fit(pre + dec)
     kvb = 2 * eng.arch.num_layers * eng.arch.num_kv_heads * eng.arch.head_dim * 4  # fp32 on CPU
     model = CostModel(
         name="cpu-smollm2", prefill=res.prefill, decode=res.decode or DecodeCoeffs(0, 0, 0),
         transfer=TransferCoeffs(2e-3, 1.0e9), kv_bytes_per_token=kvb,
-        kv_capacity_tokens=eng.pool.num_blocks * eng.pool.block_size, prefill_chunk_tokens=1024,
-        notes=("Fitted by least squares from real LLMEngine timings of SmolLM2-135M on this dev machine's CPU "
-               "(2 shared cores, torch threads 2; noisy). Transfer: 1 GB/s + 2 ms assumed (UCX over TCP loopback "
-               "order of magnitude, bench/results/transfer-cpu.md), not fitted."),
+        kv_capacity_tokens=eng.pool.num_blocks * eng.pool.block_size,
+        prefill_chunk_tokens=eng.config.scheduler.max_num_batched_tokens,
+        notes=(f"Fitted by least squares from real LLMEngine timings of SmolLM2-135M on this dev machine's CPU "
+               f"(2 shared cores, torch threads {args.threads} = one Ray worker's share; load average "
+               f"{load0[0]:.1f} at the start: other jobs share the cores, so noisy). Transfer: 1 GB/s + 2 ms "
+               "assumed (UCX over TCP loopback order of magnitude, bench/results/transfer-cpu.md), not fitted "
+               "here; bench/validate_sim.py fits it from the real cluster's transfer timings."),
         source={"date": date.today().isoformat(),
                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                          text=True).stdout.strip(),
                 "command": "python " + " ".join(sys.argv), "rel_rmse": res.rel_rmse,
-                "prefill_samples": [[s.seqs[0][0], round(s.seconds, 5)] for s in pre],
-                "decode_samples": [[s.batch, s.kv_tokens, round(s.seconds, 5)] for s in dec]})
+                "threads": args.threads, "loadavg_start": [round(x, 2) for x in load0],
+                "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                "prefill_samples": [[s.seqs[0][0], s.seqs[0][1], round(s.seconds, 5)] for s in pre],
+                "decode_samples": [[s.batch, s.kv_tokens, round(s.seconds, 5)] for s in dec],
+                "dropped_outliers": _describe(dropped)})
     model.save(args.out)
     print(json.dumps(model.to_dict()["source"], indent=1))
     print("prefill", res.prefill, "\ndecode", res.decode)
+
+
+def _describe(dropped: list) -> list:
+    return [["prefill", *s.seqs[0], round(s.seconds, 5)] if isinstance(s, PrefillSample)
+            else ["decode", s.batch, s.kv_tokens, round(s.seconds, 5)] for s in dropped]
+
+
+def refit(args) -> None:
+    """Refit a saved profile's samples (robust fit) and write it back to --out."""
+    d = json.loads(Path(args.refit).read_text())
+    src = d["source"]
+    pre = [PrefillSample(((int(n), int(c)),), t) for n, c, t in src["prefill_samples"]]
+    dec = [DecodeSample(int(b), int(k), t) for b, k, t in src["decode_samples"]]
+    res, dropped = robust_fit(pre + dec)
+    d["prefill"] = {"fixed_s": res.prefill.fixed_s, "per_token_s": res.prefill.per_token_s,
+                    "per_pair_s": res.prefill.per_pair_s}
+    d["decode"] = {"fixed_s": res.decode.fixed_s, "per_seq_s": res.decode.per_seq_s,
+                   "per_kv_token_s": res.decode.per_kv_token_s}
+    src.update(rel_rmse=res.rel_rmse, dropped_outliers=_describe(dropped),
+               refit_command="python " + " ".join(sys.argv))
+    Path(args.out).write_text(json.dumps(d, indent=2) + "\n")
+    print(json.dumps({k: d[k] for k in ("prefill", "decode")}), res.rel_rmse, "dropped", _describe(dropped))
 
 
 if __name__ == "__main__":
