@@ -58,9 +58,22 @@ class TritonPagedAttention:
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] (views of the fused QKV are fine) -> [T, Hq, D]."""
+        k_cache, v_cache, k_scale, v_scale = self.cache.layer(layer)
+        self.k.write_kv(k, v, k_cache, v_cache, self.meta.slot_mapping, k_scale, v_scale)
+        return self.attend(layer, q)
+
+    def rope_write_kv(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
+        """RoPE on q and k in place and rotated k, v into the cache: one kernel (the fused model
+        path calls this, then `attend`, instead of `forward`)."""
+        k_cache, v_cache, k_scale, v_scale = self.cache.layer(layer)
+        self.k.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, self.meta.slot_mapping,
+                             k_scale, v_scale)
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention of q over the layer's cache, this step's K/V already written -> [T, Hq, D]."""
         meta = self.meta
         k_cache, v_cache, k_scale, v_scale = self.cache.layer(layer)
-        self.k.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         if self._decode:
             return self.k.paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, k_scale, v_scale,

@@ -80,10 +80,11 @@ class LLMEngine:
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer
         self.device = device
-        self.model = LlamaModel(loaded.arch, loaded.weights)
         self.max_model_len = config.scheduler.max_model_len or loaded.arch.max_position_embeddings
         cc = config.cache
         use_triton = attention == "triton" or (attention == "auto" and device.type == "cuda")
+        # the GPU path also fuses the layer glue (Triton); the CPU path stays plain torch
+        self.model = LlamaModel(loaded.arch, loaded.weights, fused=use_triton, max_positions=self.max_model_len)
         buckets = decode_buckets(config.scheduler.max_num_seqs) if use_triton else ()
         kv_dtype = self.model.dtype if cc.kv_dtype == "auto" else _TORCH_DTYPES[cc.kv_dtype]
         num_blocks = cc.num_blocks or self._auto_num_blocks(kv_dtype, max(buckets, default=1))

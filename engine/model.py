@@ -3,6 +3,14 @@
 Tokens of all sequences in a step are concatenated: input_ids [T], positions [T]. Attention goes
 through the backend (engine/attention.py), which owns the paged KV cache. Math follows Hugging Face
 transformers' Llama (RMSNorm in float32, rotate-half RoPE, SiLU-gated MLP) so greedy outputs match.
+
+Two paths compute the same function. The plain torch path (CPU, and `fused=False`) is the one
+tested equal to transformers. The fused path (the engine's GPU path) runs the layer glue as
+three Triton kernels from splitserve.kernels, each rounding where the torch code rounds:
+residual add + RMSNorm in one kernel (the residual stream is updated in place), RoPE on q and k
+from a cos/sin cache built once, fused with the paged KV write when the attention backend offers
+`rope_write_kv`, and SiLU-and-mul. That is ~9 kernels per layer instead of ~37, which is what a
+decode step replayed from a CUDA graph pays for (each small kernel costs ~2 us on an H200).
 """
 from __future__ import annotations
 
@@ -53,7 +61,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class LlamaModel:
-    def __init__(self, arch: ModelArch, weights: dict[str, torch.Tensor]):
+    def __init__(self, arch: ModelArch, weights: dict[str, torch.Tensor], fused: bool = False,
+                 max_positions: int | None = None):
+        """fused: run the layer glue as Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1);
+        max_positions: rows of the fused path's cos/sin cache (positions must stay below it)."""
         self.arch = arch
         self.w = weights
         self.dtype = weights["model.embed_tokens.weight"].dtype
@@ -61,6 +72,13 @@ class LlamaModel:
         self.inv_freq = rope_inv_freq(arch).to(self.device)
         self.lm_head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
         self.layers = [self._layer_weights(i) for i in range(arch.num_layers)]
+        self.fused = fused
+        if fused:
+            from .. import kernels   # lazy: Triton loads only for the fused path
+            from .model_fused import FusedForward
+            self.cos_sin = kernels.rope_cos_sin_cache(self.inv_freq, max_positions or arch.max_position_embeddings,
+                                                     self.dtype)   # [max_positions, head_dim]: cos | sin
+            self._fused = FusedForward(self, kernels)
 
     def _layer_weights(self, i: int) -> dict[str, torch.Tensor | None]:
         p = f"model.layers.{i}."
@@ -84,6 +102,8 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions: [T]; returns float32 logits [len(logits_indices) or T, vocab]."""
+        if self.fused:
+            return self._fused.forward(input_ids, positions, attn, logits_indices)
         a = self.arch
         x = F.embedding(input_ids, self.w["model.embed_tokens.weight"])      # [T, hidden]
         cos, sin = self.rope(positions)
