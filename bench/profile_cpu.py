@@ -13,6 +13,7 @@ script, not the policy.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import subprocess
@@ -89,37 +90,76 @@ def robust_fit(samples: list, max_rel: float = 0.5):
     return fit([s for s in samples if s not in dropped]), dropped
 
 
+def neighbour(threads: int, seconds: float) -> int:
+    """Keep one core busy the way the other worker of a 1P+1D cluster does: 256-token prefills."""
+    import torch
+    from splitserve.config import Config
+    from splitserve.engine.engine import LLMEngine
+    torch.set_num_threads(threads)
+    eng = LLMEngine.from_config(Config().replace("model", device="cpu"))
+    t_end, n = time.monotonic() + seconds, 0
+    while time.monotonic() < t_end:
+        time_prefill(eng, 256, 1, n)
+        n += 1
+    return n
+
+
+def measure(repeat: int, steps: int, threads: int) -> dict:
+    """Time the engine (in this process); plain tuples so that a Ray actor can return them."""
+    import os
+
+    import torch
+    from splitserve.config import Config
+    from splitserve.engine.engine import LLMEngine
+    torch.set_num_threads(threads)
+    eng = LLMEngine.from_config(Config().replace("model", device="cpu"))   # the workers' config (2048-token steps)
+    time_prefill(eng, 32, 1, 99)  # warm-up
+    load0 = os.getloadavg()
+    pre = [(n, 0, time_prefill(eng, n, repeat, n)) for n in (16, 64, 128, 256, 512, 1024, 1536)]
+    pre += [(n, c, time_prefill(eng, n, repeat, n + c, c)) for n, c in ((64, 512), (256, 1024))]
+    dec = [(b, b * (ctx + 2), time_decode(eng, b, ctx, steps)) for b in (1, 4, 8, 16) for ctx in (64, 512)]
+    a = eng.arch
+    return {"pre": pre, "dec": dec, "load0": load0, "nice": os.nice(0),
+            "kvb": 2 * a.num_layers * a.num_kv_heads * a.head_dim * 4,   # fp32 on CPU
+            "capacity": eng.pool.num_blocks * eng.pool.block_size,
+            "chunk": eng.config.scheduler.max_num_batched_tokens}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a Ray worker with 1 CPU gets 1)")
     ap.add_argument("--out", default="router/profiles/cpu-smollm2.json")
+    ap.add_argument("--ray", action="store_true", help="measure inside a Ray actor (as the workers run)")
+    ap.add_argument("--neighbour", action="store_true",
+                    help="with --ray: a second 1-CPU actor prefills nonstop meanwhile (the other worker of 1P+1D)")
     ap.add_argument("--refit", default="", help="refit the samples stored in this profile JSON (no timing)")
     args = ap.parse_args()
     if args.refit:
         return refit(args)
-    import torch
-    from splitserve.config import Config
-    from splitserve.engine.engine import LLMEngine
-    import os
-    torch.set_num_threads(args.threads)
-    eng = LLMEngine.from_config(Config().replace("model", device="cpu"))   # the workers' config (2048-token steps)
-    time_prefill(eng, 32, 1, 99)  # warm-up
-    load0 = os.getloadavg()
-    pre = [PrefillSample(((n, 0),), time_prefill(eng, n, args.repeat, n)) for n in (16, 64, 128, 256, 512, 1024, 1536)]
-    pre += [PrefillSample(((n, c),), time_prefill(eng, n, args.repeat, n + c, c)) for n, c in ((64, 512), (256, 1024))]
-    dec = [DecodeSample(b, b * (ctx + 2), time_decode(eng, b, ctx, args.steps))
-           for b in (1, 4, 8, 16) for ctx in (64, 512)]
+    if args.ray:   # inside a Ray actor with 1 CPU: the niceness, env and thread count of a real worker
+        import ray
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        busy = ray.remote(num_cpus=1)(neighbour).remote(args.threads, 3600) if args.neighbour else None
+        m = ray.get(ray.remote(num_cpus=1)(measure).remote(args.repeat, args.steps, args.threads))
+        if busy is not None:
+            ray.cancel(busy, force=True)
+        ray.shutdown()
+    else:
+        m = measure(args.repeat, args.steps, args.threads)
+    pre = [PrefillSample(((n, c),), t) for n, c, t in m["pre"]]
+    dec = [DecodeSample(b, k, t) for b, k, t in m["dec"]]
+    load0 = m["load0"]
     res, dropped = robust_fit(pre + dec)
-    kvb = 2 * eng.arch.num_layers * eng.arch.num_kv_heads * eng.arch.head_dim * 4  # fp32 on CPU
     model = CostModel(
         name="cpu-smollm2", prefill=res.prefill, decode=res.decode or DecodeCoeffs(0, 0, 0),
-        transfer=TransferCoeffs(2e-3, 1.0e9), kv_bytes_per_token=kvb,
-        kv_capacity_tokens=eng.pool.num_blocks * eng.pool.block_size,
-        prefill_chunk_tokens=eng.config.scheduler.max_num_batched_tokens,
+        transfer=TransferCoeffs(2e-3, 1.0e9), kv_bytes_per_token=m["kvb"],
+        kv_capacity_tokens=m["capacity"], prefill_chunk_tokens=m["chunk"],
         notes=(f"Fitted by least squares from real LLMEngine timings of SmolLM2-135M on this dev machine's CPU "
-               f"(2 shared cores, torch threads {args.threads} = one Ray worker's share; load average "
+               f"(2 shared cores, torch threads {args.threads} = one Ray worker's share"
+               f"{', measured inside a Ray actor (num_cpus=1, niced like the workers)' if args.ray else ''}"
+               f"{' while a second actor prefilled nonstop (both workers busy)' if args.neighbour else ''}; load average "
                f"{load0[0]:.1f} at the start: other jobs share the cores, so noisy). Transfer: 1 GB/s + 2 ms "
                "assumed (UCX over TCP loopback order of magnitude, bench/results/transfer-cpu.md), not fitted "
                "here; bench/validate_sim.py fits it from the real cluster's transfer timings."),
@@ -127,7 +167,7 @@ def main() -> None:
                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                          text=True).stdout.strip(),
                 "command": "python " + " ".join(sys.argv), "rel_rmse": res.rel_rmse,
-                "threads": args.threads, "loadavg_start": [round(x, 2) for x in load0],
+                "threads": args.threads, "ray_actor": args.ray, "neighbour": args.neighbour, "nice": m["nice"], "loadavg_start": [round(x, 2) for x in load0],
                 "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                 "prefill_samples": [[s.seqs[0][0], s.seqs[0][1], round(s.seconds, 5)] for s in pre],
                 "decode_samples": [[s.batch, s.kv_tokens, round(s.seconds, 5)] for s in dec],

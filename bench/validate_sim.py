@@ -153,15 +153,17 @@ def summarize(rows: list[dict]) -> dict:
 
 # ---------------------------------------------------------------------- the simulator side
 def simulate(reqs: list[wl.Request], policy: str, num_prefill: int, num_decode: int, cost, slo=None,
-             chunk_tokens: int | None = None, snapshot_lag_s: float = 0.0):
+             chunk_tokens: int | None = None, engine_lock: bool = True, transfer=None):
     from bench.sim.cluster import ClusterSpec, Simulator
     from bench.simulator import make_policy
     from splitserve.router.slo_policy import SLO
     slo = slo or SLO(2.0, 0.1)
     chunk = chunk_tokens or cost.prefill_chunk_tokens   # the engine's max_num_batched_tokens
     cost = replace(cost, kv_capacity_tokens=int(KV_GIB * 2**30) // cost.kv_bytes_per_token // 16 * 16)
+    if transfer is not None:      # TransferCoeffs fitted from the real cluster's transfer timings
+        cost = replace(cost, transfer=transfer)
     spec = ClusterSpec(0 if policy == "colocated" else num_prefill, num_decode, chunk, None, max_new_tokens=None,
-                       **({"snapshot_lag_s": snapshot_lag_s} if snapshot_lag_s else {}))
+                       engine_lock=engine_lock)
     return Simulator(spec, cost, make_policy(policy, cost, slo, chunk)).run(reqs)
 
 
@@ -248,15 +250,29 @@ def main() -> None:
             rc.stop()
     res["profile"] = a.profile
     res["profile_note"] = cost.source.get("command", "") + f", fitted {cost.source.get('date', '?')}"
+    res["repeats"] = min(len(v) for v in res["real"].values())
     res["tables"] = {}
     pol, p, d = res["policy"], *map(int, res["shape"].replace("D", "").split("P+"))
-    table = {}
-    for w in names:
-        measured = median_summary(res["real"][w])
-        pred = sim_summary(simulate(WORKLOADS[w](), pol, p, d, cost))
-        table[w] = compare(measured, pred)
-    res["tables"]["simulator (" + a.profile + ")"] = table
+    tr = fit_transfer([r for run in res["real"][names[0]] for r in run["rows"]], cost.kv_bytes_per_token)
+    res["transfer_fit"] = {"from": names[0], "latency_s": round(tr.latency_s, 4), "bandwidth_Bps": round(tr.bandwidth_Bps)}
+    variants = {"A: simulator as before (no engine lock, assumed 2 ms + 1 GB/s transfer)": dict(engine_lock=False),
+                "B: + engine-loop lock on remote start/commit": dict(engine_lock=True),
+                f"C: + transfer fitted on {names[0]}'s real transfers": dict(engine_lock=True, transfer=tr)}
+    for label, kw in variants.items():
+        res["tables"][label] = {w: compare(median_summary(res["real"][w]),
+                                           sim_summary(simulate(WORKLOADS[w](), pol, p, d, cost, **kw))) for w in names}
     report(res, Path(a.out))
+
+
+def fit_transfer(rows: list[dict], kv_bytes_per_token: int):
+    """latency + bytes / bandwidth from the real remote prefills' transfer timings (D's missing tokens)."""
+    from splitserve.router.cost_model import TransferSample, fit
+    samples = [TransferSample((r["prompt_tokens"] - r["cached_tokens"]) * kv_bytes_per_token, r["transfer_s"])
+               for r in rows if r["status"] == "OK" and r.get("remote") and r["transfer_s"] > 0]
+    # transfer_s includes P's wait for its engine lock (the next forward), which the simulator models
+    # on its own (engine_lock): drop the samples over 3x the median before fitting the wire itself
+    med = statistics.median(s.seconds for s in samples)
+    return fit([s for s in samples if s.seconds <= 3 * med]).transfer
 
 
 if __name__ == "__main__":

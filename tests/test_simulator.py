@@ -80,3 +80,22 @@ def test_goodput_interpolates_the_crossing():
     pts = [{"rate": 1.0, "attainment": 1.0}, {"rate": 2.0, "attainment": 0.95}, {"rate": 3.0, "attainment": 0.85}]
     assert goodput(pts) == pytest.approx(2.5)
     assert goodput(pts[:2]) == 2.0 and goodput([{"rate": 1.0, "attainment": 0.5}]) == 0.0
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "slo_aware"])
+def test_engine_lock_delays_remote_first_tokens_only(policy):
+    """engine_lock (the real workers' engine-loop lock): a remote request's start and commit wait
+    for D's step in progress and P's push for P's next forward, so TTFT grows, nothing is lost,
+    and the cost model's prefill time is still a lower bound."""
+    cpu = load_profile("cpu-smollm2")
+    reqs = [r for r in wl.synthetic(60, 0.5, seed=5, prompt_median=160, output_median=24)]
+    from bench.simulator import make_policy
+    base, locked = (Simulator(ClusterSpec(1, 1, 2048, max_new_tokens=None, engine_lock=lock), cpu,
+                              make_policy(policy, cpu, SLO(5.0, 0.5), 2048)).run(reqs) for lock in (False, True))
+    assert len(locked.requests) == len(reqs)
+    for a, b in zip(base.requests, locked.requests):
+        assert not math.isnan(b.ttft_s) and b.ttft_s > 0
+    remote = [(a.ttft_s, b.ttft_s) for a, b in zip(base.requests, locked.requests) if a.remote and b.remote]
+    if policy == "round_robin":
+        assert len(remote) == len(reqs)
+    assert sum(b for _, b in remote) > sum(a for a, _ in remote)

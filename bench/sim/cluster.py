@@ -28,6 +28,7 @@ class ClusterSpec:
     local_chunk_tokens: int = 512          # prefill tokens a decode worker computes per step
     transfer_bw: float | None = None       # override of the profile's transfer bandwidth (B/s)
     max_new_tokens: int | None = 512       # the policy's hint (a client's max_tokens); None = true output (oracle)
+    engine_lock: bool = False              # remote start/commit wait for D's step in progress (the real engine loop)
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,11 @@ class Simulator:
     def __init__(self, spec: ClusterSpec, cost: CostModel, policy, max_events: int = 50_000_000):
         self.spec, self.cost, self.policy = spec, cost, policy
         self.index = PrefixIndex()
-        self.prefill_workers = {f"p{i:03d}": PrefillWorkerSim(f"p{i:03d}", cost, self.index, self)
+        self.prefill_workers = {f"p{i:03d}": PrefillWorkerSim(f"p{i:03d}", cost, self.index, self, spec.engine_lock)
                                 for i in range(spec.num_prefill)}
         self.decode_workers = {f"d{i:03d}": DecodeWorkerSim(f"d{i:03d}", cost, self.index, self,
-                                                            spec.local_chunk_tokens, spec.transfer_bw)
+                                                            spec.local_chunk_tokens, spec.transfer_bw,
+                                                            spec.engine_lock)
                                for i in range(spec.num_decode)}
         self._events: list = []
         self._seq = itertools.count()

@@ -53,8 +53,13 @@ def cached_tokens(blocks: int, prompt_tokens: int) -> int:
 
 class DecodeWorkerSim:
     def __init__(self, name: str, cost: CostModel, index: PrefixIndex, sim, chunk_tokens: int,
-                 transfer_bw: float | None = None):
+                 transfer_bw: float | None = None, engine_lock: bool = False):
         self.name, self.cost, self.sim, self.chunk_tokens = name, cost, sim, chunk_tokens
+        # engine_lock: the real worker serves RPCs under the engine-loop lock (engine/loop.py), so
+        # start_remote (before P may start) and commit_remote (the first token) wait for the step
+        # in progress; without it both happen at once (the original, optimistic model)
+        self.engine_lock = engine_lock
+        self.deferred: list[Flight] = []       # remote starts waiting for the lock
         self.capacity = cost.kv_capacity_tokens
         self.cache = PrefixCache(name, index, self.capacity // BLOCK_TOKENS)
         self.transfer_bw = transfer_bw
@@ -105,6 +110,9 @@ class DecodeWorkerSim:
             self.pending_tokens += f.remaining
             self.local.append(f)
             self.kick(now)
+        elif self.engine_lock and self.busy:
+            self.n_transferring += 1
+            self.deferred.append(f)
         else:
             self.n_transferring += 1
             self.sim.prefill_workers[f.prefill].enqueue(f, now)
@@ -117,7 +125,8 @@ class DecodeWorkerSim:
     def receive(self, now: float, f: Flight) -> None:
         """The request's KV is here (transfer done): first token out, join at the next step boundary."""
         self.n_transferring -= 1
-        f.t_first = now
+        if not (self.engine_lock and self.busy):   # else the commit (first token) waits for the step end
+            f.t_first = now
         if self.busy:
             self.joining.append(f)
         else:
@@ -173,8 +182,13 @@ class DecodeWorkerSim:
                 f.t_first = now
                 self._add_running(f, now)
         for f in self.joining:
+            if math.isnan(f.t_first):
+                f.t_first = now
             self._add_running(f, now)
         self.joining.clear()
+        for f in self.deferred:
+            self.sim.prefill_workers[f.prefill].enqueue(f, now)
+        self.deferred.clear()
         self._drain_prealloc(now)
         self.kick(now)
 
@@ -189,8 +203,13 @@ class DecodeWorkerSim:
 
 
 class PrefillWorkerSim:
-    def __init__(self, name: str, cost: CostModel, index: PrefixIndex, sim):
+    def __init__(self, name: str, cost: CostModel, index: PrefixIndex, sim, engine_lock: bool = False):
         self.name, self.cost, self.sim = name, cost, sim
+        # engine_lock: the real prefill worker reads a finished prompt's block ids under the engine
+        # lock before pushing; the loop thread has already started the next forward, so the push
+        # waits for that forward to end (engine/loop.py, prefill_worker.prefill)
+        self.engine_lock = engine_lock
+        self.to_push: list[Flight] = []
         self.cache = PrefixCache(name, index, cost.kv_capacity_tokens // BLOCK_TOKENS)
         self.queue: list[tuple[int, int, Flight]] = []
         self.queued_s = 0.0
@@ -234,6 +253,9 @@ class PrefillWorkerSim:
 
     def _forward_end(self, now: float, parts: list[tuple[Flight, int]]) -> None:
         self.busy = False
+        for f in self.to_push:           # done before this forward, waited for the lock
+            self._push(f, now)
+        self.to_push.clear()
         for f, n in parts:
             f.remaining -= n
             self.queued_tokens -= n
@@ -241,7 +263,14 @@ class PrefillWorkerSim:
                 self.queue.remove((f.req.priority, f.seq, f))
                 self.queued_s -= f.est_s
                 self.cache.insert(f.req.hash_ids)
-                d = self.sim.decode_workers[f.decode]
-                self.sim.at(d.transfer_end(f, now), d.receive, f)
+                self.to_push.append(f)
         heapq.heapify(self.queue)
+        if not (self.engine_lock and self.queue):   # no next forward to wait for: push now
+            for f in self.to_push:
+                self._push(f, now)
+            self.to_push.clear()
         self.kick(now)
+
+    def _push(self, f: Flight, now: float) -> None:
+        d = self.sim.decode_workers[f.decode]
+        self.sim.at(d.transfer_end(f, now), d.receive, f)
