@@ -210,6 +210,18 @@ def report(res: dict, out: Path) -> None:
                 unit = 1e3
                 lines.append(f"| {wname} | {k} (ms) | {v['measured'] * unit:.0f} | {v['predicted'] * unit:.0f} | {err} |")
         lines.append("")
+    lines += ["Real runs (p50/p90 TTFT s, p50/p90 TPOT ms, load average start-end):", ""]
+    for w, runs in res["real"].items():
+        for i, run in enumerate(runs):
+            m = run["measured"]
+            lines.append(f"- {w} run {i}: TTFT {m['ttft_p50']:.2f}/{m['ttft_p90']:.2f}, TPOT {m['tpot_p50'] * 1e3:.0f}/"
+                         f"{m['tpot_p90'] * 1e3:.0f}, load {run['loadavg_start']}-{run['loadavg_end']}, "
+                         f"{len(run['rows'])} requests, wall {run['wall_s']:.0f} s")
+    tf = res.get("transfer_fit")
+    if tf:
+        lines += ["", f"Transfer fitted on {tf['from']}'s real remote prefills (samples over 3x the median dropped: "
+                  f"those waited for P's engine lock): {tf['latency_s'] * 1e3:.0f} ms + bytes / "
+                  f"{tf['bandwidth_Bps'] / 1e9:.2f} GB/s.", ""]
     lines += res.get("notes", [])
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -225,6 +237,7 @@ def main() -> None:
     ap.add_argument("--profile", default="cpu-smollm2")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--resim", default="", help="re-simulate the real runs saved in this JSON (no cluster)")
+    ap.add_argument("--append", default="", help="add this invocation's real runs to the runs saved in this JSON")
     a = ap.parse_args()
     from splitserve.router.cost_model import load_profile
     cost = load_profile(a.profile)
@@ -235,13 +248,18 @@ def main() -> None:
         res = {"date": date.today().isoformat(), "commit": git_commit(), "command": "python " + " ".join(sys.argv),
                "machine": "2-core shared CPU VM, SmolLM2-135M fp32, 1 torch thread per worker actor",
                "policy": a.policy, "shape": f"{a.prefill}P+{a.decode}D", "repeats": a.repeats, "real": {}}
+        if a.append:
+            old = json.loads(Path(a.append).read_text())
+            res["real"] = old["real"]
+            res["command"] = old["command"] + " ; then " + res["command"]
+        first = min((len(v) for v in res["real"].values()), default=0)
         rc = RealCluster(a.policy, a.prefill, a.decode, profile=a.profile)
         res["startup_s"] = round(rc.startup_s, 1)
         try:
             rc.warm_up()
             for rep in range(a.repeats):       # interleave the workloads: contention hits both alike
                 for w in names:
-                    run = run_requests(rc, WORKLOADS[w](), token_seed=1000 * rep + len(w))
+                    run = run_requests(rc, WORKLOADS[w](), token_seed=1000 * (rep + first) + len(w))
                     run["measured"] = summarize(run["rows"])
                     res["real"].setdefault(w, []).append(run)
                     print(w, rep, run["measured"], f"load {run['loadavg_start']}->{run['loadavg_end']}", flush=True)
