@@ -153,7 +153,8 @@ def summarize(rows: list[dict]) -> dict:
 
 # ---------------------------------------------------------------------- the simulator side
 def simulate(reqs: list[wl.Request], policy: str, num_prefill: int, num_decode: int, cost, slo=None,
-             chunk_tokens: int | None = None, engine_lock: bool = True, transfer=None):
+             chunk_tokens: int | None = None, engine_lock: bool = True, transfer=None, solo=None,
+             push_waits: bool = False):
     from bench.sim.cluster import ClusterSpec, Simulator
     from bench.simulator import make_policy
     from splitserve.router.slo_policy import SLO
@@ -163,7 +164,7 @@ def simulate(reqs: list[wl.Request], policy: str, num_prefill: int, num_decode: 
     if transfer is not None:      # TransferCoeffs fitted from the real cluster's transfer timings
         cost = replace(cost, transfer=transfer)
     spec = ClusterSpec(0 if policy == "colocated" else num_prefill, num_decode, chunk, None, max_new_tokens=None,
-                       engine_lock=engine_lock)
+                       engine_lock=engine_lock, push_waits_forward=push_waits, solo_cost=solo and replace(solo, kv_capacity_tokens=cost.kv_capacity_tokens))
     return Simulator(spec, cost, make_policy(policy, cost, slo, chunk)).run(reqs)
 
 
@@ -234,13 +235,14 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workloads", default="short_chat,long_multi_turn")
-    ap.add_argument("--profile", default="cpu-smollm2")
+    ap.add_argument("--profile", default="cpu-smollm2-shared", help="speed with both workers busy")
+    ap.add_argument("--solo-profile", default="cpu-smollm2", help="speed with the other worker idle")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--resim", default="", help="re-simulate the real runs saved in this JSON (no cluster)")
     ap.add_argument("--append", default="", help="add this invocation's real runs to the runs saved in this JSON")
     a = ap.parse_args()
     from splitserve.router.cost_model import load_profile
-    cost = load_profile(a.profile)
+    cost, solo = load_profile(a.profile), load_profile(a.solo_profile)
     names = a.workloads.split(",")
     if a.resim:
         res = json.loads(Path(a.resim).read_text())
@@ -273,12 +275,20 @@ def main() -> None:
     pol, p, d = res["policy"], *map(int, res["shape"].replace("D", "").split("P+"))
     tr = fit_transfer([r for run in res["real"][names[0]] for r in run["rows"]], cost.kv_bytes_per_token)
     res["transfer_fit"] = {"from": names[0], "latency_s": round(tr.latency_s, 4), "bandwidth_Bps": round(tr.bandwidth_Bps)}
-    variants = {"A: simulator as before (no engine lock, assumed 2 ms + 1 GB/s transfer)": dict(engine_lock=False),
-                "B: + engine-loop lock on remote start/commit": dict(engine_lock=True),
-                f"C: + transfer fitted on {names[0]}'s real transfers": dict(engine_lock=True, transfer=tr)}
+    variants = {
+        f"A: simulator as it was, {a.solo_profile} (solo speed), no engine lock, assumed 2 ms + 1 GB/s transfer":
+            dict(engine_lock=False, cost=solo),
+        f"B: A with {a.profile} (speed with both workers busy)": dict(engine_lock=False),
+        "C: B + engine-loop lock (remote start/commit wait for D's step in progress)": dict(engine_lock=True),
+        f"D: C + transfer fitted on {names[0]}'s real transfers": dict(engine_lock=True, transfer=tr),
+        f"E: D + CPU sharing (a step runs at {a.solo_profile} speed when the other worker is idle, else "
+        f"{a.profile})": dict(engine_lock=True, transfer=tr, solo=solo),
+        "F: E + P's push always waits for P's next forward (the lock race always lost)":
+            dict(engine_lock=True, transfer=tr, solo=solo, push_waits=True)}
     for label, kw in variants.items():
+        kw = {"cost": cost, **kw}
         res["tables"][label] = {w: compare(median_summary(res["real"][w]),
-                                           sim_summary(simulate(WORKLOADS[w](), pol, p, d, cost, **kw))) for w in names}
+                                           sim_summary(simulate(WORKLOADS[w](), pol, p, d, **kw))) for w in names}
     report(res, Path(a.out))
 
 

@@ -29,6 +29,11 @@ class ClusterSpec:
     transfer_bw: float | None = None       # override of the profile's transfer bandwidth (B/s)
     max_new_tokens: int | None = 512       # the policy's hint (a client's max_tokens); None = true output (oracle)
     engine_lock: bool = False              # remote start/commit wait for D's step in progress (the real engine loop)
+    push_waits_forward: bool = False       # P's push waits for P's next forward (when the lock race is lost)
+    # CPU sharing (workers sharing cores, as the 2-core dev VM): a step or forward started while no
+    # other worker is busy runs at `solo_cost`'s speed, else at the main cost model's (measured with
+    # the neighbours busy). None: every step at the main model's speed (dedicated accelerators).
+    solo_cost: CostModel | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ class Simulator:
     def __init__(self, spec: ClusterSpec, cost: CostModel, policy, max_events: int = 50_000_000):
         self.spec, self.cost, self.policy = spec, cost, policy
         self.index = PrefixIndex()
-        self.prefill_workers = {f"p{i:03d}": PrefillWorkerSim(f"p{i:03d}", cost, self.index, self, spec.engine_lock)
+        self.prefill_workers = {f"p{i:03d}": PrefillWorkerSim(f"p{i:03d}", cost, self.index, self, spec.push_waits_forward)
                                 for i in range(spec.num_prefill)}
         self.decode_workers = {f"d{i:03d}": DecodeWorkerSim(f"d{i:03d}", cost, self.index, self,
                                                             spec.local_chunk_tokens, spec.transfer_bw,
@@ -94,6 +99,13 @@ class Simulator:
         self.max_events = max_events
         if not self.decode_workers:
             raise ValueError("a cluster needs at least one decode worker")
+
+    def step_cost(self, me) -> CostModel:
+        """The cost model timing a step `me` starts now (see ClusterSpec.solo_cost)."""
+        if self.spec.solo_cost is None:
+            return self.cost
+        others = itertools.chain(self.prefill_workers.values(), self.decode_workers.values())
+        return self.cost if any(w.busy for w in others if w is not me) else self.spec.solo_cost
 
     def at(self, t: float, fn: Callable, *args) -> None:
         heapq.heappush(self._events, (t, next(self._seq), fn, args))

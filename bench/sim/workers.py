@@ -160,7 +160,7 @@ class DecodeWorkerSim:
             pairs += CostModel.pairs(n, f.req.prompt_tokens - f.remaining)
             parts.append((f, n))
             budget -= n
-        dt = self.cost.mixed_step_time(self.n_running, self.kv_sum, self.chunk_tokens - budget, pairs)
+        dt = self.sim.step_cost(self).mixed_step_time(self.n_running, self.kv_sum, self.chunk_tokens - budget, pairs)
         self.busy = True
         self.steps += 1
         self.busy_s += dt
@@ -246,7 +246,7 @@ class PrefillWorkerSim:
             pairs += CostModel.pairs(n, f.req.prompt_tokens - f.remaining)
             parts.append((f, n))
             budget -= n
-        dt = self.cost.prefill_forward_time(self.cost.prefill_chunk_tokens - budget, pairs)
+        dt = self.sim.step_cost(self).prefill_forward_time(self.cost.prefill_chunk_tokens - budget, pairs)
         self.busy, self.busy_until = True, now + dt
         self.busy_s += dt
         self.sim.at(now + dt, self._forward_end, parts)
