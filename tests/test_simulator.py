@@ -99,3 +99,23 @@ def test_engine_lock_delays_remote_first_tokens_only(policy):
     if policy == "round_robin":
         assert len(remote) == len(reqs)
     assert sum(b for _, b in remote) > sum(a for a, _ in remote)
+
+
+def test_solo_cost_runs_lone_steps_at_solo_speed():
+    """solo_cost (workers sharing CPU cores): identical to the plain model when solo == shared, and a
+    faster solo speed only shortens latencies."""
+    import dataclasses
+    shared = load_profile("cpu-smollm2-shared")
+    solo = load_profile("cpu-smollm2")
+    reqs = wl.synthetic(40, 0.3, seed=9, prompt_median=160, output_median=24)
+    from bench.simulator import make_policy
+
+    def run(s):
+        spec = ClusterSpec(1, 1, 2048, max_new_tokens=None, solo_cost=s)
+        return Simulator(spec, shared, make_policy("round_robin", shared, SLO(5.0, 0.5))).run(reqs)
+    plain, same, fast = run(None), run(shared), run(dataclasses.replace(solo, kv_capacity_tokens=shared.kv_capacity_tokens))
+    assert [r.ttft_s for r in plain.requests] == [r.ttft_s for r in same.requests]
+    assert sum(r.ttft_s for r in fast.requests) < sum(r.ttft_s for r in plain.requests)
+    assert sum(r.tpot_s for r in fast.requests) < sum(r.tpot_s for r in plain.requests)
+    assert fast.requests[0].ttft_s == pytest.approx(solo.prefill_time(reqs[0].prompt_tokens) +
+                                                     solo.transfer_time(reqs[0].prompt_tokens), rel=1e-6)
