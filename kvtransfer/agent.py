@@ -65,6 +65,7 @@ class TransferAgent:
         self._rx_status: dict[int, TransferFSM] = {}
         self._attempts: dict[int, RecvAttempt] = {}
         self._tombstones: dict[int, float] = {}
+        self.rx_traces: dict[int, list] = {}   # lease -> last attempt's trace (benchmarks)
         self.self_test_report: SelfTestReport | None = None
         self._stream = torch.cuda.Stream(kv.device) if kv.is_cuda else None
         # torch work (gather, scatter, checksums) runs here, off the loop thread
@@ -265,6 +266,7 @@ class TransferAgent:
         asyncio.ensure_future(self._begin(peer, msg))
 
     async def _begin(self, peer: Peer, msg: dict) -> None:
+        t_begin = time.perf_counter()
         lease_id, epoch, xid = msg["lease"], msg["epoch"], msg["xid"]
         lease = self.leases.get(lease_id)
         why = None
@@ -290,12 +292,17 @@ class TransferAgent:
         attempt.xid = xid
         self._attempts[lease_id] = attempt
         attempt.started = time.perf_counter()
+        attempt.trace.append(("begin_rx", t_begin))
+        self.rx_traces[lease_id] = attempt.trace
+        while len(self.rx_traces) > 64:
+            del self.rx_traces[next(iter(self.rx_traces))]
         if not attempt.post_all():
             await attempt.abort("lease resolved while posting receives")
             await peer.send(encode("reject", xid=xid, lease=lease_id, epoch=epoch,
                                     reason=fsm.poll().reason))
             return
         fsm.to(TransferState.TRANSFERRING)
+        attempt.trace.append(("posted", time.perf_counter()))
         await peer.send(encode("ready", xid=xid, lease=lease_id, epoch=epoch))
 
     def _on_complete(self, peer: Peer, msg: dict) -> None:
@@ -305,6 +312,8 @@ class TransferAgent:
         lease_id, epoch, xid = msg["lease"], msg["epoch"], msg["xid"]
         attempt = self._attempts.get(lease_id)
         lease = self.leases.get(lease_id)
+        if attempt is not None:
+            attempt.trace.append(("complete_rx", time.perf_counter()))
         if attempt is None or attempt.epoch != epoch or attempt.ep is not peer.ep:
             why = (f"stale epoch {epoch} (lease {lease_id} is at epoch {lease.epoch})"
                    if lease is not None and lease.epoch != epoch
@@ -329,6 +338,7 @@ class TransferAgent:
         metrics.bytes_total().labels(direction="rx").inc(attempt.bytes)
         metrics.transfer_seconds().labels(side=side).observe(time.perf_counter() - attempt.started)
         metrics.leases_live().set(self.leases.live_count())
+        attempt.trace.append(("ack_send", time.perf_counter()))
         await peer.send(encode("ack", xid=xid, lease=lease_id, epoch=epoch))
 
     def _on_cancel(self, peer: Peer, msg: dict) -> None:

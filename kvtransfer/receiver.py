@@ -19,6 +19,7 @@ All methods run on the agent's event loop thread.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,6 +54,8 @@ class RecvAttempt:
             if plan.staged_idx else []
         self.rx_scales = (torch.empty_like(agent.scales) if agent.scales is not None else None)
         self.bytes = 0
+        # benchmarks: (event, absolute perf_counter) on this side; comparable across processes
+        self.trace: list[tuple[str, float]] = []
 
     # ---- posting -------------------------------------------------------------------------
     def post_all(self) -> bool:
@@ -89,6 +92,7 @@ class RecvAttempt:
     async def _finish(self, tag: int, req, nbytes: int, staged: tuple | None) -> None:
         try:
             await req.wait()
+            self.trace.append((f"recv {tag & 0x3FFFFFFF:#x}", time.perf_counter()))
             if not self.aborted:
                 self.bytes += nbytes
                 if staged is not None:   # still inside this receive's admitted write
@@ -123,8 +127,10 @@ class RecvAttempt:
             return "attempt was aborted"
         if self.errors:
             return self.errors[0]
+        self.trace.append(("recvs_done", time.perf_counter()))
         ours = await asyncio.get_running_loop().run_in_executor(self.agent.executor,
                                                                 self._checksums)
+        self.trace.append(("checksummed", time.perf_counter()))
         if len(checksums) != len(ours):
             return f"completion has {len(checksums)} layer checksums, expected {len(ours)}"
         bad = [l for l, (a, b) in enumerate(zip(ours, checksums)) if a != b]

@@ -58,7 +58,7 @@ class KVSender:
         self.reply: asyncio.Future | None = None    # set by the agent's control loop
         self.cancel_ack: asyncio.Future | None = None
         self.bytes_sent = 0
-        # timings for benchmarks: (phase, seconds since open), executor and send-call totals
+        # timings for benchmarks: (phase, absolute perf_counter), executor and send-call totals
         self.trace: list[tuple[str, float]] = []
         self.prep_s = 0.0
         self.send_s = 0.0
@@ -104,6 +104,9 @@ class KVSender:
         return (self.finished_at or time.perf_counter()) - self.started
 
     # ---- loop side ---------------------------------------------------------------------------
+    def _t(self, what: str) -> None:
+        self.trace.append((what, time.perf_counter()))
+
     def _mark_ready(self, layer: int, ev) -> None:
         self._events[layer] = ev
         self._layer_ready.setdefault(layer, asyncio.Event()).set()
@@ -128,29 +131,32 @@ class KVSender:
 
     async def _transfer(self):
         h = self.handoff
+        self._t("open")
         peer = await self.agent.peer((h.host, h.port))
         self.reply = asyncio.get_running_loop().create_future()
         peer.senders[self.xid] = self
         await peer.send(encode("begin", xid=self.xid, lease=h.lease_id, epoch=h.epoch, src=self.src_ids,
                                dst_digest=ids_digest(h.block_ids)))
+        self._t("begin_sent")
         msg = await self.reply
         if msg["t"] != "ready":
             raise RuntimeError(f"decode worker refused the transfer: {msg.get('reason')}")
         self.fsm.to(TransferState.TRANSFERRING)
-        self.trace.append(("ready", time.perf_counter() - self.started))
+        self._t("ready")
         sends, checksums = await self._send_layers(peer)
-        self.trace.append(("posted", time.perf_counter() - self.started))
+        self._t("posted")
         self.trace += [("prep_total", self.prep_s), ("send_calls", self.send_s)]
         await asyncio.gather(*sends)
-        self.trace.append(("sent", time.perf_counter() - self.started))
+        self._t("sent")
         sums = [int(x) for x in torch.stack(checksums).tolist()]
         self.reply = asyncio.get_running_loop().create_future()
         completion = {"xid": self.xid, "lease": h.lease_id, "epoch": h.epoch, "checksums": sums}
         if self.complete_hook is not None:
             completion = self.complete_hook(completion)
+        self._t("sums")
         await peer.send(encode("complete", **completion))
         msg = await self.reply
-        self.trace.append(("acked", time.perf_counter() - self.started))
+        self._t("acked")
         if msg["t"] != "ack":
             raise RuntimeError(f"decode worker rejected the completion: {msg.get('reason')}")
         self.fsm.to(TransferState.SUCCESS)
@@ -182,8 +188,10 @@ class KVSender:
                     stagings.append(pool.staging_tensor(kv, len(plan.staged_idx)))
                 else:
                     stagings.append(None)
+            self._t(f"prep {batch[0]}-{batch[-1]}")
             checksums += await loop.run_in_executor(
                 self.agent.executor, self._prepare_layers, batch, src_staged, stagings, src_all)
+            self._t(f"prepped {batch[0]}-{batch[-1]}")
             for l, staging in zip(batch, stagings):
                 for m, d in enumerate(plan.direct):
                     sends.append(self._send(peer, pool.direct_view(kv, l, d.kv, d.run.src0, d.run.n),
@@ -226,6 +234,7 @@ class KVSender:
         async def done():
             try:
                 await req.wait()
+                self._t(f"sent {layer}.{msg}")
                 self.bytes_sent += arr.nbytes
             finally:
                 if window is not None:

@@ -182,7 +182,10 @@ class PoolWorker:
         s.push_all()
         st = s.wait(timeout)
         return {"state": st.state.value, "reason": st.reason, "seconds": time.perf_counter() - t0,
-                "trace": s.trace}
+                "t0": t0, "trace": s.trace, "prep_s": s.prep_s, "send_s": s.send_s}
+
+    def rx_trace(self, lease_id: int) -> list:
+        return list(self.agent.rx_traces.get(lease_id, []))
 
     def overlapped_send(self, handoff: dict, src: list[int], tokens: int, hidden: int,
                         ffn: int, timeout: float = 300.0) -> dict:
