@@ -68,6 +68,7 @@ class TransferAgent:
         self.rx_traces: dict[int, list] = {}   # lease -> last attempt's trace (benchmarks)
         self.self_test_report: SelfTestReport | None = None
         self._stream = torch.cuda.Stream(kv.device) if kv.is_cuda else None
+        self.staging = pool.BufferPool(kv)   # staging buffers reused across layers/transfers
         # torch work (gather, scatter, checksums) runs here, off the loop thread
         self.executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kvtransfer-torch")
         self.loop = asyncio.new_event_loop()

@@ -26,6 +26,7 @@ PROTOCOL_VERSION = 1
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8_e4m3": 1, "uint8": 1}
 MAX_LAYERS = 1 << 10        # tag field widths, see wire.data_tag
 MAX_MSGS_PER_LAYER = 1 << 22
+STAGING_BUDGET = 64 << 20   # bytes of staged layers a transfer may keep in flight per side
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,15 @@ class TransferPlan:
     @property
     def scales_msg(self) -> int:
         return len(self.direct) + (1 if self.staged_idx else 0)
+
+    def staging_window(self, staging_layers: int) -> int:
+        """Staged layers in flight (sender buffers, receiver ring): `staging_layers`, or more
+        while they fit in STAGING_BUDGET (small transfers then post every receive up front, with
+        no re-post round trip per layer). Both sides derive the same value."""
+        L = self.layout.num_layers
+        if not self.staged_idx:
+            return L
+        return min(L, max(staging_layers, STAGING_BUDGET // self.staged_bytes))
 
     @property
     def total_bytes(self) -> int:

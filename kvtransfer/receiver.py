@@ -49,10 +49,15 @@ class RecvAttempt:
         self.drained = asyncio.Event()
         kv = agent.kv
         self.dst_idx = pool.index_tensor([plan.dst_ids[i] for i in plan.staged_idx], kv.device)
-        w = min(agent.config.staging_layers, plan.layout.num_layers)
-        self.ring = [pool.staging_tensor(kv, len(plan.staged_idx)) for _ in range(w)] \
+        w = plan.staging_window(agent.config.staging_layers)
+        self.ring = [agent.staging.get(len(plan.staged_idx)) for _ in range(w)] \
             if plan.staged_idx else []
         self.rx_scales = (torch.empty_like(agent.scales) if agent.scales is not None else None)
+        # per-layer checksums of the destination blocks, computed as soon as all of a layer's
+        # messages have landed (and been scattered), while later layers are still in flight
+        self.sums = pool.Checksummer(kv, plan.dst_ids, self.rx_scales)
+        self.left = [plan.msgs_per_layer] * plan.layout.num_layers
+        self.layer_sums: list[int | None] = [None] * plan.layout.num_layers
         self.bytes = 0
         # benchmarks: (event, absolute perf_counter) on this side; comparable across processes
         self.trace: list[tuple[str, float]] = []
@@ -84,23 +89,33 @@ class RecvAttempt:
         tag = data_tag(self.tag_key, layer, msg)
         arr = buf if isinstance(buf, Array) else Array(buf)
         req = self.ep._ep.tag_recv(arr, Tag(tag), TagMaskFull)
-        fut = asyncio.ensure_future(self._finish(tag, req, arr.nbytes, staged))
+        fut = asyncio.ensure_future(self._finish(tag, layer, req, arr.nbytes, staged))
         self.pending[tag] = fut
         self.tasks.append(fut)
         return True
 
-    async def _finish(self, tag: int, req, nbytes: int, staged: tuple | None) -> None:
+    async def _finish(self, tag: int, layer: int, req, nbytes: int, staged: tuple | None) -> None:
+        loop = asyncio.get_running_loop()
         try:
             await req.wait()
             self.trace.append((f"recv {tag & 0x3FFFFFFF:#x}", time.perf_counter()))
             if not self.aborted:
                 self.bytes += nbytes
                 if staged is not None:   # still inside this receive's admitted write
-                    await asyncio.get_running_loop().run_in_executor(
-                        self.agent.executor, self._scatter, *staged)
+                    last = self.left[layer] == 1   # the layer's other messages all landed
+                    s = await loop.run_in_executor(self.agent.executor, self._scatter, *staged, last)
                     nxt = staged[0] + len(self.ring)
                     if nxt < self.plan.layout.num_layers and not self._post_staged(nxt):
                         self.errors.append(f"lease refused the staged receive of layer {nxt}")
+                    self.left[layer] -= 1
+                    if not last and self.left[layer] == 0 and not self.aborted:
+                        s = await loop.run_in_executor(self.agent.executor, self._layer_sum, layer)
+                else:
+                    self.left[layer] -= 1
+                    s = (await loop.run_in_executor(self.agent.executor, self._layer_sum, layer)
+                         if self.left[layer] == 0 else None)
+                if self.left[layer] == 0:
+                    self.layer_sums[layer] = s
         except Exception as e:   # cancelled by UCX (peer died) or plugged after abort
             if not self.aborted:
                 self.errors.append(f"receive {tag:#x} failed: {e!r}")
@@ -110,12 +125,26 @@ class RecvAttempt:
             if self.aborted and not self.pending:
                 self.drained.set()
 
-    def _scatter(self, layer: int, slot: torch.Tensor) -> None:
-        """Off the loop: scatter one staged bundle into the blocks. Runs inside the receive's
+    def _scatter(self, layer: int, slot: torch.Tensor, checksum: bool) -> int | None:
+        """Off the loop: scatter one staged bundle into the blocks (and, if it was the layer's
+        last message, checksum the layer's destination blocks). Runs inside the receive's
         admitted write, so the lease cannot free the blocks under it."""
         with self.agent.side_stream():
             pool.scatter_staged(self.agent.kv, layer, self.dst_idx, slot)
-        self.agent.sync_side_stream()   # the slot is re-posted right after
+            s = self.sums.layer(layer) if checksum else None
+            self.agent.sync_side_stream()   # the slot is re-posted right after
+            return None if s is None else int(s)
+
+    def _layer_sum(self, layer: int) -> int:
+        """Checksum of one layer's destination blocks (end to end: what the blocks now hold)."""
+        with self.agent.side_stream():
+            return int(self.sums.layer(layer))
+
+    def release_ring(self) -> None:
+        """All receives have ended (verified or drained): the ring buffers go back to the pool."""
+        ring, self.ring = self.ring, []
+        for t in ring:
+            self.agent.staging.put(t)
 
     # ---- completion ----------------------------------------------------------------------
     async def verify(self, checksums: list[int]) -> str | None:
@@ -123,13 +152,16 @@ class RecvAttempt:
         while self.tasks:
             batch, self.tasks = self.tasks, []
             await asyncio.gather(*batch, return_exceptions=True)
+        if not self.pending:   # no receive can still write into the ring
+            self.release_ring()
         if self.aborted:
             return "attempt was aborted"
         if self.errors:
             return self.errors[0]
         self.trace.append(("recvs_done", time.perf_counter()))
-        ours = await asyncio.get_running_loop().run_in_executor(self.agent.executor,
-                                                                self._checksums)
+        ours = self.layer_sums
+        if any(x is None for x in ours):
+            return "a layer's messages did not all land"
         self.trace.append(("checksummed", time.perf_counter()))
         if len(checksums) != len(ours):
             return f"completion has {len(checksums)} layer checksums, expected {len(ours)}"
@@ -139,10 +171,6 @@ class RecvAttempt:
         if self.rx_scales is not None and not torch.equal(self.rx_scales, self.agent.scales):
             return "FP8 scales differ from this pool's scales (KV quantized differently)"
         return None
-
-    def _checksums(self) -> list[int]:
-        with self.agent.side_stream():
-            return pool.plan_checksums(self.agent.kv, self.plan, self.plan.dst_ids, self.rx_scales)
 
     # ---- abort ---------------------------------------------------------------------------
     async def abort(self, reason: str) -> None:
@@ -156,6 +184,7 @@ class RecvAttempt:
                 self.drained.set()
             self.agent.tombstone(self.tag_key)
         await self.drained.wait()
+        self.release_ring()
 
     @property
     def state(self) -> TransferState:

@@ -143,12 +143,11 @@ class KVSender:
             raise RuntimeError(f"decode worker refused the transfer: {msg.get('reason')}")
         self.fsm.to(TransferState.TRANSFERRING)
         self._t("ready")
-        sends, checksums = await self._send_layers(peer)
+        sends, sum_futs = await self._send_layers(peer)
         self._t("posted")
-        self.trace += [("prep_total", self.prep_s), ("send_calls", self.send_s)]
         await asyncio.gather(*sends)
         self._t("sent")
-        sums = [int(x) for x in torch.stack(checksums).tolist()]
+        sums = [int(x) for batch in await asyncio.gather(*sum_futs) for x in batch]
         self.reply = asyncio.get_running_loop().create_future()
         completion = {"xid": self.xid, "lease": h.lease_id, "epoch": h.epoch, "checksums": sums}
         if self.complete_hook is not None:
@@ -163,55 +162,57 @@ class KVSender:
         return peer
 
     async def _send_layers(self, peer):
-        """Post every layer's sends as soon as it is pushed. Layers that are ready together are
-        prepared (gather + checksum) in one executor call: a hop costs ~1-3 ms of wake-up latency
-        on a busy host, more than a layer's data takes on cuda_ipc."""
+        """Post every layer's sends as soon as it is pushed. Per batch of layers that are ready
+        together: one executor hop waits for their KV (CUDA event) and gathers the staged regions
+        into pooled buffers; the sends are posted right away; the checksums are computed in a
+        second hop *after* the sends are posted (off the send's critical path; staged regions
+        are summed from the gathered buffer, a contiguous read, instead of a second gather)."""
         kv, plan, loop = self.agent.kv, self.plan, asyncio.get_running_loop()
-        src_all = pool.index_tensor(self.src_ids, kv.device)
         src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
-        self._runs = pool.ids_runs(self.src_ids)
-        cap = self.agent.config.staging_layers if plan.staged_idx else plan.layout.num_layers
-        window = asyncio.Semaphore(self.agent.config.staging_layers)
+        self._sums = pool.Checksummer(kv, self.src_ids, self.agent.scales, plan.staged_idx)
+        win = plan.staging_window(self.agent.config.staging_layers)
+        window = asyncio.Semaphore(win)
         sends: list = []
-        checksums: list[torch.Tensor] = []
+        sum_futs: list = []
         layer, L = 0, plan.layout.num_layers
         while layer < L:
             await self._layer_ready.setdefault(layer, asyncio.Event()).wait()
             batch = [layer]
-            while (len(batch) < cap and batch[-1] + 1 < L
+            while (len(batch) < win and batch[-1] + 1 < L
                    and self._layer_ready.get(batch[-1] + 1, asyncio.Event()).is_set()):
                 batch.append(batch[-1] + 1)
             stagings = []
             for _ in batch:
                 if plan.staged_idx:
                     await window.acquire()
-                    stagings.append(pool.staging_tensor(kv, len(plan.staged_idx)))
+                    stagings.append(self.agent.staging.get(len(plan.staged_idx)))
                 else:
                     stagings.append(None)
             self._t(f"prep {batch[0]}-{batch[-1]}")
-            checksums += await loop.run_in_executor(
-                self.agent.executor, self._prepare_layers, batch, src_staged, stagings, src_all)
+            await loop.run_in_executor(self.agent.executor, self._prepare_layers, batch,
+                                       src_staged, stagings)
             self._t(f"prepped {batch[0]}-{batch[-1]}")
             for l, staging in zip(batch, stagings):
                 for m, d in enumerate(plan.direct):
                     sends.append(self._send(peer, pool.direct_view(kv, l, d.kv, d.run.src0, d.run.n),
                                             l, m, None))
-                if staging is not None:
-                    sends.append(self._send(peer, pool.as_buffer(staging), l, plan.staged_msg,
-                                            window))
                 if self.agent.scales is not None:
                     sends.append(self._send(peer, pool.as_buffer(self.agent.scales[l]), l,
                                             plan.scales_msg, None))
+            sum_fut = loop.run_in_executor(self.agent.executor, self._checksum_layers, batch, stagings)
+            sum_futs.append(sum_fut)
+            for l, staging in zip(batch, stagings):
+                if staging is not None:
+                    sends.append(self._send(peer, pool.as_buffer(staging), l, plan.staged_msg,
+                                            window, (staging, sum_fut)))
             layer = batch[-1] + 1
-        return sends, checksums
+        return sends, sum_futs
 
-    def _prepare_layers(self, layers: list[int], staged_idx: torch.Tensor, stagings: list,
-                        all_idx: torch.Tensor) -> list[torch.Tensor]:
+    def _prepare_layers(self, layers: list[int], staged_idx: torch.Tensor, stagings: list) -> None:
         """Off the loop thread: wait for each layer's KV (its CUDA event, on the agent's side
-        stream, so the forward on the main stream is not blocked), gather the staged regions
-        and checksum the layer; one stream sync at the end makes direct sends safe too."""
+        stream, so the forward on the main stream is not blocked) and gather the staged regions;
+        one stream sync at the end makes all sends of these layers safe."""
         t0 = time.perf_counter()
-        out = []
         with self.agent.side_stream():
             for layer, staging in zip(layers, stagings):
                 ev = self._events.get(layer)
@@ -219,25 +220,44 @@ class KVSender:
                     torch.cuda.current_stream().wait_event(ev)
                 if staging is not None:
                     pool.gather_staged(self.agent.kv, layer, staged_idx, staging)
-                out.append(pool.layer_checksum(self.agent.kv, layer, all_idx, self.agent.scales,
-                                               self._runs))
             self.agent.sync_side_stream()
         self.prep_s += time.perf_counter() - t0
+
+    def _checksum_layers(self, layers: list[int], stagings: list) -> list:
+        """Off the loop thread, while the layers' sends are in flight (reads only)."""
+        with self.agent.side_stream():
+            out = [self._sums.layer(l, s) for l, s in zip(layers, stagings)]
+            # CUDA: the staging buffers go back to the pool after this, so the sums must be done
+            self.agent.sync_side_stream()
         return out
 
-    def _send(self, peer, buf, layer: int, msg: int, window: asyncio.Semaphore | None):
+    def _send(self, peer, buf, layer: int, msg: int, window: asyncio.Semaphore | None,
+              staging: tuple | None = None):
         t0 = time.perf_counter()
         arr = Array(buf)
         req = peer.ep._ep.tag_send(arr, Tag(data_tag(self.handoff.tag_key, layer, msg)))
         self.send_s += time.perf_counter() - t0
 
         async def done():
+            ok = False
             try:
                 await req.wait()
+                ok = True
                 self._t(f"sent {layer}.{msg}")
                 self.bytes_sent += arr.nbytes
             finally:
-                if window is not None:
+                if staging is not None:
+                    buf_t, sum_fut = staging
+
+                    def release(_=None):
+                        if ok:   # UCX is done with it (a failed/cancelled send: not reused)
+                            self.agent.staging.put(buf_t)
+                        window.release()
+                    if sum_fut.done():
+                        release()
+                    else:
+                        sum_fut.add_done_callback(release)
+                elif window is not None:
                     window.release()
         return asyncio.ensure_future(done())
 
