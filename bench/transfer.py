@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="repetitions (4096 blocks: 1 on cpu)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--overlap-blocks", type=int, default=256)
+    ap.add_argument("--tag", default="", help="results file suffix: transfer-<device>-<tag>")
     args = ap.parse_args()
     from splitserve.kvtransfer.testing import spawn_worker
 
@@ -88,13 +89,16 @@ def main() -> None:
                 dst, src = list(range(n)), list(range(n))
             else:
                 dst, src = rnd.sample(range(nb), n), rnd.sample(range(nb), n)
-            times = []
+            times, phases = [], {}
             for r in range(reps + 1):
                 h = d.call("reserve", ids=dst)
                 res = p.call("timed_send", h, src, timeout=900)
                 if res["state"] != "success":
                     raise SystemExit(f"transfer failed: {res}")
                 assert d.call("wait_lease", h["lease_id"], 60)[0] == "success"
+                if r > 0:
+                    for k, v in phase_times(res, d.call("rx_trace", h["lease_id"])).items():
+                        phases.setdefault(k, []).append(v)
                 if r == 0 and n <= 256:
                     assert d.call("digest", dst) == p.call("digest", src), "bytes differ"
                 d.call("release_completed", dst)
@@ -102,7 +106,8 @@ def main() -> None:
             t = statistics.median(times[1:])
             row = {"blocks": n, "pattern": pattern, "bytes": nbytes, "paged_s": t, "raw_s": raw_s,
                    "paged_gbps": nbytes / t / 1e9, "raw_gbps": nbytes / raw_s / 1e9,
-                   "ratio": raw_s / t, "reps": reps}
+                   "ratio": raw_s / t, "reps": reps,
+                   "phases_ms": {k: round(statistics.median(v), 3) for k, v in phases.items()}}
             rows.append(row)
             print(f"{n:5d} blocks {pattern:10s} {nbytes / MIB:8.0f} MiB  paged {t * 1e3:9.2f} ms "
                   f"{row['paged_gbps']:8.2f} GB/s | raw {raw_s * 1e3:9.2f} ms "
@@ -114,13 +119,15 @@ def main() -> None:
     h = d.call("reserve", ids=rnd.sample(range(nb), n))
     ov = p.call("overlapped_send", h, rnd.sample(range(nb), n), tokens, hidden, ffn, timeout=900)
     ov.update(blocks=n, tokens=tokens, hidden=hidden, ffn=ffn, pattern="scattered")
+    ov["phases_ms"] = phase_times(ov, d.call("rx_trace", h["lease_id"]))
+    ov.pop("trace", None)
     print(f"overlap: {n} blocks, layer {ov['layer_s'] * 1e3:.2f} ms, exposed after last layer "
           f"{ov['exposed_s'] * 1e3:.2f} ms ({ov['exposed_s'] / ov['layer_s']:.2f} layers); "
           f"forward {ov['compute_only_s'] * 1e3:.1f} ms alone vs "
           f"{ov['forward_with_transfer_s'] * 1e3:.1f} ms with transfer; {ov['state']}", flush=True)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-              "device": args.device, "self_test": d.call("self_test"), "rows": rows,
+              "device": args.device, "tag": args.tag, "self_test": d.call("self_test"), "rows": rows,
               "overlap": ov, "layout": layout, "peer_transports": p.call("peer_transports")}
     print("prefill->decode endpoint transports:", report["peer_transports"], flush=True)
     d.close()
@@ -128,9 +135,25 @@ def main() -> None:
     write(report, Path(args.out))
 
 
+PHASES = ("P begin_sent", "D begin_rx", "D posted", "P ready", "P prepped", "P posted", "P sent",
+          "P sums", "D complete_rx", "D recvs_done", "D ack_send", "P acked")
+
+
+def phase_times(res: dict, rx: list) -> dict:
+    """ms from the transfer's start (t0: open; overlapped run: the last layer's push) to the
+    last occurrence of each phase, on the sender (P) and receiver (D)."""
+    out = {}
+    ev = [("P " + k, t) for k, t in res.get("trace", [])] + [("D " + k, t) for k, t in rx]
+    for k, t in ev:
+        key = " ".join(k.split()[:2])
+        if key in PHASES:
+            out[key] = max(out.get(key, -1e9), (t - res["t0"]) * 1e3)
+    return {k: round(out[k], 3) for k in PHASES if k in out}
+
+
 def write(rep: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"transfer-{rep['device']}"
+    stem = out / (f"transfer-{rep['device']}" + (f"-{rep['tag']}" if rep.get("tag") else ""))
     stem.with_suffix(".json").write_text(json.dumps(rep, indent=1))
     lines = [f"# KV transfer, {rep['device']} ({rep['date']}, commit {rep['commit']})", "",
              f"Command: `python bench/{rep['command']}`  ",
@@ -149,6 +172,17 @@ def write(rep: dict, out: Path) -> None:
               f"exposed transfer after the last layer {ov['exposed_s'] * 1e3:.2f} ms "
               f"= {ov['exposed_s'] / ov['layer_s']:.2f} layers (target <= 1); forward alone "
               f"{ov['compute_only_s'] * 1e3:.1f} ms, with transfer {ov['forward_with_transfer_s'] * 1e3:.1f} ms."]
+    lines += ["", "Phases (median ms from open; P = prefill/sender, D = decode/receiver; last "
+              "occurrence of each):", "",
+              "| blocks | pattern | " + " | ".join(PHASES) + " |",
+              "|---:|---|" + "---:|" * len(PHASES)]
+    for r in rep["rows"]:
+        ph = r.get("phases_ms", {})
+        lines.append(f"| {r['blocks']} | {r['pattern']} | "
+                     + " | ".join(f"{ph[k]:.2f}" if k in ph else "" for k in PHASES) + " |")
+    if ov.get("phases_ms"):
+        lines += ["", "Overlap run, ms from the last layer's push: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in ov["phases_ms"].items())]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--pool", type=int, default=64)
     ap.add_argument("--show", type=int, default=1, help="timelines printed per case")
+    ap.add_argument("--ab", default="", help="statement run in both workers before odd reps "
+                    "(its 'undo' after '|' before even reps): interleaved A/B, medians of each")
     args = ap.parse_args()
     from splitserve.kvtransfer.testing import spawn_worker
     layout = dict(_bench.LLAMA3_8B, num_blocks=args.pool)
@@ -37,7 +39,12 @@ def main() -> None:
             dst, src = (list(range(n)), list(range(n))) if pattern == "contiguous" else \
                 (rnd.sample(range(args.pool), n), rnd.sample(range(args.pool), n))
             secs, phases = [], {}
+            ab = {0: [], 1: []}
             for r in range(args.reps + 1):
+                if args.ab:
+                    stmt = args.ab.split("|")[r % 2]
+                    d.call("exec", stmt)
+                    p.call("exec", stmt)
                 h = d.call("reserve", ids=dst)
                 res = p.call("timed_send", h, src)
                 assert res["state"] == "success", res
@@ -47,6 +54,7 @@ def main() -> None:
                 if r == 0:
                     continue
                 secs.append(res["seconds"])
+                ab[r % 2].append(res["seconds"])
                 ev = [("P " + k, t) for k, t in res["trace"] if isinstance(t, float) and t > 1e3 or k not in ("prep_total", "send_calls")]
                 ev = [(k, t) for k, t in ev if k[2:] not in ("prep_total", "send_calls")]
                 ev += [("D " + k, t) for k, t in rx]
@@ -68,6 +76,9 @@ def main() -> None:
                         last = t
             print(f"=== {n} blocks {pattern}: median {statistics.median(secs) * 1e3:.2f} ms "
                   f"(min {min(secs) * 1e3:.2f})")
+            if args.ab:
+                print(f"    A/B: {args.ab.split('|')[1]!r} median {statistics.median(ab[1]) * 1e3:.2f} ms"
+                      f" | {args.ab.split('|')[0]!r} median {statistics.median(ab[0]) * 1e3:.2f} ms")
             for k in ("P open", "P begin_sent", "D begin_rx", "D posted", "P ready", "P posted",
                       "P sent", "P sums", "D complete_rx", "D recvs_done", "D checksummed",
                       "D ack_send", "P acked"):

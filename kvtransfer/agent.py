@@ -112,8 +112,13 @@ class TransferAgent:
         return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 
     def sync_side_stream(self) -> None:
+        """Wait for the side-stream work queued so far (an event, not a stream sync: work the
+        other executor thread queues meanwhile, e.g. a wait for a later layer's forward, is not
+        waited for)."""
         if self._stream is not None:
-            self._stream.synchronize()
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+            ev.synchronize()
 
     @property
     def address(self) -> tuple[str, int]:

@@ -219,7 +219,7 @@ class PoolWorker:
         st = s.wait(timeout)
         t_done = time.perf_counter()
         del y
-        return {"state": st.state.value, "reason": st.reason,
+        return {"state": st.state.value, "reason": st.reason, "t0": t_last, "trace": s.trace,
                 "layer_s": compute_only / self.layout.num_layers, "compute_only_s": compute_only,
                 "forward_with_transfer_s": t_last - t0, "exposed_s": t_done - t_last}
 
