@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--profile", default="cpu-smollm2")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--append", default="", help="merge this run's points into a saved goodput-real JSON")
     a = ap.parse_args()
     from splitserve.router.cost_model import load_profile
     from splitserve.router.slo_policy import SLO
@@ -71,6 +72,10 @@ def main() -> None:
                        f"outputs 16-32, seed {a.seed}",
            "slo": {"ttft_s": a.ttft, "tpot_s": a.tpot}, "profile": a.profile, "policies": {}}
     out = Path(a.out)
+    old = json.loads(Path(a.append).read_text()) if a.append else None
+    if old:
+        res["policies"] = old["policies"]
+        res["command"] = old["command"] + " ; then " + res["command"]
     for pol in a.policies.split(","):
         p, d = SHAPES[pol]
         rc = RealCluster(pol, p, d, slo_ms=(a.ttft * 1e3, a.tpot * 1e3), profile=a.profile)
@@ -100,6 +105,8 @@ def main() -> None:
                 Path("/tmp/goodput-real-partial.json").write_text(json.dumps(res | {"partial": {pol: pts}}))
         finally:
             rc.stop()
+        if old and pol in old["policies"]:
+            pts = sorted(old["policies"][pol]["points"] + pts, key=lambda q: q["rate"])
         res["policies"][pol] = {"shape": f"{p}P+{d}D" if p else f"{d}D", "points": pts,
                                 "goodput": goodput(pts), "sim_goodput": goodput(pts, "sim_attainment")}
         (out / f"goodput-real-{res['date']}.json").write_text(json.dumps(res, indent=1) + "\n")

@@ -96,10 +96,15 @@ class RealCluster:
         self.vocab = int(self.client.model_info().get("vocab_size", 49152))
 
     def warm_up(self) -> None:
+        import grpc
         from splitserve.client import make_request
-        for n in (600, 40):   # a long one (remote under round_robin) and a short one: warm P, D, transfer
+        for n in (600, 300, 40):   # long ones (remote) and a short one: warm P, D, transfer
             ids = wl.synthesize_prompt((987654321 + n,), n, self.vocab, seed=12345)
-            self.client.generate(make_request(token_ids=ids, max_tokens=4, ignore_eos=True))
+            try:
+                self.client.generate(make_request(token_ids=ids, max_tokens=4, ignore_eos=True))
+            except grpc.RpcError as e:   # slo_aware may refuse a long warm-up prompt
+                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
 
     def stop(self) -> None:
         import ray
@@ -194,7 +199,8 @@ def report(res: dict, out: Path) -> None:
     stem = out / f"validate-sim-{res['date']}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     lines = [f"# Simulator vs the real local cluster ({res['date']}, commit `{res['commit']}`)", "",
-             f"- Command: `{res['command']}`",
+             f"- Real runs: `{res['command']}` (commit `{res['commit']}`); simulated by `{res.get('sim_command', '')}` "
+             f"(commit `{res.get('sim_commit', res['commit'])}`)",
              f"- Machine: {res['machine']}",
              f"- Cluster: {res['shape']}, policy `{res['policy']}`; profile `{res['profile']}` "
              f"({res['profile_note']})",
@@ -268,6 +274,7 @@ def main() -> None:
                     Path("/tmp/validate-sim-partial.json").write_text(json.dumps(res))
         finally:
             rc.stop()
+    res["sim_commit"], res["sim_command"] = git_commit(), "python " + " ".join(sys.argv)
     res["profile"] = a.profile
     res["profile_note"] = cost.source.get("command", "") + f", fitted {cost.source.get('date', '?')}"
     res["repeats"] = min(len(v) for v in res["real"].values())
