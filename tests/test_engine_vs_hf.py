@@ -12,7 +12,7 @@ from splitserve.engine.request import SamplingParams
 
 from .conftest import make_engine
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # ~1 min idle; generous for a loaded CI host
 
 PROMPTS = [
     "The capital of France is",
