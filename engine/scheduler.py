@@ -101,15 +101,9 @@ class Scheduler:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         n = req.num_prompt_tokens
         hit = self.pool.match_prefix(req.prompt_token_ids, max_tokens=n - 1)
-        need = blocks_needed(n, self.pool.block_size) - len(hit.blocks)
-        reclaimed = sum(1 for b in hit.blocks if b.ref_cnt == 0)
-        if not self.pool.can_allocate(need + reclaimed):
+        new = self._take_blocks(req, hit, n)
+        if new is None:
             return None
-        self.pool.touch(hit.blocks)
-        new = self.pool.allocate(need)
-        req.blocks = list(hit.blocks) + new
-        req.num_cached_tokens = hit.num_tokens
-        req.block_hashes = [b.block_hash for b in hit.blocks]
         req.status = RequestStatus.TRANSFERRING
         self.requests[req.request_id] = req
         self.transferring[req.request_id] = req
@@ -122,10 +116,7 @@ class Scheduler:
         self._cache_full_blocks(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
-        req.append_token(first_token)
-        reason = req.check_stop(self.max_model_len)
-        if reason is not None:
-            self.finish_request(req, reason)
+        self._append_token(req, first_token)
         return req
 
     def release_held(self, request_id: str) -> None:
@@ -176,23 +167,30 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            tokens = req.all_token_ids
-            hit = self.pool.match_prefix(tokens, max_tokens=req.num_tokens - 1)
+            hit = self.pool.match_prefix(req.all_token_ids, max_tokens=req.num_tokens - 1)
             n = min(req.num_tokens - hit.num_tokens, budget)
-            need = blocks_needed(hit.num_tokens + n, self.pool.block_size) - len(hit.blocks)
-            reclaimed = sum(1 for b in hit.blocks if b.ref_cnt == 0)
-            if not self.pool.can_allocate(need + reclaimed):
+            if self._take_blocks(req, hit, hit.num_tokens + n) is None:
                 break
             self.waiting.popleft()
-            self.pool.touch(hit.blocks)
-            req.blocks = list(hit.blocks) + self.pool.allocate(need)
             req.num_computed_tokens = hit.num_tokens
-            req.num_cached_tokens = hit.num_tokens
-            req.block_hashes = [b.block_hash for b in hit.blocks]
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
             budget -= n
+
+    def _take_blocks(self, req: Request, hit, num_tokens: int) -> list | None:
+        """Give `req` the prefix-hit blocks plus new ones to hold `num_tokens` tokens; returns the
+        new blocks, or None (nothing taken) when the pool cannot supply them now."""
+        need = blocks_needed(num_tokens, self.pool.block_size) - len(hit.blocks)
+        reclaimed = sum(1 for b in hit.blocks if b.ref_cnt == 0)   # hits sitting in the free queue
+        if not self.pool.can_allocate(need + reclaimed):
+            return None
+        self.pool.touch(hit.blocks)
+        new = self.pool.allocate(need)
+        req.blocks = list(hit.blocks) + new
+        req.num_cached_tokens = hit.num_tokens
+        req.block_hashes = [b.block_hash for b in hit.blocks]
+        return new
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -215,12 +213,15 @@ class Scheduler:
             req.num_computed_tokens += chunk.num_new_tokens
             self._cache_full_blocks(req)
             if chunk.samples:
-                req.append_token(sampled[req.request_id])
+                self._append_token(req, sampled[req.request_id])
                 touched.append(req)
-                reason = req.check_stop(self.max_model_len)
-                if reason is not None:
-                    self.finish_request(req, reason)
         return touched
+
+    def _append_token(self, req: Request, token: int) -> None:
+        req.append_token(token)
+        reason = req.check_stop(self.max_model_len)
+        if reason is not None:
+            self.finish_request(req, reason)
 
     def _cache_full_blocks(self, req: Request) -> None:
         bs = self.pool.block_size

@@ -137,3 +137,39 @@ def test_max_seqs_and_fcfs():
             first_chunk_step.setdefault(c.request.request_id, i)
     order = sorted(first_chunk_step, key=first_chunk_step.get)
     assert order == [f"r{i}" for i in range(5)]
+
+
+def test_transfer_queue_and_held_blocks():
+    """Decode side: reserve (after a prefix hit) -> commit; prefill side: hold blocks past finish."""
+    pool = BlockPool(16, 4, hash_seed=11)
+    sched = Scheduler(SchedulerConfig(), pool, 1000)
+    model = SlotModel(pool)
+    # warm the prefix cache with a locally computed request
+    warm = Request("w", list(range(3, 12)), SamplingParams(max_tokens=1, ignore_eos=True))
+    sched.add_request(warm)
+    while not warm.is_finished:
+        out = sched.schedule()
+        sched.update_from_output(out, model.step(out))
+    r = Request("r", list(range(3, 12)) + [40, 41], SamplingParams(max_tokens=3, ignore_eos=True))
+    to_fill = sched.reserve_remote(r)
+    assert r.num_cached_tokens == 8 and len(to_fill) == 1 and r.status.value == "transferring"
+    assert not sched.schedule().chunks, "a transferring request is not scheduled"
+    sched.commit_remote("r", 77)
+    assert r.output_token_ids == [77] and r.num_computed_tokens == r.num_prompt_tokens
+    # the first decode step computes only the committed token
+    out = sched.schedule()
+    assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [("r", 1)]
+    assert sched.abort_request("r") is r
+    # prefill side: hold_blocks keeps the KV after finishing, release_held frees it
+    p = Request("p", list(range(20, 30)), SamplingParams(max_tokens=1), hold_blocks=True)
+    sched.add_request(p)
+    while not p.is_finished:
+        out = sched.schedule()
+        sched.update_from_output(out, model.step(out))
+    assert len(p.blocks) == 3 and sched.num_blocks_in_flight == 3
+    sched.release_held("p")
+    pool.check_integrity()
+    assert pool.num_free_blocks == 16 and sched.num_blocks_in_flight == 0
+    big = Request("big", list(range(100)), SamplingParams(max_tokens=1))
+    assert sched.reserve_remote(big) is None, "no room: nothing reserved"
+    pool.check_integrity()
