@@ -36,8 +36,9 @@ def actor_class(role: str):
 
 
 class ServingCluster:
-    def __init__(self, config: Config, policy: str | None = None):
+    def __init__(self, config: Config, policy: str | None = None, worker_logs_to_driver: bool = True):
         self.config = config
+        self.worker_logs_to_driver = worker_logs_to_driver
         self.policy_name = policy or config.router.policy
         self.metrics = RouterMetrics()
         self.pool = WorkerPool(config.router.health_interval_s, self.metrics)
@@ -55,11 +56,11 @@ class ServingCluster:
             return
         cc = self.config.cluster
         if cc.ray_address:
-            ray.init(address=cc.ray_address, log_to_driver=True)
+            ray.init(address=cc.ray_address, log_to_driver=self.worker_logs_to_driver)
         else:   # a local cluster: logical CPUs for every worker (and replacements) even on 2 cores
             need = int((cc.num_prefill + cc.num_decode) * cc.cpus_per_worker * 2) + 8
             ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-                     log_to_driver=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+                     log_to_driver=self.worker_logs_to_driver, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
     def _placement_group(self, n: int):
         import ray

@@ -161,7 +161,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg = _cluster_config(args)
         cfg = cfg.replace("router", local_prefill_max_tokens=min(cfg.router.local_prefill_max_tokens, 40),
                           grpc_port=args.port or 0, metrics_port=-1)
-        cluster = ServingCluster(cfg, args.policy)
+        # worker logs stay in Ray's log files (/tmp/ray/session_latest/logs) so they do not
+        # interleave with the streamed answers
+        cluster = ServingCluster(cfg, args.policy, worker_logs_to_driver=False)
         print("splitserve: starting a local Ray cluster "
               f"({cfg.cluster.num_prefill} prefill + {cfg.cluster.num_decode} decode workers) ...", flush=True)
         await cluster.start()
