@@ -24,7 +24,7 @@ from ..config import RouterConfig
 from ..engine.request import SamplingParams, find_stop, validate_prompt
 from ..logs import req
 from .metrics import RouterMetrics
-from .policy import NoWorker, Placement, Policy
+from .policy import NoWorker, Placement, Policy, _prefill_load, _usable
 from .workers import WorkerDied, WorkerPool
 
 log = logging.getLogger("splitserve.router")
@@ -230,9 +230,8 @@ class Router:
     def _another_prefill(self, f: Flight, tried: set[str]) -> str | None:
         if f.retries >= self.config.prefill_retries:
             return None
-        alive = [s for s in self.workers.snapshots("prefill")
-                 if s["name"] not in tried and s["name"] not in self.workers.dead and not s.get("draining")]
-        return min(alive, key=lambda s: s["num_waiting"] + s["num_running"])["name"] if alive else None
+        alive = _usable(self._snapshots("prefill"), frozenset(tried) | self.workers.dead)
+        return min(alive, key=_prefill_load)["name"] if alive else None
 
     # ------------------------------------------------------------ streaming
     def _on_output(self, worker: str, rec: dict) -> None:
