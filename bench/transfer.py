@@ -3,6 +3,9 @@ of the same size, measured side by side in the same run, between two processes.
 
     python bench/transfer.py --device cpu            # CPU loopback (UCX over TCP)
     python bench/transfer.py --device cuda           # two processes sharing one GPU (cuda_ipc)
+    python bench/transfer.py --device cuda --gpus 0,1 --sizes 8,32,128,512
+                                                     # prefill on GPU 0, decode on GPU 1 (+ a torch
+                                                     # device-to-device copy between them, same sizes)
 
 Block = Llama-3-8B paged KV: 32 layers x K/V x 16 tokens x 8 kv heads x 128 dims x bf16 = 2 MiB.
 For each size (1, 16, 256, 4096 blocks) and destination pattern (contiguous: one run; scattered:
@@ -60,6 +63,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--overlap-blocks", type=int, default=256)
     ap.add_argument("--tag", default="", help="results file suffix: transfer-<device>-<tag>")
+    ap.add_argument("--gpus", default="", help="P,D: the GPU of the prefill (sender) and decode process")
     args = ap.parse_args()
     from splitserve.kvtransfer.testing import spawn_worker
 
@@ -69,8 +73,11 @@ def main() -> None:
     cfg = {"self_test": True, "lease_timeout_s": 600.0, "self_test_mib": 256 if args.device == "cuda" else 64,
            "staging_layers": 8 if args.device == "cuda" else 4}   # CPU: 2 x 8 GiB pools in 23 GiB
     t0 = time.time()
-    d = spawn_worker(layout, seed=1, config_kw=cfg, device=args.device, start_timeout=600)
-    p = spawn_worker(layout, seed=2, config_kw=cfg, device=args.device, start_timeout=600)
+    gp, gd = (args.gpus.split(",") + [""])[:2] if args.gpus else ("", "")
+    d = spawn_worker(layout, seed=1, config_kw=cfg, device=args.device, start_timeout=600,
+                     env={"CUDA_VISIBLE_DEVICES": gd} if gd else None)
+    p = spawn_worker(layout, seed=2, config_kw=cfg, device=args.device, start_timeout=600,
+                     env={"CUDA_VISIBLE_DEVICES": gp} if gp else None)
     print(f"workers up in {time.time() - t0:.1f}s; self-test: {d.call('self_test')}", flush=True)
     d.call("raw_connect", p.address)
     rows, tag = [], 0x5C00_0000_0000_0000
@@ -84,6 +91,7 @@ def main() -> None:
             d.call("raw_recv", nbytes, tag)
             raw.append(p.call("raw_send", d.address, nbytes, tag, timeout=600))
         raw_s = statistics.median(raw[1:])
+        copy_s = torch_copy_s(nbytes, gp, gd, reps) if gp and gd and gp != gd else None
         for pattern in ("contiguous", "scattered"):
             if pattern == "contiguous":
                 dst, src = list(range(n)), list(range(n))
@@ -106,12 +114,14 @@ def main() -> None:
             t = statistics.median(times[1:])
             row = {"blocks": n, "pattern": pattern, "bytes": nbytes, "paged_s": t, "raw_s": raw_s,
                    "paged_gbps": nbytes / t / 1e9, "raw_gbps": nbytes / raw_s / 1e9,
-                   "ratio": raw_s / t, "reps": reps,
+                   "ratio": raw_s / t, "reps": reps, "copy_s": copy_s,
+                   "copy_gbps": nbytes / copy_s / 1e9 if copy_s else None,
                    "phases_ms": {k: round(statistics.median(v), 3) for k, v in phases.items()}}
             rows.append(row)
             print(f"{n:5d} blocks {pattern:10s} {nbytes / MIB:8.0f} MiB  paged {t * 1e3:9.2f} ms "
                   f"{row['paged_gbps']:8.2f} GB/s | raw {raw_s * 1e3:9.2f} ms "
-                  f"{row['raw_gbps']:8.2f} GB/s | {row['ratio']:.2f}x", flush=True)
+                  f"{row['raw_gbps']:8.2f} GB/s | {row['ratio']:.2f}x"
+                  + (f" | torch copy {row['copy_gbps']:8.2f} GB/s" if copy_s else ""), flush=True)
     # layer-wise streaming overlapped with a prefill-shaped workload
     n = min(args.overlap_blocks, nb)
     tokens = n * 16 if args.device == "cuda" else 64
@@ -128,11 +138,50 @@ def main() -> None:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "device": args.device, "tag": args.tag, "self_test": d.call("self_test"), "rows": rows,
-              "overlap": ov, "layout": layout, "peer_transports": p.call("peer_transports")}
+              "overlap": ov, "layout": layout, "peer_transports": p.call("peer_transports"),
+              "gpus": {"prefill": gp, "decode": gd}, "topology": topology()}
     print("prefill->decode endpoint transports:", report["peer_transports"], flush=True)
     d.close()
     p.close()
     write(report, Path(args.out))
+
+
+def torch_copy_s(nbytes: int, src_gpu: str, dst_gpu: str, reps: int) -> float:
+    """Median time of one device-to-device torch copy of nbytes from src_gpu to dst_gpu (this
+    process sees every GPU; peer access if the driver allows it)."""
+    import torch
+    a = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{src_gpu}")
+    b = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{dst_gpu}")
+    times = []
+    for _ in range(reps + 1):
+        torch.cuda.synchronize(a.device)
+        torch.cuda.synchronize(b.device)
+        t = time.perf_counter()
+        b.copy_(a, non_blocking=True)
+        torch.cuda.synchronize(a.device)
+        torch.cuda.synchronize(b.device)
+        times.append(time.perf_counter() - t)
+    del a, b
+    torch.cuda.empty_cache()
+    return statistics.median(times[1:])
+
+
+def topology() -> dict:
+    out = {}
+    for name, cmd in (("nvidia_smi_topo", ["nvidia-smi", "topo", "-m"]),
+                      ("nvlink", ["nvidia-smi", "nvlink", "--status"])):
+        try:
+            out[name] = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout[-3000:]
+        except Exception as e:   # not an NVIDIA host
+            out[name] = repr(e)
+    try:
+        import torch
+        n = torch.cuda.device_count()
+        out["peer_access"] = {f"{i}->{j}": torch.cuda.can_device_access_peer(i, j)
+                              for i in range(n) for j in range(n) if i != j}
+    except Exception as e:
+        out["peer_access"] = repr(e)
+    return out
 
 
 PHASES = ("P begin_sent", "D begin_rx", "D posted", "P ready", "P prepped", "P posted", "P sent",
@@ -160,12 +209,14 @@ def write(rep: dict, out: Path) -> None:
              f"Self-test: transports {rep['self_test'].get('transports')}, "
              f"{rep['self_test'].get('gbps', 0):.2f} GB/s loopback; prefill->decode endpoint "
              f"lanes: {rep.get('peer_transports')}", "",
-             "| blocks | pattern | MiB | paged ms | paged GB/s | raw ms | raw GB/s | paged/raw |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             f"GPUs: {rep.get('gpus')}; peer access {rep.get('topology', {}).get('peer_access')}", "",
+             "| blocks | pattern | MiB | paged ms | paged GB/s | raw ms | raw GB/s | paged/raw | torch copy GB/s |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rep["rows"]:
+        cp = f"{r['copy_gbps']:.2f}" if r.get("copy_gbps") else "-"
         lines.append(f"| {r['blocks']} | {r['pattern']} | {r['bytes'] / MIB:.0f} | "
                      f"{r['paged_s'] * 1e3:.2f} | {r['paged_gbps']:.2f} | {r['raw_s'] * 1e3:.2f} | "
-                     f"{r['raw_gbps']:.2f} | {r['ratio']:.2f}x |")
+                     f"{r['raw_gbps']:.2f} | {r['ratio']:.2f}x | {cp} |")
     ov = rep["overlap"]
     lines += ["", f"Layer-wise overlap ({ov['blocks']} blocks scattered, {ov['tokens']} tokens, "
               f"matmuls {ov['hidden']}x{ov['ffn']}): one layer {ov['layer_s'] * 1e3:.2f} ms, "
@@ -183,6 +234,9 @@ def write(rep: dict, out: Path) -> None:
     if ov.get("phases_ms"):
         lines += ["", "Overlap run, ms from the last layer's push: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in ov["phases_ms"].items())]
+    topo = rep.get("topology", {}).get("nvidia_smi_topo")
+    if topo:
+        lines += ["", "nvidia-smi topo -m:", "", "```", topo.rstrip(), "```"]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

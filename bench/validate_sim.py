@@ -75,16 +75,14 @@ class RealCluster:
     """A ServingCluster on a local Ray cluster (its own event-loop thread) and a gRPC client."""
 
     def __init__(self, policy: str, num_prefill: int, num_decode: int, slo_ms: tuple[float, float] = (2000, 100),
-                 profile: str = "cpu-smollm2"):
-        from splitserve.client import Client
+                 profile: str = "cpu-smollm2", config=None):
         from splitserve.config import Config
         from splitserve.deploy.ray_cluster import ServingCluster
-        cfg = (Config().replace("model", device="cpu")
+        cfg = ((config or Config().replace("model", device="cpu").replace("cache", cpu_cache_gib=KV_GIB)
+                .replace("transfer", self_test=False))
                .replace("cluster", num_prefill=num_prefill, num_decode=num_decode)
                .replace("router", grpc_port=0, metrics_port=-1, policy=policy, cost_profile=profile,
-                        slo_ttft_ms=slo_ms[0], slo_tpot_ms=slo_ms[1])
-               .replace("transfer", self_test=False)
-               .replace("cache", cpu_cache_gib=KV_GIB))   # 2 workers of ~1.5 GB: this VM has ~5 GB free
+                        slo_ttft_ms=slo_ms[0], slo_tpot_ms=slo_ms[1]))   # CPU: 2 workers of ~1.5 GB in ~5 GB free
         self.policy = policy
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
@@ -92,19 +90,49 @@ class RealCluster:
         t0 = time.monotonic()
         asyncio.run_coroutine_threadsafe(self.cluster.start(), self.loop).result(900)
         self.startup_s = time.monotonic() - t0
-        self.client = Client(f"127.0.0.1:{self.cluster.grpc_port}")
-        self.vocab = int(self.client.model_info().get("vocab_size", 49152))
+        self.client = None
+        if self.cluster.grpc_port:
+            from splitserve.client import Client
+            self.client = Client(f"127.0.0.1:{self.cluster.grpc_port}")
+        self.vocab = self.cluster.router.tokenizer.vocab_size
 
-    def warm_up(self) -> None:
+    def generate(self, token_ids: list[int], max_tokens: int) -> dict:
+        """One greedy request (ignore_eos) to completion: {"status": "OK" | a grpc status name,
+        "detail", "timing" (the Complete message's, in ms), "tokens", "remote", "cached"}. Over
+        gRPC, or straight into the router when the cluster runs without a gRPC server."""
+        if self.client is None:
+            return asyncio.run_coroutine_threadsafe(self._generate_inproc(token_ids, max_tokens), self.loop).result()
         import grpc
         from splitserve.client import make_request
+        try:
+            res = self.client.generate(make_request(token_ids=token_ids, max_tokens=max_tokens, ignore_eos=True))
+        except grpc.RpcError as e:
+            return {"status": e.code().name, "detail": (e.details() or "")[:200]}
+        return {"status": "OK", "timing": res.timing, "tokens": len(res.token_ids),
+                "remote": bool(res.info.get("remote_prefill")), "cached": int(res.usage.get("cached_prompt_tokens", 0))}
+
+    async def _generate_inproc(self, token_ids: list[int], max_tokens: int) -> dict:
+        from splitserve.router.router import RequestError
+        router = self.cluster.router
+        try:
+            flight = router.admit(None, list(token_ids), None, {"max_tokens": max_tokens, "ignore_eos": True})
+        except RequestError as e:
+            return {"status": e.code, "detail": str(e)[:200]}
+        async for ev in router.generate(flight):
+            if ev.kind == "error":
+                return {"status": ev.info["code"], "detail": ev.info["message"][:200]}
+            if ev.kind == "complete":
+                i = ev.info
+                return {"status": "OK", "timing": i["timing"], "tokens": len(i["token_ids"]),
+                        "remote": bool(i["remote_prefill"]), "cached": int(i["usage"]["cached_prompt_tokens"])}
+        return {"status": "INTERNAL", "detail": "the router's stream ended without a completion"}
+
+    def warm_up(self) -> None:
         for n in (600, 300, 40):   # long ones (remote) and a short one: warm P, D, transfer
             ids = wl.synthesize_prompt((987654321 + n,), n, self.vocab, seed=12345)
-            try:
-                self.client.generate(make_request(token_ids=ids, max_tokens=4, ignore_eos=True))
-            except grpc.RpcError as e:   # slo_aware may refuse a long warm-up prompt
-                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise
+            r = self.generate(ids, 4)
+            if r["status"] not in ("OK", "RESOURCE_EXHAUSTED"):   # slo_aware may refuse a long one
+                raise RuntimeError(f"warm-up request failed: {r}")
 
     def stop(self) -> None:
         import ray
@@ -118,8 +146,6 @@ def run_requests(rc: RealCluster, reqs: list[wl.Request], token_seed: int) -> di
 
     `token_seed` picks the synthesized token ids: a new seed per run keeps runs on one cluster
     from hitting each other's prefix caches (within a run, shared hash ids share tokens)."""
-    import grpc
-    from splitserve.client import make_request
     prompts = [wl.synthesize_prompt(r.hash_ids, r.prompt_tokens, rc.vocab, seed=token_seed) for r in reqs]
     load0 = os.getloadavg()[0]
 
@@ -128,18 +154,16 @@ def run_requests(rc: RealCluster, reqs: list[wl.Request], token_seed: int) -> di
         time.sleep(max(0.0, t0 + r.arrival_s - time.monotonic()))
         row = {"rid": r.rid, "arrival_s": r.arrival_s, "prompt_tokens": r.prompt_tokens,
                "output_tokens": r.output_tokens, "session": r.session}
-        try:
-            res = rc.client.generate(make_request(token_ids=prompts[i], max_tokens=r.output_tokens, ignore_eos=True))
-        except grpc.RpcError as e:
-            return {**row, "status": e.code().name, "detail": (e.details() or "")[:200]}
-        t = res.timing
-        n = len(res.token_ids)
+        res = rc.generate(prompts[i], r.output_tokens)
+        if res["status"] != "OK":
+            return {**row, "status": res["status"], "detail": res["detail"]}
+        t, n = res["timing"], res["tokens"]
         return {**row, "status": "OK", "ttft_s": t.get("ttft_ms", 0) / 1e3,
                 "tpot_s": t.get("decode_ms", 0) / 1e3 / max(n - 1, 1), "tokens": n,
                 "queue_s": t.get("queue_ms", 0) / 1e3, "prefill_s": t.get("prefill_ms", 0) / 1e3,
                 "transfer_s": t.get("transfer_ms", 0) / 1e3, "e2e_s": t.get("e2e_ms", 0) / 1e3,
-                "remote": bool(res.info.get("remote_prefill")),
-                "cached_tokens": int(res.usage.get("cached_prompt_tokens", 0))}
+                "overlapped_s": t.get("overlapped_ms", 0) / 1e3,
+                "remote": res["remote"], "cached_tokens": res["cached"]}
     t0 = time.monotonic()
     with ThreadPoolExecutor(len(reqs)) as ex:
         rows = list(ex.map(one, range(len(reqs))))

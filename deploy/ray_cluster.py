@@ -35,6 +35,17 @@ def actor_class(role: str):
     return ray.remote(max_concurrency=64, max_restarts=0)(cls)
 
 
+# passed to every worker as set here: UCX transport choices, and the NVLink-multicast-off switches
+# that shared multi-GPU hosts require (a worker must never turn multicast back on)
+_PASS_ENV_PREFIXES = ("UCX_", "NCCL_", "TORCH_SYMM_MEM_", "NVSHMEM_")
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(_PASS_ENV_PREFIXES)}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
 class ServingCluster:
     def __init__(self, config: Config, policy: str | None = None, worker_logs_to_driver: bool = True):
         self.config = config
@@ -60,7 +71,7 @@ class ServingCluster:
         else:   # a local cluster: logical CPUs for every worker (and replacements) even on 2 cores
             need = int((cc.num_prefill + cc.num_decode) * cc.cpus_per_worker * 2) + 8
             ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-                     log_to_driver=self.worker_logs_to_driver, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+                     log_to_driver=self.worker_logs_to_driver, runtime_env={"env_vars": worker_env()})
 
     def _placement_group(self, n: int):
         import ray
@@ -108,13 +119,14 @@ class ServingCluster:
         policy = build_policy(self.policy_name, cfg.router)
         self.router = Router(cfg.router, tokenizer, max_len, self.pool, policy, self.metrics)
         self.pool.start_health()
-        from ..router.grpc_server import start_grpc
         info = {"model": cfg.model.model, "vocab_size": tokenizer.vocab_size, "max_model_len": max_len,
                 "block_size": cfg.cache.block_size, "kv_dtype": cfg.cache.kv_dtype}
-        self.grpc_server, self.grpc_port = await start_grpc(self.router, info, cfg.router.host, cfg.router.grpc_port)
+        if cfg.router.grpc_port >= 0:
+            from ..router.grpc_server import start_grpc
+            self.grpc_server, self.grpc_port = await start_grpc(self.router, info, cfg.router.host, cfg.router.grpc_port)
         if cfg.router.metrics_port >= 0:
             self.metrics.serve(cfg.router.metrics_port, cfg.router.host)
-        log.info("serving on %s:%d (%d prefill, %d decode)", cfg.router.host, self.grpc_port,
+        log.info("serving on %s:%s (%d prefill, %d decode)", cfg.router.host, self.grpc_port or "in-process",
                  cfg.cluster.num_prefill, cfg.cluster.num_decode)
 
     async def add_worker(self, role: str) -> str:

@@ -106,6 +106,9 @@ class LLMEngine:
             attn = TorchPagedAttention(self.kv_cache, scale)
         self.sampler = Sampler(device)
         self.runner = ModelRunner(self.model, attn, self.sampler, cc.block_size, graphs)
+        # step_hook(sched) -> after_layer(i) | None: lets a prefill worker stream each layer's KV
+        # out while the step's later layers still run (see PrefillWorker)
+        self.step_hook = None
         self._tracks: dict[str, _Track] = {}
         self._ids = itertools.count()
 
@@ -234,7 +237,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        sampled = self.runner.execute(sched)
+        after_layer = self.step_hook(sched) if self.step_hook is not None else None
+        sampled = self.runner.execute(sched, after_layer)
         updated = self.scheduler.update_from_output(sched, sampled)
         now = time.monotonic()
         return [self._emit(self._tracks[r.request_id], now) for r in updated if r.request_id in self._tracks]

@@ -100,10 +100,12 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
-                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, positions: [T]; returns float32 logits [len(logits_indices) or T, vocab]."""
+                logits_indices: torch.Tensor | None = None, after_layer=None) -> torch.Tensor:
+        """input_ids, positions: [T]; returns float32 logits [len(logits_indices) or T, vocab].
+        after_layer(i), if given, is called once layer i's KV is written (enqueued on the current
+        CUDA stream): a prefill worker pushes that layer to the decode side while the rest run."""
         if self.fused:
-            return self._fused.forward(input_ids, positions, attn, logits_indices)
+            return self._fused.forward(input_ids, positions, attn, logits_indices, after_layer)
         a = self.arch
         x = F.embedding(input_ids, self.w["model.embed_tokens.weight"])      # [T, hidden]
         cos, sin = self.rope(positions)
@@ -117,6 +119,8 @@ class LlamaModel:
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             o = attn.forward(i, q, k, v).reshape(-1, a.q_size)
+            if after_layer is not None:
+                after_layer(i)
             x = x + F.linear(o, lw["o"])
             h = rms_norm(x, lw["ln2"], a.rms_norm_eps)
             gate, up = F.linear(h, lw["gate_up"]).chunk(2, dim=-1)

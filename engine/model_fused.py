@@ -21,7 +21,7 @@ class FusedForward:
         self.k = kernels
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
-                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+                logits_indices: torch.Tensor | None = None, after_layer=None) -> torch.Tensor:
         m, k, a = self.m, self.k, self.m.arch
         eps = a.rms_norm_eps
         fused_write = hasattr(attn, "rope_write_kv")
@@ -36,10 +36,14 @@ class FusedForward:
             v = v.view(-1, a.num_kv_heads, a.head_dim)
             if fused_write:
                 attn.rope_write_kv(i, q, kk, v, positions, m.cos_sin)
+                if after_layer is not None:
+                    after_layer(i)
                 o = attn.attend(i, q)
             else:
                 k.rope_write_kv(q, kk, None, positions, m.cos_sin)
                 o = attn.forward(i, q, kk, v)
+                if after_layer is not None:
+                    after_layer(i)
             o = F.linear(o.reshape(-1, a.q_size), lw["o"])
             h = k.rms_norm(o, lw["ln2"], eps, residual=res)
             out = F.linear(k.silu_and_mul(F.linear(h, lw["gate_up"])), lw["down"])

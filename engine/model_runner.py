@@ -84,14 +84,15 @@ class ModelRunner:
         self.device = model.device
         self.decode_graphs = decode_graphs   # GPU path: decode steps from static buffers / graphs
 
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        """Run one step; returns request_id -> sampled token for the chunks that sample."""
+    def execute(self, out: SchedulerOutput, after_layer=None) -> dict[str, int]:
+        """Run one step; returns request_id -> sampled token for the chunks that sample.
+        after_layer(i) (see LlamaModel.forward) forces the eager path: graphs have no hooks."""
         g = self.decode_graphs
-        if g is not None and len(out.chunks) <= g.max_batch and is_single_token_step(out):
+        if g is not None and after_layer is None and len(out.chunks) <= g.max_batch and is_single_token_step(out):
             return self._execute_decode(out)
         inp = build_inputs(out, self.block_size, self.device)
         self.attn.prepare(inp.meta)
-        logits = self.model.forward(inp.input_ids, inp.positions, self.attn, inp.logits_indices)
+        logits = self.model.forward(inp.input_ids, inp.positions, self.attn, inp.logits_indices, after_layer)
         reqs = [out.chunks[i].request for i in inp.sampling_rows]
         tokens = self.sampler.sample(logits, [r.request_id for r in reqs], [r.params for r in reqs])
         return {r.request_id: tok for r, tok in zip(reqs, tokens)}

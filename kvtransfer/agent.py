@@ -85,6 +85,14 @@ class TransferAgent:
             raise RuntimeError("TransferAgent.call from the agent's own loop thread would deadlock")
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def transports(self) -> dict:
+        """What UCX chose: the start-up self-test's lanes and each connected peer's lanes."""
+        async def peers():
+            return {p.name: lane_transports(ep_info(p.ep)) for p in self.peers.values()}
+        st = self.self_test_report
+        return {"self_test": None if st is None else {"transports": st.transports, "gbps": st.bandwidth_gbps},
+                "peers": self.call(peers(), timeout=10)}
+
     def submit(self, coro: Coroutine) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 

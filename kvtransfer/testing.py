@@ -243,7 +243,8 @@ class PoolWorker:
         return os.getpid()
 
 
-def _serve(conn, args) -> None:
+def _serve(conn, args, env: dict | None = None) -> None:
+    os.environ.update(env or {})     # before CUDA starts (e.g. CUDA_VISIBLE_DEVICES: one GPU each)
     import logging
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(message)s")
     logging.getLogger("splitserve.kvtransfer").setLevel(logging.INFO)
@@ -298,11 +299,11 @@ class WorkerProxy:
 
 def spawn_worker(layout_kw: dict, seed: int, config_kw: dict | None = None,
                  model: str = "test-model", device: str = "cpu",
-                 start_timeout: float = 120.0) -> WorkerProxy:
+                 start_timeout: float = 120.0, env: dict | None = None) -> WorkerProxy:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     cfg = {"self_test": False, "lease_timeout_s": 20.0, **(config_kw or {})}
-    proc = ctx.Process(target=_serve, args=(child, (layout_kw, seed, cfg, model, device)),
+    proc = ctx.Process(target=_serve, args=(child, (layout_kw, seed, cfg, model, device), env),
                        daemon=True)
     proc.start()
     if not parent.poll(start_timeout):

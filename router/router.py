@@ -63,6 +63,7 @@ class Flight:
     t_last: float | None = None
     prefill_s: float = 0.0
     transfer_s: float = 0.0
+    overlapped_s: float = 0.0     # the prefill step the layer-wise push ran under
     migrations: int = 0
     retries: int = 0
     priority: int = 0             # higher first (proto)
@@ -193,7 +194,7 @@ class Router:
             f.retries += 1
             self.metrics.prefill_retries.inc()
             handoff = await self.workers.call(d, "reissue", f.rid, lease)
-        f.prefill_s, f.transfer_s = out["prefill_s"], out["transfer_s"]
+        f.prefill_s, f.transfer_s, f.overlapped_s = out["prefill_s"], out["transfer_s"], out.get("step_s", 0.0)
         self.metrics.transfer_latency.observe(out["transfer_s"])
         if not await self.workers.call(d, "commit_remote", f.rid, lease, out["first_token"]):
             raise RequestError("INTERNAL", "the decode worker rejected the transferred KV")
@@ -276,7 +277,8 @@ class Router:
         t_first = f.t_first or now
         n = len(f.tokens)
         timing = {"queue_ms": ((f.t_dispatch or now) - f.arrival) * 1e3, "prefill_ms": f.prefill_s * 1e3,
-                  "transfer_ms": f.transfer_s * 1e3, "decode_ms": (now - t_first) * 1e3,
+                  "transfer_ms": f.transfer_s * 1e3, "overlapped_ms": f.overlapped_s * 1e3,
+                  "decode_ms": (now - t_first) * 1e3,
                   "ttft_ms": (t_first - f.arrival) * 1e3, "e2e_ms": (now - f.arrival) * 1e3}
         if not f.remote:
             timing["prefill_ms"] = max(0.0, (t_first - (f.t_dispatch or f.arrival)) * 1e3)

@@ -107,7 +107,7 @@ class TransferConfig:
 @dataclass(frozen=True)
 class RouterConfig:
     host: str = _f("127.0.0.1", "address the gRPC API listens on")
-    grpc_port: int = _f(50051, "gRPC API port (0 = any free port)")
+    grpc_port: int = _f(50051, "gRPC API port (0 = any free port, -1 = no gRPC server: in-process callers only)")
     metrics_port: int = _f(9400, "Prometheus /metrics port of the router (0 = any free port, -1 = off)")
     local_prefill_max_tokens: int = _f(64, "uncached prompts up to this many tokens prefill on the decode worker")
     max_queued_requests: int = _f(256, "requests in flight above this are refused with RESOURCE_EXHAUSTED")
@@ -123,7 +123,7 @@ class RouterConfig:
         _require(self.policy in ("load_aware", "slo_aware", "round_robin", "colocated"), "router.policy",
                  f"got {self.policy!r}; use load_aware, slo_aware, round_robin or colocated")
         _require(self.slo_ttft_ms > 0 and self.slo_tpot_ms > 0, "router.slo_ttft_ms/slo_tpot_ms", "must be > 0")
-        _require(0 <= self.grpc_port < 65536, "router.grpc_port", "must be in [0, 65535]")
+        _require(-1 <= self.grpc_port < 65536, "router.grpc_port", "must be in [0, 65535] or -1 (off)")
         _require(-1 <= self.metrics_port < 65536, "router.metrics_port", "must be -1 (off) or a port")
         _require(self.local_prefill_max_tokens >= 0, "router.local_prefill_max_tokens", "must be >= 0")
         _require(self.max_queued_requests >= 1, "router.max_queued_requests", "must be >= 1")

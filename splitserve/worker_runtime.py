@@ -84,6 +84,17 @@ class WorkerRuntime:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    def transfer_info(self) -> dict:
+        """The transports UCX uses (self-test and per peer) and the device this worker runs on."""
+        info = {"device": str(self.engine.device), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        if self.engine.device.type == "cuda":
+            import torch
+            props = torch.cuda.get_device_properties(self.engine.device)
+            info.update(gpu=props.name, pci_bus_id=getattr(props, "pci_bus_id", None))
+        if self.agent is not None:
+            info.update(self.agent.transports())
+        return info
+
     def ping(self) -> str:
         if self.loop.error is not None:
             raise RuntimeError(f"{self.name}: engine loop died: {self.loop.error!r}")

@@ -292,6 +292,8 @@ def test_1p1d_greedy_equals_engine(live, reference):
     prompts = [SHORT[0], LONG[0], LONG[3]]
     for p, r in zip(prompts, _run_many(live.address, prompts)):
         assert r.token_ids == reference(p)
+        if r.info["remote_prefill"]:   # the KV was pushed layer by layer inside the prefill's step
+            assert r.timing.get("overlapped_ms", 0) > 0, r.timing
     live.check_integrity()
 
 
