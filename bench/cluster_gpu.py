@@ -32,15 +32,16 @@ from bench import workloads as wl  # noqa: E402
 from bench.goodput_real import goodput  # noqa: E402
 from bench.validate_sim import RealCluster, git_commit, pct, run_requests  # noqa: E402
 
-# name -> (make(n, rate, seed) -> requests, SLO (ttft_s, tpot_s), default rates req/s)
+# name -> (make(n, rate, seed) -> requests, SLO (ttft_s, tpot_s), default rates req/s, requests per point)
+# (SLOs stated before the first GPU run; rows are kept, so other SLOs can be read off later)
 WORKLOADS = {
     "chat": (lambda n, r, s: wl.synthetic(n, r, s, prompt_median=1024, output_median=128),
-             (1.0, 0.05), "4,8,16,24,32"),
+             (1.0, 0.03), "4,8,16,24,32", 100),
     "long": (lambda n, r, s: wl.long_context(n, r, s, lo=4096, hi=16384, output_median=128),
-             (3.0, 0.05), "1,2,4,6,8"),
+             (3.0, 0.03), "1.5,3,4.5", 40),
     "multi_turn": (lambda n, r, s: wl.multi_turn(max(n // 4, 1), 4, r / 4, s, system_tokens=2048,
                                                  output_median=128, think_s=2.0),
-                   (1.0, 0.05), "4,8,16,24"),
+                   (1.0, 0.03), "4,8,16", 100),
 }
 MAX_OUTPUT = 512          # output lengths are clipped here so a point ends in seconds
 
@@ -97,7 +98,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="1P1D,2D")
     ap.add_argument("--workloads", default="chat,long")
     ap.add_argument("--rates", default="", help="per workload, e.g. 'chat=4,8;long=1,2' (default: built in)")
-    ap.add_argument("--requests", type=int, default=100, help="requests per point")
+    ap.add_argument("--requests", type=int, default=0, help="requests per point (0: the workload's own)")
     ap.add_argument("--disagg-policy", default="load_aware")
     ap.add_argument("--kv-dtype", default="auto")
     ap.add_argument("--chunk", type=int, default=2048, help="scheduler token budget per step (both shapes)")
@@ -145,14 +146,14 @@ def main() -> None:
                 sres["workers"][name] = ray.get(actor.transfer_info.remote(), timeout=60)
             print(shape, "workers:", json.dumps(sres["workers"]), flush=True)
             for wname in a.workloads.split(","):
-                make, slo, _ = WORKLOADS[wname]
+                make, slo, _, n_req = WORKLOADS[wname]
                 pts = sres["workloads"].setdefault(wname, {"points": []})["points"]
                 for i, rate in enumerate(float(x) for x in rates[wname].split(",")):
                     if a.deadline_s and time.monotonic() - t_start > a.deadline_s:
                         print(f"deadline: skipping {shape} {wname} {rate}", flush=True)
                         continue
                     reqs = [r if r.output_tokens <= MAX_OUTPUT else replace(r, output_tokens=MAX_OUTPUT)
-                            for r in make(a.requests, rate, a.seed)]
+                            for r in make(a.requests or n_req, rate, a.seed)]
                     reqs = [r if r.prompt_tokens + r.output_tokens < a.max_model_len else
                             replace(r, prompt_tokens=a.max_model_len - r.output_tokens - 16) for r in reqs]
                     run = run_requests(rc, reqs, token_seed=1000 * list(WORKLOADS).index(wname) + i)

@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--overlap-blocks", type=int, default=256)
     ap.add_argument("--tag", default="", help="results file suffix: transfer-<device>-<tag>")
     ap.add_argument("--gpus", default="", help="P,D: the GPU of the prefill (sender) and decode process")
+    ap.add_argument("--visible", default="all", choices=["all", "own"],
+                    help="with --gpus: each process sees both GPUs (its own first) or only its own")
     args = ap.parse_args()
     from splitserve.kvtransfer.testing import spawn_worker
 
@@ -74,10 +76,10 @@ def main() -> None:
            "staging_layers": 8 if args.device == "cuda" else 4}   # CPU: 2 x 8 GiB pools in 23 GiB
     t0 = time.time()
     gp, gd = (args.gpus.split(",") + [""])[:2] if args.gpus else ("", "")
-    d = spawn_worker(layout, seed=1, config_kw=cfg, device=args.device, start_timeout=600,
-                     env={"CUDA_VISIBLE_DEVICES": gd} if gd else None)
-    p = spawn_worker(layout, seed=2, config_kw=cfg, device=args.device, start_timeout=600,
-                     env={"CUDA_VISIBLE_DEVICES": gp} if gp else None)
+    def env(own: str, other: str):
+        return {"CUDA_VISIBLE_DEVICES": own + ("," + other if args.visible == "all" and other != own else "")} if own else None
+    d = spawn_worker(layout, seed=1, config_kw=cfg, device=args.device, start_timeout=600, env=env(gd, gp))
+    p = spawn_worker(layout, seed=2, config_kw=cfg, device=args.device, start_timeout=600, env=env(gp, gd))
     print(f"workers up in {time.time() - t0:.1f}s; self-test: {d.call('self_test')}", flush=True)
     d.call("raw_connect", p.address)
     rows, tag = [], 0x5C00_0000_0000_0000
@@ -139,7 +141,7 @@ def main() -> None:
               "commit": commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "device": args.device, "tag": args.tag, "self_test": d.call("self_test"), "rows": rows,
               "overlap": ov, "layout": layout, "peer_transports": p.call("peer_transports"),
-              "gpus": {"prefill": gp, "decode": gd}, "topology": topology()}
+              "gpus": {"prefill": gp, "decode": gd, "visible": args.visible}, "topology": topology()}
     print("prefill->decode endpoint transports:", report["peer_transports"], flush=True)
     d.close()
     p.close()

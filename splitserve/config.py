@@ -140,12 +140,15 @@ class ClusterConfig:
     cpus_per_worker: float = _f(1.0, "Ray CPUs reserved by each worker actor")
     gpus_per_worker: float = _f(0.0, "Ray GPUs reserved by each worker actor (1 = one GPU each)")
     placement_strategy: str = _f("PACK", "placement group strategy for the workers: PACK or SPREAD")
+    gpu_visibility: str = _f("all", "GPU workers see 'all' the node's GPUs (their own first: what UCX cuda_ipc "
+                             "between GPUs needs) or only their 'own' (Ray's default CUDA_VISIBLE_DEVICES)")
 
     def __post_init__(self) -> None:
         _require(self.num_prefill >= 0, "cluster.num_prefill", "must be >= 0")
         _require(self.num_decode >= 1, "cluster.num_decode", "must be >= 1 (decode workers serve every request)")
         _require(self.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0")
         _require(self.gpus_per_worker >= 0, "cluster.gpus_per_worker", "must be >= 0")
+        _require(self.gpu_visibility in ("all", "own"), "cluster.gpu_visibility", "must be 'all' or 'own'")
         _require(self.placement_strategy in ("PACK", "SPREAD"), "cluster.placement_strategy",
                  "use PACK or SPREAD")
 

@@ -55,6 +55,8 @@ class WorkerRuntime:
         from .engine.loop import EngineLoop
         from .logs import setup_logging
         setup_logging(name)
+        if config.cluster.gpus_per_worker and config.cluster.gpu_visibility == "all":
+            own_gpu_first()
         self.config = config
         self.name = name
         self.engine = LLMEngine.from_config(config)
@@ -143,6 +145,26 @@ class WorkerRuntime:
         self.loop.stop()
         if self.agent is not None:
             self.agent.close()
+
+
+def own_gpu_first() -> None:
+    """In a Ray actor that holds GPUs with RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES: show every
+    GPU of the node, this worker's own first, so "cuda" is its GPU while UCX cuda_ipc can still open
+    peers' memory (a process that sees one GPU cannot map another's). Before CUDA starts."""
+    if not os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"):
+        return
+    import ray
+    mine = [str(i) for i in ray.get_gpu_ids()]
+    if not mine:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        every = [x for x in visible.split(",") if x]
+    else:
+        gpus = "/proc/driver/nvidia/gpus"
+        every = [str(i) for i in range(len(os.listdir(gpus)))] if os.path.isdir(gpus) else list(mine)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine + [x for x in every if x not in mine])
+    log.info("GPUs visible to this worker (own first): %s", os.environ["CUDA_VISIBLE_DEVICES"])
 
 
 _GAUGES: dict = {}
