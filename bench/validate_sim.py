@@ -81,7 +81,8 @@ class RealCluster:
         cfg = ((config or Config().replace("model", device="cpu").replace("cache", cpu_cache_gib=KV_GIB)
                 .replace("transfer", self_test=False))
                .replace("cluster", num_prefill=num_prefill, num_decode=num_decode)
-               .replace("router", grpc_port=0, metrics_port=-1, policy=policy, cost_profile=profile,
+               .replace("router", grpc_port=-1 if config and config.router.grpc_port < 0 else 0, metrics_port=-1,
+                        policy=policy, cost_profile=profile,
                         slo_ttft_ms=slo_ms[0], slo_tpot_ms=slo_ms[1]))   # CPU: 2 workers of ~1.5 GB in ~5 GB free
         self.policy = policy
         self.loop = asyncio.new_event_loop()
