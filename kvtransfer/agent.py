@@ -104,7 +104,11 @@ class TransferAgent:
             # thread completes. Without them every pending request polls with sleep(0), which
             # keeps the loop busy and starves every other thread of the GIL (measured: ~1 ms per
             # tag send and a ~60-150 ms floor per transfer; 3-10x slower end to end on CPU).
-            ucxx.init(progress_mode="thread", enable_python_future=True)
+            # Immediate (not delayed) submission: requests and their futures are made on this
+            # loop's thread. Delayed submission makes them on the progress thread, which has no
+            # asyncio loop: once a burst (48 concurrent transfers on an H200) drains the futures
+            # pool, refilling it there fails and the worker aborts in Request::cancel.
+            ucxx.init(progress_mode="thread", enable_python_future=True, enable_delayed_submission=False)
         elif not ucxx.core._ctx.enable_python_future:
             log.warning("kvtransfer: ucxx was initialised without python futures; transfers "
                         "will be slow (initialise ucxx after creating the TransferAgent)")
