@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--frontend", default="auto", choices=["auto", "grpc", "inproc"],
                     help="requests over the gRPC API, or straight into the router (auto: gRPC if its stubs build here)")
     a = ap.parse_args()
+    import logging
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if a.frontend == "auto":
         a.frontend = "grpc" if _grpc_ok() else "inproc"
     t_start = time.monotonic()

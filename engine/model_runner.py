@@ -102,7 +102,7 @@ class ModelRunner:
         rows = [i for i, c in enumerate(out.chunks) if c.samples]
         reqs = [out.chunks[i].request for i in rows]
         if all(r.params.greedy for r in reqs):
-            tokens = greedy.tolist()          # the step's one host sync
+            tokens = host_list(greedy)        # the step's one host sync
             return {r.request_id: tokens[i] for r, i in zip(reqs, rows)}
         idx = torch.tensor(rows, device=logits.device)
         sampled = self.sampler.sample(logits[idx], [r.request_id for r in reqs], [r.params for r in reqs])
