@@ -11,6 +11,7 @@ import torch
 
 from .attention import AttentionMetadata
 from .cuda_graph import DecodeGraphRunner, DecodeInputs
+from .sampler import host_list
 from .scheduler import SchedulerOutput
 
 
