@@ -93,6 +93,13 @@ class TransferAgent:
         return {"self_test": None if st is None else {"transports": st.transports, "gbps": st.bandwidth_gbps},
                 "peers": self.call(peers(), timeout=10)}
 
+    def top_up_futures(self) -> None:
+        """Refill ucxx's pool of Python futures (to 100 once under 50) from this loop's thread,
+        before posting requests. A drained pool is refilled by whichever thread next needs a
+        future; on UCX's progress thread (an incoming active message) that fails, for want of
+        an asyncio loop there, and the worker later aborts (seen under 48 concurrent transfers)."""
+        self._worker.populate_python_futures_pool()
+
     def submit(self, coro: Coroutine) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
@@ -112,6 +119,8 @@ class TransferAgent:
         elif not ucxx.core._ctx.enable_python_future:
             log.warning("kvtransfer: ucxx was initialised without python futures; transfers "
                         "will be slow (initialise ucxx after creating the TransferAgent)")
+        self._worker = ucxx.core._get_ctx().worker
+        self.top_up_futures()
         self._listener = ucxx.create_listener(self._accept, port=self.config.listen_port or None)
         host = self.config.listen_host
         self._self_ep = await ucxx.create_endpoint(host, self._listener.port)
@@ -428,6 +437,7 @@ class TransferAgent:
                 log.exception("kvtransfer sweeper")
 
     async def _sweep(self) -> None:
+        self.top_up_futures()
         for lease in self.leases.expire_due():
             self._rx_status[lease.lease_id].fail("lease expired")
             attempt = self._attempts.pop(lease.lease_id, None)

@@ -91,6 +91,7 @@ class RecvAttempt:
             return False
         tag = data_tag(self.tag_key, layer, msg)
         arr = buf if isinstance(buf, Array) else Array(buf)
+        self.agent.top_up_futures()
         req = self.ep._ep.tag_recv(arr, Tag(tag), TagMaskFull)
         fut = asyncio.ensure_future(self._finish(tag, layer, req, arr.nbytes, staged))
         self.pending[tag] = fut

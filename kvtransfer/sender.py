@@ -235,6 +235,7 @@ class KVSender:
               staging: tuple | None = None):
         t0 = time.perf_counter()
         arr = Array(buf)
+        self.agent.top_up_futures()
         req = peer.ep._ep.tag_send(arr, Tag(data_tag(self.handoff.tag_key, layer, msg)))
         self.send_s += time.perf_counter() - t0
 
