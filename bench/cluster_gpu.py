@@ -63,11 +63,11 @@ def make_config(a, p: int, d: int):
     return (Config().replace("model", model=a.model, dtype="bfloat16" if gpu else "float32", device=a.device)
             .replace("scheduler", max_model_len=a.max_model_len, max_num_seqs=a.max_seqs,
                      max_num_batched_tokens=a.chunk)
-            .replace("cache", memory_fraction=0.85, kv_dtype=a.kv_dtype, cpu_cache_gib=0.25)
+            .replace("cache", memory_fraction=a.memory_fraction, kv_dtype=a.kv_dtype, cpu_cache_gib=0.25)
             .replace("transfer", self_test=True, self_test_mib=256 if gpu else 16, lease_timeout_s=120.0)
             .replace("router", local_prefill_max_tokens=a.local_prefill_max, request_timeout_s=300.0,
                      grpc_port=0 if a.frontend == "grpc" else -1)
-            .replace("cluster", num_prefill=p, num_decode=d, gpus_per_worker=1 if gpu else 0,
+            .replace("cluster", num_prefill=p, num_decode=d, gpus_per_worker=a.gpus_per_worker if gpu else 0,
                      cpus_per_worker=4 if gpu else 1))
 
 
@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=0, help="requests per point (0: the workload's own)")
     ap.add_argument("--disagg-policy", default="load_aware")
     ap.add_argument("--kv-dtype", default="auto")
+    ap.add_argument("--gpus-per-worker", type=float, default=1.0, help="0.5: two workers share a GPU")
+    ap.add_argument("--memory-fraction", type=float, default=0.85, help="of free GPU memory, for each worker's KV")
     ap.add_argument("--chunk", type=int, default=2048, help="scheduler token budget per step (both shapes)")
     ap.add_argument("--max-seqs", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=32768)
@@ -126,7 +128,7 @@ def main() -> None:
     stem = out / ("cluster-gpu" + (f"-{a.tag}" if a.tag else ""))
     res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": os.environ.get("GIT_COMMIT") or git_commit(),
            "command": "python bench/cluster_gpu.py " + " ".join(sys.argv[1:]), "model": a.model,
-           "frontend": a.frontend, "config": {"chunk": a.chunk, "max_seqs": a.max_seqs, "kv_dtype": a.kv_dtype,
+           "frontend": a.frontend, "config": {"gpus_per_worker": a.gpus_per_worker, "chunk": a.chunk, "max_seqs": a.max_seqs, "kv_dtype": a.kv_dtype,
                       "local_prefill_max": a.local_prefill_max, "disagg_policy": a.disagg_policy},
            "env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_NVLS", "TORCH_SYMM", "NVSHMEM_DISABLE", "UCX_TLS"))},
            "workloads": {w: {"slo": {"ttft_s": WORKLOADS[w][1][0], "tpot_s": WORKLOADS[w][1][1]}} for w in a.workloads.split(",")},
