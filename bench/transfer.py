@@ -48,6 +48,8 @@ MIB = 1 << 20
 
 
 def commit() -> str:
+    if os.environ.get("GIT_COMMIT"):     # the device's copy of the tree may carry a stale .git
+        return os.environ["GIT_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                        text=True, stderr=subprocess.DEVNULL).strip()

@@ -97,8 +97,8 @@ class ServingCluster:
         name = f"{role}-{next(self._seq[role])}"
         opts = {"num_cpus": cc.cpus_per_worker, "num_gpus": cc.gpus_per_worker}
         if cc.gpus_per_worker and cc.gpu_visibility == "all":
-            # Ray would narrow CUDA_VISIBLE_DEVICES to the worker's GPU; the worker puts its own
-            # GPU first instead (worker_runtime.own_gpu_first) so cuda_ipc can map peer GPUs' KV
+            # Ray would narrow CUDA_VISIBLE_DEVICES to the worker's GPU; the worker shows every
+            # GPU, its own first, instead (worker_runtime.own_gpu_first)
             opts["runtime_env"] = {"env_vars": {**worker_env(), "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1",
                                                 "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}}
         if bundle_index is None:

@@ -140,8 +140,9 @@ class ClusterConfig:
     cpus_per_worker: float = _f(1.0, "Ray CPUs reserved by each worker actor")
     gpus_per_worker: float = _f(0.0, "Ray GPUs reserved by each worker actor (1 = one GPU each)")
     placement_strategy: str = _f("PACK", "placement group strategy for the workers: PACK or SPREAD")
-    gpu_visibility: str = _f("all", "GPU workers see 'all' the node's GPUs (their own first: what UCX cuda_ipc "
-                             "between GPUs needs) or only their 'own' (Ray's default CUDA_VISIBLE_DEVICES)")
+    gpu_visibility: str = _f("all", "GPU workers see 'all' the node's GPUs (their own first, as dask-cuda does for "
+                             "peer mappings) or only their 'own' (Ray's CUDA_VISIBLE_DEVICES); UCX 1.21 used "
+                             "cuda_ipc between two H200s either way")
 
     def __post_init__(self) -> None:
         _require(self.num_prefill >= 0, "cluster.num_prefill", "must be >= 0")
