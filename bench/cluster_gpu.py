@@ -224,7 +224,10 @@ def write(res: dict, stem: Path) -> None:
     for wname in res["workloads"]:
         for shape, s in res["shapes"].items():
             if wname in s["workloads"]:
-                lines.append(f"| {wname} | {shape} | {s['workloads'][wname].get('goodput', 0):.2f} |")
+                w = s["workloads"][wname]
+                pts = w.get("points", [])
+                more = ">= " if pts and pts[-1]["attainment"] >= 0.9 else ""   # never saturated
+                lines.append(f"| {wname} | {shape} | {more}{w.get('goodput', 0):.2f} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
