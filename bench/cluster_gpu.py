@@ -46,6 +46,14 @@ WORKLOADS = {
 MAX_OUTPUT = 512          # output lengths are clipped here so a point ends in seconds
 
 
+def point_requests(wname: str, rate: float, n: int, seed: int, max_model_len: int) -> list[wl.Request]:
+    """The requests of one point (deterministic: bench/validate_sim_gpu.py rebuilds them)."""
+    reqs = [r if r.output_tokens <= MAX_OUTPUT else replace(r, output_tokens=MAX_OUTPUT)
+            for r in WORKLOADS[wname][0](n, rate, seed)]
+    return [r if r.prompt_tokens + r.output_tokens < max_model_len else
+            replace(r, prompt_tokens=max_model_len - r.output_tokens - 16) for r in reqs]
+
+
 def parse_shape(s: str) -> tuple[int, int, str]:
     m = re.fullmatch(r"(\d+)P(\d+)D", s)
     if m:
@@ -128,7 +136,8 @@ def main() -> None:
     stem = out / ("cluster-gpu" + (f"-{a.tag}" if a.tag else ""))
     res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": os.environ.get("GIT_COMMIT") or git_commit(),
            "command": "python bench/cluster_gpu.py " + " ".join(sys.argv[1:]), "model": a.model,
-           "frontend": a.frontend, "config": {"gpus_per_worker": a.gpus_per_worker, "chunk": a.chunk, "max_seqs": a.max_seqs, "kv_dtype": a.kv_dtype,
+           "frontend": a.frontend, "config": {"seed": a.seed, "max_model_len": a.max_model_len, "requests": a.requests,
+                      "memory_fraction": a.memory_fraction, "gpus_per_worker": a.gpus_per_worker, "chunk": a.chunk, "max_seqs": a.max_seqs, "kv_dtype": a.kv_dtype,
                       "local_prefill_max": a.local_prefill_max, "disagg_policy": a.disagg_policy},
            "env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_NVLS", "TORCH_SYMM", "NVSHMEM_DISABLE", "UCX_TLS"))},
            "workloads": {w: {"slo": {"ttft_s": WORKLOADS[w][1][0], "tpot_s": WORKLOADS[w][1][1]}} for w in a.workloads.split(",")},
@@ -156,10 +165,7 @@ def main() -> None:
                     if a.deadline_s and time.monotonic() - t_start > a.deadline_s:
                         print(f"deadline: skipping {shape} {wname} {rate}", flush=True)
                         continue
-                    reqs = [r if r.output_tokens <= MAX_OUTPUT else replace(r, output_tokens=MAX_OUTPUT)
-                            for r in make(a.requests or n_req, rate, a.seed)]
-                    reqs = [r if r.prompt_tokens + r.output_tokens < a.max_model_len else
-                            replace(r, prompt_tokens=a.max_model_len - r.output_tokens - 16) for r in reqs]
+                    reqs = point_requests(wname, rate, a.requests or n_req, a.seed, a.max_model_len)
                     run = run_requests(rc, reqs, token_seed=1000 * list(WORKLOADS).index(wname) + i)
                     pt = {"rate": round(wl.offered_rate(reqs), 3), "nominal_rate": rate, "wall_s": round(run["wall_s"], 1),
                           **point_summary(run["rows"], slo, layers), "rows": run["rows"]}

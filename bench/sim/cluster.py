@@ -34,6 +34,9 @@ class ClusterSpec:
     # other worker is busy runs at `solo_cost`'s speed, else at the main cost model's (measured with
     # the neighbours busy). None: every step at the main model's speed (dedicated accelerators).
     solo_cost: CostModel | None = None
+    # seats of a decode worker's batch (the engine's max_num_seqs): a local prefill starts only on a
+    # free seat; running and prefilling requests hold one. None: unlimited (KV is the only bound).
+    max_seqs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class Simulator:
                                 for i in range(spec.num_prefill)}
         self.decode_workers = {f"d{i:03d}": DecodeWorkerSim(f"d{i:03d}", cost, self.index, self,
                                                             spec.local_chunk_tokens, spec.transfer_bw,
-                                                            spec.engine_lock)
+                                                            spec.engine_lock, spec.max_seqs)
                                for i in range(spec.num_decode)}
         self._events: list = []
         self._seq = itertools.count()

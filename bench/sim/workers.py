@@ -42,6 +42,7 @@ class Flight:
     t_first: float = math.nan
     t_done: float = math.nan
     rejected: bool = False
+    seated: bool = False         # holds one of the decode worker's batch seats (local prefill started)
     retry_after_s: float = 0.0
     seq: int = field(default=0)
 
@@ -53,8 +54,10 @@ def cached_tokens(blocks: int, prompt_tokens: int) -> int:
 
 class DecodeWorkerSim:
     def __init__(self, name: str, cost: CostModel, index: PrefixIndex, sim, chunk_tokens: int,
-                 transfer_bw: float | None = None, engine_lock: bool = False):
+                 transfer_bw: float | None = None, engine_lock: bool = False, max_seqs: int | None = None):
         self.name, self.cost, self.sim, self.chunk_tokens = name, cost, sim, chunk_tokens
+        self.max_seqs = max_seqs
+        self.seated = 0                        # local prefills holding a batch seat
         # engine_lock: the real worker serves RPCs under the engine-loop lock (engine/loop.py), so
         # start_remote (before P may start) and commit_remote (the first token) wait for the step
         # in progress; without it both happen at once (the original, optimistic model)
@@ -153,9 +156,15 @@ class DecodeWorkerSim:
         if self.busy or not (self.n_running or self.local):
             return
         parts, budget, pairs = [], self.chunk_tokens, 0.0
+        seats = math.inf if self.max_seqs is None else self.max_seqs - self.n_running - self.seated
         for f in self.local:
             if budget <= 0:
                 break
+            if not f.seated:
+                if seats <= 0:
+                    break          # FCFS: the head waits for a seat, nothing behind it jumps ahead
+                f.seated, seats = True, seats - 1
+                self.seated += 1
             n = min(f.remaining, budget)
             pairs += CostModel.pairs(n, f.req.prompt_tokens - f.remaining)
             parts.append((f, n))
@@ -179,6 +188,7 @@ class DecodeWorkerSim:
             self.pending_tokens -= n
             if f.remaining == 0:
                 self.local.popleft()
+                self.seated -= 1
                 f.t_first = now
                 self._add_running(f, now)
         for f in self.joining:
