@@ -6,6 +6,9 @@ classes (PrefillWorker, DecodeWorker, Router, WorkerPool).
     await cluster.start()            # ray.init (local unless cluster.ray_address), actors, servers
     await cluster.add_worker("prefill"); await cluster.remove_worker("decode-1")
     await cluster.stop()
+
+With `planner.enabled` the cluster also runs an Autoscaler (deploy/autoscaler.py) that calls
+add_worker / remove_worker on the planner's decisions.
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ from ..engine.model_source import resolve
 from ..router.metrics import RouterMetrics
 from ..router.policy import build_policy
 from ..router.router import Router
+from ..router.slo_policy import SLO
 from ..router.workers import WorkerPool
+from .autoscaler import Autoscaler
 
 log = logging.getLogger("splitserve.deploy")
 
@@ -54,6 +59,7 @@ class ServingCluster:
         self.metrics = RouterMetrics()
         self.pool = WorkerPool(config.router.health_interval_s, self.metrics)
         self.router: Router | None = None
+        self.autoscaler: Autoscaler | None = None
         self.grpc_server = None
         self.grpc_port: int | None = None
         self.actors: dict[str, object] = {}
@@ -69,7 +75,9 @@ class ServingCluster:
         if cc.ray_address:
             ray.init(address=cc.ray_address, log_to_driver=self.worker_logs_to_driver)
         else:   # a local cluster: logical CPUs for every worker (and replacements) even on 2 cores
-            need = int((cc.num_prefill + cc.num_decode) * cc.cpus_per_worker * 2) + 8
+            pl = self.config.planner
+            most = max(cc.num_prefill + cc.num_decode, pl.max_prefill + pl.max_decode if pl.enabled else 0)
+            need = int(most * cc.cpus_per_worker * 2) + 8
             ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
                      log_to_driver=self.worker_logs_to_driver, runtime_env={"env_vars": worker_env()})
 
@@ -131,16 +139,27 @@ class ServingCluster:
             self.grpc_server, self.grpc_port = await start_grpc(self.router, info, cfg.router.host, cfg.router.grpc_port)
         if cfg.router.metrics_port >= 0:
             self.metrics.serve(cfg.router.metrics_port, cfg.router.host)
+        if cfg.planner.enabled:
+            slo = SLO(cfg.router.slo_ttft_ms / 1e3, cfg.router.slo_tpot_ms / 1e3)
+            self.autoscaler = Autoscaler(self, cfg.planner, slo, self.metrics)
+            self.autoscaler.start()
         log.info("serving on %s:%s (%d prefill, %d decode)", cfg.router.host, self.grpc_port or "in-process",
                  cfg.cluster.num_prefill, cfg.cluster.num_decode)
 
     async def add_worker(self, role: str) -> str:
         name, role, actor = self._spawn(role)
-        await self.pool.add(name, role, actor)
+        try:
+            await self.pool.add(name, role, actor)
+        except BaseException:     # never started (no resources, load failed): free its slot
+            import ray
+            self.actors.pop(name, None)
+            ray.kill(actor, no_restart=True)
+            raise
         return name
 
     async def remove_worker(self, name: str) -> None:
-        await self.pool.remove(name)
+        """Drain (no new requests; its requests finish, or migrate after cluster.drain_timeout_s), stop."""
+        await self.pool.remove(name, timeout=self.config.cluster.drain_timeout_s)
         actor = self.actors.pop(name, None)
         if actor is not None:
             import ray
@@ -148,6 +167,9 @@ class ServingCluster:
 
     async def stop(self) -> None:
         import ray
+        if self.autoscaler is not None:
+            await self.autoscaler.stop()
+            self.autoscaler = None
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=1.0)
         await self.pool.close()

@@ -31,6 +31,13 @@ class RouterMetrics:
         self.migrations = Counter("splitserve_decode_migrations", "requests moved off a dead decode worker",
                                   registry=r)
         self.workers = Gauge("splitserve_workers", "live workers by role", ["role"], registry=r)
+        # the planner (deploy/autoscaler.py): what it saw, what it decided, how that went
+        self.planner_decisions = Counter("splitserve_planner_decisions", "planner decisions by action and outcome "
+                                         "(hold, done, skipped, failed)", ["action", "outcome"], registry=r)
+        self.planner_target = Gauge("splitserve_planner_target_workers", "pool sizes the planner last aimed for",
+                                    ["role"], registry=r)
+        self.planner_signal = Gauge("splitserve_planner_signal", "the planner's last interval: ttft_p90_s, "
+                                    "tpot_p90_s, prefill_queue, decode_queue", ["signal"], registry=r)
         self.port: int | None = None
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:

@@ -8,45 +8,31 @@ Signals per interval (ratios to the SLO):
   prefill short  TTFT p90 > high x TTFT SLO, or the prefill queue grew for `patience` intervals
                  while TTFT p90 is above low x SLO
   decode short   TPOT p90 > high x TPOT SLO, or the decode queue (requests waiting for KV) grew
-  slack          both p90s below low x SLO and no queue growing
+  slack          both p90s below low x SLO and no queue
+A p90 is NaN when the interval had no sample of it while requests were in flight (no evidence):
+every comparison with NaN is false, so it makes its pool neither short nor slack.
 Hysteresis: a signal must hold for `patience` consecutive intervals before it acts (the band
 between `low` and `high` holds no signal at all), and after any action the planner waits
-`cooldown` intervals, so one burst does not flap the pools. Within the bounds it adds a worker
-to the short pool; at the bound it moves one from the other pool if that pool has slack;
-on slack it removes one from the pool with the most slack, never below the minimum.
+`cooldown` intervals, so one burst does not flap the pools. A short pool first takes a worker
+from the other pool when that pool has slack (a move: the total stays the same), else it grows
+by one within its maximum; on slack the pool with the most slack shrinks by one, never below its
+minimum. Every target the planner returns is within [min, max] for both pools.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
+from ..config import PlannerConfig
 from .slo_policy import SLO
-
-
-@dataclass(frozen=True)
-class PlannerConfig:
-    slo: SLO
-    min_prefill: int = 1
-    max_prefill: int = 8
-    min_decode: int = 1
-    max_decode: int = 8
-    high: float = 1.0          # p90 / SLO above this: the pool is short
-    low: float = 0.5           # p90 / SLO below this: the pool has slack
-    patience: int = 3          # consecutive intervals a signal must hold
-    cooldown: int = 4          # intervals without action after an action
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.min_prefill <= self.max_prefill and 1 <= self.min_decode <= self.max_decode):
-            raise ValueError("planner bounds: need 0 <= min_prefill <= max_prefill and 1 <= min_decode <= max_decode")
-        if not 0 < self.low < self.high:
-            raise ValueError("planner: need 0 < low < high")
 
 
 @dataclass(frozen=True)
 class PoolMetrics:
     """One planning interval as the router measured it."""
-    ttft_p90_s: float
+    ttft_p90_s: float          # NaN: no sample while requests were in flight
     tpot_p90_s: float
     prefill_queue: int         # requests queued on prefill workers
     decode_queue: int          # requests waiting for KV room / local prefill on decode workers
@@ -72,9 +58,15 @@ class Decision:
     reason: str = ""
 
 
+def _known(ratio: float) -> float:
+    return 0.0 if math.isnan(ratio) else ratio
+
+
 class Planner:
-    def __init__(self, config: PlannerConfig):
+    def __init__(self, config: PlannerConfig, slo: SLO):
+        """`config` is validated by splitserve.config (bounds, low < high, patience >= 1)."""
         self.config = config
+        self.slo = slo
         self._history: deque[PoolMetrics] = deque(maxlen=config.patience + 1)
         self._signal: str | None = None
         self._streak = 0
@@ -106,7 +98,7 @@ class Planner:
         return all(b > a for a, b in zip(vals, vals[1:]))
 
     def _classify(self, m: PoolMetrics) -> str | None:
-        c, slo = self.config, self.config.slo
+        c, slo = self.config, self.slo
         rt, rp = m.ttft_p90_s / slo.ttft_s, m.tpot_p90_s / slo.tpot_s
         p_short = rt > c.high or (self._growing("prefill_queue") and rt > c.low)
         d_short = rp > c.high or self._growing("decode_queue")
@@ -121,26 +113,25 @@ class Planner:
         return None
 
     def _act(self, signal: str, m: PoolMetrics) -> Decision:
-        c, slo = self.config, self.config.slo
+        c, slo = self.config, self.slo
         p, d = m.num_prefill, m.num_decode
         rt, rp = m.ttft_p90_s / slo.ttft_s, m.tpot_p90_s / slo.tpot_s
-        if signal == "both_short":
-            signal = "prefill_short" if rt >= rp else "decode_short"
-        if signal == "prefill_short":
-            if p < c.max_prefill:
-                return Decision(Action.ADD_PREFILL, p + 1, d, f"TTFT p90 {rt:.2f}x SLO")
-            if d > c.min_decode and rp < c.low:
-                return Decision(Action.DECODE_TO_PREFILL, p + 1, d - 1, f"TTFT {rt:.2f}x, TPOT slack {rp:.2f}x")
-        elif signal == "decode_short":
-            if d < c.max_decode:
-                return Decision(Action.ADD_DECODE, p, d + 1, f"TPOT p90 {rp:.2f}x SLO")
-            if p > c.min_prefill and rt < c.low:
-                return Decision(Action.PREFILL_TO_DECODE, p - 1, d + 1, f"TPOT {rp:.2f}x, TTFT slack {rt:.2f}x")
-        elif signal == "slack":
+        both = signal == "both_short"      # no pool to take from: only grow
+        if both:
+            signal = "prefill_short" if _known(rt) >= _known(rp) else "decode_short"
+        if signal == "prefill_short" and p < c.max_prefill:
+            if not both and d > c.min_decode and rp < c.low:
+                return Decision(Action.DECODE_TO_PREFILL, p + 1, d - 1, f"TTFT p90 {rt:.2f}x SLO, TPOT slack {rp:.2f}x")
+            return Decision(Action.ADD_PREFILL, p + 1, d, f"TTFT p90 {rt:.2f}x SLO")
+        if signal == "decode_short" and d < c.max_decode:
+            if not both and p > c.min_prefill and rt < c.low:
+                return Decision(Action.PREFILL_TO_DECODE, p - 1, d + 1, f"TPOT p90 {rp:.2f}x SLO, TTFT slack {rt:.2f}x")
+            return Decision(Action.ADD_DECODE, p, d + 1, f"TPOT p90 {rp:.2f}x SLO")
+        if signal == "slack":
             if rt <= rp and p > c.min_prefill:
-                return Decision(Action.REMOVE_PREFILL, p - 1, d, f"TTFT p90 {rt:.2f}x SLO")
+                return Decision(Action.REMOVE_PREFILL, p - 1, d, f"slack: TTFT p90 {rt:.2f}x SLO")
             if d > c.min_decode:
-                return Decision(Action.REMOVE_DECODE, p, d - 1, f"TPOT p90 {rp:.2f}x SLO")
+                return Decision(Action.REMOVE_DECODE, p, d - 1, f"slack: TPOT p90 {rp:.2f}x SLO")
             if p > c.min_prefill:
-                return Decision(Action.REMOVE_PREFILL, p - 1, d, f"TTFT p90 {rt:.2f}x SLO")
+                return Decision(Action.REMOVE_PREFILL, p - 1, d, f"slack: TTFT p90 {rt:.2f}x SLO")
         return Decision(Action.NONE, p, d, f"{signal} but at the bounds")

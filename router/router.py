@@ -24,6 +24,7 @@ from ..config import RouterConfig
 from ..engine.request import SamplingParams, find_stop, validate_prompt
 from ..logs import req
 from .metrics import RouterMetrics
+from .planner_signals import IntervalSamples, LatencyWindow
 from .policy import NoWorker, Placement, Policy, _prefill_load, _usable
 from .workers import WorkerDied, WorkerPool
 
@@ -82,9 +83,23 @@ class Router:
         self.policy = policy
         self.metrics = metrics or RouterMetrics()
         self.flights: dict[str, Flight] = {}
+        self.latencies = LatencyWindow()     # the planner's samples (router/planner_signals.py)
         self._ids = itertools.count(1)
         workers.on_decode_output = self._on_output
         workers.on_decode_died = self._on_decode_died
+        workers.assigned = self.assigned_to
+
+    def assigned_to(self, worker: str) -> int:
+        """Unfinished flights that still need `worker`: decoding there, or prefilling there (no
+        first token yet). A drained worker is removed only when this is 0."""
+        return sum(1 for f in self.flights.values() if not f.done and
+                   (f.decode == worker or (f.prefill == worker and f.t_first is None)))
+
+    def take_interval(self) -> IntervalSamples:
+        """The latency samples since the last call, and the ages of flights with no first token."""
+        now = time.monotonic()
+        waiting = [now - f.arrival for f in self.flights.values() if not f.done and f.t_first is None]
+        return self.latencies.take(waiting, len(self.flights))
 
     # ------------------------------------------------------------ admission
     def admit(self, prompt: str | None, token_ids: list[int] | None, messages: list[dict] | None,
@@ -253,6 +268,7 @@ class Router:
         if f.t_first is None:
             f.t_first = now
             self.metrics.ttft.observe(now - f.arrival)
+            self.latencies.record_ttft(now - f.arrival)
         elif f.t_last is not None:
             self.metrics.itl.observe(now - f.t_last)
         f.t_last = now
@@ -284,6 +300,7 @@ class Router:
             timing["prefill_ms"] = max(0.0, (t_first - (f.t_dispatch or f.arrival)) * 1e3)
         if n > 1:
             self.metrics.tpot.observe((now - t_first) / (n - 1))
+            self.latencies.record_tpot((now - t_first) / (n - 1))
         self.metrics.e2e.observe(now - f.arrival)
         self.metrics.requests.labels(reason).inc()
         f.events.put_nowait(Event("complete", info={

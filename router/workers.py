@@ -45,6 +45,7 @@ class WorkerPool:
         self.metrics = metrics
         self.on_decode_output: Callable[[str, dict], None] = lambda w, r: None
         self.on_decode_died: Callable[[str], None] = lambda w: None
+        self.assigned: Callable[[str], int] = lambda w: 0    # the router's unfinished flights on a worker
         self._health: asyncio.Task | None = None
 
     # ------------------------------------------------------------ registry
@@ -63,16 +64,18 @@ class WorkerPool:
         log.info("worker %s (%s) joined", name, role)
 
     async def remove(self, name: str, timeout: float = 120.0) -> None:
-        """Drain a worker (no new requests), wait for its requests to finish, then stop it."""
+        """Drain a worker (no new requests), wait for its requests to finish, then stop it.
+
+        Idle means the worker's own queues are empty *and* the router has no unfinished flight on
+        it (a request placed just before the drain may not have reached the worker yet). What is
+        still there after `timeout` is handed over as if the worker had died: decode flights
+        migrate to another decode worker, prefills are retried elsewhere. Nothing is dropped."""
         w = self.workers[name]
+        w.snapshot = {**w.snapshot, "draining": True}    # the router places nothing here from now on
         await self._remote(w, "drain")
-        w.snapshot = {**w.snapshot, "draining": True}
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s = await self._remote(w, "snapshot")
-            if s["num_running"] + s["num_waiting"] + s["num_transferring"] == 0:
-                break
-            await asyncio.sleep(0.1)
+        if not await self._wait_idle(w, timeout):
+            log.warning("worker %s still busy after %.0fs of draining; handing its requests over", name, timeout)
+            self._mark_dead(w, "drain timed out")
         if w.pump:
             await asyncio.sleep(0.6)       # let the pump deliver the last outputs
             w.pump.cancel()
@@ -80,6 +83,15 @@ class WorkerPool:
         self.workers.pop(name, None)
         self._count()
         log.info("worker %s removed after draining", name)
+
+    async def _wait_idle(self, w: Worker, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = await self._remote(w, "snapshot")
+            if s["num_running"] + s["num_waiting"] + s["num_transferring"] + self.assigned(w.name) == 0:
+                return True
+            await asyncio.sleep(0.1)
+        return False
 
     def names(self, role: str) -> list[str]:
         return [w.name for w in self.workers.values() if w.role == role and w.name not in self.dead]

@@ -140,6 +140,7 @@ class ClusterConfig:
     cpus_per_worker: float = _f(1.0, "Ray CPUs reserved by each worker actor")
     gpus_per_worker: float = _f(0.0, "Ray GPUs reserved by each worker actor (1 = one GPU each)")
     placement_strategy: str = _f("PACK", "placement group strategy for the workers: PACK or SPREAD")
+    drain_timeout_s: float = _f(120.0, "a removed worker's requests get this long to finish; the rest then migrate")
     gpu_visibility: str = _f("all", "GPU workers see 'all' the node's GPUs (their own first, as dask-cuda does for "
                              "peer mappings) or only their 'own' (Ray's CUDA_VISIBLE_DEVICES); UCX 1.21 used "
                              "cuda_ipc between two H200s either way")
@@ -152,6 +153,32 @@ class ClusterConfig:
         _require(self.gpu_visibility in ("all", "own"), "cluster.gpu_visibility", "must be 'all' or 'own'")
         _require(self.placement_strategy in ("PACK", "SPREAD"), "cluster.placement_strategy",
                  "use PACK or SPREAD")
+        _require(self.drain_timeout_s > 0, "cluster.drain_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """The capacity planner (router/planner.py, run by deploy/autoscaler.py); SLO from router.slo_*_ms."""
+    enabled: bool = _f(False, "resize the prefill/decode pools at run time from p90 TTFT/TPOT and queues")
+    interval_s: float = _f(10.0, "seconds per planning interval (one observation of p90s and queues)")
+    min_prefill: int = _f(1, "fewest prefill workers the planner keeps (0 = all prefill may go local)")
+    max_prefill: int = _f(4, "most prefill workers the planner asks Ray for")
+    min_decode: int = _f(1, "fewest decode workers the planner keeps")
+    max_decode: int = _f(4, "most decode workers the planner asks Ray for")
+    high: float = _f(1.0, "p90 / SLO above this: the pool is short")
+    low: float = _f(0.5, "p90 / SLO below this: the pool has slack (between low and high: hold)")
+    patience: int = _f(3, "consecutive intervals a signal must hold before the planner acts")
+    cooldown: int = _f(4, "intervals without action after an action (its effect shows first)")
+
+    def __post_init__(self) -> None:
+        _require(self.interval_s > 0, "planner.interval_s", "must be > 0")
+        _require(0 <= self.min_prefill <= self.max_prefill, "planner.min_prefill/max_prefill",
+                 f"need 0 <= min_prefill <= max_prefill, got {self.min_prefill} and {self.max_prefill}")
+        _require(1 <= self.min_decode <= self.max_decode, "planner.min_decode/max_decode",
+                 f"need 1 <= min_decode <= max_decode, got {self.min_decode} and {self.max_decode}")
+        _require(0 < self.low < self.high, "planner.low/high", f"need 0 < low < high, got {self.low} and {self.high}")
+        _require(self.patience >= 1, "planner.patience", "must be >= 1")
+        _require(self.cooldown >= 0, "planner.cooldown", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -162,6 +189,17 @@ class Config:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+
+    def __post_init__(self) -> None:
+        pl, cc = self.planner, self.cluster
+        if pl.enabled:   # the pools start inside the planner's bounds
+            _require(pl.min_prefill <= cc.num_prefill <= pl.max_prefill, "cluster.num_prefill",
+                     f"{cc.num_prefill} is outside planner bounds [{pl.min_prefill}, {pl.max_prefill}]; "
+                     "change one or the other")
+            _require(pl.min_decode <= cc.num_decode <= pl.max_decode, "cluster.num_decode",
+                     f"{cc.num_decode} is outside planner bounds [{pl.min_decode}, {pl.max_decode}]; "
+                     "change one or the other")
 
     def replace(self, section: str, **changes: Any) -> "Config":
         """A copy with `changes` applied to one section (validated again)."""
@@ -196,6 +234,7 @@ _SECTIONS: dict[str, type] = {
     "transfer": TransferConfig,
     "router": RouterConfig,
     "cluster": ClusterConfig,
+    "planner": PlannerConfig,
 }
 
 
