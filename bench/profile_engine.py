@@ -68,10 +68,14 @@ def time_decode(eng, batch: int, ctx: int, steps: int) -> float:
     """Median decode step time of `batch` sequences of about `ctx` tokens each."""
     from splitserve.engine.request import SamplingParams
     eng.pool.reset_prefix_cache()
-    ids = [eng.add_request(_prompt(ctx, 7 * b + 3), SamplingParams(max_tokens=steps + 4, ignore_eos=True))
+    fill_steps = -(-batch * ctx // eng.config.scheduler.max_num_batched_tokens) + batch
+    # long enough that none finishes while the others still prefill
+    ids = [eng.add_request(_prompt(ctx, 7 * b + 3), SamplingParams(max_tokens=steps + fill_steps + 4, ignore_eos=True))
            for b in range(batch)]
     while len(eng.scheduler.running) < batch or any(r.num_computed_tokens < r.num_prompt_tokens
                                                     for r in eng.scheduler.running):
+        if not eng.has_unfinished():
+            raise RuntimeError(f"decode batch {batch} x {ctx}: requests finished before all were running")
         eng.step()
     times = []
     for _ in range(steps):
@@ -156,14 +160,22 @@ def measure(repeat: int, steps: int, threads: int, cfg=None) -> dict:
     eng = LLMEngine.from_config(cfg)
     kind = "cuda" if eng.device.type == "cuda" else "cpu"
     news, cached, batches, ctxs = GRIDS[kind]
+    t0 = time.monotonic()
     for n in (32, news[-1]):   # warm-up: kernels compiled, graphs captured
         time_prefill(eng, n, 1, 99 + n)
     time_decode(eng, batches[-1], ctxs[0], 2)
+    print(f"engine up, warm-up {time.monotonic() - t0:.0f} s", flush=True)
     load0 = os.getloadavg()
     t0 = time.monotonic()
-    pre = [x for n in news for x in time_prefill_steps(eng, n, repeat, n)]
-    pre += [x for n, c in cached for x in time_prefill_steps(eng, n, repeat, n + c, c)]
-    dec = [(b, b * (ctx + 2), time_decode(eng, b, ctx, steps)) for b in batches for ctx in ctxs]
+    pre, dec = [], []
+    for n, c in [(n, 0) for n in news] + list(cached):
+        got = time_prefill_steps(eng, n, repeat, n + c, c)
+        pre += got
+        print(f"prefill {n} new after {c}: {[round(t * 1e3, 2) for *_, t in got]} ms/step", flush=True)
+    for b in batches:
+        for ctx in ctxs:
+            dec.append((b, b * (ctx + 2), time_decode(eng, b, ctx, steps)))
+            print(f"decode batch {b} ctx {ctx}: {dec[-1][2] * 1e3:.2f} ms/step", flush=True)
     print(f"timed {len(pre)} prefill and {len(dec)} decode points in {time.monotonic() - t0:.0f} s", flush=True)
     a = eng.arch
     return {"pre": pre, "dec": dec, "load0": load0, "nice": os.nice(0),
