@@ -22,11 +22,12 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
 from splitserve.router.cost_model import (CostModel, DecodeCoeffs, DecodeSample, PrefillSample, TransferCoeffs,
-                                          fit)
+                                          fit, fit_prefill_floor)
 
 
 def _prompt(n: int, salt: int) -> list[int]:
@@ -222,6 +223,9 @@ def main() -> None:
     dec = [DecodeSample(b, k, t) for b, k, t in m["dec"]]
     load0 = m["load0"]
     res, dropped = robust_fit(pre + dec)
+    if args.device == "cuda":   # eager prefill has a launch-bound floor: max(floor, linear)
+        pc, err = fit_prefill_floor(pre)
+        res = replace(res, prefill=pc, rel_rmse={**res.rel_rmse, "prefill": err, "prefill_linear": res.rel_rmse["prefill"]})
     model = CostModel(
         name=args.name, prefill=res.prefill, decode=res.decode or DecodeCoeffs(0, 0, 0),
         transfer=TransferCoeffs(args.transfer_latency_ms / 1e3, args.transfer_gbps * 1e9), kv_bytes_per_token=m["kvb"],
@@ -263,14 +267,20 @@ def _describe(dropped: list) -> list:
 
 
 def refit(args) -> None:
-    """Refit a saved profile's samples (robust fit) and write it back to --out."""
+    """Refit a saved profile's samples (robust fit; on a GPU profile the prefill floor) -> --out."""
     d = json.loads(Path(args.refit).read_text())
     src = d["source"]
     pre = [PrefillSample(((int(n), int(c)),), t) for n, c, t in src["prefill_samples"]]
     dec = [DecodeSample(int(b), int(k), t) for b, k, t in src["decode_samples"]]
     res, dropped = robust_fit(pre + dec)
-    d["prefill"] = {"fixed_s": res.prefill.fixed_s, "per_token_s": res.prefill.per_token_s,
-                    "per_pair_s": res.prefill.per_pair_s}
+    prefill = {"fixed_s": res.prefill.fixed_s, "per_token_s": res.prefill.per_token_s,
+               "per_pair_s": res.prefill.per_pair_s}
+    if src.get("device", "cpu") != "cpu":
+        pc, err = fit_prefill_floor(pre)
+        prefill = {"fixed_s": pc.fixed_s, "per_token_s": pc.per_token_s, "per_pair_s": pc.per_pair_s,
+                   "floor_s": pc.floor_s}
+        res = replace(res, rel_rmse={**res.rel_rmse, "prefill": err, "prefill_linear": res.rel_rmse["prefill"]})
+    d["prefill"] = prefill
     d["decode"] = {"fixed_s": res.decode.fixed_s, "per_seq_s": res.decode.per_seq_s,
                    "per_kv_token_s": res.decode.per_kv_token_s}
     src.update(rel_rmse=res.rel_rmse, dropped_outliers=_describe(dropped),

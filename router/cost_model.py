@@ -32,6 +32,8 @@ class PrefillCoeffs:
     fixed_s: float           # per forward (weights read once, launches)
     per_token_s: float       # GEMM work per new token
     per_pair_s: float        # attention work per causal (query, key) pair
+    floor_s: float = 0.0     # the shortest a forward can be (eager launch overhead on a GPU: the
+                             # CPU issuing ~30 kernels per layer); a forward costs max(floor, linear)
 
 
 @dataclass(frozen=True)
@@ -71,16 +73,23 @@ class CostModel:
         if new_tokens <= 0:
             return 0.0
         c = self.prefill
-        return c.fixed_s + c.per_token_s * new_tokens + c.per_pair_s * pairs
+        return max(c.floor_s, c.fixed_s + c.per_token_s * new_tokens + c.per_pair_s * pairs)
 
     def prefill_time(self, new_tokens: int, cached_tokens: int = 0) -> float:
         """Time to prefill one request alone, chunked at `prefill_chunk_tokens` per forward."""
         if new_tokens <= 0:
             return 0.0
-        chunks = -(-new_tokens // self.prefill_chunk_tokens)
         c = self.prefill
-        return (chunks * c.fixed_s + c.per_token_s * new_tokens
-                + c.per_pair_s * self.pairs(new_tokens, cached_tokens))
+        chunks = -(-new_tokens // self.prefill_chunk_tokens)
+        if c.floor_s <= 0:
+            return (chunks * c.fixed_s + c.per_token_s * new_tokens
+                    + c.per_pair_s * self.pairs(new_tokens, cached_tokens))
+        t, done, size = 0.0, 0, self.prefill_chunk_tokens
+        while done < new_tokens:   # each chunk is one forward, at least the floor
+            n = min(size, new_tokens - done)
+            t += self.prefill_forward_time(n, self.pairs(n, cached_tokens + done))
+            done += n
+        return t
 
     def decode_step_time(self, batch: int, kv_tokens: float) -> float:
         """One decode step of `batch` sequences reading `kv_tokens` KV tokens (0 if batch is 0)."""
@@ -93,8 +102,12 @@ class CostModel:
         """A decode step that also computes a chunk of local prefill (colocated / local prefill)."""
         if batch <= 0:
             return self.prefill_forward_time(chunk_tokens, chunk_pairs)
-        return (self.decode_step_time(batch, kv_tokens)
-                + self.prefill.per_token_s * chunk_tokens + self.prefill.per_pair_s * chunk_pairs)
+        t = self.decode_step_time(batch, kv_tokens)
+        if chunk_tokens <= 0:
+            return t
+        # a step with prefill tokens runs eagerly (no CUDA graph): at least the prefill floor
+        return max(self.prefill.floor_s, t + self.prefill.per_token_s * chunk_tokens
+                   + self.prefill.per_pair_s * chunk_pairs)
 
     def transfer_time(self, tokens: int, bandwidth_Bps: float | None = None) -> float:
         """KV transfer of `tokens` tokens at the live bandwidth (or the profile's)."""
@@ -229,3 +242,20 @@ def fit(samples: Iterable[PrefillSample | DecodeSample | TransferSample]) -> Fit
         tc = TransferCoeffs(lat, 1.0 / inv_bw if inv_bw > 0 else float("inf"))
         err["transfer"] = _rel_rmse(rows, [s.seconds for s in tra], [lat, inv_bw])
     return FitResult(pc, dc, tc, err)
+
+
+def fit_prefill_floor(samples: Sequence[PrefillSample], margin: float = 1.05) -> tuple[PrefillCoeffs, float]:
+    """Prefill as max(floor, per_token * N + per_pair * P): the floor is the fastest sample (a GPU's
+    eager forward is bound by the CPU issuing kernels until the work outgrows it), the linear part
+    is fitted (no fixed term: the weight read hides under the floor) on the samples above
+    `margin` x floor. Returns the coefficients and the relative RMSE over all samples."""
+    floor = min(s.seconds for s in samples)
+    above = [s for s in samples if s.seconds > margin * floor]
+    if len(above) < 2:
+        raise ValueError("fit_prefill_floor: need at least 2 samples above the floor")
+    feats = lambda s: [sum(n for n, _ in s.seqs), sum(CostModel.pairs(n, c) for n, c in s.seqs)]  # noqa: E731
+    per_token, per_pair = _nnls([feats(s) for s in above], [s.seconds for s in above])
+    pc = PrefillCoeffs(0.0, per_token, per_pair, floor)
+    errs = [(max(floor, per_token * x[0] + per_pair * x[1]) - s.seconds) / s.seconds
+            for s, x in ((s, feats(s)) for s in samples)]
+    return pc, (sum(e * e for e in errs) / len(errs)) ** 0.5

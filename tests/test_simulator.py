@@ -119,3 +119,19 @@ def test_solo_cost_runs_lone_steps_at_solo_speed():
     assert sum(r.tpot_s for r in fast.requests) < sum(r.tpot_s for r in plain.requests)
     assert fast.requests[0].ttft_s == pytest.approx(solo.prefill_time(reqs[0].prompt_tokens) +
                                                      solo.transfer_time(reqs[0].prompt_tokens), rel=1e-6)
+
+
+def test_batch_seats_make_local_prefills_wait_their_turn():
+    """max_seqs (the engine's max_num_seqs): with 2 seats, the 3rd and 4th of four simultaneous
+    requests start prefilling only after one of the first two finished decoding."""
+    reqs = [wl.Request(rid=i, arrival_s=0.0, prompt_tokens=256, output_tokens=50, hash_ids=(1000 + i,))
+            for i in range(4)]
+    from bench.simulator import make_policy
+    run = lambda seats: Simulator(ClusterSpec(0, 1, 2048, None, max_new_tokens=None, max_seqs=seats),  # noqa: E731
+                                  COST, make_policy("colocated", COST, SLO_, 2048)).run(reqs)
+    free, capped = run(None), run(2)
+    assert max(r.ttft_s for r in free.requests) < 0.1       # all four prefill in one step
+    first_done = min(r.ttft_s + 49 * r.tpot_s for r in capped.requests)
+    late = sorted(capped.requests, key=lambda r: r.ttft_s)[2:]
+    assert all(r.ttft_s >= first_done for r in late)
+    assert len(capped.requests) == 4

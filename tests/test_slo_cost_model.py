@@ -61,3 +61,29 @@ def test_round_trip(tmp_path):
     m = load_profile("h200-llama3-8b")
     m.save(tmp_path / "x.json")
     assert load_profile(tmp_path / "x.json") == m
+
+
+def test_prefill_floor_bounds_forwards_and_mixed_steps():
+    from splitserve.router.cost_model import CostModel, DecodeCoeffs, PrefillCoeffs, TransferCoeffs
+    m = CostModel("t", PrefillCoeffs(0.0, 2e-5, 1e-9, floor_s=0.02), DecodeCoeffs(0.005, 1e-5, 5e-8),
+                  TransferCoeffs(0.001, 1e11), 131072, 10**6, prefill_chunk_tokens=2048)
+    assert m.prefill_forward_time(64, CostModel.pairs(64)) == 0.02          # launch-bound
+    big = m.prefill_forward_time(2048, CostModel.pairs(2048))
+    assert big == pytest.approx(2048 * 2e-5 + CostModel.pairs(2048) * 1e-9)
+    # a chunked prompt: one floor-bounded forward per chunk (the last, 1 token, costs the floor)
+    assert m.prefill_time(4097) == pytest.approx(
+        m.prefill_forward_time(2048, CostModel.pairs(2048)) + m.prefill_forward_time(2048, CostModel.pairs(2048, 2048))
+        + 0.02)
+    # a decode step carrying a small chunk runs eagerly: the floor, not graph speed
+    assert m.mixed_step_time(8, 8000, 16, CostModel.pairs(16)) == 0.02
+    assert m.mixed_step_time(8, 8000, 0, 0) == m.decode_step_time(8, 8000)
+
+
+def test_fit_prefill_floor_recovers_the_model():
+    from splitserve.router.cost_model import CostModel, PrefillSample, fit_prefill_floor
+    truth = lambda n, c: max(0.0226, 2.4e-5 * n + 1.6e-9 * CostModel.pairs(n, c))  # noqa: E731
+    pts = [(64, 0), (256, 0), (1024, 0), (2048, 0), (2048, 4096), (2048, 8192), (2048, 14336), (512, 4096)]
+    pc, err = fit_prefill_floor([PrefillSample(((n, c),), truth(n, c)) for n, c in pts])
+    assert pc.floor_s == pytest.approx(0.0226)
+    assert pc.per_token_s == pytest.approx(2.4e-5, rel=1e-3) and pc.per_pair_s == pytest.approx(1.6e-9, rel=1e-3)
+    assert err < 1e-6
