@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--gpus", default="", help="P,D: the GPU of the prefill (sender) and decode process")
     ap.add_argument("--visible", default="all", choices=["all", "own"],
                     help="with --gpus: each process sees both GPUs (its own first) or only its own")
+    ap.add_argument("--direct-min-blocks", type=int, default=0, help="0: the config default")
+    ap.add_argument("--bundle-kib", type=int, default=0, help="0: the config default")
     args = ap.parse_args()
     from splitserve.kvtransfer.testing import spawn_worker
 
@@ -76,6 +78,7 @@ def main() -> None:
     layout = dict(LLAMA3_8B, num_blocks=nb)
     cfg = {"self_test": True, "lease_timeout_s": 600.0, "self_test_mib": 256 if args.device == "cuda" else 64,
            "staging_layers": 8 if args.device == "cuda" else 4}   # CPU: 2 x 8 GiB pools in 23 GiB
+    cfg.update({k: v for k, v in (("direct_min_blocks", args.direct_min_blocks), ("bundle_kib", args.bundle_kib)) if v})
     t0 = time.time()
     gp, gd = (args.gpus.split(",") + [""])[:2] if args.gpus else ("", "")
     def env(own: str, other: str):
@@ -142,7 +145,7 @@ def main() -> None:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "device": args.device, "tag": args.tag, "self_test": d.call("self_test"), "rows": rows,
-              "overlap": ov, "layout": layout, "peer_transports": p.call("peer_transports"),
+              "overlap": ov, "layout": layout, "agent_config": cfg, "peer_transports": p.call("peer_transports"),
               "gpus": {"prefill": gp, "decode": gd, "visible": args.visible}, "topology": topology()}
     print("prefill->decode endpoint transports:", report["peer_transports"], flush=True)
     d.close()
@@ -210,6 +213,7 @@ def write(rep: dict, out: Path) -> None:
     stem.with_suffix(".json").write_text(json.dumps(rep, indent=1))
     lines = [f"# KV transfer, {rep['device']} ({rep['date']}, commit {rep['commit']})", "",
              f"Command: `python bench/{rep['command']}`  ",
+             f"Agent config: {rep.get('agent_config', {})} (config defaults otherwise)  ",
              f"Self-test: transports {rep['self_test'].get('transports')}, "
              f"{rep['self_test'].get('gbps', 0):.2f} GB/s loopback; prefill->decode endpoint "
              f"lanes: {rep.get('peer_transports')}", "",

@@ -67,7 +67,9 @@ class TransferAgent:
         self._tombstones: dict[int, float] = {}
         self.rx_traces: dict[int, list] = {}   # lease -> last attempt's trace (benchmarks)
         self.self_test_report: SelfTestReport | None = None
-        self._stream = torch.cuda.Stream(kv.device) if kv.is_cuda else None
+        # high priority: the gathers, scatters and checksums are a few short kernels per layer that
+        # would otherwise queue behind the forward's long GEMMs and trail the prefill by many layers
+        self._stream = torch.cuda.Stream(kv.device, priority=-1) if kv.is_cuda else None
         self.staging = pool.BufferPool(kv)   # staging buffers reused across layers/transfers
         # torch work (gather, scatter, checksums) runs here, off the loop thread
         self.executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kvtransfer-torch")
@@ -234,7 +236,7 @@ class TransferAgent:
     def _record(self, lease) -> HandoffRecord:
         return HandoffRecord(self.host, self.port, lease.lease_id, lease.epoch, lease.block_ids,
                              lease.tag_key, self.config.lease_timeout_s,
-                             self.config.direct_min_blocks)
+                             self.config.direct_min_blocks, self.config.bundle_kib << 10)
 
     def poll_lease(self, lease_id: int) -> TransferStatus:
         """Non-blocking receive status of the lease's current epoch."""
@@ -308,7 +310,7 @@ class TransferAgent:
         if why is None:
             try:
                 plan = TransferPlan.build(self.layout, msg["src"], lease.block_ids,
-                                          self.config.direct_min_blocks)
+                                          self.config.direct_min_blocks, self.config.bundle_kib << 10)
             except ValueError as e:
                 why = str(e)
         if why is not None:

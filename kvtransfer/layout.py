@@ -7,13 +7,19 @@ bytes. An FP8 pool may carry scales: [num_layers, 2, num_kv_heads] float32, whic
 
 A transfer moves the regions of n source blocks into n destination blocks (src_ids[i] ->
 dst_ids[i]) for every layer. `TransferPlan` turns that into tag messages, identically on both
-sides (it is a pure function of the ids and `direct_min_blocks`):
+sides (it is a pure function of the ids, `direct_min_blocks` and `bundle_bytes`, which the decode
+side chooses and the handoff record carries):
   * maximal runs where src and dst ids both step by +1 are coalesced; a run of at least
     `direct_min_blocks` blocks is sent *direct*: one message per (layer, k|v, run), read from the
     source pool and received straight into the destination blocks (zero copies);
-  * every other block is *staged*: per layer, the sender gathers all such regions (K then V) into
-    one contiguous buffer, sends it as one message, and the receiver scatters it into its blocks.
-Per layer the message order is: direct K runs, direct V runs, the staged bundle, the scales.
+  * every other block is *staged*: the sender gathers all such regions of `layers_per_bundle`
+    consecutive layers (per layer K then V) into one contiguous buffer, sends it as one message,
+    and the receiver scatters it into its blocks. A bundle spans as many layers as fit in
+    BUNDLE_BYTES: a UCX send costs ~50-100 us of host time whatever its size, so a small transfer
+    goes in one or two messages instead of one per layer, while a big one still streams layer by
+    layer (a layer's bundle is sent as soon as its layers are written).
+Per layer the message order is: direct K runs, direct V runs, the staged bundle (on the first
+layer of each bundle), the scales.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8_e4m3": 1, "uint8"
 MAX_LAYERS = 1 << 10        # tag field widths, see wire.data_tag
 MAX_MSGS_PER_LAYER = 1 << 22
 STAGING_BUDGET = 64 << 20   # bytes of staged layers a transfer may keep in flight per side
+BUNDLE_BYTES = 16 << 20     # default: a staged message spans as many layers as fit in this
 
 
 @dataclass(frozen=True)
@@ -120,10 +127,11 @@ class TransferPlan:
     staged_idx: tuple[int, ...]     # positions i (into the id lists) that go through staging
     src_ids: tuple[int, ...]
     dst_ids: tuple[int, ...]
+    bundle_bytes: int = BUNDLE_BYTES
 
     @classmethod
     def build(cls, layout: KVLayout, src_ids: Sequence[int], dst_ids: Sequence[int],
-              direct_min_blocks: int) -> "TransferPlan":
+              direct_min_blocks: int, bundle_bytes: int = BUNDLE_BYTES) -> "TransferPlan":
         if len(src_ids) != len(dst_ids) or not dst_ids:
             raise ValueError(f"transfer needs equal, non-empty block lists "
                              f"(src {len(src_ids)}, dst {len(dst_ids)})")
@@ -133,7 +141,7 @@ class TransferPlan:
         direct_runs = [r for r in runs if r.n >= direct_min_blocks]
         staged = [i for r in runs if r.n < direct_min_blocks for i in range(r.i0, r.i0 + r.n)]
         direct = tuple(DirectMsg(kv, r) for kv in (0, 1) for r in direct_runs)
-        plan = cls(layout, direct, tuple(staged), tuple(src_ids), tuple(dst_ids))
+        plan = cls(layout, direct, tuple(staged), tuple(src_ids), tuple(dst_ids), bundle_bytes)
         if plan.msgs_per_layer > MAX_MSGS_PER_LAYER:
             raise ValueError("too many messages per layer for the tag field")
         return plan
@@ -156,14 +164,28 @@ class TransferPlan:
     def scales_msg(self) -> int:
         return len(self.direct) + (1 if self.staged_idx else 0)
 
-    def staging_window(self, staging_layers: int) -> int:
-        """Staged layers in flight (sender buffers, receiver ring): `staging_layers`, or more
-        while they fit in STAGING_BUDGET (small transfers then post every receive up front, with
-        no re-post round trip per layer). Both sides derive the same value."""
-        L = self.layout.num_layers
+    @property
+    def layers_per_bundle(self) -> int:
+        """Consecutive layers whose staged regions travel in one message (both sides derive it)."""
         if not self.staged_idx:
-            return L
-        return min(L, max(staging_layers, STAGING_BUDGET // self.staged_bytes))
+            return 1
+        return max(1, min(self.layout.num_layers, self.bundle_bytes // self.staged_bytes))
+
+    def bundles(self) -> list[tuple[int, int]]:
+        """(first layer, layers) of each staged bundle, in order."""
+        L, k = self.layout.num_layers, self.layers_per_bundle
+        return [(l0, min(k, L - l0)) for l0 in range(0, L, k)]
+
+    def staging_window(self, staging_layers: int, budget: int = STAGING_BUDGET) -> int:
+        """Staged bundles in flight (sender buffers, receiver ring): enough for `staging_layers`
+        layers, or more while they fit in `budget` bytes (small transfers then post every receive
+        up front, with no re-post round trip). Each side uses its own config: only the message
+        boundaries (the bundles) must agree, and their size comes with the handoff record."""
+        if not self.staged_idx:
+            return self.layout.num_layers
+        k = self.layers_per_bundle
+        n = -(-self.layout.num_layers // k)
+        return min(n, max(-(-staging_layers // k), budget // (k * self.staged_bytes), 1))
 
     @property
     def total_bytes(self) -> int:

@@ -45,7 +45,37 @@ def words(kv: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 def direct_view(kv: torch.Tensor, layer: int, kv_idx: int, start: int, n: int):
+    """Blocks [start, start + n) of (layer, k|v) as a buffer for ucxx. CUDA: a raw span computed
+    from the pool's base pointer (no torch view: torch's __cuda_array_interface__ costs tens of
+    microseconds per message, and a transfer posts one per run and layer)."""
+    if kv.is_cuda:
+        region = kv.shape[3] * kv.shape[4] * kv.shape[5] * kv.element_size()
+        first = ((layer * 2 + kv_idx) * kv.shape[2] + start) * region
+        return CudaSpan(kv.data_ptr() + first, n * region)
     return as_buffer(kv[layer, kv_idx, start:start + n])
+
+
+def host_ints(t: torch.Tensor) -> list[int]:
+    """A small int tensor's values. CUDA: copied right behind the work that produced it and waited
+    for by an event, not a stream sync (tolist() would wait for everything on the stream,
+    e.g. another thread's wait for a later layer of the forward)."""
+    if not t.is_cuda:
+        return t.tolist()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record()
+    ev.synchronize()
+    return host.tolist()
+
+
+class CudaSpan:
+    """`nbytes` of device memory at `ptr`, as ucxx's Array reads it (the pool outlives it)."""
+    __slots__ = ("__cuda_array_interface__",)
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
+                                         "version": 3, "strides": None}
 
 
 def index_tensor(ids, device: torch.device) -> torch.Tensor:
@@ -60,24 +90,35 @@ def _np_words(kv: torch.Tensor, layer: int):
 
 
 def gather_staged(kv: torch.Tensor, layer: int, src_idx: torch.Tensor, out: torch.Tensor) -> None:
-    """out[k|v, i] = kv[layer, k|v, src_idx[i]];  out: [2, n, *region]."""
+    """out[x, k|v, i] = kv[layer + x, k|v, src_idx[i]];  out: [layers, 2, n, *region] (or
+    [2, n, *region] for one layer). One kernel for all the bundle's layers on CUDA."""
+    k = out.shape[0] if out.dim() == kv.dim() else 1
+    out4 = out.reshape(k, 2, src_idx.numel(), -1)
     if kv.is_cuda:
-        torch.index_select(kv[layer], 1, src_idx, out=out)
+        src = kv[layer:layer + k].reshape(k, 2, kv.shape[2], -1)
+        torch.index_select(src, 2, src_idx, out=out4)
     else:
-        np.take(_np_words(kv, layer), src_idx.numpy(), axis=1,
-                out=out.reshape(2, out.shape[1], -1).view(torch.int64).numpy())
+        idx = src_idx.numpy()
+        for x in range(k):
+            np.take(_np_words(kv, layer + x), idx, axis=1, out=out4[x].view(torch.int64).numpy())
 
 
 def scatter_staged(kv: torch.Tensor, layer: int, dst_idx: torch.Tensor, staged: torch.Tensor) -> None:
+    """The inverse of gather_staged: kv[layer + x, k|v, dst_idx[i]] = staged[x, k|v, i]."""
+    k = staged.shape[0] if staged.dim() == kv.dim() else 1
+    st4 = staged.reshape(k, 2, dst_idx.numel(), -1)
     if kv.is_cuda:
-        kv[layer].index_copy_(1, dst_idx, staged)
+        kv[layer:layer + k].reshape(k, 2, kv.shape[2], -1).index_copy_(2, dst_idx, st4)
     else:
-        _np_words(kv, layer)[:, dst_idx.numpy()] = \
-            staged.reshape(2, staged.shape[1], -1).view(torch.int64).numpy()
+        idx = dst_idx.numpy()
+        for x in range(k):
+            _np_words(kv, layer + x)[:, idx] = st4[x].view(torch.int64).numpy()
 
 
-def staging_tensor(kv: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.empty((2, n, *kv.shape[3:]), dtype=kv.dtype, device=kv.device)
+def staging_tensor(kv: torch.Tensor, n: int, layers: int = 0) -> torch.Tensor:
+    """A staging buffer for n blocks' regions: [2, n, *region], or [layers, 2, n, *region]."""
+    lead = (layers,) if layers else ()
+    return torch.empty((*lead, 2, n, *kv.shape[3:]), dtype=kv.dtype, device=kv.device)
 
 
 def region_sums(kv: torch.Tensor, layer: int, idx: torch.Tensor,
@@ -229,6 +270,44 @@ class Checksummer:
             total = total + self.scales[layer].reshape(-1).view(torch.int64).sum() * 7
         return total
 
+    def layers(self, layers, stagings=None, budget: int = 256 << 20) -> list[int]:
+        """Checksums of several layers as ints, equal to `layer()` one by one. On CUDA each run of
+        consecutive layers is summed by one set of kernels over [k, 2, blocks] (k bounded so the
+        gathered short regions stay within `budget` bytes) and read back with one copy: a
+        32-layer transfer costs a handful of launches instead of ~6 per layer."""
+        layers = [int(l) for l in layers]
+        stagings = list(stagings) if stagings is not None else [None] * len(layers)
+        if self.cpu:
+            return [self.layer(l, s) for l, s in zip(layers, stagings)]
+        out: list = []
+        i = 0
+        short_bytes = max(2 * len(self.short_ids) * self.kv[0, 0, 0].numel() * self.kv.element_size(), 1)
+        step = max(1, budget // short_bytes)
+        while i < len(layers):
+            j = i + 1
+            while j < len(layers) and j - i < step and layers[j] == layers[j - 1] + 1:
+                j += 1
+            out.append(self._consecutive(layers[i], j - i, stagings[i:j]))
+            i = j
+        return host_ints(torch.cat(out))
+
+    def _consecutive(self, l0: int, k: int, stagings: list) -> torch.Tensor:
+        """[k] int64 checksums of layers l0 .. l0 + k - 1 (torch; any device)."""
+        kv, n = self.kv, self.n
+        w = kv[l0:l0 + k].reshape(k, 2, kv.shape[2], -1).view(torch.int64)
+        o = torch.empty((k, 2, n), dtype=torch.int64, device=kv.device)
+        for pos, first, ln in self.views:
+            o[:, :, pos:pos + ln] = w[:, :, first:first + ln].sum(-1)
+        if len(self.short_pos):
+            o[:, :, self.short_pos] = w.index_select(2, self.short_ids).sum(-1)
+        if self.staged_pos:
+            for x, staging in enumerate(stagings):
+                o[x][:, self.staged_pos_i] = staging.reshape(2, len(self.staged_pos), -1).view(torch.int64).sum(-1)
+        total = (o.reshape(k, -1) * self.wts).sum(-1)
+        if self.scales is not None:
+            total = total + self.scales[l0:l0 + k].reshape(k, -1).view(torch.int64).sum(-1) * 7
+        return total
+
 
 class BufferPool:
     """Staging buffers reused across layers and transfers (no allocation per layer: on CPU a
@@ -241,18 +320,20 @@ class BufferPool:
         self._idle = 0
         self._lock = threading.Lock()
 
-    def get(self, n: int) -> torch.Tensor:
+    def get(self, n: int, layers: int = 0) -> torch.Tensor:
+        """A [2, n, *region] buffer, or [layers, 2, n, *region] (a multi-layer bundle)."""
+        key = ((layers,) if layers else ()) + (2, n)
         with self._lock:
-            lst = self._free.get(n)
+            lst = self._free.get(key)
             if lst:
                 t = lst.pop()
                 self._idle -= t.numel() * t.element_size()
                 return t
-        return staging_tensor(self.kv, n)
+        return staging_tensor(self.kv, n, layers)
 
     def put(self, t: torch.Tensor) -> None:
         nb = t.numel() * t.element_size()
         with self._lock:
             if self._idle + nb <= self.cap:
-                self._free.setdefault(t.shape[1], []).append(t)
+                self._free.setdefault(tuple(t.shape[:-3]), []).append(t)
                 self._idle += nb

@@ -2,10 +2,11 @@
 
 Life of an attempt (one per lease epoch):
   begin     -> every direct message gets a tag receive posted on its destination blocks, the
-               first `staging_layers` staged bundles get receives into a lease-owned ring;
+               first staged bundles (plan.staging_window; a bundle spans plan.layers_per_bundle
+               layers) get receives into a lease-owned ring;
                each posted receive is one admitted write on the lease (LeaseTable.begin_write)
   landing   -> a finished staged receive is scattered into the blocks (only while the lease is
-               live), then its ring slot is re-posted for the layer `staging_layers` ahead
+               live), then its ring slot is re-posted for the bundle a ring's length ahead
   complete  -> wait for every receive, checksum the destination blocks, compare, and only then
                ask the lease table to hand the blocks to the request
   abort     -> (expiry, cancel, reissue, rejection, dead sender) every receive still posted is
@@ -50,9 +51,10 @@ class RecvAttempt:
         self.drained = asyncio.Event()
         kv = agent.kv
         self.dst_idx = pool.index_tensor([plan.dst_ids[i] for i in plan.staged_idx], kv.device)
-        w = plan.staging_window(agent.config.staging_layers)
-        self.ring = [agent.staging.get(len(plan.staged_idx)) for _ in range(w)] \
-            if plan.staged_idx else []
+        self.bundles = plan.bundles() if plan.staged_idx else []
+        w = plan.staging_window(agent.config.staging_layers, agent.config.staging_budget_kib << 10)
+        self.ring = [agent.staging.get(len(plan.staged_idx), plan.layers_per_bundle)
+                     for _ in range(min(w, len(self.bundles)))]
         self.rx_scales = (torch.empty_like(agent.scales) if agent.scales is not None else None)
         # per-layer checksums of the destination blocks, computed as soon as all of a layer's
         # messages have landed (and been scattered), while later layers are still in flight
@@ -77,14 +79,17 @@ class RecvAttempt:
             if self.rx_scales is not None:
                 if not self._post(layer, self.plan.scales_msg, pool.as_buffer(self.rx_scales[layer]), None):
                     return False
-        for layer in range(len(self.ring)):
-            if not self._post_staged(layer):
+        for b in range(len(self.ring)):
+            if not self._post_staged(b):
                 return False
         return True
 
-    def _post_staged(self, layer: int) -> bool:
-        slot = self.ring[layer % len(self.ring)]
-        return self._post(layer, self.plan.staged_msg, pool.as_buffer(slot), (layer, slot))
+    def _post_staged(self, b: int) -> bool:
+        """Post the receive of staged bundle b into its ring slot (the last bundle may hold
+        fewer layers: the slot's leading part)."""
+        l0, k = self.bundles[b]
+        slot = self.ring[b % len(self.ring)][:k]
+        return self._post(l0, self.plan.staged_msg, pool.as_buffer(slot), (b, slot))
 
     def _post(self, layer: int, msg: int, buf, staged: tuple | None) -> bool:
         if self.aborted or not self.leases.begin_write(self.lease_id, self.epoch):
@@ -99,27 +104,17 @@ class RecvAttempt:
         return True
 
     async def _finish(self, tag: int, layer: int, req, nbytes: int, staged: tuple | None) -> None:
-        loop = asyncio.get_running_loop()
         try:
             await req.wait()
             self.trace.append((f"recv {tag & 0x3FFFFFFF:#x}", time.perf_counter()))
             if not self.aborted:
                 self.bytes += nbytes
                 if staged is not None:   # still inside this receive's admitted write
-                    last = self.left[layer] == 1   # the layer's other messages all landed
-                    s = await self._work(self._scatter, *staged, last)
-                    nxt = staged[0] + len(self.ring)
-                    if nxt < self.plan.layout.num_layers and not self._post_staged(nxt):
-                        self.errors.append(f"lease refused the staged receive of layer {nxt}")
-                    self.left[layer] -= 1
-                    if not last and self.left[layer] == 0 and not self.aborted:
-                        s = await self._work(self._layer_sum, layer)
+                    await self._landed_bundle(*staged)
                 else:
                     self.left[layer] -= 1
-                    s = (await self._work(self._layer_sum, layer)
-                         if self.left[layer] == 0 else None)
-                if self.left[layer] == 0:
-                    self.layer_sums[layer] = s
+                    if self.left[layer] == 0:
+                        self.layer_sums[layer] = await self._work(self._layer_sum, layer)
         except Exception as e:   # cancelled by UCX (peer died) or plugged after abort
             if not self.aborted:
                 self.errors.append(f"receive {tag:#x} failed: {e!r}")
@@ -128,6 +123,28 @@ class RecvAttempt:
             self.leases.end_write(self.lease_id)
             if self.aborted and not self.pending:
                 self.drained.set()
+
+    async def _landed_bundle(self, b: int, slot: torch.Tensor) -> None:
+        """Bundle b landed: scatter its layers (checksumming those whose other messages all
+        landed already, in the same batch), re-post its ring slot for bundle b + ring size, then
+        checksum the layers that completed during the scatter."""
+        l0, k = self.bundles[b]
+        layers = range(l0, l0 + k)
+        done = [l for l in layers if self.left[l] == 1]
+        sums = await self._work(self._scatter, l0, slot, done)
+        nxt = b + len(self.ring)
+        if nxt < len(self.bundles) and not self._post_staged(nxt):
+            self.errors.append(f"lease refused the staged receive of bundle {nxt}")
+        later = []
+        for l in layers:
+            self.left[l] -= 1
+            if l in sums:
+                self.layer_sums[l] = sums[l]
+            elif self.left[l] == 0:
+                later.append(l)
+        for l in later:       # a direct message of the layer landed during the scatter
+            if not self.aborted:
+                self.layer_sums[l] = await self._work(self._layer_sum, l)
 
     def _work(self, fn, *args) -> asyncio.Future:
         """Queue torch work (scatter, checksum) for the executor. Everything queued while a
@@ -168,28 +185,52 @@ class RecvAttempt:
             self._draining = False
 
     def _run_batch(self, batch) -> list:
-        """Off the loop, in queue order on the side stream; one sync at the end (the scattered
-        slots are re-posted and the checksums read right after)."""
-        out = []
+        """Off the loop, in queue order on the side stream: the scatters first (each is queued
+        before any sum that could read its blocks), then every requested layer checksum in one
+        batched sum read back once (pool.Checksummer.layers), then one sync (the scattered slots
+        are re-posted right after). A scatter's result is {layer: checksum} of the layers it
+        was asked to complete; a layer sum's is the int."""
+        out: list = [None] * len(batch)
+        wants: list[tuple[int, int]] = []     # (position in the batch, layer) of each checksum
         with self.agent.side_stream():
-            for fn, args, _ in batch:
+            for i, (fn, args, _) in enumerate(batch):
                 try:
-                    out.append(fn(*args))
+                    if fn == self._layer_sum:
+                        wants.append((i, args[0]))
+                    elif fn == self._scatter:
+                        l0, slot, sum_layers = args
+                        pool.scatter_staged(self.agent.kv, l0, self.dst_idx, slot)
+                        out[i] = {}
+                        wants += [(i, l) for l in sum_layers]
+                    else:
+                        out[i] = fn(*args)
                 except Exception as e:
-                    out.append(e)
+                    out[i] = e
+            if wants:
+                layers = sorted({l for _, l in wants})
+                try:
+                    got = dict(zip(layers, self.sums.layers(layers)))
+                    for i, l in wants:
+                        if isinstance(out[i], dict):
+                            out[i][l] = got[l]
+                        elif not isinstance(out[i], Exception):
+                            out[i] = got[l]
+                except Exception as e:
+                    for i, _ in wants:
+                        out[i] = e
             self.agent.sync_side_stream()
-        return [int(r) if isinstance(r, torch.Tensor) else r for r in out]
+        return out
 
-    def _scatter(self, layer: int, slot: torch.Tensor, checksum: bool):
-        """Scatter one staged bundle into the blocks (and, if it was the layer's last message,
-        checksum the layer's destination blocks). Runs inside the receive's admitted write, so
-        the lease cannot free the blocks under it."""
-        pool.scatter_staged(self.agent.kv, layer, self.dst_idx, slot)
-        return self.sums.layer(layer) if checksum else None
+    def _scatter(self, l0: int, slot: torch.Tensor, sum_layers: list[int]) -> None:
+        """Scatter one staged bundle (layers l0 ..) into the blocks and checksum `sum_layers`
+        (those whose other messages all landed). A marker: `_run_batch` does the work. Runs
+        inside the receive's admitted write, so the lease cannot free the blocks under it."""
+        raise AssertionError("_scatter runs through _run_batch")
 
     def _layer_sum(self, layer: int):
-        """Checksum of one layer's destination blocks (end to end: what the blocks now hold)."""
-        return self.sums.layer(layer)
+        """Checksum of one layer's destination blocks (end to end: what the blocks now hold);
+        a marker: `_run_batch` batches these."""
+        raise AssertionError("_layer_sum runs through _run_batch")
 
     def release_ring(self) -> None:
         """All receives have ended (verified or drained): the ring buffers go back to the pool."""

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 
 _XIDS = itertools.count(1)
+_UNSET = asyncio.Event()   # never set: "not pushed yet"
 
 
 class KVSender:
@@ -46,7 +47,7 @@ class KVSender:
         self.agent, self.handoff = agent, handoff
         self.src_ids = [int(b) for b in src_block_ids]
         self.plan = TransferPlan.build(agent.layout, self.src_ids, list(handoff.block_ids),
-                                       handoff.direct_min_blocks)
+                                       handoff.direct_min_blocks, handoff.bundle_bytes)
         self.fsm = TransferFSM()
         self.xid = next(_XIDS)   # names this transfer in every control message and reply
         self.deadline = time.monotonic() + handoff.ttl_s
@@ -162,74 +163,90 @@ class KVSender:
         return peer
 
     async def _send_layers(self, peer):
-        """Post every layer's sends as soon as it is pushed. Per batch of layers that are ready
-        together: one executor hop waits for their KV (CUDA event) and gathers the staged regions
-        into pooled buffers; the sends are posted right away; the checksums are computed in a
-        second hop *after* the sends are posted (off the send's critical path; staged regions
-        are summed from the gathered buffer, a contiguous read, instead of a second gather)."""
+        """Post every layer's sends as soon as it is pushed, unit by unit: a unit is one staged
+        bundle's layers (plan.bundles(); one layer when nothing is staged). Per batch of units
+        that are ready together: one executor hop waits for their KV (CUDA event) and gathers
+        each bundle's staged regions into a pooled buffer (one kernel per bundle); the sends are
+        posted right away; the checksums are computed in a second hop *after* the sends are
+        posted (off the send's critical path; staged regions are summed from the gathered
+        buffer, a contiguous read, instead of a second gather)."""
         kv, plan, loop = self.agent.kv, self.plan, asyncio.get_running_loop()
         src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
         self._sums = pool.Checksummer(kv, self.src_ids, self.agent.scales, plan.staged_idx)
-        win = plan.staging_window(self.agent.config.staging_layers)
+        units = plan.bundles() if plan.staged_idx else [(l, 1) for l in range(plan.layout.num_layers)]
+        cfg = self.agent.config
+        win = plan.staging_window(cfg.staging_layers, cfg.staging_budget_kib << 10)
         window = asyncio.Semaphore(win)
         sends: list = []
         sum_futs: list = []
-        layer, L = 0, plan.layout.num_layers
-        while layer < L:
-            await self._layer_ready.setdefault(layer, asyncio.Event()).wait()
-            batch = [layer]
-            while (len(batch) < win and batch[-1] + 1 < L
-                   and self._layer_ready.get(batch[-1] + 1, asyncio.Event()).is_set()):
-                batch.append(batch[-1] + 1)
+        u = 0
+        while u < len(units):
+            await self._units_ready(units[u])
+            batch = [units[u]]
+            while (len(batch) < win and u + len(batch) < len(units)
+                   and self._is_ready(units[u + len(batch)])):
+                batch.append(units[u + len(batch)])
             stagings = []
-            for _ in batch:
+            for _, k in batch:
                 if plan.staged_idx:
                     await window.acquire()
-                    stagings.append(self.agent.staging.get(len(plan.staged_idx)))
+                    stagings.append(self.agent.staging.get(len(plan.staged_idx), k))
                 else:
                     stagings.append(None)
-            self._t(f"prep {batch[0]}-{batch[-1]}")
+            first, last = batch[0][0], batch[-1][0] + batch[-1][1] - 1
+            self._t(f"prep {first}-{last}")
             await loop.run_in_executor(self.agent.executor, self._prepare_layers, batch,
                                        src_staged, stagings)
-            self._t(f"prepped {batch[0]}-{batch[-1]}")
-            for l, staging in zip(batch, stagings):
+            self._t(f"prepped {first}-{last}")
+            layers = list(range(first, last + 1))
+            for l in layers:
                 for m, d in enumerate(plan.direct):
                     sends.append(self._send(peer, pool.direct_view(kv, l, d.kv, d.run.src0, d.run.n),
                                             l, m, None))
                 if self.agent.scales is not None:
                     sends.append(self._send(peer, pool.as_buffer(self.agent.scales[l]), l,
                                             plan.scales_msg, None))
-            sum_fut = loop.run_in_executor(self.agent.executor, self._checksum_layers, batch, stagings)
+            per_layer = [None if st is None else st[x] for st, (_, k) in zip(stagings, batch) for x in range(k)]
+            sum_fut = loop.run_in_executor(self.agent.executor, self._checksum_layers, layers, per_layer)
             sum_futs.append(sum_fut)
-            for l, staging in zip(batch, stagings):
+            for (l0, _), staging in zip(batch, stagings):
                 if staging is not None:
-                    sends.append(self._send(peer, pool.as_buffer(staging), l, plan.staged_msg,
+                    sends.append(self._send(peer, pool.as_buffer(staging), l0, plan.staged_msg,
                                             window, (staging, sum_fut)))
-            layer = batch[-1] + 1
+            u += len(batch)
         return sends, sum_futs
 
-    def _prepare_layers(self, layers: list[int], staged_idx: torch.Tensor, stagings: list) -> None:
+    def _is_ready(self, unit: tuple[int, int]) -> bool:
+        l0, k = unit
+        return all(self._layer_ready.get(l, _UNSET).is_set() for l in range(l0, l0 + k))
+
+    async def _units_ready(self, unit: tuple[int, int]) -> None:
+        l0, k = unit
+        for l in range(l0, l0 + k):
+            await self._layer_ready.setdefault(l, asyncio.Event()).wait()
+
+    def _prepare_layers(self, units: list[tuple[int, int]], staged_idx: torch.Tensor, stagings: list) -> None:
         """Off the loop thread: wait for each layer's KV (its CUDA event, on the agent's side
-        stream, so the forward on the main stream is not blocked) and gather the staged regions;
-        one stream sync at the end makes all sends of these layers safe."""
+        stream, so the forward on the main stream is not blocked) and gather each bundle's staged
+        regions; one stream sync at the end makes all sends of these layers safe."""
         t0 = time.perf_counter()
         with self.agent.side_stream():
-            for layer, staging in zip(layers, stagings):
-                ev = self._events.get(layer)
-                if ev is not None:
-                    torch.cuda.current_stream().wait_event(ev)
+            for (l0, k), staging in zip(units, stagings):
+                for layer in range(l0, l0 + k):
+                    ev = self._events.get(layer)
+                    if ev is not None:
+                        torch.cuda.current_stream().wait_event(ev)
                 if staging is not None:
-                    pool.gather_staged(self.agent.kv, layer, staged_idx, staging)
+                    pool.gather_staged(self.agent.kv, l0, staged_idx, staging)
             self.agent.sync_side_stream()
         self.prep_s += time.perf_counter() - t0
 
     def _checksum_layers(self, layers: list[int], stagings: list) -> list:
         """Off the loop thread, while the layers' sends are in flight (reads only)."""
         with self.agent.side_stream():
-            out = [self._sums.layer(l, s) for l, s in zip(layers, stagings)]
-            # CUDA: the staging buffers go back to the pool after this, so the sums must be done
-            self.agent.sync_side_stream()
-        return out
+            # one batched sum over the layers, read back once (the sync: the staging buffers go
+            # back to the pool after this, so the sums must be done)
+            return self._sums.layers(layers, stagings)
 
     def _send(self, peer, buf, layer: int, msg: int, window: asyncio.Semaphore | None,
               staging: tuple | None = None):

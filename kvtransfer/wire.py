@@ -36,7 +36,8 @@ class HandoffRecord:
     block_ids: tuple[int, ...]
     tag_key: int
     ttl_s: float               # the lease's remaining life when the record was issued
-    direct_min_blocks: int     # plan parameter chosen by the decode side
+    direct_min_blocks: int     # plan parameters chosen by the decode side
+    bundle_bytes: int = 16 << 20
 
     def to_dict(self) -> dict:
         d = asdict(self)

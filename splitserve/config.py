@@ -86,8 +86,13 @@ class TransferConfig:
     listen_host: str = _f("127.0.0.1", "address the transfer agent listens on (peers connect to it)")
     listen_port: int = _f(0, "port the transfer agent listens on (0 = any free port)")
     connect_timeout_s: float = _f(5.0, "connecting to a peer agent and its handshake must finish within this")
-    direct_min_blocks: int = _f(4, "block runs at least this long go straight into place; shorter ones are staged")
+    direct_min_blocks: int = _f(1024, "block runs at least this long go straight into place (a message per layer and "
+                                "K|V); shorter ones are staged (gathered into multi-layer bundles): a UCX send costs "
+                                "~50-100 us of host time, more than a GPU gather of a few hundred blocks")
+    bundle_kib: int = _f(16384, "a staged message spans as many layers as fit in this many KiB")
     staging_layers: int = _f(8, "staged layers in flight per transfer (bounds staging memory)")
+    staging_budget_kib: int = _f(65536, "staged bytes a transfer may keep in flight per side (KiB); more layers than "
+                                 "staging_layers while they fit")
     sweep_interval_s: float = _f(0.05, "how often leases are checked for expiry and stray writes drained")
 
     def __post_init__(self) -> None:
@@ -101,6 +106,8 @@ class TransferConfig:
         _require(self.connect_timeout_s > 0, "transfer.connect_timeout_s", "must be > 0")
         _require(self.direct_min_blocks >= 1, "transfer.direct_min_blocks", "must be >= 1")
         _require(self.staging_layers >= 1, "transfer.staging_layers", "must be >= 1")
+        _require(self.bundle_kib >= 1, "transfer.bundle_kib", "must be >= 1")
+        _require(self.staging_budget_kib >= 1, "transfer.staging_budget_kib", "must be >= 1")
         _require(0 < self.sweep_interval_s <= 1.0, "transfer.sweep_interval_s", "must be in (0, 1]")
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from splitserve.kvtransfer import pool
-from splitserve.kvtransfer.layout import STAGING_BUDGET, KVLayout, TransferPlan
+from splitserve.kvtransfer.layout import BUNDLE_BYTES, STAGING_BUDGET, KVLayout, TransferPlan
 
 LAYOUT = KVLayout(num_layers=3, num_blocks=64, block_size=4, num_kv_heads=2, head_dim=8)
 
@@ -40,6 +40,39 @@ def test_checksummer_matches_layer_checksum(trial, with_scales):
         assert c.layer(layer, stg) == ref
 
 
+@pytest.mark.parametrize("trial", range(9))
+def test_batched_layer_sums_equal_the_per_layer_ones(trial):
+    """Checksummer.layers' torch path (what CUDA runs: one set of kernels over consecutive layers,
+    bounded by a byte budget) gives exactly the per-layer checksums; run here on CPU tensors."""
+    kv, r = _kv(100 + trial), random.Random(trial)
+    scales = torch.rand(3, 2, 2) if trial % 2 else None
+    ids = r.sample(range(64), r.randint(1, 40)) if trial % 3 else list(range(3, 30)) + [50, 41]
+    staged = [i for i in range(len(ids)) if r.random() < 0.4] if trial > 4 else []
+    c = pool.Checksummer(kv, ids, scales, staged)
+    c.short_pos = torch.as_tensor(c.short_pos, dtype=torch.long)    # the CUDA-side index types
+    c.short_ids = torch.as_tensor(c.short_ids, dtype=torch.long)
+    c.staged_pos_i = torch.as_tensor(c.staged_pos_i, dtype=torch.long)
+    c.wts = torch.as_tensor(c.wts)
+    stg = [None] * LAYOUT.num_layers
+    for layer in range(LAYOUT.num_layers if staged else 0):
+        stg[layer] = pool.staging_tensor(kv, len(staged))
+        pool.gather_staged(kv, layer, pool.index_tensor([ids[p] for p in staged], kv.device), stg[layer])
+    ref = [int(pool.layer_checksum(kv, l, pool.index_tensor(ids, kv.device), scales)) for l in range(3)]
+    assert c._consecutive(0, 3, stg).tolist() == ref
+    assert c._consecutive(1, 2, stg[1:]).tolist() == ref[1:]
+
+
+def test_direct_view_span_points_into_the_pool():
+    """CUDA direct messages are raw spans (base pointer + offset); check the arithmetic against
+    torch's own view on a CPU pool of the same shape."""
+    kv = _kv(5)
+    region = LAYOUT.region_bytes
+    for layer, kvi, start, n in [(0, 0, 0, 1), (2, 1, 60, 4), (1, 1, 7, 13)]:
+        ptr = kv.data_ptr() + ((layer * 2 + kvi) * LAYOUT.num_blocks + start) * region
+        assert kv[layer, kvi, start:start + n].data_ptr() == ptr
+        assert pool.CudaSpan(ptr, n * region).__cuda_array_interface__["shape"] == (n * region,)
+
+
 def test_checksum_catches_a_flipped_byte_and_a_swapped_block():
     kv = _kv(1)
     ids = [3, 9, 10, 11, 12, 13, 40]
@@ -53,13 +86,39 @@ def test_checksum_catches_a_flipped_byte_and_a_swapped_block():
 
 def test_staging_window_by_bytes():
     small = TransferPlan.build(LAYOUT, [1, 5, 9], [2, 6, 10], 4)
-    assert small.staging_window(1) == LAYOUT.num_layers          # fits the budget: all layers
+    # a small transfer: every layer in one bundle, one message, its receive posted up front
+    assert small.layers_per_bundle == LAYOUT.num_layers and small.bundles() == [(0, LAYOUT.num_layers)]
+    assert small.staging_window(1) == 1
     big = KVLayout(num_layers=32, num_blocks=4096, block_size=16, num_kv_heads=8, head_dim=128)
     ids = random.Random(0).sample(range(4096), 2048)              # 128 MiB staged per layer
     plan = TransferPlan.build(big, ids, list(range(2048)), 4)
     assert plan.staged_bytes > STAGING_BUDGET and plan.staging_window(8) == 8
+    assert plan.layers_per_bundle == 1 and len(plan.bundles()) == 32    # big: layer by layer
+    mid = TransferPlan.build(big, ids[:24], list(range(24)), 4)          # 1.5 MiB per layer
+    k = mid.layers_per_bundle
+    assert k == BUNDLE_BYTES // mid.staged_bytes == 10
+    assert mid.bundles() == [(0, 10), (10, 10), (20, 10), (30, 2)]
+    assert mid.staging_window(8) == 4                                   # all fit the budget
     contiguous = TransferPlan.build(big, list(range(16)), list(range(16)), 4)
     assert contiguous.staging_window(8) == 32                     # nothing staged
+
+
+def test_multi_layer_gather_and_scatter_round_trip():
+    """A bundle of layers gathers into one [k, 2, n, *region] buffer and scatters back exactly."""
+    kv, r = _kv(7), random.Random(7)
+    src = r.sample(range(64), 9)
+    dst = r.sample(range(64), 9)
+    buf = pool.staging_tensor(kv, 9, layers=2)
+    pool.gather_staged(kv, 1, pool.index_tensor(src, kv.device), buf)
+    for x in range(2):
+        for i, b in enumerate(src):
+            assert torch.equal(buf[x, :, i].view(torch.int16), kv[1 + x, :, b].view(torch.int16))   # bits (NaNs)
+    out = torch.zeros_like(kv)
+    pool.scatter_staged(out, 1, pool.index_tensor(dst, kv.device), buf)
+    for x in range(2):
+        for i, (a, b) in enumerate(zip(src, dst)):
+            assert torch.equal(out[1 + x, :, b].view(torch.int16), kv[1 + x, :, a].view(torch.int16))
+    assert not out[0].view(torch.int16).any()
 
 
 def test_buffer_pool_reuses_and_caps():
