@@ -70,6 +70,10 @@ class TransferAgent:
         # high priority: the gathers, scatters and checksums are a few short kernels per layer that
         # would otherwise queue behind the forward's long GEMMs and trail the prefill by many layers
         self._stream = torch.cuda.Stream(kv.device, priority=-1) if kv.is_cuda else None
+        # the sender's checksums get their own stream: on the side stream they would queue behind
+        # the next layers' waits for the forward, and a batch's staging buffers (released once
+        # its sums are read) would come back only after those layers are computed
+        self._sum_stream = torch.cuda.Stream(kv.device, priority=-1) if kv.is_cuda else None
         self.staging = pool.BufferPool(kv)   # staging buffers reused across layers/transfers
         # torch work (gather, scatter, checksums) runs here, off the loop thread
         self.executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kvtransfer-torch")
@@ -133,6 +137,10 @@ class TransferAgent:
         """Context in which gathers, scatters and checksums run (CUDA: a non-blocking stream
         of the agent, so they overlap the forward pass; CPU: nothing)."""
         return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+
+    def sum_stream(self):
+        """Context of the sender's checksums (CUDA: a stream of their own; CPU: nothing)."""
+        return torch.cuda.stream(self._sum_stream) if self._sum_stream is not None else contextlib.nullcontext()
 
     def sync_side_stream(self) -> None:
         """Wait for the side-stream work queued so far (an event, not a stream sync: work the

@@ -243,9 +243,10 @@ class KVSender:
 
     def _checksum_layers(self, layers: list[int], stagings: list) -> list:
         """Off the loop thread, while the layers' sends are in flight (reads only)."""
-        with self.agent.side_stream():
-            # one batched sum over the layers, read back once (the sync: the staging buffers go
-            # back to the pool after this, so the sums must be done)
+        with self.agent.sum_stream():
+            # one batched sum over the layers, read back once (an event wait: the staging buffers
+            # go back to the pool after this, so the sums must be done). Their inputs are ready:
+            # the prepare hop synced the gathers and the layers' KV before the sends were posted.
             return self._sums.layers(layers, stagings)
 
     def _send(self, peer, buf, layer: int, msg: int, window: asyncio.Semaphore | None,

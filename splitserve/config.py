@@ -86,12 +86,13 @@ class TransferConfig:
     listen_host: str = _f("127.0.0.1", "address the transfer agent listens on (peers connect to it)")
     listen_port: int = _f(0, "port the transfer agent listens on (0 = any free port)")
     connect_timeout_s: float = _f(5.0, "connecting to a peer agent and its handshake must finish within this")
-    direct_min_blocks: int = _f(1024, "block runs at least this long go straight into place (a message per layer and "
-                                "K|V); shorter ones are staged (gathered into multi-layer bundles): a UCX send costs "
-                                "~50-100 us of host time, more than a GPU gather of a few hundred blocks")
+    direct_min_blocks: int = _f(128, "block runs at least this long go straight into place (a message per layer and "
+                               "K|V); shorter ones are staged (gathered into multi-layer bundles): a UCX send costs "
+                               "~50-100 us of host time, more than a GPU gather of tens of blocks "
+                               "(bench/results/transfer-cuda-v6*.md)")
     bundle_kib: int = _f(16384, "a staged message spans as many layers as fit in this many KiB")
     staging_layers: int = _f(8, "staged layers in flight per transfer (bounds staging memory)")
-    staging_budget_kib: int = _f(65536, "staged bytes a transfer may keep in flight per side (KiB); more layers than "
+    staging_budget_kib: int = _f(262144, "staged bytes a transfer may keep in flight per side (KiB); more layers than "
                                  "staging_layers while they fit")
     sweep_interval_s: float = _f(0.05, "how often leases are checked for expiry and stray writes drained")
 
