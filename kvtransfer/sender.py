@@ -184,7 +184,7 @@ class KVSender:
             await self._units_ready(units[u])
             batch = [units[u]]
             while (len(batch) < win and u + len(batch) < len(units)
-                   and self._is_ready(units[u + len(batch)])):
+                   and self._is_computed(units[u + len(batch)])):
                 batch.append(units[u + len(batch)])
             stagings = []
             for _, k in batch:
@@ -216,9 +216,20 @@ class KVSender:
             u += len(batch)
         return sends, sum_futs
 
-    def _is_ready(self, unit: tuple[int, int]) -> bool:
+    def _is_computed(self, unit: tuple[int, int]) -> bool:
+        """Pushed *and* already computed on the GPU (its event has fired). The host runs ahead of
+        the GPU: every layer is usually pushed long before it is computed, and a batch that took
+        every pushed unit would make its hop wait for the last of them, so the final batch
+        (gathered, sent and summed after the forward ends) would span many layers. Batching only
+        what is computed keeps the batches in step with the GPU and the last one small."""
         l0, k = unit
-        return all(self._layer_ready.get(l, _UNSET).is_set() for l in range(l0, l0 + k))
+        for l in range(l0, l0 + k):
+            if not self._layer_ready.get(l, _UNSET).is_set():
+                return False
+            ev = self._events.get(l)
+            if ev is not None and not ev.query():
+                return False
+        return True
 
     async def _units_ready(self, unit: tuple[int, int]) -> None:
         l0, k = unit
