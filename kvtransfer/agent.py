@@ -74,6 +74,10 @@ class TransferAgent:
         # the next layers' waits for the forward, and a batch's staging buffers (released once
         # its sums are read) would come back only after those layers are computed
         self._sum_stream = torch.cuda.Stream(kv.device, priority=-1) if kv.is_cuda else None
+        # a transfer's setup (index tensors to the GPU, FP8 scale checks) on the loop thread: on
+        # the legacy default stream a synchronous host->device copy waits for every kernel queued
+        # there, i.e. for the worker's whole forward in flight (prefill or decode step)
+        self._setup = torch.cuda.Stream(kv.device) if kv.is_cuda else None
         self.staging = pool.BufferPool(kv)   # staging buffers reused across layers/transfers
         # torch work (gather, scatter, checksums) runs here, off the loop thread
         self.executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kvtransfer-torch")
@@ -137,6 +141,17 @@ class TransferAgent:
         """Context in which gathers, scatters and checksums run (CUDA: a non-blocking stream
         of the agent, so they overlap the forward pass; CPU: nothing)."""
         return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def setup_stream(self):
+        """Context of a transfer's small setup work on the loop thread (CUDA: a stream of its own,
+        synchronized on exit, so what was made is ready for any stream; CPU: nothing)."""
+        if self._setup is None:
+            yield
+            return
+        with torch.cuda.stream(self._setup):
+            yield
+        self._setup.synchronize()
 
     def sum_stream(self):
         """Context of the sender's checksums (CUDA: a stream of their own; CPU: nothing)."""

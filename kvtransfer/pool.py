@@ -301,12 +301,30 @@ class Checksummer:
         if len(self.short_pos):
             o[:, :, self.short_pos] = w.index_select(2, self.short_ids).sum(-1)
         if self.staged_pos:
-            for x, staging in enumerate(stagings):
-                o[x][:, self.staged_pos_i] = staging.reshape(2, len(self.staged_pos), -1).view(torch.int64).sum(-1)
+            o[:, :, self.staged_pos_i] = self._staged_sums(stagings)
         total = (o.reshape(k, -1) * self.wts).sum(-1)
         if self.scales is not None:
             total = total + self.scales[l0:l0 + k].reshape(k, -1).view(torch.int64).sum(-1) * 7
         return total
+
+
+    def _staged_sums(self, stagings: list) -> torch.Tensor:
+        """[k, 2, staged] word sums of per-layer staging views; consecutive layers of one bundle
+        buffer ([layers, 2, n, *region]) are summed by one op over the buffer's slice."""
+        ns, out, i = len(self.staged_pos), [], 0
+        while i < len(stagings):
+            s, base = stagings[i], stagings[i]._base
+            step = s.numel() * s.element_size()
+            j = i + 1
+            if base is not None and base.dim() == self.kv.dim():
+                while (j < len(stagings) and stagings[j]._base is base
+                       and stagings[j].data_ptr() == s.data_ptr() + (j - i) * step):
+                    j += 1
+                x0 = (s.data_ptr() - base.data_ptr()) // step
+                s = base[x0:x0 + j - i]
+            out.append(s.reshape(j - i, 2, ns, -1).view(torch.int64).sum(-1))
+            i = j
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class BufferPool:

@@ -49,16 +49,9 @@ class RecvAttempt:
         self.errors: list[str] = []
         self.aborted = False
         self.drained = asyncio.Event()
-        kv = agent.kv
-        self.dst_idx = pool.index_tensor([plan.dst_ids[i] for i in plan.staged_idx], kv.device)
         self.bundles = plan.bundles() if plan.staged_idx else []
-        w = plan.staging_window(agent.config.staging_layers, agent.config.staging_budget_kib << 10)
-        self.ring = [agent.staging.get(len(plan.staged_idx), plan.layers_per_bundle)
-                     for _ in range(min(w, len(self.bundles)))]
-        self.rx_scales = (torch.empty_like(agent.scales) if agent.scales is not None else None)
-        # per-layer checksums of the destination blocks, computed as soon as all of a layer's
-        # messages have landed (and been scattered), while later layers are still in flight
-        self.sums = pool.Checksummer(kv, plan.dst_ids, self.rx_scales)
+        with agent.setup_stream():   # not behind this worker's decode step on the default stream
+            self._make_buffers(agent, plan)
         self.left = [plan.msgs_per_layer] * plan.layout.num_layers
         self.layer_sums: list[int | None] = [None] * plan.layout.num_layers
         self._queue: list = []
@@ -66,6 +59,17 @@ class RecvAttempt:
         self.bytes = 0
         # benchmarks: (event, absolute perf_counter) on this side; comparable across processes
         self.trace: list[tuple[str, float]] = []
+
+    def _make_buffers(self, agent: "TransferAgent", plan: TransferPlan) -> None:
+        kv = agent.kv
+        self.dst_idx = pool.index_tensor([plan.dst_ids[i] for i in plan.staged_idx], kv.device)
+        w = plan.staging_window(agent.config.staging_layers, agent.config.staging_budget_kib << 10)
+        self.ring = [agent.staging.get(len(plan.staged_idx), plan.layers_per_bundle)
+                     for _ in range(min(w, len(self.bundles)))]
+        self.rx_scales = (torch.empty_like(agent.scales) if agent.scales is not None else None)
+        # per-layer checksums of the destination blocks, computed as soon as all of a layer's
+        # messages have landed (and been scattered), while later layers are still in flight
+        self.sums = pool.Checksummer(kv, plan.dst_ids, self.rx_scales)
 
     # ---- posting -------------------------------------------------------------------------
     def post_all(self) -> bool:
@@ -260,8 +264,11 @@ class RecvAttempt:
         bad = [l for l, (a, b) in enumerate(zip(ours, checksums)) if a != b]
         if bad:
             return f"checksum mismatch in layers {bad[:8]}"
-        if self.rx_scales is not None and not torch.equal(self.rx_scales, self.agent.scales):
-            return "FP8 scales differ from this pool's scales (KV quantized differently)"
+        if self.rx_scales is not None:
+            with self.agent.setup_stream():
+                same = torch.equal(self.rx_scales, self.agent.scales)
+            if not same:
+                return "FP8 scales differ from this pool's scales (KV quantized differently)"
         return None
 
     # ---- abort ---------------------------------------------------------------------------

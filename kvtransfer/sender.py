@@ -171,8 +171,9 @@ class KVSender:
         posted (off the send's critical path; staged regions are summed from the gathered
         buffer, a contiguous read, instead of a second gather)."""
         kv, plan, loop = self.agent.kv, self.plan, asyncio.get_running_loop()
-        src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
-        self._sums = pool.Checksummer(kv, self.src_ids, self.agent.scales, plan.staged_idx)
+        with self.agent.setup_stream():   # not behind the forward on the default stream
+            src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
+            self._sums = pool.Checksummer(kv, self.src_ids, self.agent.scales, plan.staged_idx)
         units = plan.bundles() if plan.staged_idx else [(l, 1) for l in range(plan.layout.num_layers)]
         cfg = self.agent.config
         win = plan.staging_window(cfg.staging_layers, cfg.staging_budget_kib << 10)

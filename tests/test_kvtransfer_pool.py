@@ -60,6 +60,13 @@ def test_batched_layer_sums_equal_the_per_layer_ones(trial):
     ref = [int(pool.layer_checksum(kv, l, pool.index_tensor(ids, kv.device), scales)) for l in range(3)]
     assert c._consecutive(0, 3, stg).tolist() == ref
     assert c._consecutive(1, 2, stg[1:]).tolist() == ref[1:]
+    if staged:   # the same layers gathered as bundles (layers 0-1 in one buffer, 2 in another)
+        idx = pool.index_tensor([ids[p] for p in staged], kv.device)
+        b01, b2 = pool.staging_tensor(kv, len(staged), layers=2), pool.staging_tensor(kv, len(staged), layers=1)
+        pool.gather_staged(kv, 0, idx, b01)
+        pool.gather_staged(kv, 2, idx, b2)
+        assert c._consecutive(0, 3, [b01[0], b01[1], b2[0]]).tolist() == ref
+        assert c._consecutive(1, 2, [b01[1], b2[0]]).tolist() == ref[1:]
 
 
 def test_direct_view_span_points_into_the_pool():
