@@ -10,7 +10,9 @@ Decode worker:                                      Prefill worker:
 
 First contact between two agents exchanges a compatibility record (model, dtype, block size,
 layer/head layout, protocol version) and refuses a mismatch with a clear error. The protocol
-is described in docs/kvtransfer.md; the receive side's safety argument in receiver.py.
+is described in docs/kvtransfer.md; the receive side's safety argument in receiver.py. The
+decode half (leases, incoming transfers, late-write handling) is the DecodeSide mixin in
+decode_side.py.
 """
 from __future__ import annotations
 
@@ -28,13 +30,14 @@ import torch
 from splitserve.config import TransferConfig
 
 from . import metrics, pool
-from .layout import KVLayout, TransferPlan, compat_mismatch, ids_digest
-from .lease import LeaseError, LeaseState, LeaseTable
+from .layout import KVLayout, compat_mismatch
+from .lease import LeaseTable
 from .receiver import RecvAttempt
 from .selftest import SelfTestReport, check_transports, ep_info, lane_transports
+from .decode_side import DecodeSide
 from .sender import KVSender
-from .state import TransferFSM, TransferState, TransferStatus
-from .wire import KEY_MASK, HandoffRecord, decode, encode, key_prefix
+from .state import TransferFSM, TransferState
+from .wire import HandoffRecord, decode, encode
 
 log = logging.getLogger("splitserve.kvtransfer")
 
@@ -52,7 +55,7 @@ class Peer:
         await self.ep.am_send(payload)
 
 
-class TransferAgent:
+class TransferAgent(DecodeSide):
     def __init__(self, kv: torch.Tensor, layout: KVLayout, config: TransferConfig, *, model: str,
                  free_blocks: Callable[[list[int]], None] | None = None,
                  scales: torch.Tensor | None = None) -> None:
@@ -248,168 +251,6 @@ class TransferAgent:
 
     _on_hello_err = _on_hello_ok
 
-    # ---- decode side ---------------------------------------------------------------------
-    def reserve(self, block_ids: Sequence[int]) -> HandoffRecord:
-        """Put `block_ids` (already taken from the engine's pool) under a new lease."""
-        lease = self.leases.reserve(block_ids)
-        self._rx_status[lease.lease_id] = TransferFSM()
-        metrics.leases_live().set(self.leases.live_count())
-        return self._record(lease)
-
-    def _record(self, lease) -> HandoffRecord:
-        return HandoffRecord(self.host, self.port, lease.lease_id, lease.epoch, lease.block_ids,
-                             lease.tag_key, self.config.lease_timeout_s,
-                             self.config.direct_min_blocks, self.config.bundle_kib << 10)
-
-    def poll_lease(self, lease_id: int) -> TransferStatus:
-        """Non-blocking receive status of the lease's current epoch."""
-        fsm = self._rx_status.get(lease_id)
-        if fsm is None:
-            return TransferStatus(TransferState.FAILED, f"unknown lease {lease_id}")
-        return fsm.poll()
-
-    def wait_lease(self, lease_id: int, timeout: float | None = None) -> TransferStatus:
-        fsm = self._rx_status.get(lease_id)
-        return fsm.wait(timeout) if fsm else self.poll_lease(lease_id)
-
-    def cancel(self, lease_id: int, timeout: float = 10.0) -> bool:
-        """Cancel a lease; True once its blocks are back in the pool, False if it had already
-        resolved (completed: the blocks belong to the request; expired: already freed)."""
-        return self.call(self._cancel_lease(lease_id, "cancelled by decode worker"), timeout)
-
-    def reissue(self, lease_id: int, timeout: float = 10.0) -> HandoffRecord:
-        """A new epoch of a live lease (retry on another prefill worker); the old attempt is
-        aborted and drained first, so its late writes can never mix with the new one's."""
-        return self.call(self._reissue(lease_id), timeout)
-
-    async def _reissue(self, lease_id: int) -> HandoffRecord:
-        old = self._attempts.pop(lease_id, None)
-        lease = self.leases.get(lease_id)
-        if old is not None:
-            await old.abort(f"superseded by a reissued epoch")
-            await self._notify_sender(old, "reject", "lease reissued to another sender")
-        lease = self.leases.reissue(lease_id)
-        self._rx_status[lease_id] = TransferFSM()
-        return self._record(lease)
-
-    async def _cancel_lease(self, lease_id: int, reason: str, notify: bool = True) -> bool:
-        try:
-            self.leases.cancel(lease_id)
-        except LeaseError:
-            return False
-        self._rx_status[lease_id].fail(reason)
-        attempt = self._attempts.pop(lease_id, None)
-        if attempt is not None:
-            await attempt.abort(reason)
-            if notify:
-                await self._notify_sender(attempt, "cancel", reason)
-        metrics.leases_live().set(self.leases.live_count())
-        lease = self.leases.get(lease_id)
-        return bool(lease and lease.freed)
-
-    async def _notify_sender(self, attempt: RecvAttempt, kind: str, reason: str) -> None:
-        try:
-            await attempt.ep.am_send(encode(kind, xid=attempt.xid, lease=attempt.lease_id,
-                                            epoch=attempt.epoch, reason=reason))
-        except Exception:
-            pass   # the sender is gone; nothing to tell
-
-    def _on_begin(self, peer: Peer, msg: dict) -> None:
-        asyncio.ensure_future(self._begin(peer, msg))
-
-    async def _begin(self, peer: Peer, msg: dict) -> None:
-        t_begin = time.perf_counter()
-        lease_id, epoch, xid = msg["lease"], msg["epoch"], msg["xid"]
-        lease = self.leases.get(lease_id)
-        why = None
-        if lease is None or lease.state is not LeaseState.LIVE:
-            why = f"lease {lease_id} is {'unknown' if lease is None else lease.state.value}"
-        elif lease.epoch != epoch:
-            why = f"stale epoch {epoch} (lease {lease_id} is at epoch {lease.epoch})"
-        elif msg["dst_digest"] != ids_digest(lease.block_ids):
-            why = "the sender's destination block list differs from the lease's"
-        elif lease_id in self._attempts:
-            why = f"lease {lease_id} epoch {epoch} already has a sender"
-        if why is None:
-            try:
-                plan = TransferPlan.build(self.layout, msg["src"], lease.block_ids,
-                                          self.config.direct_min_blocks, self.config.bundle_kib << 10)
-            except ValueError as e:
-                why = str(e)
-        if why is not None:
-            await peer.send(encode("reject", xid=xid, lease=lease_id, epoch=epoch, reason=why))
-            return
-        fsm = self._rx_status[lease_id]
-        attempt = RecvAttempt(self, lease_id, epoch, lease.tag_key, plan, peer.ep, fsm)
-        attempt.xid = xid
-        self._attempts[lease_id] = attempt
-        attempt.started = time.perf_counter()
-        attempt.trace.append(("begin_rx", t_begin))
-        self.rx_traces[lease_id] = attempt.trace
-        while len(self.rx_traces) > 64:
-            del self.rx_traces[next(iter(self.rx_traces))]
-        if not attempt.post_all():
-            await attempt.abort("lease resolved while posting receives")
-            await peer.send(encode("reject", xid=xid, lease=lease_id, epoch=epoch,
-                                    reason=fsm.poll().reason))
-            return
-        fsm.to(TransferState.TRANSFERRING)
-        attempt.trace.append(("posted", time.perf_counter()))
-        await peer.send(encode("ready", xid=xid, lease=lease_id, epoch=epoch))
-
-    def _on_complete(self, peer: Peer, msg: dict) -> None:
-        asyncio.ensure_future(self._complete(peer, msg))
-
-    async def _complete(self, peer: Peer, msg: dict) -> None:
-        lease_id, epoch, xid = msg["lease"], msg["epoch"], msg["xid"]
-        attempt = self._attempts.get(lease_id)
-        lease = self.leases.get(lease_id)
-        if attempt is not None:
-            attempt.trace.append(("complete_rx", time.perf_counter()))
-        if attempt is None or attempt.epoch != epoch or attempt.ep is not peer.ep:
-            why = (f"stale epoch {epoch} (lease {lease_id} is at epoch {lease.epoch})"
-                   if lease is not None and lease.epoch != epoch
-                   else f"no live transfer for lease {lease_id} epoch {epoch}"
-                   + (f" (lease {lease.state.value})" if lease is not None else ""))
-            await peer.send(encode("reject", xid=xid, lease=lease_id, epoch=epoch, reason=why))
-            return
-        why = await attempt.verify(msg["checksums"])
-        if why is None:
-            why = self.leases.complete(lease_id, epoch)
-        if self._attempts.get(lease_id) is attempt:
-            del self._attempts[lease_id]
-        side = "decode"
-        if why is not None:
-            await attempt.abort(why)
-            metrics.transfers_total().labels(side=side, outcome="failed").inc()
-            await peer.send(encode("reject", xid=xid, lease=lease_id, epoch=epoch, reason=why))
-            return
-        attempt.fsm.to(TransferState.SUCCESS)
-        self.tombstone(attempt.tag_key)   # a duplicate of this transfer is drained, not landed
-        metrics.transfers_total().labels(side=side, outcome="success").inc()
-        metrics.bytes_total().labels(direction="rx").inc(attempt.bytes)
-        metrics.transfer_seconds().labels(side=side).observe(time.perf_counter() - attempt.started)
-        metrics.leases_live().set(self.leases.live_count())
-        attempt.trace.append(("ack_send", time.perf_counter()))
-        await peer.send(encode("ack", xid=xid, lease=lease_id, epoch=epoch))
-
-    def _on_cancel(self, peer: Peer, msg: dict) -> None:
-        sender = peer.senders.get(msg["xid"])
-        if sender is not None:   # we are the prefill side: the decode side cancelled
-            sender.fsm.fail(f"cancelled by the decode worker: {msg.get('reason')}")
-            sender._task.cancel()
-            return
-        asyncio.ensure_future(self._cancel_from_sender(peer, msg))
-
-    async def _cancel_from_sender(self, peer: Peer, msg: dict) -> None:
-        attempt = self._attempts.get(msg["lease"])
-        ok = False
-        if attempt is not None and attempt.epoch == msg["epoch"] and attempt.ep is peer.ep:
-            ok = await self._cancel_lease(msg["lease"], f"cancelled by sender: {msg.get('reason')}",
-                                          notify=False)
-        await peer.send(encode("cancel_ack", xid=msg["xid"], lease=msg["lease"], epoch=msg["epoch"],
-                               ok=ok))
-
     # ---- prefill side --------------------------------------------------------------------
     def open_sender(self, handoff: HandoffRecord, src_block_ids: Sequence[int],
                     on_done: Callable[[KVSender], None] | None = None) -> KVSender:
@@ -444,46 +285,6 @@ class TransferAgent:
         metrics.bytes_total().labels(direction="tx").inc(sender.bytes_sent)
         if ok:
             metrics.transfer_seconds().labels(side="prefill").observe(sender.elapsed_s)
-
-    # ---- late writes, expiry -------------------------------------------------------------
-    async def plug(self, tag: int) -> None:
-        """Complete our own posted receive with `tag` by a zero-length message (writes nothing)."""
-        await self._self_ep.send(np.empty(0, dtype=np.uint8), tag=tag, force_tag=True)
-
-    def tombstone(self, tag_key: int) -> None:
-        self._tombstones[tag_key] = time.monotonic() + max(2 * self.config.lease_timeout_s, 10.0)
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.sweep_interval_s)
-            try:
-                await self._sweep()
-            except Exception:
-                log.exception("kvtransfer sweeper")
-
-    async def _sweep(self) -> None:
-        self.top_up_futures()
-        for lease in self.leases.expire_due():
-            self._rx_status[lease.lease_id].fail("lease expired")
-            attempt = self._attempts.pop(lease.lease_id, None)
-            if attempt is not None:
-                await attempt.abort("lease expired")
-                await self._notify_sender(attempt, "reject", "lease expired")
-            metrics.leases_live().set(self.leases.live_count())
-        from ucxx.types import Tag, TagMask
-        from ucxx._lib.arr import Array
-        worker = self._ucxx.core._get_ctx().worker
-        now = time.monotonic()
-        for key, until in list(self._tombstones.items()):
-            while True:   # drain every stray message of this (lease, epoch) into scratch
-                probe = worker.tag_probe(Tag(key_prefix(key)), TagMask(KEY_MASK), remove=True)
-                if not probe.matched:
-                    break
-                scratch = np.empty(max(probe.length, 1), dtype=np.uint8)
-                await worker.tag_recv_with_handle(Array(scratch), probe).wait()
-                metrics.dropped_messages().inc()
-            if now > until:
-                del self._tombstones[key]
 
     # ---- self-test -----------------------------------------------------------------------
     async def _self_test(self) -> SelfTestReport:
