@@ -39,11 +39,13 @@ class Setup:
     num_prefill: int
     num_decode: int
     chunk_tokens: int = 512
+    max_seqs: int | None = None    # a decode worker's batch seats (the engine's max_num_seqs)
 
     @property
     def label(self) -> str:
         shape = f"{self.num_decode}D" if self.policy == "colocated" else f"{self.num_prefill}P+{self.num_decode}D"
-        return f"{self.policy} {shape} chunk{self.chunk_tokens}"
+        seats = f" seats{self.max_seqs}" if self.max_seqs else ""
+        return f"{self.policy} {shape} chunk{self.chunk_tokens}{seats}"
 
 
 def make_policy(name: str, cost: CostModel, slo: SLO, chunk_tokens: int = 512):
@@ -72,7 +74,7 @@ class _PlaceOnly:
 def simulate(reqs: list[wl.Request], setup: Setup, cost: CostModel, slo: SLO,
              transfer_bw: float | None = None) -> SimResult:
     spec = ClusterSpec(0 if setup.policy == "colocated" else setup.num_prefill, setup.num_decode,
-                       setup.chunk_tokens, transfer_bw)
+                       setup.chunk_tokens, transfer_bw, max_seqs=setup.max_seqs)
     return Simulator(spec, cost, make_policy(setup.policy, cost, slo, setup.chunk_tokens)).run(reqs)
 
 
@@ -128,7 +130,7 @@ def cmd_run(a) -> None:
     cost, slo = load_profile(a.profile), SLO(a.ttft, a.tpot)
     reqs = wl.scale_time(base_workload(a.workload, a.requests, a.seed), a.scale)
     t0 = time.perf_counter()
-    res = simulate(reqs, Setup(a.policy, a.prefill, a.decode, a.chunk), cost, slo, a.transfer_gbps and a.transfer_gbps * 1e9)
+    res = simulate(reqs, Setup(a.policy, a.prefill, a.decode, a.chunk, a.max_seqs or None), cost, slo, a.transfer_gbps and a.transfer_gbps * 1e9)
     print(json.dumps({"rate": wl.offered_rate(reqs), **res.summary(slo), "wall_s": time.perf_counter() - t0}))
 
 
@@ -140,7 +142,7 @@ def cmd_whatif(a) -> None:
     for n in range(2, a.gpus + 1):
         best = None
         for d in range(1, n):
-            att = simulate(reqs, Setup("slo_aware", n - d, d, a.chunk), cost, slo).attainment(slo)
+            att = simulate(reqs, Setup("slo_aware", n - d, d, a.chunk, a.max_seqs or None), cost, slo).attainment(slo)
             best = max(best or (0, 0, 0), (att, n - d, d))
         print(f"{n} GPUs: best {best[1]}P+{best[2]}D attainment {best[0]:.3f}")
         if best[0] >= ATTAINMENT:
@@ -164,6 +166,7 @@ def main() -> None:
         p.add_argument("--chunk", type=int, default=512, help="local prefill tokens per decode step")
         p.add_argument("--gpus", type=int, default=8)
         p.add_argument("--transfer-gbps", type=float, default=0.0, help="override transfer bandwidth, GB/s")
+        p.add_argument("--max-seqs", type=int, default=0, help="batch seats per decode worker (0: unlimited)")
     sub.choices["run"].add_argument("--policy", default="slo_aware")
     sub.choices["run"].add_argument("--prefill", type=int, default=6)
     sub.choices["run"].add_argument("--decode", type=int, default=2)

@@ -18,11 +18,12 @@ from splitserve.router.slo_policy import SLO
 POLICIES = ("round_robin", "colocated", "slo_aware")
 
 
-def setups(gpus: int, chunk: int):
+def setups(gpus: int, chunk: int, max_seqs: int | None = None):
     from bench.simulator import Setup
     splits = sorted({max(gpus - max(gpus // k, 1), 1) for k in (4, 3, 2)}, reverse=True)  # 8 -> 6, 5, 4 prefill
-    out = {p: [Setup(p, s, gpus - s, chunk) for s in splits if 0 < s < gpus] for p in ("round_robin", "slo_aware")}
-    out["colocated"] = [Setup("colocated", 0, gpus, c) for c in sorted({chunk, 2048})]
+    out = {p: [Setup(p, s, gpus - s, chunk, max_seqs) for s in splits if 0 < s < gpus]
+           for p in ("round_robin", "slo_aware")}
+    out["colocated"] = [Setup("colocated", 0, gpus, c, max_seqs) for c in sorted({chunk, 2048})]
     return out
 
 
@@ -34,7 +35,7 @@ def cmd_goodput(a) -> None:
     bw = a.transfer_gbps * 1e9 if a.transfer_gbps else None
     t0 = time.perf_counter()
     rows = []
-    for pol, cands in setups(a.gpus, a.chunk).items():
+    for pol, cands in setups(a.gpus, a.chunk, getattr(a, "max_seqs", 0) or None).items():
         for st in cands:
             pts = curve(base, scales, st, cost, slo, bw)
             rows.append({"policy": pol, "setup": st.label, "goodput": goodput(pts), "points": pts})
