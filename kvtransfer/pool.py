@@ -256,19 +256,7 @@ class Checksummer:
                 if self.scales is not None:
                     total += int(self.scales[layer].reshape(-1).view(torch.int64).numpy().sum()) * 7
             return ((total + (1 << 63)) % (1 << 64)) - (1 << 63)
-        w = words(kv, layer)
-        o = torch.empty((2, n), dtype=torch.int64, device=kv.device)
-        for pos, first, ln in self.views:
-            o[:, pos:pos + ln] = w[:, first:first + ln].sum(-1)
-        if self.short_pos.numel():
-            o[:, self.short_pos] = w.index_select(1, self.short_ids).sum(-1)
-        if self.staged_pos:
-            o[:, self.staged_pos_i] = staging.reshape(2, len(self.staged_pos), -1) \
-                .view(torch.int64).sum(-1)
-        total = (o.reshape(-1) * self.wts).sum()
-        if self.scales is not None:
-            total = total + self.scales[layer].reshape(-1).view(torch.int64).sum() * 7
-        return total
+        return self._consecutive(layer, 1, [staging])[0]
 
     def layers(self, layers, stagings=None, budget: int = 256 << 20) -> list[int]:
         """Checksums of several layers as ints, equal to `layer()` one by one. On CUDA each run of

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 
 class RecvAttempt:
-    batch_work = True
     def __init__(self, agent: "TransferAgent", lease_id: int, epoch: int, tag_key: int,
                  plan: TransferPlan, ep, fsm: TransferFSM) -> None:
         self.agent, self.lease_id, self.epoch, self.tag_key = agent, lease_id, epoch, tag_key
@@ -118,7 +117,7 @@ class RecvAttempt:
                 else:
                     self.left[layer] -= 1
                     if self.left[layer] == 0:
-                        self.layer_sums[layer] = await self._work(self._layer_sum, layer)
+                        self.layer_sums[layer] = await self._work("sum", layer)
         except Exception as e:   # cancelled by UCX (peer died) or plugged after abort
             if not self.aborted:
                 self.errors.append(f"receive {tag:#x} failed: {e!r}")
@@ -135,7 +134,7 @@ class RecvAttempt:
         l0, k = self.bundles[b]
         layers = range(l0, l0 + k)
         done = [l for l in layers if self.left[l] == 1]
-        sums = await self._work(self._scatter, l0, slot, done)
+        sums = await self._work("scatter", l0, slot, done)
         nxt = b + len(self.ring)
         if nxt < len(self.bundles) and not self._post_staged(nxt):
             self.errors.append(f"lease refused the staged receive of bundle {nxt}")
@@ -148,22 +147,15 @@ class RecvAttempt:
                 later.append(l)
         for l in later:       # a direct message of the layer landed during the scatter
             if not self.aborted:
-                self.layer_sums[l] = await self._work(self._layer_sum, l)
+                self.layer_sums[l] = await self._work("sum", l)
 
-    def _work(self, fn, *args) -> asyncio.Future:
-        """Queue torch work (scatter, checksum) for the executor. Everything queued while a
-        batch runs goes in the next batch: one executor hop and one stream sync per batch,
-        not per message (a hop costs ~0.1 ms idle, 1-3 ms on a busy host)."""
+    def _work(self, kind: str, *args) -> asyncio.Future:
+        """Queue torch work for the executor: ("scatter", first layer, slot, layers to checksum)
+        or ("sum", layer). Everything queued while a batch runs goes in the next batch: one
+        executor hop and one stream sync per batch, not per message (a hop costs ~0.1 ms idle,
+        1-3 ms on a busy host). A scatter's result is {layer: checksum}, a sum's the int."""
         fut = asyncio.get_running_loop().create_future()
-        if not RecvAttempt.batch_work:   # A/B switch for benchmarks: one hop per item
-            async def one():
-                r = (await asyncio.get_running_loop().run_in_executor(
-                    self.agent.executor, self._run_batch, [(fn, args, None)]))[0]
-                if isinstance(r, Exception):
-                    raise r
-                return r
-            return asyncio.ensure_future(one())
-        self._queue.append((fn, args, fut))
+        self._queue.append((kind, args, fut))
         if not self._draining:
             self._draining = True
             asyncio.ensure_future(self._drain())
@@ -190,24 +182,22 @@ class RecvAttempt:
 
     def _run_batch(self, batch) -> list:
         """Off the loop, in queue order on the side stream: the scatters first (each is queued
-        before any sum that could read its blocks), then every requested layer checksum in one
-        batched sum read back once (pool.Checksummer.layers), then one sync (the scattered slots
-        are re-posted right after). A scatter's result is {layer: checksum} of the layers it
-        was asked to complete; a layer sum's is the int."""
+        before any sum that could read its blocks; a scatter runs inside its receive's admitted
+        write, so the lease cannot free the blocks under it), then every requested layer
+        checksum (what the destination blocks now hold) in one batched sum read back once
+        (pool.Checksummer.layers), then one sync (the scattered slots are re-posted right after)."""
         out: list = [None] * len(batch)
         wants: list[tuple[int, int]] = []     # (position in the batch, layer) of each checksum
         with self.agent.side_stream():
-            for i, (fn, args, _) in enumerate(batch):
+            for i, (kind, args, _) in enumerate(batch):
+                if kind == "sum":
+                    wants.append((i, args[0]))
+                    continue
+                l0, slot, sum_layers = args
                 try:
-                    if fn == self._layer_sum:
-                        wants.append((i, args[0]))
-                    elif fn == self._scatter:
-                        l0, slot, sum_layers = args
-                        pool.scatter_staged(self.agent.kv, l0, self.dst_idx, slot)
-                        out[i] = {}
-                        wants += [(i, l) for l in sum_layers]
-                    else:
-                        out[i] = fn(*args)
+                    pool.scatter_staged(self.agent.kv, l0, self.dst_idx, slot)
+                    out[i] = {}
+                    wants += [(i, l) for l in sum_layers]
                 except Exception as e:
                     out[i] = e
             if wants:
@@ -224,17 +214,6 @@ class RecvAttempt:
                         out[i] = e
             self.agent.sync_side_stream()
         return out
-
-    def _scatter(self, l0: int, slot: torch.Tensor, sum_layers: list[int]) -> None:
-        """Scatter one staged bundle (layers l0 ..) into the blocks and checksum `sum_layers`
-        (those whose other messages all landed). A marker: `_run_batch` does the work. Runs
-        inside the receive's admitted write, so the lease cannot free the blocks under it."""
-        raise AssertionError("_scatter runs through _run_batch")
-
-    def _layer_sum(self, layer: int):
-        """Checksum of one layer's destination blocks (end to end: what the blocks now hold);
-        a marker: `_run_batch` batches these."""
-        raise AssertionError("_layer_sum runs through _run_batch")
 
     def release_ring(self) -> None:
         """All receives have ended (verified or drained): the ring buffers go back to the pool."""

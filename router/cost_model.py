@@ -79,13 +79,10 @@ class CostModel:
         """Time to prefill one request alone, chunked at `prefill_chunk_tokens` per forward."""
         if new_tokens <= 0:
             return 0.0
-        c = self.prefill
-        chunks = -(-new_tokens // self.prefill_chunk_tokens)
-        if c.floor_s <= 0:
-            return (chunks * c.fixed_s + c.per_token_s * new_tokens
-                    + c.per_pair_s * self.pairs(new_tokens, cached_tokens))
+        # each chunk is one forward (its own fixed cost, at least the floor); the chunks' pairs
+        # add up to pairs(new_tokens, cached_tokens)
         t, done, size = 0.0, 0, self.prefill_chunk_tokens
-        while done < new_tokens:   # each chunk is one forward, at least the floor
+        while done < new_tokens:
             n = min(size, new_tokens - done)
             t += self.prefill_forward_time(n, self.pairs(n, cached_tokens + done))
             done += n

@@ -35,7 +35,7 @@ def cmd_goodput(a) -> None:
     bw = a.transfer_gbps * 1e9 if a.transfer_gbps else None
     t0 = time.perf_counter()
     rows = []
-    for pol, cands in setups(a.gpus, a.chunk, getattr(a, "max_seqs", 0) or None).items():
+    for pol, cands in setups(a.gpus, a.chunk, a.max_seqs or None).items():
         for st in cands:
             pts = curve(base, scales, st, cost, slo, bw)
             rows.append({"policy": pol, "setup": st.label, "goodput": goodput(pts), "points": pts})
