@@ -2,9 +2,14 @@
 
 Reference: `reference.decode_attention_ref` (= `paged_attention_ref` with one token per seq).
 
-Work split. One program per (sequence, kv head, KV split). GQA: the `group` query heads that
-share a kv head are the rows of one [BLOCK_H, head_dim] tile, so each K/V tile is read from
-memory once and feeds a tensor-core dot for the whole group. Split-KV: a long context is cut
+Work split. One program per (sequence, group of HPP kv heads, KV split). GQA: the `group`
+query heads that share a kv head are rows of one [BLOCK_H, head_dim] tile, so each K/V tile is
+read from memory once and feeds a tensor-core dot for the whole group. With HPP > 1 the rows
+are the query heads of HPP kv heads (HPP * group rows: with group 4 and HPP 4 the 16-row MMA
+tile carries no padding) and a key tile holds BLOCK_N tokens x HPP heads, token-major, so a
+token's HPP head rows -- adjacent in the cache -- are read together as one longer run; a row
+only sees the columns of its own kv head (the others are masked to -inf before the softmax),
+so the tensor-core work per useful score is the same as with padded rows. Split-KV: a long context is cut
 into `num_splits` chunks processed by separate programs, which write a normalized partial
 output and its log-sum-exp (base 2) to scratch; `splitkv_reduce` merges them. (Merging in
 the last-finishing split, found by an atomic counter, saves that launch but measured slower:
@@ -39,6 +44,10 @@ from .splitkv_reduce import splitkv_reduce
 #  NUM_WARPS), one set for 16-bit caches and one for FP8 caches.
 TILES_16BIT = (32, 5, 4)
 TILES_FP8 = (128, 3, 4)
+# kv heads per program (HPP): a program packs the query heads of HPP kv heads into its rows and
+# reads those heads' K/V rows of each token together (adjacent in the cache); see the docstring
+HPP_16BIT = 1
+HPP_FP8 = 1
 FP8_FP16_COMPUTE = True  # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather than bf16
 MIN_CHUNK = 256          # fewest KV tokens worth giving one split
 PROGRAMS_PER_SM = 2      # split until the grid has about this many programs per SM
@@ -53,13 +62,13 @@ def _decode_kernel(
     stride_qb, stride_qh,
     stride_kb, stride_ko, stride_kh,       # v_cache has the same strides
     stride_bt, stride_ob, stride_oh,
-    num_splits,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    num_splits, num_q_heads,
+    GROUP: tl.constexpr, HPP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr,
     FP8: tl.constexpr, FP16_COMPUTE: tl.constexpr, DIRECT_OUT: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvh0 = tl.program_id(1) * HPP                           # first kv head of this program
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     # this sequence's chunk per split: a multiple of BLOCK_N, at least MIN_CHUNK
@@ -68,36 +77,44 @@ def _decode_kernel(
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
-    offs_h = tl.arange(0, BLOCK_H)
+    # rows: the HPP * GROUP query heads of kv heads kvh0 .. kvh0 + HPP - 1, in head order
+    offs_r = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
-    heads = kvh * GROUP + offs_h                            # query heads of this kv head
-    hmask = offs_h < GROUP
+    heads = kvh0 * GROUP + offs_r
+    hmask = offs_r < GROUP * HPP
+    row_kvh = kvh0 + tl.minimum(offs_r // GROUP, HPP - 1)   # each row's kv head
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
                 + offs_d[None, :], mask=hmask[:, None], other=0.0)   # [BLOCK_H, D]
-    # scores in log2 units: s = (q . k_stored) * qk_scale_log2
-    qk_scale_log2 = sm_scale * 1.4426950408889634
+    # scores in log2 units: s = (q . k_stored) * qk_scale_log2 (per row: its kv head's scale)
+    qk_scale_log2 = tl.full([BLOCK_H], sm_scale * 1.4426950408889634, tl.float32)
     if FP8:
-        qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr + kvh)
+        qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr + row_kvh)
         if FP16_COMPUTE:
             # bf16 -> fp16 is exact within fp16's range (8 mantissa bits into 11): the
             # scale is not folded into q, whose rounding would cost accuracy
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
+    # columns: BLOCK_N tokens x HPP kv heads, token-major, so one token's HPP head rows
+    # (adjacent in the cache) are adjacent in the tile
+    offs_c = tl.arange(0, BLOCK_N * HPP)
+    col_tok = offs_c // HPP
+    col_kvh = kvh0 + offs_c % HPP
+    same_head = row_kvh[:, None] == col_kvh[None, :]        # [BLOCK_H, BLOCK_N * HPP]
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    head_off = kvh.to(tl.int64) * stride_kh + offs_d[None, :]
+    col_off = col_kvh.to(tl.int64)[:, None] * stride_kh + offs_d[None, :]
     for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
+        pos = n0 + col_tok
         nmask = pos < end
         blk = tl.load(bt_row + pos // PAGE, mask=nmask, other=0).to(tl.int64)
         row_off = blk[:, None] * stride_kb + (pos % PAGE).to(tl.int64)[:, None] * stride_ko
-        k = tl.load(k_cache_ptr + row_off + head_off, mask=nmask[:, None],
-                    other=0.0)                               # [BLOCK_N, D]
-        v = tl.load(v_cache_ptr + row_off + head_off, mask=nmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2   # [BLOCK_H, BLOCK_N]
-        s = tl.where(nmask[None, :], s, float("-inf"))
+        k = tl.load(k_cache_ptr + row_off + col_off, mask=nmask[:, None],
+                    other=0.0)                               # [BLOCK_N * HPP, D]
+        v = tl.load(v_cache_ptr + row_off + col_off, mask=nmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2[:, None]
+        s = tl.where(same_head & nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -111,11 +128,11 @@ def _decode_kernel(
         + offs_d[None, :]
     if DIRECT_OUT:
         if FP8:
-            o = o * tl.load(v_scale_ptr + kvh)
+            o = o * tl.load(v_scale_ptr + row_kvh)[:, None]
         tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
     else:
         # scratch: part_out [num_seqs, num_q_heads, num_splits, D], part_lse [.., num_splits]
-        rows = (seq.to(tl.int64) * GROUP * tl.num_programs(1) + heads) * num_splits
+        rows = (seq.to(tl.int64) * num_q_heads + heads) * num_splits
         tl.store(part_out_ptr + (rows + split)[:, None] * HEAD_DIM + offs_d[None, :], o,
                  mask=hmask[:, None])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -132,14 +149,22 @@ class SplitKVScratch(NamedTuple):
     part_lse: torch.Tensor   # [num_seqs, num_q_heads, num_splits], log2-sum-exp of each split
 
 
+def heads_per_program(num_kv_heads: int, fp8: bool) -> int:
+    """The tuned kv heads per program, lowered until it divides num_kv_heads."""
+    hpp = max(1, HPP_FP8 if fp8 else HPP_16BIT)
+    while num_kv_heads % hpp:
+        hpp -= 1
+    return hpp
+
+
 def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int,
-                       device: torch.device) -> int:
-    """KV splits per (seq, kv head), from static shape information only.
+                       device: torch.device, fp8: bool = False) -> int:
+    """KV splits per (seq, kv head group), from static shape information only.
 
     Enough programs to fill the GPU (PROGRAMS_PER_SM per SM), but no split shorter than
     MIN_CHUNK tokens of the longest context the block table can hold.
     """
-    programs = max(1, num_seqs * num_kv_heads)
+    programs = max(1, num_seqs * num_kv_heads // heads_per_program(num_kv_heads, fp8))
     want = math.ceil(PROGRAMS_PER_SM * sm_count(device) / programs)
     most = max(1, math.ceil(max_context / MIN_CHUNK))
     return max(1, min(want, most, MAX_SPLITS))
@@ -209,7 +234,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     if num_splits is None:
         num_splits = plan_decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * page,
-                                        q.device)
+                                        q.device, fp8)
     check(num_splits >= 1, lambda: f"num_splits must be >= 1, got {num_splits}")
     direct = num_splits == 1
     if not direct:
@@ -221,15 +246,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         part_out = part_lse = out                     # unused when DIRECT_OUT
     block_n, num_stages, num_warps = TILES_FP8 if fp8 else TILES_16BIT
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    hpp = heads_per_program(num_kv_heads, fp8)
+    _decode_kernel[(num_seqs, num_kv_heads // hpp, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, k_scale if fp8 else q,
         v_scale if fp8 else q, out, part_out, part_lse,
         scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        num_splits,
-        GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=head_dim, PAGE=page,
+        num_splits, num_q_heads,
+        GROUP=group, HPP=hpp, BLOCK_H=max(16, next_pow2(group * hpp)), HEAD_DIM=head_dim, PAGE=page,
         BLOCK_N=block_n, MIN_CHUNK=max(MIN_CHUNK, block_n), FP8=fp8,
         FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE, DIRECT_OUT=direct,
         num_warps=num_warps, num_stages=num_stages,

@@ -104,6 +104,27 @@ def test_decode_fp8_compute_variants(fp16_compute, small_tiles, monkeypatch):
     run_case(lengths(16), 8, 2, 64, 16, "fp8-bf16", seed=12, num_splits=4)
 
 
+@pytest.mark.parametrize("hpp", [2, 4])
+@pytest.mark.parametrize("kv,num_q_heads,num_kv_heads", [
+    ("bf16", 16, 4), ("fp8-bf16", 16, 4), ("fp16", 4, 4), ("fp8-fp16", 24, 8)])
+def test_decode_several_kv_heads_per_program(hpp, kv, num_q_heads, num_kv_heads, small_tiles,
+                                             monkeypatch):
+    """HPP kv heads per program (rows = their query heads, a row masked to its own head's
+    columns): GQA 4 (16 rows, no padding at HPP 4), GQA 1, GQA 3; FP8 with a distinct scale
+    per kv head, so a row reading another head's scale or keys fails."""
+    monkeypatch.setattr(decode_mod, "HPP_16BIT", hpp)
+    monkeypatch.setattr(decode_mod, "HPP_FP8", hpp)
+    for num_splits in (1, 3):
+        run_case(lengths(16), num_q_heads, num_kv_heads, 64, 16, kv,
+                 seed=hpp * 100 + num_q_heads + num_splits, num_splits=num_splits)
+
+
+def test_heads_per_program_divides_kv_heads(monkeypatch):
+    monkeypatch.setattr(decode_mod, "HPP_FP8", 4)
+    assert [decode_mod.heads_per_program(n, True) for n in (1, 2, 3, 6, 8)] == [1, 2, 3, 3, 4]
+    assert decode_mod.heads_per_program(8, False) == decode_mod.HPP_16BIT
+
+
 def test_decode_default_tiles_and_planned_splits():
     """The shipped tile sizes and the split planner (no monkeypatching)."""
     run_case([1, 15, 16, 17, 300], 8, 2, 64, 16, "fp8-bf16", seed=3)

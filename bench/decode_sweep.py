@@ -1,0 +1,203 @@
+"""Sweep of the paged decode kernel's launch shape on the GPU (issue 3: FP8 decode speed).
+
+    python3 bench/decode_sweep.py --out DIR [--smoke] [--budget-s 240]
+
+Cases (Llama-3-8B heads, block size 16, shuffled pages): B=64 x 4096 timed eagerly (L2
+flushed), B=8 and B=1 x 4096 replayed from a CUDA graph over rotated cache copies -- for bf16
+and FP8 caches. For each config (kv heads per program, BLOCK_N, stages, warps) every case
+is checked against the float32 reference before it is timed. Also a memory-pattern probe:
+reading one head's rows of a page-shaped tensor (a 128-byte run every 1 KiB for FP8, 256
+every 2 KiB for bf16) against a contiguous copy of the same bytes -- does the run length
+alone cap the achievable bandwidth? Writes decode-sweep.json and decode-sweep.md into DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("bench_kernels", HERE / "kernels.py")
+KB = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(KB)          # shares bench/kernels.py's cases, timers and kernels
+DECODE = KB.DECODE
+SMOKE = KB.SMOKE
+
+
+def configs(kv: str) -> list[tuple]:
+    """(HPP, BLOCK_N, stages, warps) with at most 256 key rows per tile."""
+    out = []
+    for hpp in (1, 2, 4, 8):
+        for cols in (64, 128, 256):
+            block_n = cols // hpp
+            if block_n < 16 or (kv == "bf16" and cols > 128):
+                continue
+            for stages, warps in ((3, 4), (4, 4), (5, 4), (3, 8)):
+                out.append((hpp, block_n, stages, warps))
+    return out[:2] if SMOKE else out
+
+
+def apply(kv: str, cfg: tuple) -> None:
+    hpp, block_n, stages, warps = cfg
+    if kv == "fp8":
+        DECODE.HPP_FP8, DECODE.TILES_FP8 = hpp, (block_n, stages, warps)
+    else:
+        DECODE.HPP_16BIT, DECODE.TILES_16BIT = hpp, (block_n, stages, warps)
+
+
+def cases(kv: str) -> dict:
+    L = 64 if SMOKE else 4096
+    pairs = [(64, 1), (8, 4), (1, 16)] if not SMOKE else [(2, 1), (1, 2)]
+    return {(B, L, kv): KB.Paged(B, L, kv, sets=sets, seed=B) for B, sets in pairs}
+
+
+def time_case(p, outs) -> float:
+    if p.sets == 1:
+        return KB.bench(lambda: p.decode(0, outs[0]))
+    return KB.bench_graph([lambda s=s: p.decode(s, outs[s]) for s in range(p.sets)])
+
+
+def sweep(kv: str, rows: list, deadline: float) -> None:
+    cs = cases(kv)
+    outs = {k: [torch.empty_like(p.q) for _ in range(p.sets)] for k, p in cs.items()}
+    for cfg in configs(kv):
+        if time.time() > deadline:
+            rows.append(dict(kv=kv, cfg=cfg, skipped="time budget"))
+            continue
+        apply(kv, cfg)
+        for key, p in cs.items():
+            try:
+                p.decode(0, outs[key][0])
+                err = p.check(outs[key][0])
+                assert err < 1e-2, f"rel err {err:.2e}"
+                us = time_case(p, outs[key])
+            except Exception as e:  # e.g. out of shared memory
+                rows.append(dict(kv=kv, cfg=cfg, case=key, error=str(e)[:300]))
+                print("sweep", kv, cfg, key, "failed:", str(e)[:160], flush=True)
+                continue
+            rows.append(dict(kv=kv, cfg=cfg, case=key, us=us, TBps=p.kv_bytes / us / 1e6,
+                             rel_err=err))
+            print(f"sweep {kv} hpp={cfg[0]} n={cfg[1]} st={cfg[2]} w={cfg[3]} B={key[0]}: "
+                  f"{us:.1f} us {p.kv_bytes / us / 1e6:.2f} TB/s", flush=True)
+    del cs, outs
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def split_sweep(rows: list, deadline: float) -> None:
+    """Split planning (programs per SM, shortest split) for the small-batch graph cases."""
+    base = (DECODE.PROGRAMS_PER_SM, DECODE.MIN_CHUNK)
+    for kv in ("fp8", "bf16"):
+        cs = {k: p for k, p in cases(kv).items() if k[0] <= 8}
+        outs = {k: [torch.empty_like(p.q) for _ in range(p.sets)] for k, p in cs.items()}
+        for plan in [(2, 256), (4, 128), (2, 128), (4, 64), (8, 64), (1, 512)][:2 if SMOKE else None]:
+            if time.time() > deadline:
+                break
+            DECODE.PROGRAMS_PER_SM, DECODE.MIN_CHUNK = plan
+            for key, p in cs.items():
+                p.decode(0, outs[key][0])
+                err = p.check(outs[key][0])
+                us = time_case(p, outs[key])
+                rows.append(dict(kv=kv, split_plan=plan, case=key, split_us=us, rel_err=err,
+                                 splits=DECODE.plan_decode_splits(key[0], KB.HKV, key[1],
+                                                                  p.q.device, kv == "fp8")))
+                print(f"split {kv} plan={plan} B={key[0]}: {us:.1f} us", flush=True)
+        del cs, outs
+    DECODE.PROGRAMS_PER_SM, DECODE.MIN_CHUNK = base
+
+
+def pick(rows: list, kv: str):
+    """Config with the lowest sum of (time / the case's best time) over the cases it ran."""
+    ok = [r for r in rows if r.get("kv") == kv and "us" in r]
+    best = {}
+    for r in ok:
+        best[r["case"]] = min(best.get(r["case"], float("inf")), r["us"])
+    score: dict = {}
+    ncase: dict = {}
+    for r in ok:
+        score[r["cfg"]] = score.get(r["cfg"], 0.0) + r["us"] / best[r["case"]]
+        ncase[r["cfg"]] = ncase.get(r["cfg"], 0) + 1
+    full = [c for c in score if ncase[c] == len(best)]
+    return min(full, key=score.get) if full else None
+
+
+def memory_probe(rows: list) -> None:
+    """One head's rows of [pages, 16, 8 heads, 128] vs the same bytes contiguous."""
+    n_pages = 64 if SMOKE else 65536
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float8_e4m3fn, "fp8")):
+        x = torch.zeros(n_pages, 16, 8, 128, dtype=torch.uint8 if name == "fp8" else dtype,
+                        device=KB.DEV)
+        head = x[:, :, 0, :]
+        dst = torch.empty(head.shape, dtype=x.dtype, device=KB.DEV)
+        flat = x.view(-1)[: head.numel()]
+        dst_flat = dst.view(-1)
+        strided = KB.bench(lambda: dst.copy_(head))
+        contig = KB.bench(lambda: dst_flat.copy_(flat))
+        nbytes = head.numel() * x.element_size()
+        row = dict(probe=name, run_bytes=128 * x.element_size(), bytes=nbytes,
+                   strided_us=strided, contiguous_us=contig,
+                   strided_read_TBps=nbytes / strided / 1e6,
+                   contiguous_read_TBps=nbytes / contig / 1e6)
+        rows.append(row)
+        print("probe", row, flush=True)
+
+
+def report(rows: list, chosen: dict) -> str:
+    lines = ["| kv | HPP | BLOCK_N | stages | warps | B=64 us (TB/s) | B=8 graph us | B=1 graph us |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    by = {}
+    for r in rows:
+        if "us" in r:
+            by.setdefault((r["kv"], tuple(r["cfg"])), {})[r["case"][0]] = r
+    for (kv, cfg), cs in sorted(by.items()):
+        cell = [f"{cs[b]['us']:.1f}" + (f" ({cs[b]['TBps']:.2f})" if b == 64 else "")
+                if b in cs else "-" for b in (64, 8, 1)]
+        mark = " **chosen**" if chosen.get(kv) == cfg else ""
+        lines.append(f"| {kv}{mark} | {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]} | "
+                     + " | ".join(cell) + " |")
+    for r in rows:
+        if "split_plan" in r:
+            lines.append(f"\nsplit plan {r['split_plan']} {r['kv']} B={r['case'][0]}: "
+                         f"{r['split_us']:.1f} us ({r['splits']} splits)")
+    for r in rows:
+        if "probe" in r:
+            lines.append(f"\nprobe {r['probe']}: {r['run_bytes']}-byte runs "
+                         f"{r['strided_read_TBps']:.2f} TB/s read vs contiguous "
+                         f"{r['contiguous_read_TBps']:.2f} TB/s")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run under the interpreter")
+    ap.add_argument("--budget-s", type=float, default=240.0)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + args.budget_s
+    rows: list = []
+    memory_probe(rows)
+    chosen = {}
+    for kv in ("fp8", "bf16"):
+        sweep(kv, rows, deadline)
+        chosen[kv] = pick(rows, kv)
+        print("chosen", kv, chosen[kv], flush=True)
+    for kv in ("fp8", "bf16"):
+        if chosen[kv] is not None:
+            apply(kv, chosen[kv])
+    split_sweep(rows, deadline)
+    meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                torch=torch.__version__, argv=sys.argv, chosen=chosen)
+    (out / "decode-sweep.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1,
+                                                      default=str))
+    (out / "decode-sweep.md").write_text(report(rows, chosen))
+    print(report(rows, chosen))
+
+
+if __name__ == "__main__":
+    main()
