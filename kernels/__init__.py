@@ -23,6 +23,11 @@ The fused layer glue of the engine's GPU path (references in `reference_fused.py
         `write_kv` of the rotated k and v.
     silu_and_mul(gate_up, out=None)
         silu(gate) * up of the gated MLP.
+    gemv_linear(x, weight, bias=None, out=None)
+        F.linear for <= 32 tokens without a split-K reduce kernel (gemv.py).
+    norm_linear(x, norm_weight, eps, weight, residual=None, residual_out=None, bias=None,
+                silu=False, out=None)
+        rms_norm(+residual, the sum written to residual_out) -> linear (-> silu_and_mul) in one.
 
 Layouts and metadata are those of `reference.py`: caches [num_blocks, block_size,
 num_kv_heads, head_dim]; FP8 caches need float32 [num_kv_heads] scales (refused without).
@@ -36,8 +41,8 @@ from typing import Any
 
 from .reference import (FP8_DTYPE, FP8_MAX, decode_attention_ref, paged_attention_ref,
                         write_kv_ref)
-from .reference_fused import (rms_norm_ref, rope_cos_sin_cache, rope_ref, rope_write_kv_ref,
-                              silu_and_mul_ref)
+from .reference_fused import (gemv_linear_ref, norm_linear_ref, rms_norm_ref, rope_cos_sin_cache,
+                              rope_ref, rope_write_kv_ref, silu_and_mul_ref)
 
 # The Triton kernels load lazily, so the CPU engine can import the references without triton.
 _LAZY = {
@@ -50,6 +55,8 @@ _LAZY = {
     "rms_norm": "rmsnorm",
     "rope_write_kv": "rope",
     "silu_and_mul": "silu_mul",
+    "gemv_linear": "gemv",
+    "norm_linear": "gemv",
 }
 
 
@@ -64,5 +71,5 @@ __all__ = [
     "paged_attention_ref", "paged_decode_attention", "paged_extend_attention",
     "plan_decode_splits", "rms_norm", "rms_norm_ref", "rope_cos_sin_cache", "rope_ref",
     "rope_write_kv", "rope_write_kv_ref", "silu_and_mul", "silu_and_mul_ref", "write_kv",
-    "write_kv_ref",
+    "write_kv_ref", "gemv_linear", "gemv_linear_ref", "norm_linear", "norm_linear_ref",
 ]

@@ -1,4 +1,4 @@
-"""Torch references of the fused layer-glue kernels (rmsnorm.py, rope.py, silu_mul.py).
+"""Torch references of the fused layer-glue kernels (rmsnorm.py, rope.py, silu_mul.py, gemv.py).
 
 They spell out, op by op, what engine/model.py's plain torch path computes, including where it
 rounds to the activation dtype, so a kernel that rounds at the same points matches bit for bit
@@ -10,6 +10,8 @@ rounds to the activation dtype, so a kernel that rounds at the same points match
   rope:          rotate-half (neox) form: out = x * cos + rotate_half(x) * sin, every product and
                  the sum rounded to dtype; cos/sin in dtype from positions * inv_freq in float32
   silu_and_mul:  silu(gate) rounded to dtype, times up, rounded to dtype
+  gemv_linear / norm_linear (gemv.py): x @ W.T accumulated in float32 and rounded once, after
+                 rms_norm (and before silu_and_mul) as above
 """
 from __future__ import annotations
 
@@ -62,3 +64,24 @@ def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [T, 2 * I] (gate first) -> silu(gate) * up: [T, I]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def gemv_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias) accumulated in float32, rounded once to x's dtype."""
+    y = x.float() @ weight.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def norm_linear_ref(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                    residual: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                    silu: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """rms_norm_ref then gemv_linear_ref (then silu_and_mul_ref with silu: weight is [gate; up]);
+    returns (out, residual + x rounded to the dtype, or None). residual is not modified."""
+    res_sum = None
+    if residual is not None:
+        res_sum = residual.clone()
+    h = rms_norm_ref(x, norm_weight, eps, res_sum)
+    y = gemv_linear_ref(h, weight, bias)
+    return (silu_and_mul_ref(y) if silu else y), res_sum

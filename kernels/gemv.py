@@ -1,0 +1,268 @@
+"""Small-M linear layers (GEMV, M <= 32 tokens) with the layer glue fused in: y = x @ W.T.
+
+References: `reference_fused.norm_linear_ref` / `gemv_ref`. Each program owns BLOCK_N output
+columns (rows of W) for all M tokens and streams its W rows over the whole of K (no split-K, so
+no reduce kernel); the grid is cdiv(N, BLOCK_N) programs (N=4096, BLOCK_N=16: 256 programs).
+Accumulation is float32 with one final rounding to the activation dtype.
+
+`norm_linear` computes residual add + RMSNorm in the prologue: every program recomputes the
+inverse RMS of its M rows from the full rows (M x K reads from L2, small next to its W slice),
+then normalizes each K tile as it streams W. The rounding is that of `rmsnorm.py` (sum, normed
+and weight * normed each rounded to the dtype), so the GEMV input is what `rms_norm` would
+produce up to the order of the RMS sum. The residual sum is written by program 0 only, into a
+separate `residual_out` (in place would race with the programs still reading `residual`).
+With `silu=True` W is the stacked [gate; up] weight [2I, K]: a program computes matching
+gate and up columns and writes silu(gate) * up [M, I] with the rounding of `silu_mul.py`.
+
+Two inner products, chosen per M class in TILES: a multiply-accumulate into a [BLOCK_N, M,
+BLOCK_K] float32 tile reduced once at the end (no tensor cores; M=1), or tl.dot of the W tile
+with the tokens padded to 16 (W is the MMA's M side: "swap AB").
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._rounding import round_to
+from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, check_last_contiguous,
+                      interpreting, next_pow2)
+
+MAX_M = 32    # the engine uses it for steps of <= 16 tokens; 32 is the benchmark's reference point
+
+
+class Tile(NamedTuple):
+    block_n: int      # output columns (W rows) per program
+    block_k: int      # K elements per W load
+    num_warps: int
+    num_stages: int
+    use_dot: bool     # tl.dot with tokens padded to 16, else multiply + one final reduction
+
+
+# Per M class (the token count rounded up to a power of two); bench/gemv.py sweeps these.
+TILES = {
+    1: Tile(16, 512, 4, 4, False),
+    2: Tile(16, 256, 4, 4, False),
+    4: Tile(16, 256, 4, 4, True),
+    8: Tile(32, 256, 4, 4, True),
+    16: Tile(32, 256, 4, 4, True),
+    32: Tile(32, 256, 4, 3, True),
+}
+
+
+def tile_for(m: int) -> Tile:
+    return TILES[min(MAX_M, next_pow2(m))]
+
+
+@triton.jit
+def _round(x, dt: tl.constexpr, NATIVE: tl.constexpr):
+    """_rounding.round_to; compiled for a GPU, the cast itself (cvt.rn: the same
+    round-to-nearest-even in one instruction instead of six; the prologue rounds 3 M x K)."""
+    if NATIVE:
+        y = x.to(dt)
+    else:
+        y = round_to(x, dt)
+    return y
+
+
+@triton.jit
+def _load_rows(x_ptr, res_ptr, rows, cols, mask, stride_x, stride_r, HAS_RES: tl.constexpr,
+               NATIVE: tl.constexpr):
+    """x[rows, cols], or residual + x rounded to the dtype (rmsnorm.py's fused add)."""
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        x = _round(r.to(tl.float32) + x.to(tl.float32), x_ptr.dtype.element_ty, NATIVE)
+    return x
+
+
+@triton.jit
+def _inv_rms(x_ptr, res_ptr, res_out_ptr, M, K, stride_x, stride_r, stride_ro, eps, write_res,
+             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, NATIVE: tl.constexpr):
+    """rsqrt(mean(x^2) + eps) of the M rows [BLOCK_M]; the residual sum goes to res_out if
+    write_res (program 0)."""
+    rows = tl.arange(0, BLOCK_M)
+    sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < M) & (cols[None, :] < K)
+        x = _load_rows(x_ptr, res_ptr, rows, cols, mask, stride_x, stride_r, HAS_RES, NATIVE)
+        if HAS_RES:
+            if write_res:
+                tl.store(res_out_ptr + rows[:, None] * stride_ro + cols[None, :], x, mask=mask)
+        xf = x.to(tl.float32)
+        sq += xf * xf
+    return tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)
+
+
+@triton.jit
+def _mac(acc, w, x, USE_DOT: tl.constexpr):
+    """acc += w [BN, BK] x x[BM, BK]^T, as [BN, BM] (dot) or [BN, BM, BK] (reduced later)."""
+    if USE_DOT:
+        acc = tl.dot(w, tl.trans(x), acc)
+    else:
+        acc += w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :]
+    return acc
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
+                 M, N, K, stride_x, stride_r, stride_ro, stride_w, stride_o, eps,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SILU: tl.constexpr, USE_DOT: tl.constexpr, EVEN: tl.constexpr,
+                 NUM_STAGES: tl.constexpr, NATIVE: tl.constexpr):
+    pid = tl.program_id(0)
+    dt = w_ptr.dtype.element_ty
+    rows = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if NORM:
+        rstd = _inv_rms(x_ptr, res_ptr, res_out_ptr, M, K, stride_x, stride_r, stride_ro, eps,
+                        pid == 0, BLOCK_M, BLOCK_K, HAS_RES, NATIVE)
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + tl.arange(0, BLOCK_K)[None, :]
+    up_ptrs = w_ptrs + N * stride_w        # SILU: the up half's matching rows
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_K], dtype=tl.float32)
+    acc_up = acc
+    # num_stages on the loop itself: Triton pipelines loads that feed no tl.dot only when asked
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = _load_rows(x_ptr, res_ptr, rows, cols, (rows[:, None] < M) & (cols[None, :] < K),
+                       stride_x, stride_r, HAS_RES, NATIVE)
+        if NORM:
+            y = _round(x.to(tl.float32) * rstd[:, None], dt, NATIVE)
+            ln = tl.load(ln_ptr + cols, mask=cols < K, other=0.0)
+            x = _round(ln.to(tl.float32)[None, :] * y.to(tl.float32), dt, NATIVE)
+        wmask = (offs_n[:, None] < N) & (cols[None, :] < K)
+        if EVEN:
+            acc = _mac(acc, tl.load(w_ptrs), x, USE_DOT)
+        else:
+            acc = _mac(acc, tl.load(w_ptrs, mask=wmask, other=0.0), x, USE_DOT)
+        if SILU:
+            if EVEN:
+                acc_up = _mac(acc_up, tl.load(up_ptrs), x, USE_DOT)
+            else:
+                acc_up = _mac(acc_up, tl.load(up_ptrs, mask=wmask, other=0.0), x, USE_DOT)
+        w_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+    if not USE_DOT:
+        acc = tl.sum(acc, axis=2)
+        acc_up = tl.sum(acc_up, axis=2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    y = _round(acc, dt, NATIVE)                             # [BLOCK_N, BLOCK_M]
+    if SILU:   # silu_mul.py on the rounded gate and up
+        g = y.to(tl.float32)
+        s = _round(tl.math.div_rn(g, 1.0 + tl.exp(-g)), dt, NATIVE).to(tl.float32)
+        y = _round(s * _round(acc_up, dt, NATIVE).to(tl.float32), dt, NATIVE)
+    tl.store(out_ptr + rows[None, :] * stride_o + offs_n[:, None], y,
+             mask=(offs_n[:, None] < N) & (rows[None, :] < M))
+
+
+def _check_x(name: str, x: torch.Tensor, k: int | None = None) -> None:
+    check_dim(name, x, 2, "[num_tokens, in_features]")
+    check_dtype(name, x, ACT_DTYPES)
+    check_last_contiguous(name, x)
+    check(x.shape[0] <= MAX_M, lambda: f"{name} has {x.shape[0]} rows; the GEMV kernels take at "
+          f"most {MAX_M} tokens (use F.linear for more)")
+    check(k is None or x.shape[1] == k, lambda: f"{name} must have {k} columns, got {tuple(x.shape)}")
+
+
+def _launch(x, weight, out, *, tile, norm_weight=None, eps=0.0, residual=None, residual_out=None,
+            bias=None, silu=False) -> torch.Tensor:
+    m, k = x.shape
+    n = out.shape[1]
+    if m == 0:
+        return out
+    t = tile or tile_for(m)
+    check(t.block_n >= 16 or not t.use_dot, lambda: f"{t}: tl.dot needs block_n >= 16")
+    block_m = max(16, next_pow2(m)) if t.use_dot else next_pow2(m)
+    even = n % t.block_n == 0 and k % t.block_k == 0
+    norm, res = norm_weight is not None, residual is not None
+    _gemv_kernel[(triton.cdiv(n, t.block_n),)](
+        x, residual if res else x, residual_out if res else x, norm_weight if norm else weight,
+        weight, bias if bias is not None else weight, out,
+        m, n, k, x.stride(0), residual.stride(0) if res else 0,
+        residual_out.stride(0) if res else 0, weight.stride(0), out.stride(0), eps,
+        BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, NORM=norm, HAS_RES=res,
+        HAS_BIAS=bias is not None, SILU=silu, USE_DOT=t.use_dot, EVEN=even, NUM_STAGES=t.num_stages,
+        NATIVE=not interpreting(),
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    return out
+
+
+def _check_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool,
+                  out: torch.Tensor | None) -> torch.Tensor:
+    """Checks W (and bias, out) against x; returns out, allocated if None."""
+    check_dim("weight", weight, 2, "[out_features, in_features]")
+    check(weight.dtype == x.dtype, lambda: f"weight is {weight.dtype} but x is {x.dtype}")
+    check(weight.shape[1] == x.shape[1],
+          lambda: f"weight {tuple(weight.shape)} does not match x's {x.shape[1]} in_features")
+    check_last_contiguous("weight", weight)
+    n = weight.shape[0]
+    if silu:
+        check(n % 2 == 0, lambda: f"silu needs the stacked [gate; up] weight; {n} rows is odd")
+        check(bias is None, lambda: "bias with silu is not supported")
+        n //= 2
+    if bias is not None:
+        check(bias.dim() == 1 and bias.shape[0] == n and bias.stride(0) == 1 and bias.dtype == x.dtype,
+              lambda: f"bias must be contiguous {x.dtype} [{n}], got {bias.dtype} {tuple(bias.shape)}")
+    if out is None:
+        out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    check(tuple(out.shape) == (x.shape[0], n) and out.dtype == x.dtype,
+          lambda: f"out must be {x.dtype} [{x.shape[0]}, {n}], got {out.dtype} {tuple(out.shape)}")
+    check_last_contiguous("out", out)
+    return out
+
+
+def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         out: torch.Tensor | None = None, tile: Tile | None = None) -> torch.Tensor:
+    """F.linear for at most MAX_M tokens, no split-K reduce kernel; returns out [M, N].
+
+    x: [M, K] fp16/bf16, last dim contiguous; weight: [N, K] same dtype, last dim contiguous;
+    bias: optional contiguous [N]. No host sync: capturable in a CUDA graph.
+    """
+    _check_x("x", x)
+    out = _check_weight(x, weight, bias, False, out)
+    check_device("x", x, weight=weight, bias=bias, out=out)
+    return _launch(x, weight, out, tile=tile, bias=bias)
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, silu: bool = False, out: torch.Tensor | None = None,
+                tile: Tile | None = None) -> torch.Tensor:
+    """F.linear(rms_norm(x, norm_weight, eps, residual), weight, bias) in one kernel, with
+    silu=True followed by silu_and_mul; returns out [M, N] (silu: [M, N / 2]).
+
+    x:            [M, K] fp16/bf16, last dim contiguous (M <= MAX_M)
+    norm_weight:  [K] contiguous, x's dtype
+    residual:     optional [M, K]: the sum residual + x (rounded) is normed and written to
+                  residual_out ([M, K], required with residual, must not be residual itself);
+                  residual is only read
+    weight:       [N, K], last dim contiguous; with silu the stacked [gate; up] rows
+    No host sync: capturable in a CUDA graph.
+    """
+    _check_x("x", x)
+    k = x.shape[1]
+    check(norm_weight.dim() == 1 and norm_weight.shape[0] == k and norm_weight.stride(0) == 1
+          and norm_weight.dtype == x.dtype, lambda: f"norm_weight must be contiguous {x.dtype} [{k}], "
+          f"got {norm_weight.dtype} {tuple(norm_weight.shape)}")
+    check((residual is None) == (residual_out is None),
+          lambda: "residual and residual_out go together (the sum is written to residual_out)")
+    if residual is not None and residual_out is not None:
+        for name, r in (("residual", residual), ("residual_out", residual_out)):
+            check(r.shape == x.shape and r.dtype == x.dtype,
+                  lambda: f"{name} must be {x.dtype} {tuple(x.shape)}, got {r.dtype} {tuple(r.shape)}")
+            check_last_contiguous(name, r)
+        check(residual_out.data_ptr() != residual.data_ptr(),
+              lambda: "residual_out must be a separate buffer: other programs still read residual")
+    out = _check_weight(x, weight, bias, silu, out)
+    check_device("x", x, norm_weight=norm_weight, weight=weight, residual=residual,
+                 residual_out=residual_out, bias=bias, out=out)
+    return _launch(x, weight, out, tile=tile, norm_weight=norm_weight, eps=eps, residual=residual,
+                   residual_out=residual_out, bias=bias, silu=silu)
