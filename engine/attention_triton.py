@@ -1,11 +1,17 @@
 """The GPU attention backend: the Triton paged kernels behind `TorchPagedAttention`'s interface.
 
     backend.prepare(meta)                 # once per step
-    out = backend.forward(layer, q, k, v) # per layer: write_kv, then decode or extend attention
+    out = backend.forward(layer, q, k, v) # per layer: write_kv, then decode or prefill attention
+    backend.rope_write_kv(layer, q, k, v, positions, cos_sin); out = backend.attend(layer, q)
+                                          # the fused model path: the same, RoPE fused in
 
 Decode-only steps (every sequence adds one token) use `paged_decode_attention` (GQA-packed,
 split-KV); everything else (prefill, chunked prefill, mixed batches) uses
-`paged_extend_attention`, which handles any query length including 1. The split-KV count of a
+`paged_prefill_attention`, which handles any query length including 1 and reads the step's new
+K/V straight from the projection output (the k, v given to `forward` / `rope_write_kv`, k
+rotated) and only the cached prefix from the pages. `attend` without a preceding
+`rope_write_kv` for the layer falls back to `paged_extend_attention` (everything from the
+cache). The split-KV count of a
 decode step is planned on the host from shapes alone (batch size, kv heads, the block table's
 width), and its float32 scratch is allocated once per (batch, splits) and reused by every
 layer and every later step: a decode step launched this way reads no tensor value on the host
@@ -15,6 +21,8 @@ FP8 (e4m3) caches: the per-(layer, k|v, kv-head) float32 scales live in `KVCache
 stay 1.0 (no calibration). e4m3 covers +-448 with 3 mantissa bits, so K/V activations of
 Llama-family models (|x| well under 448 after RMSNorm'd projections) are stored with ~2^-4
 relative rounding and no saturation; a calibrated scale would only matter for outliers > 448.
+In a prefill step the new tokens attend to their own unquantized K/V (only the cached prefix
+is read quantized), as vLLM-style systems do; later steps see those tokens quantized.
 """
 from __future__ import annotations
 
@@ -37,11 +45,14 @@ class TritonPagedAttention:
         self._num_splits = 1
         self._scratch = None
         self._scratches: dict[tuple[int, int], object] = {}
+        # (layer, k, v): the step's new K/V from rope_write_kv, until that layer's attend
+        self._new_kv: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Pick the kernel for the step and, for decode, the split count and its scratch."""
         self.meta = meta
         self._decode = meta.is_decode_only
+        self._new_kv = None
         if not self._decode:
             return
         kv = self.cache.kv
@@ -60,6 +71,7 @@ class TritonPagedAttention:
         """q: [T, Hq, D], k/v: [T, Hkv, D] (views of the fused QKV are fine) -> [T, Hq, D]."""
         k_cache, v_cache, k_scale, v_scale = self.cache.layer(layer)
         self.k.write_kv(k, v, k_cache, v_cache, self.meta.slot_mapping, k_scale, v_scale)
+        self._new_kv = (layer, k, v)
         return self.attend(layer, q)
 
     def rope_write_kv(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -69,15 +81,21 @@ class TritonPagedAttention:
         k_cache, v_cache, k_scale, v_scale = self.cache.layer(layer)
         self.k.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, self.meta.slot_mapping,
                              k_scale, v_scale)
+        self._new_kv = (layer, k, v)     # k is rotated in place
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of q over the layer's cache, this step's K/V already written -> [T, Hq, D]."""
         meta = self.meta
         k_cache, v_cache, k_scale, v_scale = self.cache.layer(layer)
+        new_kv, self._new_kv = self._new_kv, None     # drop the reference: qkv can be freed
         if self._decode:
             return self.k.paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, k_scale, v_scale,
                 num_splits=self._num_splits, scratch=self._scratch)
+        if new_kv is not None and new_kv[0] == layer:
+            return self.k.paged_prefill_attention(
+                q, new_kv[1], new_kv[2], k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
+                meta.block_tables, self.scale, k_scale, v_scale, max_query_len=meta.max_query_len)
         return self.k.paged_extend_attention(
             q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, self.scale,
             k_scale, v_scale, max_query_len=meta.max_query_len)

@@ -12,6 +12,10 @@ API (all on CUDA tensors; CPU only under TRITON_INTERPRET=1 -- the engine's CPU 
     paged_extend_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
                            k_scale=None, v_scale=None, max_query_len=None, out=None)
         varlen prefill / chunked prefill / prefix-hit extend over the paged cache.
+    paged_prefill_attention(q, k, v, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+                            scale, k_scale=None, v_scale=None, max_query_len=None, out=None)
+        the same with the new tokens' K/V from contiguous (strided) k, v; only the cached
+        prefix is read from the pages (FP8: the new tokens attend to unquantized K/V).
 
 The fused layer glue of the engine's GPU path (references in `reference_fused.py`):
 
@@ -41,6 +45,7 @@ from typing import Any
 
 from .reference import (FP8_DTYPE, FP8_MAX, decode_attention_ref, paged_attention_ref,
                         write_kv_ref)
+from .reference_prefill import prefill_attention_ref
 from .reference_fused import (gemv_linear_ref, norm_linear_ref, rms_norm_ref, rope_cos_sin_cache,
                               rope_ref, rope_write_kv_ref, silu_and_mul_ref)
 
@@ -52,6 +57,7 @@ _LAZY = {
     "alloc_split_kv_scratch": "decode_attention",
     "SplitKVScratch": "decode_attention",
     "paged_extend_attention": "extend_attention",
+    "paged_prefill_attention": "prefill_attention",
     "rms_norm": "rmsnorm",
     "rope_write_kv": "rope",
     "silu_and_mul": "silu_mul",
@@ -69,7 +75,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "FP8_DTYPE", "FP8_MAX", "SplitKVScratch", "alloc_split_kv_scratch", "decode_attention_ref",
     "paged_attention_ref", "paged_decode_attention", "paged_extend_attention",
-    "plan_decode_splits", "rms_norm", "rms_norm_ref", "rope_cos_sin_cache", "rope_ref",
+    "paged_prefill_attention", "plan_decode_splits", "prefill_attention_ref", "rms_norm",
+    "rms_norm_ref", "rope_cos_sin_cache", "rope_ref",
     "rope_write_kv", "rope_write_kv_ref", "silu_and_mul", "silu_and_mul_ref", "write_kv",
     "write_kv_ref", "gemv_linear", "gemv_linear_ref", "norm_linear", "norm_linear_ref",
 ]
