@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark of the Triton paged-attention kernels against torch, side by side, one process.
 
-    python3 bench/kernels.py [--tune] [--quick] [--no-flex] [--commit SHA]
+    python3 bench/kernels.py [--tune] [--quick] [--no-flex] [--only decode|prefill] [--commit SHA]
+    python3 bench/kernels.py --tune --only prefill   # prefill/extend only (~3 min on an H200)
     python bench/kernels.py --smoke     # CPU dry run of every section (Triton interpreter)
 
 Sections (each checks correctness against the float32 reference or torch SDPA first):
@@ -14,8 +15,14 @@ Sections (each checks correctness against the float32 reference or torch SDPA fi
   flex     torch FlexAttention over the physical paged layout (if it compiles and runs)
   prefill  causal 4k / 8k / 16k, bf16: TFLOP/s (causal counted as half) vs SDPA
   extend   new tokens over a paged prefix vs SDPA (lower-right causal) on contiguous KV
-  tune     (--tune) decode tile / split and prefill tile sweeps; the winners are used for
-           the sections above and reported, so the defaults in kernels/ can follow them.
+           Both: paged_extend_attention (all K/V from the paged cache) and, in the "new"
+           columns, paged_prefill_attention (new tokens' q/k/v as views of one fused qkv
+           buffer, as the engine has them; prefix from the cache) on the same data.
+  tune     (--tune) decode tile / split and extend tile sweeps, and the prefill kernel's tile
+           sweep (BLOCK_M, BLOCK_N, warps, stages, TMA); the winners are used for the
+           sections above and reported, so the defaults in kernels/ can follow them.
+           With --only prefill only the prefill kernel's sweep runs (extend keeps its
+           committed defaults). --smoke runs the prefill kernel's sweep on two configs.
 Timing: triton.testing.do_bench medians (it flushes L2 between calls); graphs: CUDA events
 around replays, median of 20. Prints a table last; writes JSON to $OUT/kernels.json (default
 ./bench/results/kernels-latest.json).
@@ -51,11 +58,12 @@ def import_kernels():
     import splitserve.kernels as kernels
     import splitserve.kernels.decode_attention as decode_mod
     import splitserve.kernels.extend_attention as extend_mod
+    import splitserve.kernels.prefill_attention as prefill_mod
     import splitserve.kernels.testing as testing
-    return kernels, decode_mod, extend_mod, testing
+    return kernels, decode_mod, extend_mod, prefill_mod, testing
 
 
-K, DECODE, EXTEND, TESTING = import_kernels()
+K, DECODE, EXTEND, PREFILL, TESTING = import_kernels()
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
@@ -325,6 +333,32 @@ def run_extend(c, out=None):
                                     max_query_len=c.max_query_len, out=out)
 
 
+def fused_qkv(c, k, v, B: int, q_len: int):
+    """q, k, v of the new tokens as views of one [T, (HQ + 2 HKV) * D] buffer (the engine's
+    qkv projection output); k, v ([B, HKV, S, D] contiguous, for SDPA) give the new rows."""
+    T = B * q_len
+    buf = torch.empty(T, (HQ + 2 * HKV) * D, device=DEV, dtype=torch.bfloat16)
+    qn = buf[:, :HQ * D].view(T, HQ, D)
+    kn = buf[:, HQ * D:(HQ + HKV) * D].view(T, HKV, D)
+    vn = buf[:, (HQ + HKV) * D:].view(T, HKV, D)
+    qn.copy_(c.q)
+    kn.copy_(k[:, :, -q_len:].transpose(1, 2).reshape(T, HKV, D))
+    vn.copy_(v[:, :, -q_len:].transpose(1, 2).reshape(T, HKV, D))
+    return qn, kn, vn
+
+
+def run_new(c, qkv, out=None, quantize_new_kv=True):
+    return K.paged_prefill_attention(qkv[0], qkv[1], qkv[2], c.k_cache, c.v_cache,
+                                     c.query_start_loc, c.seq_lens, c.block_tables, c.scale,
+                                     c.k_scale, c.v_scale, max_query_len=c.max_query_len,
+                                     out=out, quantize_new_kv=quantize_new_kv)
+
+
+def new_tiles() -> tuple:
+    return (PREFILL.BLOCK_M, PREFILL.BLOCK_N, PREFILL.NUM_WARPS, PREFILL.NUM_STAGES,
+            PREFILL.USE_TMA)
+
+
 def contiguous_kv(c, B, S):
     def gather(cache, scale):
         x = cache[c.block_tables.long()].view(B, -1, HKV, D)[:, :S]
@@ -350,30 +384,43 @@ def extend_case(B: int, ctx: int, q_len: int, kv: str, kind: str):
     out = torch.full_like(c.q, float("nan"))
     run_extend(c, out)
     k, v = contiguous_kv(c, B, S)
+    qkv = fused_qkv(c, k, v, B, q_len)
     qb = c.q.view(B, q_len, HQ, D).transpose(1, 2)
     if q_len != S:
         k, v = (x.repeat_interleave(HQ // HKV, dim=1) for x in (k, v))
     ref_sd = sdpa_extend(qb, k, v, q_len, S).transpose(1, 2).reshape(-1, HQ, D)
     err_sdpa = TESTING.rel_err(out, ref_sd)
-    err = None
+    out_new = torch.full_like(c.q, float("nan"))
+    run_new(c, qkv, out_new)
+    err_new_sdpa = TESTING.rel_err(out_new, ref_sd)
+    err = err_new = None
     if B * q_len * S <= 4096 * 4096:   # float32 reference fits comfortably
-        err = TESTING.rel_err(out, K.paged_attention_ref(
-            c.q, c.k_cache, c.v_cache, c.query_start_loc, c.seq_lens, c.block_tables, c.scale,
-            c.k_scale, c.v_scale))
+        meta = (c.query_start_loc, c.seq_lens, c.block_tables, c.scale, c.k_scale, c.v_scale)
+        err = TESTING.rel_err(out, K.paged_attention_ref(c.q, c.k_cache, c.v_cache, *meta))
+        err_new = TESTING.rel_err(out_new, K.prefill_attention_ref(*qkv, c.k_cache, c.v_cache,
+                                                                   *meta))
         assert err < 1e-2, f"{kind} B={B} ctx={ctx} q={q_len} {kv}: rel err {err:.2e}"
+        assert err_new < 1e-2, f"{kind} B={B} ctx={ctx} q={q_len} {kv}: new rel err {err_new:.2e}"
     assert err_sdpa < 2e-2, f"{kind} vs SDPA rel err {err_sdpa:.2e}"
+    assert err_new_sdpa < 2e-2, f"{kind} new kernel vs SDPA rel err {err_new_sdpa:.2e}"
     flops = 4 * B * HQ * D * q_len * (ctx + (q_len + 1) / 2)
     us = bench(lambda: run_extend(c, out))
     row = dict(B=B, ctx=ctx, q_len=q_len, kv=kv, us=us, TFLOPs=flops / us / 1e6,
                rel_err=err, rel_err_vs_sdpa=err_sdpa,
                tiles=(EXTEND.BLOCK_M, EXTEND.BLOCK_N, EXTEND.NUM_WARPS, EXTEND.NUM_STAGES))
+    row["new_us"] = bench(lambda: run_new(c, qkv, out_new))
+    row.update(new_TFLOPs=flops / row["new_us"] / 1e6, new_rel_err=err_new,
+               new_rel_err_vs_sdpa=err_new_sdpa, new_tiles=new_tiles())
+    if kv == "fp8":   # the new tokens unquantized (quantize_new_kv=False)
+        row["new_unquantized_us"] = bench(lambda: run_new(c, qkv, out_new, False))
     if kv == "bf16":
         row["sdpa_us"] = bench(lambda: sdpa_extend(qb, k, v, q_len, S))
         row["sdpa_TFLOPs"] = flops / row["sdpa_us"] / 1e6
         row["ratio_vs_sdpa"] = row["sdpa_us"] / us
+        row["new_ratio_vs_sdpa"] = row["sdpa_us"] / row["new_us"]
     RESULTS[kind].append(row)
     print(kind, row, flush=True)
-    del c, k, v
+    del c, k, v, qkv
     torch.cuda.empty_cache()
 
 
@@ -499,6 +546,54 @@ def tune_prefill():
     torch.cuda.empty_cache()
 
 
+@section("tune-prefill-new")
+def tune_prefill_new():
+    """paged_prefill_attention's tiles: (BLOCK_M, BLOCK_N, warps, stages, TMA) on a causal 8k
+    prefill and a 4 x (4096 cached + 512 new) extend; checked against SDPA per config."""
+    cases = {}
+    for key, (B, ctx, q_len) in (("prefill", (1, 0, 40 if SMOKE else 8192)),
+                                 ("extend", (2, 40, 8) if SMOKE else (4, 4096, 512))):
+        c = gpu_case(B, ctx, q_len, "bf16", seed=7)
+        k, v = contiguous_kv(c, B, ctx + q_len)
+        qkv = fused_qkv(c, k, v, B, q_len)
+        if ctx:
+            k, v = (x.repeat_interleave(HQ // HKV, dim=1) for x in (k, v))
+        ref = sdpa_extend(c.q.view(B, q_len, HQ, D).transpose(1, 2), k, v, q_len, ctx + q_len)
+        flops = 4 * B * HQ * D * q_len * (ctx + (q_len + 1) / 2)
+        cases[key] = (c, qkv, ref.transpose(1, 2).reshape(-1, HQ, D), flops)
+        del k, v
+    cfgs = [(128, 64, 8, 3, False), (128, 64, 8, 4, False), (128, 128, 8, 2, False),
+            (128, 128, 8, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 4, False),
+            (128, 64, 4, 3, False), (64, 128, 4, 3, False), (128, 64, 8, 4, True),
+            (128, 128, 8, 2, True), (128, 64, 8, 3, True)]
+    for cfg in [cfgs[0], cfgs[-1]] if SMOKE else cfgs:
+        (PREFILL.BLOCK_M, PREFILL.BLOCK_N, PREFILL.NUM_WARPS, PREFILL.NUM_STAGES,
+         PREFILL.USE_TMA) = cfg
+        for key, (c, qkv, ref, flops) in cases.items():
+            out = torch.full_like(c.q, float("nan"))
+            try:   # e.g. out of shared memory for a config
+                run_new(c, qkv, out)
+                err = TESTING.rel_err(out, ref)
+                assert err < 2e-2, f"rel err {err:.2e} vs SDPA"
+                t = bench(lambda: run_new(c, qkv, out))
+            except Exception as e:
+                RESULTS["tune"].append(dict(kernel="prefill-new", cfg=cfg, case=key,
+                                            error=f"{type(e).__name__}: {str(e)[:300]}"))
+                print("tune prefill-new", cfg, key, "failed:", str(e)[:200], flush=True)
+                continue
+            RESULTS["tune"].append(dict(kernel="prefill-new", cfg=cfg, case=key, us=t,
+                                        TFLOPs=flops / t / 1e6, rel_err=err))
+            print("tune prefill-new", cfg, key, f"{flops / t / 1e6:.0f} TFLOP/s", flush=True)
+    cfg = _pick("prefill-new")
+    PREFILL.BLOCK_M, PREFILL.BLOCK_N, PREFILL.NUM_WARPS, PREFILL.NUM_STAGES, PREFILL.USE_TMA = cfg
+    RESULTS["prefill_config"] = dict(zip(("BLOCK_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES",
+                                          "USE_TMA"), cfg))
+    print("prefill config chosen:", RESULTS["prefill_config"], flush=True)
+    del cases
+    if not SMOKE:
+        torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------- report
 def table() -> str:
     lines = ["", "decode (KV read TB/s; ratio = SDPA time / ours)",
@@ -521,15 +616,21 @@ def table() -> str:
         lines.append(f"{r['B']:>4} {r['L']:>7} {r['kv']:>5} {r['graph_us']:>9.1f} "
                      f"{r['ideal_us']:>9.1f} {r['x_ideal']:>8.2f} "
                      f"{r.get('sdpa_graph_us', float('nan')):>13.1f}")
+    nan = float("nan")
     for kind in ("prefill", "extend"):
-        lines += ["", f"{kind} (TFLOP/s, causal counted as half)",
-                  f"{'B':>4} {'ctx':>6} {'q_len':>6} {'kv':>5} {'us':>9} {'TFLOP/s':>8}"
-                  f" {'SDPA':>8} {'ratio':>6}"]
+        lines += ["", f"{kind} (TFLOP/s, causal counted as half; paged = paged_extend_attention,"
+                  " new = paged_prefill_attention; ratio = SDPA time / ours)",
+                  f"{'B':>4} {'ctx':>6} {'q_len':>6} {'kv':>5} {'paged us':>9} {'TFLOP/s':>8}"
+                  f" {'new us':>9} {'TFLOP/s':>8} {'SDPA':>8} {'ratio':>6} {'new ratio':>9}"]
         for r in RESULTS[kind]:
             lines.append(f"{r['B']:>4} {r['ctx']:>6} {r['q_len']:>6} {r['kv']:>5} "
                          f"{r['us']:>9.1f} {r['TFLOPs']:>8.1f} "
-                         f"{r.get('sdpa_TFLOPs', float('nan')):>8.1f} "
-                         f"{r.get('ratio_vs_sdpa', float('nan')):>6.2f}")
+                         f"{r.get('new_us', nan):>9.1f} {r.get('new_TFLOPs', nan):>8.1f} "
+                         f"{r.get('sdpa_TFLOPs', nan):>8.1f} "
+                         f"{r.get('ratio_vs_sdpa', nan):>6.2f} "
+                         f"{r.get('new_ratio_vs_sdpa', nan):>9.2f}")
+    if "prefill_config" in RESULTS:
+        lines.append(f"new kernel tiles: {RESULTS['prefill_config']}")
     for r in RESULTS["flex"]:
         lines.append(f"\nflex paged decode B={r['B']} L={r['L']}: {r['flex_us']:.1f} us "
                      f"({r['flex_TBps']:.2f} TB/s) vs ours {r['ours_us']:.1f} us")
@@ -551,6 +652,8 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="sweep tiles/splits first, use the best")
     ap.add_argument("--quick", action="store_true", help="skip the largest cases and flex")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    ap.add_argument("--only", choices=("decode", "prefill"),
+                    help="run one part: decode (+ flex) or prefill/extend (+ their tuning)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU dry run with tiny shapes under the Triton interpreter")
     ap.add_argument("--commit", default=os.environ.get("COMMIT", "unknown"))
@@ -561,10 +664,14 @@ def main() -> None:
                            torch=torch.__version__,
                            triton=triton.__version__, command=" ".join(sys.argv))
     print(RESULTS["meta"], flush=True)
-    bw = 4.24 if SMOKE else (ceiling() or 4.24)
-    if args.tune:
+    decode, prefill = args.only in (None, "decode"), args.only in (None, "prefill")
+    bw = 4.24 if SMOKE or not decode else (ceiling() or 4.24)
+    if args.tune and decode:
         tune_decode()
+    if args.tune and args.only is None:
         tune_prefill()
+    if (args.tune or SMOKE) and prefill:
+        tune_prefill_new()
     RESULTS.setdefault("decode_config", dict(
         TILES_16BIT=DECODE.TILES_16BIT, TILES_FP8=DECODE.TILES_FP8,
         FP8_FP16_COMPUTE=DECODE.FP8_FP16_COMPUTE, PROGRAMS_PER_SM=DECODE.PROGRAMS_PER_SM,
@@ -572,6 +679,19 @@ def main() -> None:
     RESULTS.setdefault("extend_config", dict(BLOCK_M=EXTEND.BLOCK_M, BLOCK_N=EXTEND.BLOCK_N,
                                              NUM_WARPS=EXTEND.NUM_WARPS,
                                              NUM_STAGES=EXTEND.NUM_STAGES))
+    RESULTS.setdefault("prefill_config", dict(zip(("BLOCK_M", "BLOCK_N", "NUM_WARPS",
+                                                   "NUM_STAGES", "USE_TMA"), new_tiles())))
+    if decode:
+        decode_part(args, bw)
+    if prefill:
+        prefill_part(args)
+    if decode and not (args.quick or args.no_flex or SMOKE):
+        flex_case()              # last: its torch.compile is the slowest and least certain
+        save()
+    print(table(), flush=True)
+
+
+def decode_part(args, bw: float) -> None:
     shapes = [(1, 4096), (8, 4096), (64, 4096), (64, 16384), (256, 2048), (1, 131072)]
     if args.quick:
         shapes = shapes[:3]
@@ -581,6 +701,9 @@ def main() -> None:
         for kv in ("bf16", "fp8"):
             decode_case(B, L, kv, bw, graph=B <= 8)
     save()
+
+
+def prefill_part(args) -> None:
     for L in ([40] if SMOKE else [4096] if args.quick else [4096, 8192, 16384]):
         extend_case(1, 0, L, "bf16", "prefill")
     for B, ctx, q_len in ([(1, 50, 20), (2, 33, 9)] if SMOKE else
@@ -588,10 +711,6 @@ def main() -> None:
         for kv in ("bf16", "fp8"):
             extend_case(B, ctx, q_len, kv, "extend")
     save()
-    if not (args.quick or args.no_flex or SMOKE):
-        flex_case()              # last: its torch.compile is the slowest and least certain
-        save()
-    print(table(), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ API (all on CUDA tensors; CPU only under TRITON_INTERPRET=1 -- the engine's CPU 
                            k_scale=None, v_scale=None, max_query_len=None, out=None)
         varlen prefill / chunked prefill / prefix-hit extend over the paged cache.
     paged_prefill_attention(q, k, v, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-                            scale, k_scale=None, v_scale=None, max_query_len=None, out=None)
+                            scale, k_scale=None, v_scale=None, max_query_len=None, out=None,
+                            quantize_new_kv=True)
         the same with the new tokens' K/V from contiguous (strided) k, v; only the cached
-        prefix is read from the pages (FP8: the new tokens attend to unquantized K/V).
+        prefix is read from the pages (FP8: new K/V rounded as the cache stores them, unless
+        quantize_new_kv=False).
 
 The fused layer glue of the engine's GPU path (references in `reference_fused.py`):
 
