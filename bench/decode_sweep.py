@@ -29,8 +29,13 @@ DECODE = KB.DECODE
 SMOKE = KB.SMOKE
 
 
+ONLY: list[tuple] = []   # --only: sweep just these configs
+
+
 def configs(kv: str) -> list[tuple]:
     """(HPP, BLOCK_N, stages, warps) with at most 256 key rows per tile."""
+    if ONLY:
+        return [c for c in ONLY if kv == "fp8" or c[0] * c[1] <= 128]
     out = []
     for hpp in (1, 2, 4, 8):
         for cols in (64, 128, 256):
@@ -86,6 +91,33 @@ def sweep(kv: str, rows: list, deadline: float) -> None:
                   f"{us:.1f} us {p.kv_bytes / us / 1e6:.2f} TB/s", flush=True)
     del cs, outs
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def maxnreg_sweep(rows: list, chosen: dict, deadline: float) -> None:
+    """The chosen configs again under register caps (more programs resident per SM)."""
+    for kv in ("fp8", "bf16"):
+        if chosen.get(kv) is None:
+            continue
+        apply(kv, chosen[kv])
+        cs = cases(kv)
+        outs = {k: [torch.empty_like(p.q) for _ in range(p.sets)] for k, p in cs.items()}
+        for cap in (None, 168, 128, 96)[:2 if SMOKE else None]:
+            if time.time() > deadline:
+                break
+            DECODE.MAXNREG = cap
+            for key, p in cs.items():
+                try:
+                    p.decode(0, outs[key][0])
+                    err = p.check(outs[key][0])
+                    assert err < 1e-2, f"rel err {err:.2e}"
+                    us = time_case(p, outs[key])
+                except Exception as e:
+                    rows.append(dict(kv=kv, maxnreg=cap, case=key, error=str(e)[:300]))
+                    continue
+                rows.append(dict(kv=kv, maxnreg=cap, cfg=chosen[kv], case=key, maxnreg_us=us))
+                print(f"maxnreg {kv} {cap} B={key[0]}: {us:.1f} us", flush=True)
+        del cs, outs
+    DECODE.MAXNREG = None
 
 
 def split_sweep(rows: list, deadline: float) -> None:
@@ -160,6 +192,10 @@ def report(rows: list, chosen: dict) -> str:
         lines.append(f"| {kv}{mark} | {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]} | "
                      + " | ".join(cell) + " |")
     for r in rows:
+        if "maxnreg_us" in r:
+            lines.append(f"\nmaxnreg {r['maxnreg']} {r['kv']} {r['cfg']} B={r['case'][0]}: "
+                         f"{r['maxnreg_us']:.1f} us")
+    for r in rows:
         if "split_plan" in r:
             lines.append(f"\nsplit plan {r['split_plan']} {r['kv']} B={r['case'][0]}: "
                          f"{r['split_us']:.1f} us ({r['splits']} splits)")
@@ -176,7 +212,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true", help="CPU dry run under the interpreter")
     ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="configs to sweep as HPP,BLOCK_N,STAGES,WARPS (default: the grid)")
     args = ap.parse_args()
+    ONLY.extend(tuple(int(x) for x in c.split(",")) for c in args.only or [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + args.budget_s
@@ -191,6 +230,7 @@ def main() -> None:
         if chosen[kv] is not None:
             apply(kv, chosen[kv])
     split_sweep(rows, deadline)
+    maxnreg_sweep(rows, chosen, deadline)
     meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 torch=torch.__version__, argv=sys.argv, chosen=chosen)
     (out / "decode-sweep.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1,

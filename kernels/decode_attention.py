@@ -39,15 +39,22 @@ from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, c
                       check_last_contiguous, check_seq_metadata, next_pow2, sm_count)
 from .splitkv_reduce import splitkv_reduce
 
-# Tuning (H200, Llama-3-8B heads; see bench/kernels.py and bench/results/kernels.md).
+# Tuning (H200, Llama-3-8B heads; bench/decode_sweep.py, bench/results/decode-sweep-*.md).
 # (BLOCK_N: KV tokens per inner-loop tile, NUM_STAGES: pipelining depth of the K/V loads,
 #  NUM_WARPS), one set for 16-bit caches and one for FP8 caches.
-TILES_16BIT = (32, 5, 4)
-TILES_FP8 = (128, 3, 4)
+TILES_16BIT = (64, 4, 4)
+TILES_FP8 = (128, 5, 4)
 # kv heads per program (HPP): a program packs the query heads of HPP kv heads into its rows and
 # reads those heads' K/V rows of each token together (adjacent in the cache); see the docstring
 HPP_16BIT = 1
 HPP_FP8 = 1
+# Overrides by grid size before splitting (num_seqs * num_kv_heads <= max_programs), first
+# match wins: (max_programs, fp8, (BLOCK_N, NUM_STAGES, NUM_WARPS), HPP). Measured: B=1 x 4k
+# 16-bit in a graph 11.9 us with 128-token tiles vs 14.2; FP8 B=8 x 4k 33.7 us with two heads
+# per program vs 39.8. Empty it to use the defaults above for every batch (tests do).
+BATCH_TILES = ((16, False, (128, 5, 4), 1),
+               (128, True, (64, 5, 4), 2))
+MAXNREG = None           # register cap per thread (None: the compiler's choice); swept
 FP8_FP16_COMPUTE = True  # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather than bf16
 MIN_CHUNK = 256          # fewest KV tokens worth giving one split
 PROGRAMS_PER_SM = 2      # split until the grid has about this many programs per SM
@@ -149,9 +156,21 @@ class SplitKVScratch(NamedTuple):
     part_lse: torch.Tensor   # [num_seqs, num_q_heads, num_splits], log2-sum-exp of each split
 
 
+def launch_shape(num_seqs: int, num_kv_heads: int, fp8: bool) -> tuple[tuple, int]:
+    """((BLOCK_N, NUM_STAGES, NUM_WARPS), HPP) for a batch: BATCH_TILES, else the defaults."""
+    for max_programs, for_fp8, tiles, hpp in BATCH_TILES:
+        if for_fp8 == fp8 and num_seqs * num_kv_heads <= max_programs:
+            return tiles, _divisor(num_kv_heads, hpp)
+    return (TILES_FP8 if fp8 else TILES_16BIT), heads_per_program(num_kv_heads, fp8)
+
+
 def heads_per_program(num_kv_heads: int, fp8: bool) -> int:
     """The tuned kv heads per program, lowered until it divides num_kv_heads."""
-    hpp = max(1, HPP_FP8 if fp8 else HPP_16BIT)
+    return _divisor(num_kv_heads, HPP_FP8 if fp8 else HPP_16BIT)
+
+
+def _divisor(num_kv_heads: int, hpp: int) -> int:
+    hpp = max(1, hpp)
     while num_kv_heads % hpp:
         hpp -= 1
     return hpp
@@ -164,7 +183,7 @@ def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int,
     Enough programs to fill the GPU (PROGRAMS_PER_SM per SM), but no split shorter than
     MIN_CHUNK tokens of the longest context the block table can hold.
     """
-    programs = max(1, num_seqs * num_kv_heads // heads_per_program(num_kv_heads, fp8))
+    programs = max(1, num_seqs * num_kv_heads // launch_shape(num_seqs, num_kv_heads, fp8)[1])
     want = math.ceil(PROGRAMS_PER_SM * sm_count(device) / programs)
     most = max(1, math.ceil(max_context / MIN_CHUNK))
     return max(1, min(want, most, MAX_SPLITS))
@@ -245,8 +264,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_out, part_lse = scratch
     else:
         part_out = part_lse = out                     # unused when DIRECT_OUT
-    block_n, num_stages, num_warps = TILES_FP8 if fp8 else TILES_16BIT
-    hpp = heads_per_program(num_kv_heads, fp8)
+    (block_n, num_stages, num_warps), hpp = launch_shape(num_seqs, num_kv_heads, fp8)
     _decode_kernel[(num_seqs, num_kv_heads // hpp, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, k_scale if fp8 else q,
         v_scale if fp8 else q, out, part_out, part_lse,
@@ -258,7 +276,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, HPP=hpp, BLOCK_H=max(16, next_pow2(group * hpp)), HEAD_DIM=head_dim, PAGE=page,
         BLOCK_N=block_n, MIN_CHUNK=max(MIN_CHUNK, block_n), FP8=fp8,
         FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE, DIRECT_OUT=direct,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": MAXNREG} if MAXNREG else {}),
     )
     if not direct:
         splitkv_reduce(part_out, part_lse, out, group, v_scale if fp8 else None)

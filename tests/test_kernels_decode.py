@@ -79,6 +79,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(decode_mod, "TILES_16BIT", (16, 2, 4))
     monkeypatch.setattr(decode_mod, "TILES_FP8", (16, 2, 4))
     monkeypatch.setattr(decode_mod, "MIN_CHUNK", 16)
+    monkeypatch.setattr(decode_mod, "BATCH_TILES", ())
 
 
 @pytest.mark.parametrize("kv", list(KV))
@@ -125,6 +126,16 @@ def test_heads_per_program_divides_kv_heads(monkeypatch):
     assert decode_mod.heads_per_program(8, False) == decode_mod.HPP_16BIT
 
 
+def test_launch_shape_by_batch(monkeypatch):
+    monkeypatch.setattr(decode_mod, "BATCH_TILES", ((16, False, (128, 5, 4), 1),
+                                                     (128, True, (64, 5, 4), 2)))
+    assert decode_mod.launch_shape(1, 8, False) == ((128, 5, 4), 1)
+    assert decode_mod.launch_shape(64, 8, False) == (decode_mod.TILES_16BIT, 1)
+    assert decode_mod.launch_shape(8, 8, True) == ((64, 5, 4), 2)
+    assert decode_mod.launch_shape(8, 3, True) == ((64, 5, 4), 1)    # 2 does not divide 3
+    assert decode_mod.launch_shape(64, 8, True) == (decode_mod.TILES_FP8, 1)
+
+
 def test_decode_default_tiles_and_planned_splits():
     """The shipped tile sizes and the split planner (no monkeypatching)."""
     run_case([1, 15, 16, 17, 300], 8, 2, 64, 16, "fp8-bf16", seed=3)
@@ -155,6 +166,7 @@ def test_decode_random_batches(seq_lens, num_splits, kv):
         mp.setattr(decode_mod, "TILES_16BIT", (16, 2, 4))
         mp.setattr(decode_mod, "TILES_FP8", (16, 2, 4))
         mp.setattr(decode_mod, "MIN_CHUNK", 16)
+        mp.setattr(decode_mod, "BATCH_TILES", ())
         dtype, kv_dtype = KV[kv]
         c = make_paged_case(seq_lens, [1] * len(seq_lens), 4, 2, 64, 16, dtype, kv_dtype,
                             device=DEVICE, seed=sum(seq_lens) + num_splits)
