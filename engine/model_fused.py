@@ -1,5 +1,5 @@
 """The fused forward of engine/model.py's LlamaModel: the same math, with the layer glue as
-Triton kernels (splitserve.kernels.rms_norm / rope_write_kv / silu_and_mul).
+Triton kernels (splitserve.kernels).
 
 Per layer: rms_norm(+residual) -> qkv GEMM -> RoPE (+ KV write) -> attention -> o GEMM ->
 rms_norm(+residual) -> gate_up GEMM -> silu_and_mul -> down GEMM. The residual stream `res`
@@ -8,46 +8,96 @@ is updated in place by each norm (res <- res + sublayer output, rounded to the m
 `rope_write_kv(layer, q, k, v, positions, cos_sin)` and `attend(layer, q)` (the Triton backend)
 get RoPE fused with the paged KV write; any other backend gets RoPE in place and its usual
 `forward(layer, q, k, v)`.
+
+Steps of at most SMALL_BATCH_TOKENS tokens (decode at small batch, where a step is weight
+streaming plus ~2 us per small kernel) run the GEMV path instead (kernels/gemv.py):
+norm_linear(qkv) -> RoPE + KV write -> attention -> gemv_linear(o) -> norm_linear(gate_up,
+SiLU-mul) -> gemv_linear(down), 4 linear kernels and no separate norm, SiLU or split-K reduce
+kernels. The norms there cannot update the residual in place (every program of the GEMV
+reads it), so the stream ping-pongs between two buffers: each norm_linear reads `res` and
+writes res + x to the other one.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+SMALL_BATCH_TOKENS = 16   # steps with at most this many tokens take the GEMV path
+
 
 class FusedForward:
     def __init__(self, model, kernels):
         self.m = model
         self.k = kernels
+        self.small_batch_tokens = SMALL_BATCH_TOKENS
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
                 logits_indices: torch.Tensor | None = None, after_layer=None) -> torch.Tensor:
-        m, k, a = self.m, self.k, self.m.arch
-        eps = a.rms_norm_eps
-        fused_write = hasattr(attn, "rope_write_kv")
+        if input_ids.shape[0] <= self.small_batch_tokens:
+            res, out = self._layers_gemv(input_ids, positions, attn, after_layer)
+        else:
+            res, out = self._layers(input_ids, positions, attn, after_layer)
+        if logits_indices is not None:       # the final add + norm only on the rows that sample
+            res, out = res[logits_indices], out[logits_indices]
+        h = self.k.rms_norm(out, self.m.w["model.norm.weight"], self.m.arch.rms_norm_eps, residual=res)
+        return F.linear(h, self.m.lm_head).float()
+
+    def _layers(self, input_ids, positions, attn, after_layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """All layers with cuBLAS GEMMs; returns (residual stream, last sublayer output)."""
+        m, k, eps = self.m, self.k, self.m.arch.rms_norm_eps
         res = F.embedding(input_ids, m.w["model.embed_tokens.weight"])       # [T, hidden], residual
         out = None                                                           # last sublayer output
         for i, lw in enumerate(m.layers):
             h = k.rms_norm(res, lw["ln1"], eps) if out is None else k.rms_norm(out, lw["ln1"], eps, residual=res)
-            qkv = F.linear(h, lw["qkv"], lw["qkv_bias"])
-            q, kk, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-            q = q.view(-1, a.num_heads, a.head_dim)                           # [T, Hq, D]
-            kk = kk.view(-1, a.num_kv_heads, a.head_dim)                      # [T, Hkv, D]
-            v = v.view(-1, a.num_kv_heads, a.head_dim)
-            if fused_write:
-                attn.rope_write_kv(i, q, kk, v, positions, m.cos_sin)
-                if after_layer is not None:
-                    after_layer(i)
-                o = attn.attend(i, q)
-            else:
-                k.rope_write_kv(q, kk, None, positions, m.cos_sin)
-                o = attn.forward(i, q, kk, v)
-                if after_layer is not None:
-                    after_layer(i)
-            o = F.linear(o.reshape(-1, a.q_size), lw["o"])
+            o = self._attention(i, F.linear(h, lw["qkv"], lw["qkv_bias"]), positions, attn, after_layer)
+            o = F.linear(o, lw["o"])
             h = k.rms_norm(o, lw["ln2"], eps, residual=res)
             out = F.linear(k.silu_and_mul(F.linear(h, lw["gate_up"])), lw["down"])
-        if logits_indices is not None:       # the final add + norm only on the rows that sample
-            res, out = res[logits_indices], out[logits_indices]
-        h = k.rms_norm(out, m.w["model.norm.weight"], eps, residual=res)
-        return F.linear(h, m.lm_head).float()
+        return res, out
+
+    def _layers_gemv(self, input_ids, positions, attn, after_layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same layers for few tokens with the GEMV kernels; outputs reuse one buffer each."""
+        m, k, a = self.m, self.k, self.m.arch
+        eps = a.rms_norm_eps
+        x = F.embedding(input_ids, m.w["model.embed_tokens.weight"])         # [T, hidden]
+        t, dt, dev = x.shape[0], x.dtype, x.device
+        spare = (torch.empty_like(x), torch.empty_like(x))                  # residual ping-pong
+
+        def other(r: torch.Tensor) -> torch.Tensor:
+            return spare[1] if r is spare[0] else spare[0]
+        qkv = torch.empty(t, a.q_size + 2 * a.kv_size, dtype=dt, device=dev)
+        o = torch.empty_like(x)
+        act = torch.empty(t, a.intermediate_size, dtype=dt, device=dev)
+        out = torch.empty_like(x)
+        res = x                         # layer 0 norms the embedding itself: no residual add
+        for i, lw in enumerate(m.layers):
+            if i == 0:
+                k.norm_linear(x, lw["ln1"], eps, lw["qkv"], bias=lw["qkv_bias"], out=qkv)
+            else:
+                k.norm_linear(out, lw["ln1"], eps, lw["qkv"], res, other(res), bias=lw["qkv_bias"], out=qkv)
+                res = other(res)
+            k.gemv_linear(self._attention(i, qkv, positions, attn, after_layer), lw["o"], out=o)
+            k.norm_linear(o, lw["ln2"], eps, lw["gate_up"], res, other(res), silu=True, out=act)
+            res = other(res)
+            k.gemv_linear(act, lw["down"], out=out)
+        return res, out
+
+    def _attention(self, i: int, qkv: torch.Tensor, positions: torch.Tensor, attn,
+                   after_layer) -> torch.Tensor:
+        """RoPE, KV write and attention of layer i on the fused qkv [T, q + 2 kv]; -> [T, q_size]."""
+        m, a = self.m, self.m.arch
+        q, kk, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q = q.view(-1, a.num_heads, a.head_dim)                               # [T, Hq, D]
+        kk = kk.view(-1, a.num_kv_heads, a.head_dim)                          # [T, Hkv, D]
+        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        if hasattr(attn, "rope_write_kv"):
+            attn.rope_write_kv(i, q, kk, v, positions, m.cos_sin)
+            if after_layer is not None:
+                after_layer(i)
+            o = attn.attend(i, q)
+        else:
+            self.k.rope_write_kv(q, kk, None, positions, m.cos_sin)
+            o = attn.forward(i, q, kk, v)
+            if after_layer is not None:
+                after_layer(i)
+        return o.reshape(-1, a.q_size)
