@@ -5,10 +5,8 @@
 Cases (Llama-3-8B heads, block size 16, shuffled pages): B=64 x 4096 timed eagerly (L2
 flushed), B=8 and B=1 x 4096 replayed from a CUDA graph over rotated cache copies -- for bf16
 and FP8 caches. For each config (kv heads per program, BLOCK_N, stages, warps) every case
-is checked against the float32 reference before it is timed. Also a memory-pattern probe:
-reading one head's rows of a page-shaped tensor (a 128-byte run every 1 KiB for FP8, 256
-every 2 KiB for bf16) against a contiguous copy of the same bytes -- does the run length
-alone cap the achievable bandwidth? Writes decode-sweep.json and decode-sweep.md into DIR.
+is checked against the float32 reference before it is timed. Then, for the chosen configs,
+split planning and register caps. Writes decode-sweep.json and decode-sweep.md into DIR.
 """
 from __future__ import annotations
 
@@ -35,7 +33,7 @@ ONLY: list[tuple] = []   # --only: sweep just these configs
 def configs(kv: str) -> list[tuple]:
     """(HPP, BLOCK_N, stages, warps) with at most 256 key rows per tile."""
     if ONLY:
-        return [c for c in ONLY if kv == "fp8" or c[0] * c[1] <= 128]
+        return [c for c in ONLY if kv == "fp8" or (c[0] * c[1] <= 128 and len(c) == 4)]
     out = []
     for hpp in (1, 2, 4, 8):
         for cols in (64, 128, 256):
@@ -48,9 +46,11 @@ def configs(kv: str) -> list[tuple]:
 
 
 def apply(kv: str, cfg: tuple) -> None:
-    hpp, block_n, stages, warps = cfg
+    hpp, block_n, stages, warps = cfg[:4]
+    DECODE.BATCH_TILES = ()          # the swept config for every batch size
     if kv == "fp8":
         DECODE.HPP_FP8, DECODE.TILES_FP8 = hpp, (block_n, stages, warps)
+        DECODE.FP8_V_PAIRS = bool(cfg[4]) if len(cfg) > 4 else False
     else:
         DECODE.HPP_16BIT, DECODE.TILES_16BIT = hpp, (block_n, stages, warps)
 
@@ -157,30 +157,9 @@ def pick(rows: list, kv: str):
     return min(full, key=score.get) if full else None
 
 
-def memory_probe(rows: list) -> None:
-    """One head's rows of [pages, 16, 8 heads, 128] vs the same bytes contiguous."""
-    n_pages = 64 if SMOKE else 65536
-    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float8_e4m3fn, "fp8")):
-        x = torch.zeros(n_pages, 16, 8, 128, dtype=torch.uint8 if name == "fp8" else dtype,
-                        device=KB.DEV)
-        head = x[:, :, 0, :]
-        dst = torch.empty(head.shape, dtype=x.dtype, device=KB.DEV)
-        flat = x.view(-1)[: head.numel()]
-        dst_flat = dst.view(-1)
-        strided = KB.bench(lambda: dst.copy_(head))
-        contig = KB.bench(lambda: dst_flat.copy_(flat))
-        nbytes = head.numel() * x.element_size()
-        row = dict(probe=name, run_bytes=128 * x.element_size(), bytes=nbytes,
-                   strided_us=strided, contiguous_us=contig,
-                   strided_read_TBps=nbytes / strided / 1e6,
-                   contiguous_read_TBps=nbytes / contig / 1e6)
-        rows.append(row)
-        print("probe", row, flush=True)
-
-
 def report(rows: list, chosen: dict) -> str:
-    lines = ["| kv | HPP | BLOCK_N | stages | warps | B=64 us (TB/s) | B=8 graph us | B=1 graph us |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| kv | HPP | BLOCK_N | stages | warps | V pairs | B=64 us (TB/s) | B=8 graph us | "
+             "B=1 graph us |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     by = {}
     for r in rows:
         if "us" in r:
@@ -189,7 +168,8 @@ def report(rows: list, chosen: dict) -> str:
         cell = [f"{cs[b]['us']:.1f}" + (f" ({cs[b]['TBps']:.2f})" if b == 64 else "")
                 if b in cs else "-" for b in (64, 8, 1)]
         mark = " **chosen**" if chosen.get(kv) == cfg else ""
-        lines.append(f"| {kv}{mark} | {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]} | "
+        vp = "yes" if len(cfg) > 4 and cfg[4] else ""
+        lines.append(f"| {kv}{mark} | {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]} | {vp} | "
                      + " | ".join(cell) + " |")
     for r in rows:
         if "maxnreg_us" in r:
@@ -199,11 +179,6 @@ def report(rows: list, chosen: dict) -> str:
         if "split_plan" in r:
             lines.append(f"\nsplit plan {r['split_plan']} {r['kv']} B={r['case'][0]}: "
                          f"{r['split_us']:.1f} us ({r['splits']} splits)")
-    for r in rows:
-        if "probe" in r:
-            lines.append(f"\nprobe {r['probe']}: {r['run_bytes']}-byte runs "
-                         f"{r['strided_read_TBps']:.2f} TB/s read vs contiguous "
-                         f"{r['contiguous_read_TBps']:.2f} TB/s")
     return "\n".join(lines) + "\n"
 
 
@@ -220,7 +195,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + args.budget_s
     rows: list = []
-    memory_probe(rows)
     chosen = {}
     for kv in ("fp8", "bf16"):
         sweep(kv, rows, deadline)
