@@ -98,10 +98,13 @@ def _inv_rms(x_ptr, res_ptr, res_out_ptr, M, K, stride_x, stride_r, stride_ro, e
 
 
 @triton.jit
-def _mac(acc, w, x, USE_DOT: tl.constexpr):
-    """acc += w [BN, BK] x x[BM, BK]^T, as [BN, BM] (dot) or [BN, BM, BK] (reduced later)."""
+def _mac(acc, w, x, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc += w [BN, BK] x x[BM, BK]^T: acc is [BN, BM] (dot), else the products are kept,
+    [BN, BK] for one token, [BN, BM, BK] for more, and reduced once after the loop."""
     if USE_DOT:
         acc = tl.dot(w, tl.trans(x), acc)
+    elif BLOCK_M == 1:
+        acc += w.to(tl.float32) * x.to(tl.float32)
     else:
         acc += w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :]
     return acc
@@ -125,6 +128,8 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
     up_ptrs = w_ptrs + N * stride_w        # SILU: the up half's matching rows
     if USE_DOT:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    elif BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_K], dtype=tl.float32)
     acc_up = acc
@@ -139,17 +144,22 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
             x = _round(ln.to(tl.float32)[None, :] * y.to(tl.float32), dt, NATIVE)
         wmask = (offs_n[:, None] < N) & (cols[None, :] < K)
         if EVEN:
-            acc = _mac(acc, tl.load(w_ptrs), x, USE_DOT)
+            acc = _mac(acc, tl.load(w_ptrs), x, USE_DOT, BLOCK_M)
         else:
-            acc = _mac(acc, tl.load(w_ptrs, mask=wmask, other=0.0), x, USE_DOT)
+            acc = _mac(acc, tl.load(w_ptrs, mask=wmask, other=0.0), x, USE_DOT, BLOCK_M)
         if SILU:
             if EVEN:
-                acc_up = _mac(acc_up, tl.load(up_ptrs), x, USE_DOT)
+                acc_up = _mac(acc_up, tl.load(up_ptrs), x, USE_DOT, BLOCK_M)
             else:
-                acc_up = _mac(acc_up, tl.load(up_ptrs, mask=wmask, other=0.0), x, USE_DOT)
+                acc_up = _mac(acc_up, tl.load(up_ptrs, mask=wmask, other=0.0), x, USE_DOT, BLOCK_M)
         w_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
-    if not USE_DOT:
+    if USE_DOT:
+        pass
+    elif BLOCK_M == 1:
+        acc = tl.sum(acc, axis=1)[:, None]
+        acc_up = tl.sum(acc_up, axis=1)[:, None]
+    else:
         acc = tl.sum(acc, axis=2)
         acc_up = tl.sum(acc_up, axis=2)
     if HAS_BIAS:
