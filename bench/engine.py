@@ -365,6 +365,22 @@ def decode_inputs(eng, b: int, ctx: int, rng: np.random.Generator) -> DecodeInpu
     return DecodeInputs(ids, [ctx - 1] * b, slots, [ctx] * b, [row.tolist() for row in blocks])
 
 
+def replay_time(runner, b: int, reps: int = 20) -> float | None:
+    """Seconds per replay of batch b's graph, back to back, timed by CUDA events."""
+    from splitserve.engine.cuda_graph import bucket_for
+    graph = runner._graphs.get(bucket_for(b, runner.buckets)) if DEV.type == "cuda" else None
+    if graph is None:
+        return None
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
 def bench_decode(args) -> None:
     eng, kv_name = args.eng, args.kv_name
     fill_cache_random(eng)
@@ -383,6 +399,9 @@ def bench_decode(args) -> None:
                 continue
             inp = decode_inputs(eng, b, ctx, rng)
             t = timed(lambda: runner.run(inp)[1].tolist(), 5 if SMOKE else 20, warmup=3)
+            replay = replay_time(runner, b)
+            if replay is not None:      # GPU time of the graph alone: the rest is host + sync
+                row["replay_s"] = replay
             nbytes = wbytes + b * ctx * kv_tok
             roof = nbytes / (R["copy_tbps"] * 1e12)
             row.update(step_s=t, tok_s=b / t, roofline_step_s=roof, roofline_tok_s=b / roof,
@@ -452,16 +471,17 @@ def bench_hf(args) -> None:
 
 # ------------------------------------------------------------------ table
 def table() -> str:
-    lines = ["| KV | B | context | ms/step | tok/s | roofline ms | step / roofline | HF static ms/step | HF / engine |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| KV | B | context | ms/step | graph replay ms | tok/s | roofline ms | step / roofline | "
+             "HF static ms/step | HF / engine |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     hf = {(h["batch"], h["context"]): h["step_s"] for h in R.get("hf", [])}
     for r in R.get("decode", []):
         if "skipped" in r:
-            lines.append(f"| {r['kv']} | {r['batch']} | {r['context']} | - | - | - | does not fit | | |")
+            lines.append(f"| {r['kv']} | {r['batch']} | {r['context']} | - | - | - | - | does not fit | | |")
             continue
         h = hf.get((r["batch"], r["context"])) if r["kv"] == "bf16" else None
         hf_cells = " | " if h is None else f"{h * 1e3:.2f} | {h / r['step_s']:.2f}x"
-        lines.append(f"| {r['kv']} | {r['batch']} | {r['context']} | {r['step_s'] * 1e3:.2f} | {r['tok_s']:.0f} | "
+        rep = f"{r['replay_s'] * 1e3:.2f}" if "replay_s" in r else "-"
+        lines.append(f"| {r['kv']} | {r['batch']} | {r['context']} | {r['step_s'] * 1e3:.2f} | {rep} | {r['tok_s']:.0f} | "
                      f"{r['roofline_step_s'] * 1e3:.2f} | {r['step_over_roofline']:.2f}x | {hf_cells} |")
     return "\n".join(lines)
 
