@@ -52,6 +52,9 @@ TILES = {
 }
 
 
+STATS_ELEMS = 4096   # x elements per step of the norm prologue (all of K for one token)
+
+
 def tile_for(m: int) -> Tile:
     return TILES[min(MAX_M, next_pow2(m))]
 
@@ -80,13 +83,15 @@ def _load_rows(x_ptr, res_ptr, rows, cols, mask, stride_x, stride_r, HAS_RES: tl
 
 @triton.jit
 def _inv_rms(x_ptr, res_ptr, res_out_ptr, M, K, stride_x, stride_r, stride_ro, eps, write_res,
-             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr, NATIVE: tl.constexpr):
+             BLOCK_M: tl.constexpr, STATS_K: tl.constexpr, STATS_STAGES: tl.constexpr,
+             HAS_RES: tl.constexpr, NATIVE: tl.constexpr):
     """rsqrt(mean(x^2) + eps) of the M rows [BLOCK_M]; the residual sum goes to res_out if
-    write_res (program 0)."""
+    write_res (program 0). Every W load waits for this, so it takes few, wide steps (one
+    for a token with K <= STATS_ELEMS) and pipelines them when there are several."""
     rows = tl.arange(0, BLOCK_M)
-    sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+    sq = tl.zeros([BLOCK_M, STATS_K], dtype=tl.float32)
+    for k0 in tl.range(0, K, STATS_K, num_stages=STATS_STAGES):
+        cols = k0 + tl.arange(0, STATS_K)
         mask = (rows[:, None] < M) & (cols[None, :] < K)
         x = _load_rows(x_ptr, res_ptr, rows, cols, mask, stride_x, stride_r, HAS_RES, NATIVE)
         if HAS_RES:
@@ -110,20 +115,21 @@ def _mac(acc, w, x, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr):
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])   # one build for every M of a block size
 def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
                  M, N, K, stride_x, stride_r, stride_ro, stride_w, stride_o, eps,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SILU: tl.constexpr, USE_DOT: tl.constexpr, EVEN: tl.constexpr,
-                 NUM_STAGES: tl.constexpr, NATIVE: tl.constexpr):
+                 NUM_STAGES: tl.constexpr, STATS_K: tl.constexpr, STATS_STAGES: tl.constexpr,
+                 NATIVE: tl.constexpr):
     pid = tl.program_id(0)
     dt = w_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     if NORM:
         rstd = _inv_rms(x_ptr, res_ptr, res_out_ptr, M, K, stride_x, stride_r, stride_ro, eps,
-                        pid == 0, BLOCK_M, BLOCK_K, HAS_RES, NATIVE)
+                        pid == 0, BLOCK_M, STATS_K, STATS_STAGES, HAS_RES, NATIVE)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + tl.arange(0, BLOCK_K)[None, :]
     up_ptrs = w_ptrs + N * stride_w        # SILU: the up half's matching rows
     if USE_DOT:
@@ -192,6 +198,7 @@ def _launch(x, weight, out, *, tile, norm_weight=None, eps=0.0, residual=None, r
     check(t.block_n >= 16 or not t.use_dot, lambda: f"{t}: tl.dot needs block_n >= 16")
     block_m = max(16, next_pow2(m)) if t.use_dot else next_pow2(m)
     even = n % t.block_n == 0 and k % t.block_k == 0
+    stats_k = min(next_pow2(k), max(16, STATS_ELEMS // block_m))
     norm, res = norm_weight is not None, residual is not None
     _gemv_kernel[(triton.cdiv(n, t.block_n),)](
         x, residual if res else x, residual_out if res else x, norm_weight if norm else weight,
@@ -200,7 +207,7 @@ def _launch(x, weight, out, *, tile, norm_weight=None, eps=0.0, residual=None, r
         residual_out.stride(0) if res else 0, weight.stride(0), out.stride(0), eps,
         BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, NORM=norm, HAS_RES=res,
         HAS_BIAS=bias is not None, SILU=silu, USE_DOT=t.use_dot, EVEN=even, NUM_STAGES=t.num_stages,
-        NATIVE=not interpreting(),
+        STATS_K=stats_k, STATS_STAGES=1 if stats_k >= k else 3, NATIVE=not interpreting(),
         num_warps=t.num_warps, num_stages=t.num_stages)
     return out
 
