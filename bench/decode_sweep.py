@@ -125,8 +125,11 @@ def split_sweep(rows: list, deadline: float) -> None:
     base = (DECODE.PROGRAMS_PER_SM, DECODE.MIN_CHUNK)
     for kv in ("fp8", "bf16"):
         cs = {k: p for k, p in cases(kv).items() if k[0] <= 8}
+        L = 32 if SMOKE else 1024        # the engine benchmark's short context at batch 1
+        cs[(1, L, kv)] = KB.Paged(1, L, kv, sets=16, seed=7)
         outs = {k: [torch.empty_like(p.q) for _ in range(p.sets)] for k, p in cs.items()}
-        for plan in [(2, 256), (4, 128), (2, 128), (4, 64), (8, 64), (1, 512)][:2 if SMOKE else None]:
+        for plan in [(2, 256), (4, 128), (2, 128), (4, 64), (8, 64), (1, 512),
+                     (1, 1024), (1, 4096)][:2 if SMOKE else None]:
             if time.time() > deadline:
                 break
             DECODE.PROGRAMS_PER_SM, DECODE.MIN_CHUNK = plan
@@ -177,7 +180,7 @@ def report(rows: list, chosen: dict) -> str:
                          f"{r['maxnreg_us']:.1f} us")
     for r in rows:
         if "split_plan" in r:
-            lines.append(f"\nsplit plan {r['split_plan']} {r['kv']} B={r['case'][0]}: "
+            lines.append(f"\nsplit plan {r['split_plan']} {r['kv']} B={r['case'][0]} L={r['case'][1]}: "
                          f"{r['split_us']:.1f} us ({r['splits']} splits)")
     return "\n".join(lines) + "\n"
 
