@@ -248,12 +248,16 @@ def chain_case(m: int, bw: float, layers: int) -> None:
     qkv_buf, o_buf = torch.empty(m, nq, device=DEV, dtype=DT), torch.empty(m, hid, device=DEV, dtype=DT)
     act = torch.empty(m, inter, device=DEV, dtype=DT)
 
+    last = {"out": out.clone()}     # the current chain's down output feeds its next layer
+    keep = []                       # every such output stays alive: a graph reads the first
+
     def current(w):
-        h = K.rms_norm(out, w["ln1"], EPS, residual=res_a)
+        h = K.rms_norm(last["out"], w["ln1"], EPS, residual=res_a)
         F.linear(h, w["qkv"])
         o = F.linear(attn_out, w["o"])
         h = K.rms_norm(o, w["ln2"], EPS, residual=res_a)
-        out.copy_(F.linear(K.silu_and_mul(F.linear(h, w["gate_up"])), w["down"]))
+        last["out"] = F.linear(K.silu_and_mul(F.linear(h, w["gate_up"])), w["down"])
+        keep.append(last["out"])
 
     def fused(w, tiles):
         K.norm_linear(out, w["ln1"], EPS, w["qkv"], res_a, res_b, out=qkv_buf, tile=tiles["qkv"])
