@@ -134,13 +134,18 @@ def split_sweep(rows: list, deadline: float) -> None:
                 break
             DECODE.PROGRAMS_PER_SM, DECODE.MIN_CHUNK = plan
             for key, p in cs.items():
-                p.decode(0, outs[key][0])
-                err = p.check(outs[key][0])
-                us = time_case(p, outs[key])
-                rows.append(dict(kv=kv, split_plan=plan, case=key, split_us=us, rel_err=err,
-                                 splits=DECODE.plan_decode_splits(key[0], KB.HKV, key[1],
-                                                                  p.q.device, kv == "fp8")))
-                print(f"split {kv} plan={plan} B={key[0]}: {us:.1f} us", flush=True)
+                for fused in (0, 64):      # split merge: separate launch / in the decode launch
+                    DECODE.FUSED_MERGE_MAX_SPLITS = fused
+                    p.decode(0, outs[key][0])
+                    err = p.check(outs[key][0])
+                    us = time_case(p, outs[key])
+                    rows.append(dict(kv=kv, split_plan=plan, fused_merge=bool(fused), case=key,
+                                     split_us=us, rel_err=err,
+                                     splits=DECODE.plan_decode_splits(key[0], KB.HKV, key[1],
+                                                                      p.q.device, kv == "fp8")))
+                    print(f"split {kv} plan={plan} fused={bool(fused)} B={key[0]} L={key[1]}: "
+                          f"{us:.1f} us err {err:.1e}", flush=True)
+                DECODE.FUSED_MERGE_MAX_SPLITS = 0
         del cs, outs
     DECODE.PROGRAMS_PER_SM, DECODE.MIN_CHUNK = base
 
@@ -180,7 +185,8 @@ def report(rows: list, chosen: dict) -> str:
                          f"{r['maxnreg_us']:.1f} us")
     for r in rows:
         if "split_plan" in r:
-            lines.append(f"\nsplit plan {r['split_plan']} {r['kv']} B={r['case'][0]} L={r['case'][1]}: "
+            lines.append(f"\nsplit plan {r['split_plan']} {r['kv']} B={r['case'][0]} L={r['case'][1]}"
+                         f"{' fused merge' if r.get('fused_merge') else ''}: "
                          f"{r['split_us']:.1f} us ({r['splits']} splits)")
     return "\n".join(lines) + "\n"
 

@@ -55,6 +55,8 @@ HPP_FP8 = 1
 BATCH_TILES = ((16, False, (128, 5, 4), 1),
                (128, True, (64, 5, 4), 2))
 FP8_V_PAIRS = False      # FP8 V read as even/odd token halves interleaved in fp16 (see kernel)
+FUSED_MERGE_MAX_SPLITS = 0   # split counts up to this merge in the decode launch (0: never)
+MERGE_MAX_ELEMENTS = 16384   # register bound of that merge: rows x splits x head_dim
 MAXNREG = None           # register cap per thread (None: the compiler's choice); swept
 FP8_FP16_COMPUTE = True  # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather than bf16
 MIN_CHUNK = 256          # fewest KV tokens worth giving one split
@@ -71,9 +73,38 @@ def _load_rows(cache_ptr, bt_row, pos, end, stride_kb, stride_ko, col_off, PAGE:
 
 
 @triton.jit
+def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, v_scale_ptr, seq, kvh0, num_q_heads,
+                  num_splits, stride_ob, stride_oh, GROUP: tl.constexpr, HPP: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_S: tl.constexpr,
+                  FP8: tl.constexpr):
+    """Split merge of one program's query heads, all splits in one load (as splitkv_reduce)."""
+    r = tl.arange(0, MERGE_ROWS)
+    sp = tl.arange(0, MERGE_S)
+    d = tl.arange(0, HEAD_DIM)
+    rmask = r < GROUP * HPP
+    heads = kvh0 * GROUP + r
+    rows = (seq.to(tl.int64) * num_q_heads + heads) * num_splits            # [R]
+    m2 = rmask[:, None] & (sp < num_splits)[None, :]
+    lse = tl.load(part_lse_ptr + rows[:, None] + sp[None, :], mask=m2, other=float("-inf"),
+                  cache_modifier=".cg")                                     # [R, S]
+    po = tl.load(part_out_ptr + (rows[:, None, None] + sp[None, :, None]) * HEAD_DIM
+                 + d[None, None, :], mask=m2[:, :, None], other=0.0,
+                 cache_modifier=".cg")                                      # [R, S, D]
+    m = tl.max(lse, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)                                # all splits empty
+    w = tl.exp2(lse - m[:, None])
+    den = tl.sum(w, 1)
+    o = tl.sum(w[:, :, None] * po, 1) / tl.where(den > 0.0, den, 1.0)[:, None]
+    if FP8:
+        o = o * tl.load(v_scale_ptr + kvh0 + tl.minimum(r // GROUP, HPP - 1))[:, None]
+    tl.store(out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
     sm_scale,
     stride_qb, stride_qh,
     stride_kb, stride_ko, stride_kh,       # v_cache has the same strides
@@ -82,7 +113,8 @@ def _decode_kernel(
     GROUP: tl.constexpr, HPP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr,
     FP8: tl.constexpr, FP16_COMPUTE: tl.constexpr, DIRECT_OUT: tl.constexpr,
-    V_PAIRS: tl.constexpr = False,
+    V_PAIRS: tl.constexpr = False, FUSED_MERGE: tl.constexpr = False,
+    MERGE_ROWS: tl.constexpr = 4, MERGE_S: tl.constexpr = 16,
 ):
     seq = tl.program_id(0)
     kvh0 = tl.program_id(1) * HPP                           # first kv head of this program
@@ -164,16 +196,30 @@ def _decode_kernel(
                  mask=hmask[:, None])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + rows + split, lse, mask=hmask)
+        if FUSED_MERGE:
+            # the last split of this (seq, head group) to finish merges all of them: every
+            # thread's stores precede the barrier, the acq_rel atomic publishes them (and,
+            # in the last program, makes the others' visible); it re-arms the counter
+            tl.debug_barrier()
+            counter = counters_ptr + seq * tl.num_programs(1) + tl.program_id(1)
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+                _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, v_scale_ptr,
+                              seq, kvh0, num_q_heads, num_splits, stride_ob, stride_oh,
+                              GROUP, HPP, HEAD_DIM, MERGE_ROWS, MERGE_S, FP8)
+                tl.atomic_xchg(counter, 0)
 
 
 class SplitKVScratch(NamedTuple):
     """Float32 scratch for split-KV decode; preallocate it to keep a captured graph's pool flat.
 
-    Every call overwrites all of it, so one scratch serves any number of sequential calls
-    (not two at once on different streams).
+    Every call overwrites all of it (the counters return to zero), so one scratch serves any
+    number of sequential calls (not two at once on different streams). Without counters the
+    splits are always merged by the separate `splitkv_reduce` launch.
     """
     part_out: torch.Tensor   # [num_seqs, num_q_heads, num_splits, head_dim]
     part_lse: torch.Tensor   # [num_seqs, num_q_heads, num_splits], log2-sum-exp of each split
+    counters: torch.Tensor | None = None   # int32 [num_seqs * num_q_heads], zeros: the fused
+    #                                        merge's finished-split counts, left at zero
 
 
 def launch_shape(num_seqs: int, num_kv_heads: int, fp8: bool) -> tuple[tuple, int]:
@@ -214,7 +260,8 @@ def alloc_split_kv_scratch(num_seqs: int, num_q_heads: int, head_dim: int, num_s
     return SplitKVScratch(
         torch.empty(num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32,
                     device=device),
-        torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=device))
+        torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=device),
+        torch.zeros(num_seqs * num_q_heads, dtype=torch.int32, device=device))
 
 
 def _check_decode_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale,
@@ -281,13 +328,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             scratch = alloc_split_kv_scratch(num_seqs, num_q_heads, head_dim, num_splits,
                                              q.device)
         _check_scratch(scratch, num_seqs, num_q_heads, head_dim, num_splits)
-        part_out, part_lse = scratch
+        part_out, part_lse, counters = scratch
     else:
-        part_out = part_lse = out                     # unused when DIRECT_OUT
+        part_out = part_lse = counters = out          # unused when DIRECT_OUT
     (block_n, num_stages, num_warps), hpp = launch_shape(num_seqs, num_kv_heads, fp8)
+    merge_rows, merge_s = max(2, next_pow2(group * hpp)), max(2, next_pow2(num_splits))
+    fused = (not direct and counters is not None and num_splits <= FUSED_MERGE_MAX_SPLITS
+             and merge_rows * merge_s * head_dim <= MERGE_MAX_ELEMENTS)
     _decode_kernel[(num_seqs, num_kv_heads // hpp, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, k_scale if fp8 else q,
-        v_scale if fp8 else q, out, part_out, part_lse,
+        v_scale if fp8 else q, out, part_out, part_lse, counters,
         scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -296,9 +346,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, HPP=hpp, BLOCK_H=max(16, next_pow2(group * hpp)), HEAD_DIM=head_dim, PAGE=page,
         BLOCK_N=block_n, MIN_CHUNK=max(MIN_CHUNK, block_n), FP8=fp8,
         FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE, DIRECT_OUT=direct, V_PAIRS=FP8_V_PAIRS,
+        FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": MAXNREG} if MAXNREG else {}),
     )
-    if not direct:
+    if not direct and not fused:
         splitkv_reduce(part_out, part_lse, out, group, v_scale if fp8 else None)
     return out
 
@@ -311,3 +362,8 @@ def _check_scratch(scratch: SplitKVScratch, num_seqs: int, num_q_heads: int, hea
           and scratch.part_out.dtype == scratch.part_lse.dtype == torch.float32)
     check(ok, lambda: f"scratch must be contiguous float32 part_out {want} and part_lse "
           f"{want[:3]} (see alloc_split_kv_scratch)")
+    c = scratch.counters
+    check(c is None or (c.dtype == torch.int32 and c.is_contiguous()
+                        and c.numel() >= num_seqs * num_q_heads),
+          lambda: f"scratch counters must be contiguous int32 with >= {num_seqs * num_q_heads} "
+          "elements, zero-filled (see alloc_split_kv_scratch)")

@@ -145,6 +145,32 @@ def test_decode_fp8_v_pairs(kv, small_tiles, monkeypatch):
                  num_splits=num_splits)
 
 
+@pytest.mark.parametrize("kv,hpp", [("bf16", 1), ("fp8-bf16", 1), ("fp8-fp16", 2)])
+def test_decode_fused_split_merge(kv, hpp, small_tiles, monkeypatch):
+    """The last split merges in the decode launch: equal to the reference for several split
+    counts, calls in a row through one scratch (its counters must come back to zero), and
+    rows with empty splits (short sequences beside long ones)."""
+    monkeypatch.setattr(decode_mod, "FUSED_MERGE_MAX_SPLITS", 64)
+    monkeypatch.setattr(decode_mod, "HPP_16BIT", hpp)
+    monkeypatch.setattr(decode_mod, "HPP_FP8", hpp)
+    dtype, kv_dtype = KV[kv]
+    seq_lens = [1, 15, 16, 17, 90, 200]
+    for num_splits in (2, 5, 13):
+        c = make_paged_case(seq_lens, [1] * len(seq_lens), 8, 2, 64, 16, dtype, kv_dtype,
+                            device=DEVICE, seed=num_splits)
+        scratch = alloc_split_kv_scratch(len(seq_lens), 8, 64, num_splits, c.q.device)
+        cpu = [t.cpu() for t in (c.q, c.k_cache, c.v_cache, c.block_tables, c.seq_lens)]
+        ref = decode_attention_ref(*cpu, c.scale, None if c.k_scale is None else c.k_scale.cpu(),
+                                   None if c.v_scale is None else c.v_scale.cpu())
+        for _ in range(2):
+            out = torch.full_like(c.q, float("nan"))
+            paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.seq_lens,
+                                   c.scale, c.k_scale, c.v_scale, out=out,
+                                   num_splits=num_splits, scratch=scratch)
+            assert_close(out.cpu(), ref, TOL[dtype])
+            assert (scratch.counters == 0).all(), "counters not re-armed"
+
+
 def test_decode_default_tiles_and_planned_splits():
     """The shipped tile sizes and the split planner (no monkeypatching)."""
     run_case([1, 15, 16, 17, 300], 8, 2, 64, 16, "fp8-bf16", seed=3)
