@@ -65,15 +65,15 @@ SHAPES = ({"qkv": (96, 64, "norm"), "o": (64, 64, "plain"), "gate_up": (160, 64,
           {"qkv": (6144, 4096, "norm"), "o": (4096, 4096, "plain"),
            "gate_up": (2 * 14336, 4096, "silu"), "down": (4096, 14336, "plain")})
 MS = (1, 8) if SMOKE else (1, 8, 16, 32)
-SWEEP = {   # per M: the default (TILES) first, then alternatives
-    1: [Tile(8, 1024, 4, 4, False), Tile(16, 1024, 8, 3, False), Tile(32, 256, 4, 4, False),
-        Tile(8, 512, 2, 4, False), Tile(16, 512, 4, 4, True)],
-    8: [Tile(16, 256, 4, 4, True), Tile(64, 128, 4, 3, True), Tile(32, 512, 8, 3, True),
-        Tile(16, 512, 4, 3, True)],
-    16: [Tile(16, 256, 4, 4, True), Tile(64, 128, 4, 3, True), Tile(32, 512, 8, 3, True),
-         Tile(16, 512, 4, 3, True)],
-    32: [Tile(64, 128, 4, 4, True)],
+SWEEP = {   # per M, after the kernel kind's default (kernels/gemv.py TILES); sm_90 builds: only
+    # (16, 512, 4, 4, False) spills, with silu (two accumulators)
+    1: [Tile(16, 512, 4, 4, False), Tile(8, 1024, 4, 4, False), Tile(32, 256, 8, 4, False),
+        Tile(8, 512, 4, 4, False), Tile(32, 128, 4, 4, False), Tile(16, 512, 4, 4, True)],
+    8: [Tile(16, 256, 4, 4, True), Tile(32, 128, 4, 4, True), Tile(64, 128, 4, 3, True),
+        Tile(32, 256, 8, 4, True), Tile(16, 512, 4, 3, True)],
+    32: [Tile(32, 128, 4, 3, True), Tile(64, 128, 4, 3, True)],
 }
+SWEEP[16] = SWEEP[8]
 if SMOKE:
     SWEEP = {m: [Tile(16, 32, 4, 2, False), Tile(16, 64, 4, 2, True)] for m in MS}
 SWEEP_BUDGET_S = 150     # past this, only the default tile is timed (the whole run must stay < 4 min)
@@ -202,7 +202,8 @@ def shape_case(name: str, m: int, bw: float) -> None:
         return {"us": us, "tbs": p.wbytes / us / 1e6, "of_ceiling": p.wbytes / us / 1e6 / bw}
     row["cublas"] = t(p.cublas)
     row["current"] = t(p.current)
-    tiles = [GEMV.tile_for(m)] + [c for c in SWEEP.get(m, []) if c != GEMV.tile_for(m)]
+    default = GEMV.tile_for(m, p.role)
+    tiles = [default] + [c for c in SWEEP.get(m, []) if c != default]
     if time.perf_counter() - T0 > SWEEP_BUDGET_S:
         tiles = tiles[:1]
     row["sweep"] = []
@@ -283,6 +284,19 @@ def chain_case(m: int, bw: float, layers: int) -> None:
         f"({row['fused_best_of_roofline']:.0%})")
 
 
+def suggested_tiles() -> dict:
+    """Per kernel kind and M, the tile with the least total time over that kind's shapes."""
+    kinds: dict = {}
+    for r in RESULTS["shapes"]:
+        per = kinds.setdefault(SHAPES[r["shape"]][2], {}).setdefault(r["M"], {})
+        for s in r["sweep"]:
+            per.setdefault(tuple(s["tile"]), []).append(s["us"])
+    n_shapes = {kind: sum(1 for v in SHAPES.values() if v[2] == kind) for kind in kinds}
+    return {kind: {m: list(min((t for t, us in tiles.items() if len(us) == n_shapes[kind]),
+                                key=lambda t: sum(tiles[t])))
+                   for m, tiles in per_m.items()} for kind, per_m in kinds.items()}
+
+
 def markdown() -> str:
     bw = RESULTS.get("ceiling_tbs") or 0.0
     lines = [f"# Small-M GEMV kernels vs cuBLAS ({RESULTS['device']}, {RESULTS['date']})", "",
@@ -306,6 +320,8 @@ def markdown() -> str:
     for r in RESULTS["shapes"]:
         for s in r["sweep"]:
             lines.append(f"| {r['shape']} | {r['M']} | {tuple(s['tile'])} | {s['us']:.1f} | {s['tbs']:.2f} |")
+    lines += ["", "## Suggested kernels/gemv.py TILES (least total time per kind)", "", "```",
+              json.dumps(RESULTS.get("suggested_tiles", {})), "```"]
     if RESULTS["errors"]:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in RESULTS["errors"]]
     return "\n".join(lines) + "\n"
@@ -320,7 +336,7 @@ def main() -> None:
     torch.manual_seed(0)
     RESULTS["device"] = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name()
     RESULTS["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    RESULTS["default_tiles"] = {m: list(t) for m, t in GEMV.TILES.items()}
+    RESULTS["default_tiles"] = {kind: {m: list(t) for m, t in tiles.items()} for kind, tiles in GEMV.TILES.items()}
     bw = ceiling() or 4.17
     for m in MS:
         for name in SHAPES:
@@ -329,6 +345,10 @@ def main() -> None:
                 torch.cuda.empty_cache()
     for m in (1, 8):
         chain_case(m, bw, layers=2 if SMOKE else 8)
+    try:
+        RESULTS["suggested_tiles"] = suggested_tiles()
+    except Exception as e:   # a table with gaps must not lose the results
+        RESULTS["errors"].append(f"suggested_tiles: {type(e).__name__}: {e}")
     (args.out / "gemv.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     (args.out / "gemv.md").write_text(markdown())
     log(f"wrote {args.out / 'gemv.json'} and gemv.md; {len(RESULTS['errors'])} errors")

@@ -1,6 +1,6 @@
 """Small-M linear layers (GEMV, M <= 32 tokens) with the layer glue fused in: y = x @ W.T.
 
-References: `reference_fused.norm_linear_ref` / `gemv_ref`. Each program owns BLOCK_N output
+References: `reference_fused.norm_linear_ref` / `gemv_linear_ref`. Each program owns BLOCK_N output
 columns (rows of W) for all M tokens and streams its W rows over the whole of K (no split-K, so
 no reduce kernel); the grid is cdiv(N, BLOCK_N) programs (N=4096, BLOCK_N=16: 256 programs).
 Accumulation is float32 with one final rounding to the activation dtype.
@@ -14,9 +14,12 @@ separate `residual_out` (in place would race with the programs still reading `re
 With `silu=True` W is the stacked [gate; up] weight [2I, K]: a program computes matching
 gate and up columns and writes silu(gate) * up [M, I] with the rounding of `silu_mul.py`.
 
-Two inner products, chosen per M class in TILES: a multiply-accumulate into a [BLOCK_N, M,
-BLOCK_K] float32 tile reduced once at the end (no tensor cores; M=1), or tl.dot of the W tile
-with the tokens padded to 16 (W is the MMA's M side: "swap AB").
+Two inner products, chosen per M class in TILES: float32 products accumulated elementwise
+([BLOCK_N, BLOCK_K] for one token, [BLOCK_N, M, BLOCK_K] for a few) and reduced once after the
+loop, or tl.dot of the W tile with the tokens padded to 16 (W is the MMA's M side: "swap AB").
+The K loop asks for num_stages explicitly: Triton pipelines (cp.async) loads that feed no
+tl.dot only then. Compiled for sm_90 without a GPU (triton.compile with a GPUTarget), every
+bench/gemv.py tile fits in shared memory, streams W with 16-byte cp.async and spills nothing.
 """
 from __future__ import annotations
 
@@ -41,22 +44,24 @@ class Tile(NamedTuple):
     use_dot: bool     # tl.dot with tokens padded to 16, else multiply + one final reduction
 
 
-# Per M class (the token count rounded up to a power of two); bench/gemv.py sweeps these.
+# Per kind (plain linear, norm prologue, norm + SiLU epilogue: two accumulators) and M class
+# (tokens rounded up to a power of two). Chosen without a GPU from what sm_90 builds of them
+# need (registers, no spills, shared memory: see bench/gemv.py), to be replaced by the
+# fastest of bench/gemv.py's sweep.
 TILES = {
-    1: Tile(16, 512, 4, 4, False),
-    2: Tile(16, 256, 4, 4, False),
-    4: Tile(16, 256, 4, 4, True),
-    8: Tile(32, 256, 4, 4, True),
-    16: Tile(32, 256, 4, 4, True),
-    32: Tile(32, 256, 4, 3, True),
+    "plain": {1: Tile(16, 512, 4, 4, False), 2: Tile(16, 256, 4, 4, False), 4: Tile(16, 256, 4, 4, True),
+              8: Tile(16, 256, 4, 4, True), 16: Tile(16, 256, 4, 4, True), 32: Tile(32, 128, 4, 3, True)},
+    "norm": {1: Tile(16, 512, 4, 4, False), 2: Tile(16, 256, 4, 4, False), 4: Tile(16, 256, 4, 4, True),
+             8: Tile(32, 128, 4, 4, True), 16: Tile(32, 128, 4, 4, True), 32: Tile(32, 128, 4, 3, True)},
+    "silu": {1: Tile(32, 256, 8, 4, False), 2: Tile(32, 128, 4, 4, False), 4: Tile(32, 128, 4, 4, True),
+             8: Tile(32, 128, 4, 4, True), 16: Tile(32, 128, 4, 4, True), 32: Tile(32, 128, 4, 3, True)},
 }
-
-
 STATS_ELEMS = 4096   # x elements per step of the norm prologue (all of K for one token)
 
 
-def tile_for(m: int) -> Tile:
-    return TILES[min(MAX_M, next_pow2(m))]
+def tile_for(m: int, kind: str = "plain") -> Tile:
+    """The default tile for m tokens of a `kind` ("plain", "norm" or "silu") kernel."""
+    return TILES[kind][min(MAX_M, next_pow2(m))]
 
 
 @triton.jit
@@ -179,13 +184,12 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
              mask=(offs_n[:, None] < N) & (rows[None, :] < M))
 
 
-def _check_x(name: str, x: torch.Tensor, k: int | None = None) -> None:
+def _check_x(name: str, x: torch.Tensor) -> None:
     check_dim(name, x, 2, "[num_tokens, in_features]")
     check_dtype(name, x, ACT_DTYPES)
     check_last_contiguous(name, x)
     check(x.shape[0] <= MAX_M, lambda: f"{name} has {x.shape[0]} rows; the GEMV kernels take at "
           f"most {MAX_M} tokens (use F.linear for more)")
-    check(k is None or x.shape[1] == k, lambda: f"{name} must have {k} columns, got {tuple(x.shape)}")
 
 
 def _launch(x, weight, out, *, tile, norm_weight=None, eps=0.0, residual=None, residual_out=None,
@@ -194,7 +198,7 @@ def _launch(x, weight, out, *, tile, norm_weight=None, eps=0.0, residual=None, r
     n = out.shape[1]
     if m == 0:
         return out
-    t = tile or tile_for(m)
+    t = tile or tile_for(m, "silu" if silu else "norm" if norm_weight is not None else "plain")
     check(t.block_n >= 16 or not t.use_dot, lambda: f"{t}: tl.dot needs block_n >= 16")
     block_m = max(16, next_pow2(m)) if t.use_dot else next_pow2(m)
     even = n % t.block_n == 0 and k % t.block_k == 0

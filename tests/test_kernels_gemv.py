@@ -117,9 +117,10 @@ def test_package_exports_the_functions():
 
 
 def test_default_tiles_cover_every_m():
-    for m in range(1, 33):
-        t = tile_for(m)
-        assert t.block_n >= 16 or not t.use_dot, (m, t)
+    for kind in ("plain", "norm", "silu"):
+        for m in range(1, 33):
+            t = tile_for(m, kind)
+            assert t.block_n >= 16 or not t.use_dot, (kind, m, t)
 
 
 def test_norm_linear_first_layer_silu_default_tile():
