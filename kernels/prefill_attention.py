@@ -16,8 +16,8 @@ base 2, the softmax scale folded into the exponent, q loaded once):
   3. the diagonal: causal mask j <= i and j < q_len.
 With USE_TMA the contiguous K/V tiles of loops 2-3 load through host-built tensor descriptors
 (TMA on Hopper; needs 16-byte aligned base and token stride); the pointer path is the default.
-WARP_SPECIALIZE asks Triton to warp-specialize loop 2 (producer/consumer warps), a tuning
-option where the compiler supports it.
+(`tl.range(..., warp_specialize=True)` was tried: compiled for sm_90, Triton 3.9 emits no
+warp-specialized partitions for this loop, so there is no such option.)
 
 FP8 caches: the prefix pages are e4m3, converted to q's dtype in registers, the K scale folded
 into the softmax scale and the V scale applied to each tile's P.V product. The new tokens'
@@ -44,7 +44,6 @@ BLOCK_N = 64
 NUM_WARPS = 8
 NUM_STAGES = 3
 USE_TMA = False
-WARP_SPECIALIZE = False   # Triton's automatic warp specialization of the unmasked key loop
 
 
 @triton.jit
@@ -134,7 +133,7 @@ def _prefill_kernel(
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, QUANT_NEW: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     mtile = tl.num_programs(0) - 1 - tl.program_id(0)   # heaviest causal tiles first
     head = tl.program_id(1)
@@ -172,7 +171,7 @@ def _prefill_kernel(
     new_qk_scale = qk_scale * k_sc if QUANT_NEW else qk_scale
     # new tokens before the query tile: every query of the tile sees them
     full_end = mtile * BLOCK_M // BLOCK_N * BLOCK_N
-    for n0 in tl.range(0, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for n0 in range(0, full_end, BLOCK_N):
         rows = q_start + n0 + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_ptr, v_ptr, rows, q_start + n0, stride_kt, stride_vt, stride_kh,
                         stride_vh, kvh, None, HEAD_DIM, USE_TMA, False)
@@ -300,7 +299,7 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, FP8=fp8, QUANT_NEW=fp8 and quantize_new_kv,
-        USE_TMA=use_tma, WARP_SPECIALIZE=WARP_SPECIALIZE,
+        USE_TMA=use_tma,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
