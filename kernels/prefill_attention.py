@@ -20,11 +20,12 @@ With USE_TMA the contiguous K/V tiles of loops 2-3 load through host-built tenso
 warp-specialized partitions for this loop, so there is no such option.)
 
 FP8 caches: the prefix pages are e4m3, converted to q's dtype in registers, the K scale folded
-into the softmax scale and the V scale applied to each tile's P.V product. The new tokens'
-K/V are, by default (`quantize_new_kv=True`), rounded in registers exactly as `write_kv`
+into the softmax scale and the V scale folded into the probabilities before P.V. The new
+tokens' K/V are, by default (`quantize_new_kv=True`), rounded in registers exactly as `write_kv`
 stores them (value / scale, saturated, e4m3 round-to-nearest-even), so the result equals
 `paged_extend_attention`'s over the written cache: a prompt's numerics do not depend on how it
-was chunked or which part hit the prefix cache, and the engine's CPU and GPU paths agree.
+was chunked or which part hit the prefix cache, and the engine's CPU and GPU paths see the
+same K/V.
 `quantize_new_kv=False` attends to the unquantized K/V instead (more accurate, slightly
 cheaper; what FlashInfer-style prefill over fresh K/V computes).
 """
@@ -38,7 +39,9 @@ from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, c
                       check_last_contiguous, check_seq_metadata)
 from .kv_write import round_to_e4m3_grid
 
-# Tuning: H200, head_dim 128 (bench/kernels.py --tune --only prefill).
+# Tiles: FlashAttention-2-in-Triton defaults for Hopper, head_dim 128, not yet swept on the
+# H200 (bench/kernels.py --tune --only prefill sweeps them; every listed config compiles for
+# sm_90 within its shared memory).
 BLOCK_M = 128
 BLOCK_N = 64
 NUM_WARPS = 8

@@ -234,7 +234,7 @@ def test_triton_backend_prefill_routing(monkeypatch):
     torch_be = TorchPagedAttention(KVCache(2, 8, 16, 2, 64, torch.float16, DEVICE), 0.125)
     torch_be.cache.kv.copy_(cache.kv)
     torch_be.prepare(meta)
-    ref = torch_be.forward(1, q.cpu(), k.cpu(), v.cpu())
+    ref = torch_be.forward(1, q, k, v).cpu()
     tri = TritonPagedAttention(cache, 0.125, 4)
     calls = []
     real = kernels.paged_prefill_attention
