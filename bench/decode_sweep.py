@@ -6,7 +6,7 @@ Cases (Llama-3-8B heads, block size 16, shuffled pages): B=64 x 4096 timed eager
 flushed), B=8 and B=1 x 4096 replayed from a CUDA graph over rotated cache copies -- for bf16
 and FP8 caches. For each config (kv heads per program, BLOCK_N, stages, warps) every case
 is checked against the float32 reference before it is timed. Then, for the chosen configs,
-split planning and register caps. Writes decode-sweep.json and decode-sweep.md into DIR.
+split planning with and without the in-launch split merge. Writes decode-sweep.json and decode-sweep.md into DIR.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ ONLY: list[tuple] = []   # --only: sweep just these configs
 def configs(kv: str) -> list[tuple]:
     """(HPP, BLOCK_N, stages, warps) with at most 256 key rows per tile."""
     if ONLY:
-        return [c for c in ONLY if kv == "fp8" or (c[0] * c[1] <= 128 and len(c) == 4)]
+        return [c for c in ONLY if kv == "fp8" or c[0] * c[1] <= 128]
     out = []
     for hpp in (1, 2, 4, 8):
         for cols in (64, 128, 256):
@@ -50,7 +50,6 @@ def apply(kv: str, cfg: tuple) -> None:
     DECODE.BATCH_TILES = ()          # the swept config for every batch size
     if kv == "fp8":
         DECODE.HPP_FP8, DECODE.TILES_FP8 = hpp, (block_n, stages, warps)
-        DECODE.FP8_V_PAIRS = bool(cfg[4]) if len(cfg) > 4 else False
     else:
         DECODE.HPP_16BIT, DECODE.TILES_16BIT = hpp, (block_n, stages, warps)
 
@@ -91,33 +90,6 @@ def sweep(kv: str, rows: list, deadline: float) -> None:
                   f"{us:.1f} us {p.kv_bytes / us / 1e6:.2f} TB/s", flush=True)
     del cs, outs
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-
-
-def maxnreg_sweep(rows: list, chosen: dict, deadline: float) -> None:
-    """The chosen configs again under register caps (more programs resident per SM)."""
-    for kv in ("fp8", "bf16"):
-        if chosen.get(kv) is None:
-            continue
-        apply(kv, chosen[kv])
-        cs = cases(kv)
-        outs = {k: [torch.empty_like(p.q) for _ in range(p.sets)] for k, p in cs.items()}
-        for cap in (None, 168, 128, 96)[:2 if SMOKE else None]:
-            if time.time() > deadline:
-                break
-            DECODE.MAXNREG = cap
-            for key, p in cs.items():
-                try:
-                    p.decode(0, outs[key][0])
-                    err = p.check(outs[key][0])
-                    assert err < 1e-2, f"rel err {err:.2e}"
-                    us = time_case(p, outs[key])
-                except Exception as e:
-                    rows.append(dict(kv=kv, maxnreg=cap, case=key, error=str(e)[:300]))
-                    continue
-                rows.append(dict(kv=kv, maxnreg=cap, cfg=chosen[kv], case=key, maxnreg_us=us))
-                print(f"maxnreg {kv} {cap} B={key[0]}: {us:.1f} us", flush=True)
-        del cs, outs
-    DECODE.MAXNREG = None
 
 
 def split_sweep(rows: list, deadline: float) -> None:
@@ -166,8 +138,8 @@ def pick(rows: list, kv: str):
 
 
 def report(rows: list, chosen: dict) -> str:
-    lines = ["| kv | HPP | BLOCK_N | stages | warps | V pairs | B=64 us (TB/s) | B=8 graph us | "
-             "B=1 graph us |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    lines = ["| kv | HPP | BLOCK_N | stages | warps | B=64 us (TB/s) | B=8 graph us | B=1 graph us |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     by = {}
     for r in rows:
         if "us" in r:
@@ -176,13 +148,8 @@ def report(rows: list, chosen: dict) -> str:
         cell = [f"{cs[b]['us']:.1f}" + (f" ({cs[b]['TBps']:.2f})" if b == 64 else "")
                 if b in cs else "-" for b in (64, 8, 1)]
         mark = " **chosen**" if chosen.get(kv) == cfg else ""
-        vp = "yes" if len(cfg) > 4 and cfg[4] else ""
-        lines.append(f"| {kv}{mark} | {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]} | {vp} | "
+        lines.append(f"| {kv}{mark} | {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]} | "
                      + " | ".join(cell) + " |")
-    for r in rows:
-        if "maxnreg_us" in r:
-            lines.append(f"\nmaxnreg {r['maxnreg']} {r['kv']} {r['cfg']} B={r['case'][0]}: "
-                         f"{r['maxnreg_us']:.1f} us")
     for r in rows:
         if "split_plan" in r:
             lines.append(f"\nsplit plan {r['split_plan']} {r['kv']} B={r['case'][0]} L={r['case'][1]}"
@@ -213,7 +180,6 @@ def main() -> None:
         if chosen[kv] is not None:
             apply(kv, chosen[kv])
     split_sweep(rows, deadline)
-    maxnreg_sweep(rows, chosen, deadline)
     meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 torch=torch.__version__, argv=sys.argv, chosen=chosen)
     (out / "decode-sweep.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1,

@@ -54,22 +54,12 @@ HPP_FP8 = 1
 # per program vs 39.8. Empty it to use the defaults above for every batch (tests do).
 BATCH_TILES = ((16, False, (128, 5, 4), 1),
                (128, True, (64, 5, 4), 2))
-FP8_V_PAIRS = False      # FP8 V read as even/odd token halves interleaved in fp16 (see kernel)
-FUSED_MERGE_MAX_SPLITS = 0   # split counts up to this merge in the decode launch (0: never)
+FUSED_MERGE_MAX_SPLITS = 16  # split counts up to this merge in the decode launch (0: never)
 MERGE_MAX_ELEMENTS = 16384   # register bound of that merge: rows x splits x head_dim
-MAXNREG = None           # register cap per thread (None: the compiler's choice); swept
 FP8_FP16_COMPUTE = True  # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather than bf16
 MIN_CHUNK = 256          # fewest KV tokens worth giving one split
 PROGRAMS_PER_SM = 2      # split until the grid has about this many programs per SM
 MAX_SPLITS = 128
-
-
-@triton.jit
-def _load_rows(cache_ptr, bt_row, pos, end, stride_kb, stride_ko, col_off, PAGE: tl.constexpr):
-    m = pos < end
-    blk = tl.load(bt_row + pos // PAGE, mask=m, other=0).to(tl.int64)
-    off = blk[:, None] * stride_kb + (pos % PAGE).to(tl.int64)[:, None] * stride_ko
-    return tl.load(cache_ptr + off + col_off, mask=m[:, None], other=0.0)
 
 
 @triton.jit
@@ -113,7 +103,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, HPP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr,
     FP8: tl.constexpr, FP16_COMPUTE: tl.constexpr, DIRECT_OUT: tl.constexpr,
-    V_PAIRS: tl.constexpr = False, FUSED_MERGE: tl.constexpr = False,
+    FUSED_MERGE: tl.constexpr = False,
     MERGE_ROWS: tl.constexpr = 4, MERGE_S: tl.constexpr = 16,
 ):
     seq = tl.program_id(0)
@@ -161,17 +151,7 @@ def _decode_kernel(
         row_off = blk[:, None] * stride_kb + (pos % PAGE).to(tl.int64)[:, None] * stride_ko
         k = tl.load(k_cache_ptr + row_off + col_off, mask=nmask[:, None],
                     other=0.0)                               # [BLOCK_N * HPP, D]
-        if FP8 and V_PAIRS and HPP == 1:
-            # even and odd tokens loaded apart, converted to fp16, then interleaved, so the
-            # P.V operand's token pairs are built in registers rather than byte by byte
-            t2 = n0 + 2 * tl.arange(0, BLOCK_N // 2)
-            h_off = kvh0.to(tl.int64) * stride_kh + offs_d[None, :]   # HPP == 1
-            ve = _load_rows(v_cache_ptr, bt_row, t2, end, stride_kb, stride_ko, h_off, PAGE)
-            vo = _load_rows(v_cache_ptr, bt_row, t2 + 1, end, stride_kb, stride_ko, h_off, PAGE)
-            v = tl.reshape(tl.permute(tl.join(ve.to(tl.float16), vo.to(tl.float16)), (0, 2, 1)),
-                           (BLOCK_N, HEAD_DIM))
-        else:
-            v = tl.load(v_cache_ptr + row_off + col_off, mask=nmask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + row_off + col_off, mask=nmask[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2[:, None]
         s = tl.where(same_head & nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -345,9 +325,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_splits, num_q_heads,
         GROUP=group, HPP=hpp, BLOCK_H=max(16, next_pow2(group * hpp)), HEAD_DIM=head_dim, PAGE=page,
         BLOCK_N=block_n, MIN_CHUNK=max(MIN_CHUNK, block_n), FP8=fp8,
-        FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE, DIRECT_OUT=direct, V_PAIRS=FP8_V_PAIRS,
+        FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE, DIRECT_OUT=direct,
         FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
-        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": MAXNREG} if MAXNREG else {}),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not direct and not fused:
         splitkv_reduce(part_out, part_lse, out, group, v_scale if fp8 else None)

@@ -136,15 +136,6 @@ def test_launch_shape_by_batch(monkeypatch):
     assert decode_mod.launch_shape(64, 8, True) == (decode_mod.TILES_FP8, 1)
 
 
-@pytest.mark.parametrize("kv", ["fp8-bf16", "fp8-fp16"])
-def test_decode_fp8_v_pairs(kv, small_tiles, monkeypatch):
-    """FP8 V read as interleaved even/odd token halves: odd lengths end on either half."""
-    monkeypatch.setattr(decode_mod, "FP8_V_PAIRS", True)
-    for num_splits in (1, 3):
-        run_case(lengths(16) + [3, 31], 8, 2, 64, 16, kv, seed=20 + num_splits,
-                 num_splits=num_splits)
-
-
 @pytest.mark.parametrize("kv,hpp", [("bf16", 1), ("fp8-bf16", 1), ("fp8-fp16", 2)])
 def test_decode_fused_split_merge(kv, hpp, small_tiles, monkeypatch):
     """The last split merges in the decode launch: equal to the reference for several split
