@@ -9,16 +9,22 @@ are the query heads of HPP kv heads (HPP * group rows: with group 4 and HPP 4 th
 tile carries no padding) and a key tile holds BLOCK_N tokens x HPP heads, token-major, so a
 token's HPP head rows -- adjacent in the cache -- are read together as one longer run; a row
 only sees the columns of its own kv head (the others are masked to -inf before the softmax),
-so the tensor-core work per useful score is the same as with padded rows. Split-KV: a long context is cut
-into `num_splits` chunks processed by separate programs, which write a normalized partial
-output and its log-sum-exp (base 2) to scratch; `splitkv_reduce` merges them. (Merging in
-the last-finishing split, found by an atomic counter, saves that launch but measured slower:
-20.4 vs 14.8 us at B=1, L=4096 in a graph on the H200 -- one program walking all splits is
-a serial chain of loads, the reduce kernel spreads them over heads.) `num_splits` is chosen
-on the host from shapes alone (batch, kv heads, SM count, the block table's width), and
-each sequence's chunk length is computed on the GPU from its own seq_len, so the launch never
-reads tensor values: no host sync, capturable in a CUDA graph. With one split the kernel
-writes the final output directly and no reduce runs.
+so the tensor-core work per useful score is the same as with padded rows (measured: it helps
+FP8 at batch 8, not at 64; BATCH_TILES picks it per batch).
+
+Split-KV: a long context is cut into `num_splits` chunks processed by separate programs, which
+write a normalized partial output and its log-sum-exp (base 2) to scratch. The merge runs in
+the same launch when the scratch has counters and there are at most FUSED_MERGE_MAX_SPLITS
+splits: each split program bumps its (sequence, head group)'s counter (a CTA barrier, then an
+acq_rel atomic by one thread, which publishes the whole program's stores); the last one loads
+all splits' partials at once (L2 reads) and writes the output, then re-arms the counter.
+Otherwise `splitkv_reduce` merges them in a second launch. (A first in-launch merge that walked
+the splits one load at a time was slower than the second launch: 20.4 vs 14.8 us at B=1,
+L=4096; the vectorized one is faster: 12.7 vs 13.1 us.) `num_splits` is chosen on the host
+from shapes alone (batch, kv heads, SM count, the block table's width), and each sequence's
+chunk length is computed on the GPU from its own seq_len, so the launch never reads tensor
+values: no host sync, capturable in a CUDA graph. With one split the kernel writes the final
+output directly.
 
 FP8 (e4m3) caches are converted in registers (to fp16 by default: one hardware conversion per
 pair on sm_89+, exact, and q's bf16 -> fp16 is exact in range); the K scale is folded into the
