@@ -57,7 +57,8 @@ class TritonPagedAttention:
             return
         kv = self.cache.kv
         n, width = meta.num_seqs, meta.block_tables.shape[1]
-        splits = self.k.plan_decode_splits(n, kv.shape[4], width * self.cache.block_size, kv.device)
+        splits = self.k.plan_decode_splits(n, kv.shape[4], width * self.cache.block_size, kv.device,
+                                           fp8=kv.dtype == self.k.FP8_DTYPE)
         self._num_splits = splits
         self._scratch = None
         if splits > 1:
