@@ -48,12 +48,14 @@ class Tile(NamedTuple):
 # (tokens rounded up to a power of two). Chosen without a GPU from what sm_90 builds of them
 # need (registers, no spills, shared memory: see bench/gemv.py), to be replaced by the
 # fastest of bench/gemv.py's sweep.
+# M=1 tiles: the H200 sweep's fastest (bench/results/gemv-2026-11-29.md); M>1 from sm_90 builds
+# only -- the engine uses these kernels for one-token steps, where they beat cuBLAS + glue.
 TILES = {
-    "plain": {1: Tile(16, 512, 4, 4, False), 2: Tile(16, 256, 4, 4, False), 4: Tile(16, 256, 4, 4, True),
+    "plain": {1: Tile(8, 512, 4, 4, False), 2: Tile(16, 256, 4, 4, False), 4: Tile(16, 256, 4, 4, True),
               8: Tile(16, 256, 4, 4, True), 16: Tile(16, 256, 4, 4, True), 32: Tile(32, 128, 4, 3, True)},
-    "norm": {1: Tile(16, 512, 4, 4, False), 2: Tile(16, 256, 4, 4, False), 4: Tile(16, 256, 4, 4, True),
+    "norm": {1: Tile(8, 1024, 4, 4, False), 2: Tile(16, 256, 4, 4, False), 4: Tile(16, 256, 4, 4, True),
              8: Tile(32, 128, 4, 4, True), 16: Tile(32, 128, 4, 4, True), 32: Tile(32, 128, 4, 3, True)},
-    "silu": {1: Tile(32, 256, 8, 4, False), 2: Tile(32, 128, 4, 4, False), 4: Tile(32, 128, 4, 4, True),
+    "silu": {1: Tile(32, 128, 4, 4, False), 2: Tile(32, 128, 4, 4, False), 4: Tile(32, 128, 4, 4, True),
              8: Tile(32, 128, 4, 4, True), 16: Tile(32, 128, 4, 4, True), 32: Tile(32, 128, 4, 3, True)},
 }
 STATS_ELEMS = 4096   # x elements per step of the norm prologue (all of K for one token)
