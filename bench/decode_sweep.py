@@ -54,10 +54,14 @@ def apply(kv: str, cfg: tuple) -> None:
         DECODE.HPP_16BIT, DECODE.TILES_16BIT = hpp, (block_n, stages, warps)
 
 
+CASES: list[tuple] = []  # --cases: (B, L, sets) instead of the defaults
+
+
 def cases(kv: str) -> dict:
+    """(B, L, kv) -> problem; sets > 1: timed in a CUDA graph over that many cache copies."""
     L = 64 if SMOKE else 4096
-    pairs = [(64, 1), (8, 4), (1, 16)] if not SMOKE else [(2, 1), (1, 2)]
-    return {(B, L, kv): KB.Paged(B, L, kv, sets=sets, seed=B) for B, sets in pairs}
+    triples = CASES or ([(64, L, 1), (8, L, 4), (1, L, 16)] if not SMOKE else [(2, L, 1), (1, L, 2)])
+    return {(B, n, kv): KB.Paged(B, n, kv, sets=sets, seed=B) for B, n, sets in triples}
 
 
 def time_case(p, outs) -> float:
@@ -138,15 +142,16 @@ def pick(rows: list, kv: str):
 
 
 def report(rows: list, chosen: dict) -> str:
-    lines = ["| kv | HPP | BLOCK_N | stages | warps | B=64 us (TB/s) | B=8 graph us | B=1 graph us |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = sorted({tuple(r["case"][:2]) for r in rows if "us" in r}, reverse=True)
+    lines = ["| kv | HPP | BLOCK_N | stages | warps | " + " | ".join(
+        f"B={b} L={n} us (TB/s)" for b, n in keys) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(keys)]
     by = {}
     for r in rows:
         if "us" in r:
-            by.setdefault((r["kv"], tuple(r["cfg"])), {})[r["case"][0]] = r
+            by.setdefault((r["kv"], tuple(r["cfg"])), {})[tuple(r["case"][:2])] = r
     for (kv, cfg), cs in sorted(by.items()):
-        cell = [f"{cs[b]['us']:.1f}" + (f" ({cs[b]['TBps']:.2f})" if b == 64 else "")
-                if b in cs else "-" for b in (64, 8, 1)]
+        cell = [f"{cs[k]['us']:.1f} ({cs[k]['TBps']:.2f})" if k in cs else "-" for k in keys]
         mark = " **chosen**" if chosen.get(kv) == cfg else ""
         lines.append(f"| {kv}{mark} | {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]} | "
                      + " | ".join(cell) + " |")
@@ -163,23 +168,29 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true", help="CPU dry run under the interpreter")
     ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--cases", nargs="*", default=None,
+                    help="problems as B,L,SETS (SETS > 1: timed in a graph over rotated copies)")
+    ap.add_argument("--kv", nargs="*", default=["fp8", "bf16"], choices=["fp8", "bf16"])
+    ap.add_argument("--no-splits", action="store_true", help="skip the split-plan sweep")
     ap.add_argument("--only", nargs="*", default=None,
                     help="configs to sweep as HPP,BLOCK_N,STAGES,WARPS (default: the grid)")
     args = ap.parse_args()
     ONLY.extend(tuple(int(x) for x in c.split(",")) for c in args.only or [])
+    CASES.extend(tuple(int(x) for x in c.split(",")) for c in args.cases or [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + args.budget_s
     rows: list = []
     chosen = {}
-    for kv in ("fp8", "bf16"):
+    for kv in args.kv:
         sweep(kv, rows, deadline)
         chosen[kv] = pick(rows, kv)
         print("chosen", kv, chosen[kv], flush=True)
-    for kv in ("fp8", "bf16"):
+    for kv in args.kv:
         if chosen[kv] is not None:
             apply(kv, chosen[kv])
-    split_sweep(rows, deadline)
+    if not args.no_splits:
+        split_sweep(rows, deadline)
     meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 torch=torch.__version__, argv=sys.argv, chosen=chosen)
     (out / "decode-sweep.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1,
