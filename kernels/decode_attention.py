@@ -55,9 +55,10 @@ TILES_FP8 = (128, 5, 4)
 HPP_16BIT = 1
 HPP_FP8 = 1
 # Overrides by grid size before splitting (num_seqs * num_kv_heads <= max_programs), first
-# match wins (FP8 batch 1 keeps one head per program: 12.0 vs 16.5 us at 4k): (max_programs, fp8, (BLOCK_N, NUM_STAGES, NUM_WARPS), HPP). Measured: B=1 x 4k
+# match wins: (max_programs, fp8, (BLOCK_N, NUM_STAGES, NUM_WARPS), HPP). Measured: B=1 x 4k
 # 16-bit in a graph 11.9 us with 128-token tiles vs 14.2; FP8 B=8 x 4k 33.7 us with two heads
-# per program vs 39.8. Empty it to use the defaults above for every batch (tests do).
+# per program vs 39.8, but FP8 B=1 12.0 us with one vs 16.5. Empty it to use the defaults
+# above for every batch (tests do).
 BATCH_TILES = ((16, False, (128, 5, 4), 1),
                (16, True, (128, 5, 4), 1),
                (128, True, (64, 5, 4), 2))
