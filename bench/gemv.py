@@ -74,6 +74,11 @@ SWEEP = {   # per M, after the kernel kind's default (kernels/gemv.py TILES); sm
     32: [Tile(32, 128, 4, 3, True), Tile(64, 128, 4, 3, True)],
 }
 SWEEP[16] = SWEEP[8]
+WIDE_M1 = [Tile(bn, bk, w, st, False) for bn, bk, w, st in (   # --m1-wide (one token)
+    (8, 512, 4, 4), (8, 1024, 4, 4), (8, 512, 4, 6), (8, 256, 4, 6), (4, 1024, 4, 4),
+    (16, 256, 4, 4), (16, 256, 4, 6), (16, 512, 4, 4), (16, 128, 4, 6), (32, 128, 4, 4),
+    (32, 128, 4, 6), (32, 64, 4, 6), (64, 64, 4, 4), (64, 64, 4, 6), (16, 512, 8, 4),
+    (32, 256, 4, 4), (8, 512, 2, 4))]
 if SMOKE:
     SWEEP = {m: [Tile(16, 32, 4, 2, False), Tile(16, 64, 4, 2, True)] for m in MS}
 SWEEP_BUDGET_S = 150     # past this, only the default tile is timed (the whole run must stay < 4 min)
@@ -331,25 +336,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="directory for gemv.json and gemv.md")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run under the Triton interpreter")
+    ap.add_argument("--m1-wide", action="store_true",
+                    help="one token only, a wider tile sweep; writes gemv-tiles.json "
+                    "(for $SPLITSERVE_GEMV_TILES)")
     args = ap.parse_args()
+    ms, chain_ms = (MS, (1, 8))
+    if args.m1_wide:
+        ms, chain_ms = (1,), (1,)
+        if not SMOKE:
+            SWEEP[1] = WIDE_M1
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     RESULTS["device"] = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name()
     RESULTS["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     RESULTS["default_tiles"] = {kind: {m: list(t) for m, t in tiles.items()} for kind, tiles in GEMV.TILES.items()}
     bw = ceiling() or 4.17
-    for m in MS:
+    for m in ms:
         for name in SHAPES:
             shape_case(name, m, bw)
             if not SMOKE:
                 torch.cuda.empty_cache()
-    for m in (1, 8):
+    for m in chain_ms:
         chain_case(m, bw, layers=2 if SMOKE else 8)
     try:
         RESULTS["suggested_tiles"] = suggested_tiles()
     except Exception as e:   # a table with gaps must not lose the results
         RESULTS["errors"].append(f"suggested_tiles: {type(e).__name__}: {e}")
     (args.out / "gemv.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    if RESULTS.get("suggested_tiles"):
+        (args.out / "gemv-tiles.json").write_text(json.dumps(RESULTS["suggested_tiles"]))
     (args.out / "gemv.md").write_text(markdown())
     log(f"wrote {args.out / 'gemv.json'} and gemv.md; {len(RESULTS['errors'])} errors")
     print(markdown(), flush=True)

@@ -23,6 +23,8 @@ bench/gemv.py tile fits in shared memory, streams W with 16-byte cp.async and sp
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import NamedTuple
 
 import torch
@@ -45,11 +47,12 @@ class Tile(NamedTuple):
 
 
 # Per kind (plain linear, norm prologue, norm + SiLU epilogue: two accumulators) and M class
-# (tokens rounded up to a power of two). Chosen without a GPU from what sm_90 builds of them
-# need (registers, no spills, shared memory: see bench/gemv.py), to be replaced by the
-# fastest of bench/gemv.py's sweep.
-# M=1 tiles: the H200 sweep's fastest (bench/results/gemv-2026-11-29.md); M>1 from sm_90 builds
-# only -- the engine uses these kernels for one-token steps, where they beat cuBLAS + glue.
+# (tokens rounded up to a power of two). M=1: the H200 sweep's fastest (bench/gemv.py,
+# bench/results/gemv-2026-11-29.md); M>1 chosen from sm_90 builds only (registers, no spills,
+# shared memory) -- the engine uses these kernels for one-token steps, where they beat cuBLAS +
+# glue. A JSON file named by $SPLITSERVE_GEMV_TILES ({kind: {M: [block_n, block_k, warps,
+# stages, use_dot]}}, what `bench/gemv.py` writes as gemv-tiles.json) overrides entries at
+# import: tuned tiles for another GPU without a code change.
 TILES = {
     "plain": {1: Tile(8, 512, 4, 4, False), 2: Tile(16, 256, 4, 4, False), 4: Tile(16, 256, 4, 4, True),
               8: Tile(16, 256, 4, 4, True), 16: Tile(16, 256, 4, 4, True), 32: Tile(32, 128, 4, 3, True)},
@@ -59,6 +62,27 @@ TILES = {
              8: Tile(32, 128, 4, 4, True), 16: Tile(32, 128, 4, 4, True), 32: Tile(32, 128, 4, 3, True)},
 }
 STATS_ELEMS = 4096   # x elements per step of the norm prologue (all of K for one token)
+
+
+def load_tile_overrides(path: str) -> dict:
+    """{kind: {m: Tile}} from a tiles JSON; unknown kinds, M classes or malformed tiles raise."""
+    with open(path) as f:
+        raw = json.load(f)
+    out: dict = {}
+    for kind, per_m in raw.items():
+        if kind not in TILES:
+            raise ValueError(f"{path}: unknown kernel kind {kind!r} (known: {sorted(TILES)})")
+        for m, t in per_m.items():
+            if int(m) not in TILES[kind] or len(t) != 5:
+                raise ValueError(f"{path}: {kind}[{m}] must be an M class in {sorted(TILES[kind])} "
+                                 f"with [block_n, block_k, warps, stages, use_dot], got {t!r}")
+            out.setdefault(kind, {})[int(m)] = Tile(int(t[0]), int(t[1]), int(t[2]), int(t[3]), bool(t[4]))
+    return out
+
+
+if os.environ.get("SPLITSERVE_GEMV_TILES"):
+    for _kind, _tiles in load_tile_overrides(os.environ["SPLITSERVE_GEMV_TILES"]).items():
+        TILES[_kind].update(_tiles)
 
 
 def tile_for(m: int, kind: str = "plain") -> Tile:

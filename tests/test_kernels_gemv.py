@@ -164,3 +164,18 @@ def test_wrong_arguments_raise():
         norm_linear(x, ln, 1e-5, w, res, res[:1].clone())
     with pytest.raises(ValueError, match="odd"):
         norm_linear(x, ln, 1e-5, w[:31], silu=True)
+
+
+def test_tile_overrides_file(tmp_path):
+    """$SPLITSERVE_GEMV_TILES files (bench/gemv.py's gemv-tiles.json) parse to Tiles; a wrong kind,
+    M class or tile shape is refused with the file named."""
+    from splitserve.kernels.gemv import load_tile_overrides
+    good = tmp_path / "tiles.json"
+    good.write_text('{"silu": {"1": [64, 64, 4, 6, false]}, "plain": {"8": [16, 256, 4, 4, true]}}')
+    assert load_tile_overrides(str(good)) == {"silu": {1: Tile(64, 64, 4, 6, False)},
+                                              "plain": {8: Tile(16, 256, 4, 4, True)}}
+    for bad in ('{"gelu": {"1": [8, 512, 4, 4, false]}}', '{"plain": {"3": [8, 512, 4, 4, false]}}',
+                '{"plain": {"1": [8, 512, 4]}}'):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(ValueError, match="bad.json"):
+            load_tile_overrides(str(tmp_path / "bad.json"))
