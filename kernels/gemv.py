@@ -56,9 +56,9 @@ class Tile(NamedTuple):
 TILES = {
     "plain": {1: Tile(8, 512, 4, 4, False), 2: Tile(16, 256, 4, 4, False), 4: Tile(16, 256, 4, 4, True),
               8: Tile(16, 256, 4, 4, True), 16: Tile(16, 256, 4, 4, True), 32: Tile(32, 128, 4, 3, True)},
-    "norm": {1: Tile(8, 1024, 4, 4, False), 2: Tile(16, 256, 4, 4, False), 4: Tile(16, 256, 4, 4, True),
+    "norm": {1: Tile(8, 512, 2, 4, False), 2: Tile(16, 256, 4, 4, False), 4: Tile(16, 256, 4, 4, True),
              8: Tile(32, 128, 4, 4, True), 16: Tile(32, 128, 4, 4, True), 32: Tile(32, 128, 4, 3, True)},
-    "silu": {1: Tile(32, 128, 4, 4, False), 2: Tile(32, 128, 4, 4, False), 4: Tile(32, 128, 4, 4, True),
+    "silu": {1: Tile(8, 512, 2, 4, False), 2: Tile(32, 128, 4, 4, False), 4: Tile(32, 128, 4, 4, True),
              8: Tile(32, 128, 4, 4, True), 16: Tile(32, 128, 4, 4, True), 32: Tile(32, 128, 4, 3, True)},
 }
 STATS_ELEMS = 4096   # x elements per step of the norm prologue (all of K for one token)
