@@ -27,6 +27,10 @@ Timing: triton.testing.do_bench medians (it flushes L2 between calls); graphs: C
 around replays, median of 20. Prints a table last; writes JSON to $OUT/kernels.json (default
 ./bench/results/kernels-latest.json), the table beside it (-table.txt) and the prefill/extend
 rows as markdown (-prefill.md).
+
+This file holds the decode and flex sections, the decode tuning, the report and main; the shared
+setup, timers and RESULTS are in bench/kbench.py, the prefill/extend cases, their tuning and
+markdown in bench/kernels_prefill.py.
 """
 from __future__ import annotations
 
@@ -36,109 +40,21 @@ import json
 import math
 import os
 import sys
-import traceback
-import types
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = "--smoke" in sys.argv   # CPU dry run of the whole script under the Triton interpreter
-if SMOKE:
-    os.environ["TRITON_INTERPRET"] = "1"
+# bench/ is not a package: its siblings must import both when this runs as a script and when
+# it is loaded by path (bench/decode_sweep.py does, and reads its names off this module)
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
-
-def import_kernels():
-    """splitserve.kernels from this checkout, installed or not (the device has no install)."""
-    try:
-        import splitserve.kernels  # noqa: F401
-    except ImportError:
-        pkg = types.ModuleType("splitserve")
-        pkg.__path__ = [str(REPO / "splitserve"), str(REPO)]   # kernels/ -> splitserve.kernels
-        sys.modules["splitserve"] = pkg
-    import splitserve.kernels as kernels
-    import splitserve.kernels.decode_attention as decode_mod
-    import splitserve.kernels.extend_attention as extend_mod
-    import splitserve.kernels.prefill_attention as prefill_mod
-    import splitserve.kernels.testing as testing
-    return kernels, decode_mod, extend_mod, prefill_mod, testing
-
-
-K, DECODE, EXTEND, PREFILL, TESTING = import_kernels()
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
-
-HQ, HKV, D, PAGE = 32, 8, 128, 16
-DEV = "cpu" if SMOKE else "cuda"
-if SMOKE:
-    TESTING.patch_interpreter_bf16_dot()
-RESULTS: dict = {"decode": [], "decode_graph": [], "prefill": [], "extend": [], "tune": [],
-                 "flex": [], "errors": []}
-
-
-def bench(fn) -> float:
-    """Median microseconds of fn (do_bench flushes the L2 before each call)."""
-    if SMOKE:
-        import time
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e6
-    return do_bench(fn, warmup=25, rep=150, return_mode="median") * 1e3
-
-
-def bench_graph(fns, replays: int = 20) -> float:
-    """Median microseconds per fn of a CUDA graph that calls each of fns once."""
-    if SMOKE:
-        return sum(bench(f) for f in fns) / len(fns)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(fns))
-    times.sort()
-    return times[len(times) // 2]
-
-
-def host_time(fn, n: int = 200) -> float:
-    """Microseconds of host time per call (launch + wrapper), the GPU kept busy meanwhile."""
-    import time
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(5e8))          # ~0.25 s of GPU spin so the launch queue never drains
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    dt = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    return dt
-
-
-def section(name):
-    def deco(fn):
-        def run(*a, **kw):
-            try:
-                return fn(*a, **kw)
-            except Exception as e:  # keep going: one broken section must not waste the run
-                msg = f"{name}: {type(e).__name__}: {e}"
-                print("ERROR", msg, flush=True)
-                traceback.print_exc()
-                RESULTS["errors"].append(msg[:2000])
-        return run
-    return deco
+from kbench import (D, DECODE, DEV, EXTEND, HKV, HQ, PAGE, REPO, RESULTS,  # noqa: E402
+                    SMOKE, TESTING, K, _pick, bench, bench_graph, host_time, section)
+from kernels_prefill import (NEW_TILE_NAMES, extend_case, new_tiles,  # noqa: E402
+                             prefill_markdown, tune_prefill, tune_prefill_new)
+import triton  # noqa: E402  (after kbench: --smoke sets TRITON_INTERPRET first)
 
 
 # ---------------------------------------------------------------- problem construction
@@ -235,7 +151,7 @@ def decode_case(B: int, L: int, kv: str, copy_bw: float, graph: bool):
         row["host_us"] = host_time(lambda: p.decode(0, out))
         if kv == "bf16":
             row["sdpa_host_us"] = host_time(lambda: sdpa_decode(p.q, k, v))
-    del k, v
+    k = v = None   # free them (the timing lambdas hold them; not del: pyflakes)
     RESULTS["decode"].append(row)
     print("decode", row, flush=True)
     if graph:
@@ -251,7 +167,7 @@ def decode_case(B: int, L: int, kv: str, copy_bw: float, graph: bool):
             del kvs
         RESULTS["decode_graph"].append(grow)
         print("decode_graph", grow, flush=True)
-    del p
+    p = None
     torch.cuda.empty_cache()
 
 
@@ -289,162 +205,7 @@ def flex_case(B: int = 8, L: int = 4096):
     print("flex", row, flush=True)
 
 
-def extend_problem(B: int, ctx: int, q_len: int, kv: str, seed: int):
-    return TESTING.make_paged_case([ctx + q_len] * B, [q_len] * B, HQ, HKV, D, PAGE,
-                                   torch.bfloat16, torch.bfloat16 if kv == "bf16" else K.FP8_DTYPE,
-                                   device="cpu", seed=seed)
-
-
-def to_dev(c):
-    for f in ("q", "k_cache", "v_cache", "query_start_loc", "seq_lens", "block_tables",
-              "k_scale", "v_scale"):
-        t = getattr(c, f)
-        if t is not None:
-            setattr(c, f, t.to(DEV))
-    return c
-
-
-def gpu_case(B: int, ctx: int, q_len: int, kv: str, seed: int):
-    """Like make_paged_case but generated on the GPU (fast for 16k tokens); no NaN tails."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    S = ctx + q_len
-    nblk = (S + PAGE - 1) // PAGE
-    shape = (B * nblk, PAGE, HKV, D)
-    if kv == "fp8":
-        kc = (torch.randn(shape, device=DEV, generator=g) * 40).clamp(-448, 448).to(K.FP8_DTYPE)
-        vc = (torch.randn(shape, device=DEV, generator=g) * 40).clamp(-448, 448).to(K.FP8_DTYPE)
-        ks = torch.rand(HKV, device=DEV, generator=g) * 0.02 + 0.01
-        vs = torch.rand(HKV, device=DEV, generator=g) * 0.02 + 0.01
-    else:
-        kc = torch.randn(shape, device=DEV, generator=g, dtype=torch.bfloat16)
-        vc = torch.randn(shape, device=DEV, generator=g, dtype=torch.bfloat16)
-        ks = vs = None
-    tables = torch.randperm(B * nblk, device=DEV, generator=g).to(torch.int32).view(B, nblk)
-    q = torch.randn(B * q_len, HQ, D, device=DEV, generator=g, dtype=torch.bfloat16)
-    qsl = torch.arange(0, B + 1, device=DEV, dtype=torch.int32) * q_len
-    seq_lens = torch.full((B,), S, device=DEV, dtype=torch.int32)
-    return types.SimpleNamespace(q=q, k_cache=kc, v_cache=vc, query_start_loc=qsl,
-                                 seq_lens=seq_lens, block_tables=tables, k_scale=ks,
-                                 v_scale=vs, scale=D ** -0.5, max_query_len=q_len)
-
-
-def run_extend(c, out=None):
-    return K.paged_extend_attention(c.q, c.k_cache, c.v_cache, c.query_start_loc, c.seq_lens,
-                                    c.block_tables, c.scale, c.k_scale, c.v_scale,
-                                    max_query_len=c.max_query_len, out=out)
-
-
-def fused_qkv(c, k, v, B: int, q_len: int):
-    """q, k, v of the new tokens as views of one [T, (HQ + 2 HKV) * D] buffer (the engine's
-    qkv projection output); k, v ([B, HKV, S, D] contiguous, for SDPA) give the new rows."""
-    T = B * q_len
-    buf = torch.empty(T, (HQ + 2 * HKV) * D, device=DEV, dtype=torch.bfloat16)
-    qn = buf[:, :HQ * D].view(T, HQ, D)
-    kn = buf[:, HQ * D:(HQ + HKV) * D].view(T, HKV, D)
-    vn = buf[:, (HQ + HKV) * D:].view(T, HKV, D)
-    qn.copy_(c.q)
-    kn.copy_(k[:, :, -q_len:].transpose(1, 2).reshape(T, HKV, D))
-    vn.copy_(v[:, :, -q_len:].transpose(1, 2).reshape(T, HKV, D))
-    return qn, kn, vn
-
-
-def run_new(c, qkv, out=None, quantize_new_kv=True):
-    return K.paged_prefill_attention(qkv[0], qkv[1], qkv[2], c.k_cache, c.v_cache,
-                                     c.query_start_loc, c.seq_lens, c.block_tables, c.scale,
-                                     c.k_scale, c.v_scale, max_query_len=c.max_query_len,
-                                     out=out, quantize_new_kv=quantize_new_kv)
-
-
-NEW_TILE_NAMES = ("BLOCK_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES", "USE_TMA")
-
-
-def new_tiles() -> tuple:
-    return tuple(getattr(PREFILL, n) for n in NEW_TILE_NAMES)
-
-
-def set_new_tiles(cfg: tuple) -> None:
-    for name, value in zip(NEW_TILE_NAMES, cfg):
-        setattr(PREFILL, name, value)
-
-
-def contiguous_kv(c, B, S):
-    def gather(cache, scale):
-        x = cache[c.block_tables.long()].view(B, -1, HKV, D)[:, :S]
-        x = x.float() * scale[None, None, :, None] if scale is not None else x
-        return x.to(torch.bfloat16).transpose(1, 2).contiguous()
-    return gather(c.k_cache, c.k_scale), gather(c.v_cache, c.v_scale)
-
-
-def sdpa_extend(q, k, v, q_len, S):
-    from torch.nn.attention.bias import causal_lower_right
-    if q_len == S:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                enable_gqa=True)
-    # lower-right causal bias; expand GQA heads up front (the bias path may lack enable_gqa)
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=causal_lower_right(q_len, S))
-
-
-@section("extend")
-def extend_case(B: int, ctx: int, q_len: int, kv: str, kind: str):
-    c = gpu_case(B, ctx, q_len, kv, seed=ctx + q_len + B)
-    S = ctx + q_len
-    out = torch.full_like(c.q, float("nan"))
-    run_extend(c, out)
-    k, v = contiguous_kv(c, B, S)
-    qkv = fused_qkv(c, k, v, B, q_len)
-    qb = c.q.view(B, q_len, HQ, D).transpose(1, 2)
-    if q_len != S:
-        k, v = (x.repeat_interleave(HQ // HKV, dim=1) for x in (k, v))
-    ref_sd = sdpa_extend(qb, k, v, q_len, S).transpose(1, 2).reshape(-1, HQ, D)
-    err_sdpa = TESTING.rel_err(out, ref_sd)
-    out_new = torch.full_like(c.q, float("nan"))
-    run_new(c, qkv, out_new)
-    err_new_sdpa = TESTING.rel_err(out_new, ref_sd)
-    err = err_new = None
-    if B * q_len * S <= 4096 * 4096:   # float32 reference fits comfortably
-        meta = (c.query_start_loc, c.seq_lens, c.block_tables, c.scale, c.k_scale, c.v_scale)
-        err = TESTING.rel_err(out, K.paged_attention_ref(c.q, c.k_cache, c.v_cache, *meta))
-        err_new = TESTING.rel_err(out_new, K.prefill_attention_ref(*qkv, c.k_cache, c.v_cache,
-                                                                   *meta))
-        assert err < 1e-2, f"{kind} B={B} ctx={ctx} q={q_len} {kv}: rel err {err:.2e}"
-        assert err_new < 1e-2, f"{kind} B={B} ctx={ctx} q={q_len} {kv}: new rel err {err_new:.2e}"
-    assert err_sdpa < 2e-2, f"{kind} vs SDPA rel err {err_sdpa:.2e}"
-    assert err_new_sdpa < 2e-2, f"{kind} new kernel vs SDPA rel err {err_new_sdpa:.2e}"
-    flops = 4 * B * HQ * D * q_len * (ctx + (q_len + 1) / 2)
-    us = bench(lambda: run_extend(c, out))
-    row = dict(B=B, ctx=ctx, q_len=q_len, kv=kv, us=us, TFLOPs=flops / us / 1e6,
-               rel_err=err, rel_err_vs_sdpa=err_sdpa,
-               tiles=(EXTEND.BLOCK_M, EXTEND.BLOCK_N, EXTEND.NUM_WARPS, EXTEND.NUM_STAGES))
-    row["new_us"] = bench(lambda: run_new(c, qkv, out_new))
-    row.update(new_TFLOPs=flops / row["new_us"] / 1e6, new_rel_err=err_new,
-               new_rel_err_vs_sdpa=err_new_sdpa, new_tiles=new_tiles())
-    if kv == "fp8":   # the new tokens unquantized (quantize_new_kv=False)
-        row["new_unquantized_us"] = bench(lambda: run_new(c, qkv, out_new, False))
-    if kv == "bf16":
-        row["sdpa_us"] = bench(lambda: sdpa_extend(qb, k, v, q_len, S))
-        row["sdpa_TFLOPs"] = flops / row["sdpa_us"] / 1e6
-        row["ratio_vs_sdpa"] = row["sdpa_us"] / us
-        row["new_ratio_vs_sdpa"] = row["sdpa_us"] / row["new_us"]
-    RESULTS[kind].append(row)
-    print(kind, row, flush=True)
-    del c, k, v, qkv
-    torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------- tuning
-def _pick(kernel: str) -> tuple:
-    """The config whose times, each over its case's best, sum lowest."""
-    rows = [r for r in RESULTS["tune"] if r["kernel"] == kernel and "us" in r]
-    best: dict = {}
-    for r in rows:
-        best[r["case"]] = min(best.get(r["case"], float("inf")), r["us"])
-    score: dict = {}
-    for r in rows:
-        score[r["cfg"]] = score.get(r["cfg"], 0.0) + r["us"] / best[r["case"]]
-    return min(score, key=score.get)
-
-
 def _sweep(kernel: str, cfgs, apply, cases, outs) -> tuple:
     for cfg in cfgs[:2] if SMOKE else cfgs:
         apply(cfg)
@@ -506,105 +267,6 @@ def tune_decode():
     del bf, fp, both, bf_out, fp_out
     torch.cuda.empty_cache()
 
-
-@section("tune-prefill")
-def tune_prefill():
-    L, ctx, q_len = (40, 40, 8) if SMOKE else (4096, 4096, 512)
-    c = gpu_case(1, 0, L, "bf16", seed=4)
-    ce = gpu_case(4, ctx, q_len, "bf16", seed=5)
-    out, oute = torch.empty_like(c.q), torch.empty_like(ce.q)
-    results = {}
-    for cfg in [(64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (128, 128, 8, 2),
-                (128, 64, 8, 3), (64, 128, 4, 3), (64, 32, 4, 4), (128, 128, 8, 3)][
-                    :2 if SMOKE else None]:
-        EXTEND.BLOCK_M, EXTEND.BLOCK_N, EXTEND.NUM_WARPS, EXTEND.NUM_STAGES = cfg
-        try:
-            t = bench(lambda: run_extend(c, out))
-            te = bench(lambda: run_extend(ce, oute))
-        except Exception as e:
-            RESULTS["tune"].append(dict(kernel="extend", cfg=cfg, error=str(e)[:300]))
-            continue
-        flops = 4 * HQ * D * L * (L + 1) / 2
-        flops_e = 4 * 4 * HQ * D * q_len * (ctx + (q_len + 1) / 2)
-        RESULTS["tune"].append(dict(kernel="extend", cfg=cfg, prefill_us=t,
-                                    prefill_TFLOPs=flops / t / 1e6, extend_us=te,
-                                    extend_TFLOPs=flops_e / te / 1e6))
-        results[cfg] = (t, te)
-        print("tune extend", cfg, f"prefill {flops / t / 1e6:.0f} TFLOP/s, "
-              f"extend {flops_e / te / 1e6:.0f} TFLOP/s", flush=True)
-    best_p = min(v[0] for v in results.values())
-    best_e = min(v[1] for v in results.values())
-    cfg = min(results, key=lambda k: results[k][0] / best_p + results[k][1] / best_e)
-    EXTEND.BLOCK_M, EXTEND.BLOCK_N, EXTEND.NUM_WARPS, EXTEND.NUM_STAGES = cfg
-    RESULTS["extend_config"] = dict(BLOCK_M=cfg[0], BLOCK_N=cfg[1], NUM_WARPS=cfg[2],
-                                    NUM_STAGES=cfg[3])
-    c8 = gpu_case(4, ctx, q_len, "fp8", seed=6)
-    out8 = torch.empty_like(c8.q)
-    fp16 = {}
-    for flag in (True, False):
-        EXTEND.FP8_FP16_COMPUTE = flag
-        fp16[flag] = bench(lambda: run_extend(c8, out8))
-        RESULTS["tune"].append(dict(kernel="extend-fp8-compute", cfg=("fp16" if flag else "bf16"),
-                                    extend_us=fp16[flag]))
-        print("tune extend fp8 fp16-compute", flag, f"{fp16[flag]:.1f} us", flush=True)
-    EXTEND.FP8_FP16_COMPUTE = fp16[True] <= fp16[False]
-    RESULTS["extend_config"]["FP8_FP16_COMPUTE"] = EXTEND.FP8_FP16_COMPUTE
-    print("extend config chosen:", RESULTS["extend_config"], flush=True)
-    del c, ce, c8
-    torch.cuda.empty_cache()
-
-
-@section("tune-prefill-new")
-def tune_prefill_new():
-    """paged_prefill_attention's tiles (NEW_TILE_NAMES) on a causal 8k prefill and a
-    4 x (4096 cached + 512 new) extend; checked against SDPA per config."""
-    cases = {}
-    for key, (B, ctx, q_len) in (("prefill", (1, 0, 40 if SMOKE else 8192)),
-                                 ("extend", (2, 40, 8) if SMOKE else (4, 4096, 512))):
-        c = gpu_case(B, ctx, q_len, "bf16", seed=7)
-        k, v = contiguous_kv(c, B, ctx + q_len)
-        qkv = fused_qkv(c, k, v, B, q_len)
-        if ctx:
-            k, v = (x.repeat_interleave(HQ // HKV, dim=1) for x in (k, v))
-        ref = sdpa_extend(c.q.view(B, q_len, HQ, D).transpose(1, 2), k, v, q_len, ctx + q_len)
-        flops = 4 * B * HQ * D * q_len * (ctx + (q_len + 1) / 2)
-        cases[key] = (c, qkv, ref.transpose(1, 2).reshape(-1, HQ, D), flops)
-        del k, v
-    # all fit the H200's 227 KiB of shared memory (compiled for sm_90 with Triton 3.9)
-    cfgs = [(128, 64, 8, 3, False), (128, 64, 8, 4, False), (128, 128, 8, 2, False),
-            (128, 128, 8, 3, False), (64, 64, 4, 3, False), (128, 64, 4, 3, False),
-            (128, 128, 8, 2, True), (128, 128, 8, 3, True), (128, 64, 8, 4, True),
-            (128, 64, 8, 3, True)]
-    default = new_tiles()
-    for cfg in [cfgs[0], cfgs[-1]] if SMOKE else cfgs:
-        set_new_tiles(cfg)
-        rows = []
-        try:   # e.g. out of shared memory for a config: it fails as a whole
-            for key, (c, qkv, ref, flops) in cases.items():
-                out = torch.full_like(c.q, float("nan"))
-                run_new(c, qkv, out)
-                err = TESTING.rel_err(out, ref)
-                assert err < 2e-2, f"{key}: rel err {err:.2e} vs SDPA"
-                t = bench(lambda: run_new(c, qkv, out))
-                rows.append(dict(kernel="prefill-new", cfg=cfg, case=key, us=t,
-                                 TFLOPs=flops / t / 1e6, rel_err=err))
-                print("tune prefill-new", cfg, key, f"{flops / t / 1e6:.0f} TFLOP/s", flush=True)
-        except Exception as e:
-            RESULTS["tune"].append(dict(kernel="prefill-new", cfg=cfg,
-                                        error=f"{type(e).__name__}: {str(e)[:300]}"))
-            print("tune prefill-new", cfg, "failed:", str(e)[:200], flush=True)
-            continue
-        RESULTS["tune"].extend(rows)
-    ok = any(r["kernel"] == "prefill-new" and "us" in r for r in RESULTS["tune"])
-    cfg = _pick("prefill-new") if ok else default
-    set_new_tiles(cfg)
-    RESULTS["prefill_config"] = dict(zip(NEW_TILE_NAMES, cfg))
-    print("prefill config chosen:", RESULTS["prefill_config"], flush=True)
-    del cases
-    if not SMOKE:
-        torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------- report
 def decode_table() -> list[str]:
     lines = ["", "decode (KV read TB/s; ratio = SDPA time / ours)",
@@ -653,23 +315,6 @@ def table() -> str:
     if RESULTS["errors"]:
         lines += ["", "ERRORS:"] + [f"  {e[:300]}" for e in RESULTS["errors"]]
     return "\n".join(lines)
-
-
-def prefill_markdown() -> str:
-    """The prefill/extend rows as the markdown table of bench/results/kernels.md, with the
-    paged_prefill_attention ("new") columns beside paged_extend_attention ("paged")."""
-    def f(r, key, fmt):
-        return format(r[key], fmt) if r.get(key) is not None else ""
-    lines = ["| B | cached ctx | new tokens | kv | paged us | paged TFLOP/s | new us | "
-             "new TFLOP/s | SDPA TFLOP/s | paged ratio | new ratio |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in RESULTS["prefill"] + RESULTS["extend"]:
-        lines.append(f"| {r['B']} | {r['ctx']} | {r['q_len']} | {r['kv']} | {f(r, 'us', '.1f')} | "
-                     f"{f(r, 'TFLOPs', '.0f')} | {f(r, 'new_us', '.1f')} | "
-                     f"{f(r, 'new_TFLOPs', '.0f')} | {f(r, 'sdpa_TFLOPs', '.0f')} | "
-                     f"{f(r, 'ratio_vs_sdpa', '.2f')} | {f(r, 'new_ratio_vs_sdpa', '.2f')} |")
-    return "\n".join(lines) + f"\n\nnew kernel tiles: {RESULTS.get('prefill_config')}\n"
-
 
 def save() -> None:
     out_dir = Path(os.environ.get("OUT", REPO / "bench" / "results"))
