@@ -19,6 +19,10 @@ timeout still leaves data):
   hf        transformers LlamaForCausalLM on the same weights, generate(cache_implementation=
             "static"), eager (auto-compile disabled), per-step time from two generate lengths;
             runs right after decode-bf16 on that engine's weights (B=1, 32, then 8, at 1k)
+
+This file holds the ceiling, ttft, prefill, engine32 and decode sections, the table, the markdown
+and main; the shared setup, timers and R are in bench/engine_common.py, the float32 reference
+(correct) and the transformers baseline (hf) in bench/engine_ref.py.
 """
 from __future__ import annotations
 
@@ -32,79 +36,25 @@ import subprocess
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = "--smoke" in sys.argv
-if SMOKE:
-    os.environ["TRITON_INTERPRET"] = "1"
+# bench/ is not a package: its siblings must import both when this runs as a script and when
+# it is loaded by path or as bench.engine (bench/profile_step.py does, and reads its names off it)
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
+from engine_common import (BATCHES, CONTEXTS, DEV, DTYPE, PREFILLS, REPO, SHAPE,  # noqa: E402
+                           SMOKE, R, now_s, rand_prompt, section, sync, timed, write_json)
+from engine_ref import bench_correct, bench_hf  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-try:
-    import splitserve.engine  # noqa: F401
-except ImportError:   # the device has no install: map the package folders by hand
-    pkg = types.ModuleType("splitserve")
-    pkg.__path__ = [str(REPO / "splitserve"), str(REPO)]    # engine/, kernels/ -> splitserve.*
-    sys.modules["splitserve"] = pkg
+import torch  # noqa: E402  (after engine_common: --smoke sets TRITON_INTERPRET first)
 
 from splitserve.config import Config  # noqa: E402
 from splitserve.engine.cuda_graph import DecodeInputs  # noqa: E402
 from splitserve.engine.engine import LLMEngine  # noqa: E402
 from splitserve.engine.loader import load_dummy  # noqa: E402
 from splitserve.engine.request import SamplingParams  # noqa: E402
-
-DEV = torch.device("cpu" if SMOKE else "cuda")
-SHAPE, DTYPE = ("tiny", "float16") if SMOKE else ("llama3-8b", "bfloat16")
-BATCHES = (1, 8) if SMOKE else (1, 8, 32, 128, 256)
-CONTEXTS = (64, 200) if SMOKE else (1024, 8192)
-PREFILLS = (64, 256) if SMOKE else (1024, 8192, 32768)
-NEAR_TIE = 0.1          # float32 logit margin under which a greedy mismatch is a near-tie
-R: dict = {"errors": []}
-T0 = time.time()
-
-
-def now_s() -> float:
-    return time.time() - T0
-
-
-def sync() -> None:
-    if DEV.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, reps: int, warmup: int = 2) -> float:
-    """Median wall seconds of fn() (fn must end with a host sync)."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
-def section(name: str, fn, args) -> None:
-    if now_s() > args.budget_s:
-        print(f"[{now_s():6.1f}s] skip {name}: over the time budget", flush=True)
-        R["errors"].append(f"{name}: skipped (time budget)")
-        return
-    print(f"[{now_s():6.1f}s] --- {name}", flush=True)
-    try:
-        fn(args)
-    except Exception as exc:   # keep going: the other sections still measure
-        traceback.print_exc()
-        R["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
-    write_json(args)
-
-
-def write_json(args) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine-gpu.json").write_text(json.dumps(R, indent=1, default=str))
 
 
 # ------------------------------------------------------------------ ceilings
@@ -120,7 +70,7 @@ def bench_ceiling(args) -> None:
     t = timed(lambda: (x @ y, sync()), 3 if SMOKE else 20)
     R["matmul_tflops"] = 2 * m ** 3 / t / 1e12
     print(f"copy {R['copy_tbps']:.2f} TB/s (read+write), bf16 matmul {R['matmul_tflops']:.0f} TFLOP/s")
-    del a, b, x, y
+    a = b = x = y = None   # free them (the timing lambdas hold them; not del: pyflakes)
 
 
 # ------------------------------------------------------------------ engine construction
@@ -153,108 +103,6 @@ def weight_bytes(model) -> int:
     """Bytes a decode step reads: every layer weight, the final norm and the LM head."""
     n = sum(t.numel() * t.element_size() for lw in model.layers for t in lw.values() if t is not None)
     return n + model.lm_head.numel() * model.lm_head.element_size() + model.w["model.norm.weight"].nbytes
-
-
-def rand_prompt(gen: torch.Generator, n: int, vocab: int) -> list[int]:
-    return torch.randint(2, vocab, (n,), generator=gen).tolist()
-
-
-# ------------------------------------------------------------------ correctness
-def llama3_inv_freq(arch) -> torch.Tensor:
-    """RoPE frequencies written out independently of engine/model.py (float64)."""
-    d = arch.head_dim
-    inv = 1.0 / arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    rs = arch.rope_scaling
-    if not rs:
-        return inv
-    f, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
-    wl = 2 * torch.pi / inv
-    out = inv.clone()
-    for i in range(len(inv)):
-        if wl[i] > old / lo:
-            out[i] = inv[i] / f
-        elif wl[i] >= old / hi:
-            s = (old / wl[i] - lo) / (hi - lo)
-            out[i] = (1 - s) * inv[i] / f + s * inv[i]
-    return out
-
-
-@torch.inference_mode()
-def reference_logits(model, arch, tokens: list[int], first: int) -> torch.Tensor:
-    """float32 eager forward of the whole sequence (no cache); logits of positions >= first."""
-    def norm(x, w):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + arch.rms_norm_eps) * w.float()
-    n, hq, hk, d = len(tokens), arch.num_heads, arch.num_kv_heads, arch.head_dim
-    ids = torch.tensor(tokens, device=DEV)
-    x = model.w["model.embed_tokens.weight"][ids].float()
-    ang = torch.arange(n, device=DEV, dtype=torch.float64)[:, None] * llama3_inv_freq(arch).to(DEV)[None]
-    cos, sin = ang.cos().float(), ang.sin().float()                   # [n, d/2]
-
-    def rope(t):   # t: [n, H, d], rotate-half convention
-        a, b = t[..., :d // 2], t[..., d // 2:]
-        c, s = cos[:, None], sin[:, None]
-        return torch.cat([a * c - b * s, b * c + a * s], -1)
-    for lw in model.layers:
-        h = norm(x, lw["ln1"])
-        wq, wk, wv = lw["qkv"].float().split([hq * d, hk * d, hk * d])
-        q = rope((h @ wq.T).view(n, hq, d)).transpose(0, 1)
-        k = rope((h @ wk.T).view(n, hk, d)).transpose(0, 1).repeat_interleave(hq // hk, 0)
-        v = (h @ wv.T).view(n, hk, d).transpose(0, 1).repeat_interleave(hq // hk, 0)
-        s = (q @ k.transpose(1, 2)) * d ** -0.5
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=DEV).triu(1), float("-inf"))
-        o = (s.softmax(-1) @ v).transpose(0, 1).reshape(n, hq * d)
-        x = x + o @ lw["o"].float().T
-        h = norm(x, lw["ln2"])
-        g, u = (h @ lw["gate_up"].float().T).chunk(2, -1)
-        x = x + (torch.nn.functional.silu(g) * u) @ lw["down"].float().T
-    x = norm(x[first:], model.w["model.norm.weight"])
-    return x @ model.lm_head.float().T
-
-
-class _CausalSDPA:
-    """Plain causal attention over one whole sequence (no cache): the engine model's own bf16
-    eager logits, used only to measure how far bf16 rounding moves the logits."""
-    def forward(self, layer, q, k, v):
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True)
-        return o.transpose(0, 1).contiguous()
-
-
-def bench_correct(args) -> None:
-    eng = args.eng
-    gen = torch.Generator().manual_seed(1)
-    lens = (5, 33, 17, 70, 2) if SMOKE else (13, 100, 257, 611, 1000, 31)
-    new = 8 if SMOKE else 12
-    prompts = [rand_prompt(gen, n, eng.arch.vocab_size) for n in lens]
-    outs = eng.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True))
-    rows, match, ties, bad, margins, noises = [], 0, 0, 0, [], []
-    for p, o in zip(prompts, outs):
-        seq = p + o.token_ids
-        ref = reference_logits(eng.model, eng.arch, seq[:-1], len(p) - 1)        # [new, V]
-        ids = torch.tensor(seq[:-1], device=DEV)
-        low = eng.model.forward(ids, torch.arange(len(ids), device=DEV), _CausalSDPA())[len(p) - 1:]
-        noise = (low - ref).pow(2).mean(-1).sqrt()          # rms bf16-vs-f32 logit error per row
-        top2 = ref.topk(2, dim=-1)
-        for j, tok in enumerate(o.token_ids):
-            best = int(top2.indices[j, 0])
-            margins.append(float(top2.values[j, 0] - top2.values[j, 1]))
-            if tok == best:
-                match += 1
-                continue
-            gap = float(ref[j, best] - ref[j, tok])
-            tol = max(NEAR_TIE, 3 * float(noise[j]))
-            kind = "near-tie" if gap < tol else "MISMATCH"
-            ties += kind == "near-tie"
-            bad += kind == "MISMATCH"
-            rows.append({"prompt_len": len(p), "step": j, "engine": tok, "ref": best, "gap": gap,
-                         "tol": tol, "kind": kind})
-        noises.append(float(noise.mean()))
-    R["correctness"] = {"prompt_lens": lens, "new_tokens": new, "tokens": match + ties + bad, "match": match,
-                        "near_ties": ties, "mismatches": bad, "near_tie_margin": f"max({NEAR_TIE}, 3 x rms(bf16 eager - f32 logits) of the row)",
-                        "rms_bf16_logit_error": statistics.mean(noises) if noises else None,
-                        "median_top2_margin": statistics.median(margins), "details": rows, "passed": bad == 0}
-    print(f"correctness: {match}/{match + ties + bad} equal, {ties} near-ties, {bad} mismatches "
-          f"(median float32 top-2 margin {statistics.median(margins):.3f}) {rows}", flush=True)
 
 
 # ------------------------------------------------------------------ TTFT / TPOT, prefill, engine decode
@@ -409,64 +257,6 @@ def bench_decode(args) -> None:
             R["decode"].append(row)
             print(f"decode {kv_name} B={b:3d} ctx={ctx:5d}: {t * 1e3:7.2f} ms/step {b / t:8.0f} tok/s | "
                   f"roofline {roof * 1e3:6.2f} ms ({t / roof:.2f}x) | {nbytes / t / 1e12:.2f} TB/s", flush=True)
-
-
-# ------------------------------------------------------------------ transformers baseline
-def hf_model(model, arch):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
-                      intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_layers,
-                      num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_kv_heads,
-                      head_dim=arch.head_dim, rope_theta=arch.rope_theta, rope_scaling=arch.rope_scaling,
-                      rms_norm_eps=arch.rms_norm_eps, max_position_embeddings=arch.max_position_embeddings,
-                      tie_word_embeddings=arch.tie_word_embeddings)
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(cfg)
-    q, kv = arch.q_size, arch.kv_size
-    sd = {"model.embed_tokens.weight": model.w["model.embed_tokens.weight"],
-          "model.norm.weight": model.w["model.norm.weight"], "lm_head.weight": model.lm_head}
-    for i, lw in enumerate(model.layers):   # views into the engine's fused tensors: no copy
-        p = f"model.layers.{i}."
-        wq, wk, wv = lw["qkv"].split([q, kv, kv])
-        g, u = lw["gate_up"].chunk(2)
-        sd.update({p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk,
-                   p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": lw["o"],
-                   p + "mlp.gate_proj.weight": g, p + "mlp.up_proj.weight": u,
-                   p + "mlp.down_proj.weight": lw["down"], p + "input_layernorm.weight": lw["ln1"],
-                   p + "post_attention_layernorm.weight": lw["ln2"]})
-    hf.load_state_dict(sd, assign=True, strict=False)
-    with torch.device(DEV):                       # rebuild the rotary buffers left on meta
-        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)
-    return hf.eval()
-
-
-@torch.inference_mode()
-def bench_hf(args) -> None:
-    hf = hf_model(args.model, args.arch)
-    # transformers 5 torch.compiles static-cache decoding on CUDA by default; the first device run
-    # (2026-11-29) spent its whole time budget recompiling (1.9 s/step at B=1): time it eager
-    hf.generation_config.disable_compile = True
-    R["hf"] = []
-    ctx = CONTEXTS[0]
-    for b in (1, 32, 8) if not SMOKE else (1, 8):   # the two of record first
-        if b != 1 and now_s() > args.budget_s + 30:
-            R["errors"].append(f"hf: B={b} skipped (time budget)")
-            continue
-        ids = torch.randint(2, args.arch.vocab_size, (b, ctx), device=DEV)
-        n1, n2 = (2, 6) if SMOKE else (4, 36)
-
-        def gen(n):
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                        do_sample=False, cache_implementation="static", pad_token_id=0)
-            sync()
-        gen(n1)
-        t1 = timed(lambda: gen(n1), 1, warmup=0)
-        t2 = timed(lambda: gen(n2), 1, warmup=0)
-        step = (t2 - t1) / (n2 - n1)
-        R["hf"].append({"batch": b, "context": ctx, "step_s": step, "tok_s": b / step,
-                        "compiled": False})
-        write_json(args)
-        print(f"hf static-cache generate B={b} ctx={ctx}: {step * 1e3:.2f} ms/step {b / step:.0f} tok/s", flush=True)
 
 
 # ------------------------------------------------------------------ table
