@@ -97,29 +97,7 @@ def time_graph(fns, replays: int = 20) -> float:
         for f in fns:
             f()
         return (time.perf_counter() - t) * 1e6 / len(fns)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for f in fns:          # warm-up outside capture: compiles, cuBLAS handles
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(fns))
-    times.sort()
-    del graph
-    return times[len(times) // 2]
+    return TESTING.graph_time_us(fns, replays)
 
 
 def section(fn):

@@ -130,5 +130,45 @@ def check_seq_metadata(seq_lens: torch.Tensor, block_tables: torch.Tensor,
     check(seq_lens.stride(0) == 1, lambda: "seq_lens must be contiguous")
 
 
+def check_attention_args(q: torch.Tensor, q_layout: str, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                         v_scale: torch.Tensor | None) -> bool:
+    """q [rows, num_q_heads, head_dim] against the paged caches (shared by every attention
+    wrapper): dtypes, head_dim, GQA divisibility, equal K/V strides. Returns whether FP8."""
+    fp8 = check_kv_cache(k_cache, v_cache, k_scale, v_scale)
+    check_dim("q", q, 3, q_layout)
+    check_dtype("q", q, ACT_DTYPES)
+    check_last_contiguous("q", q)
+    _, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    check(head_dim == k_cache.shape[3],
+          lambda: f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
+    check(num_q_heads % num_kv_heads == 0,
+          lambda: f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    check(fp8 or k_cache.dtype == q.dtype,
+          lambda: f"q is {q.dtype} but the cache is {k_cache.dtype}; a non-FP8 cache must match q")
+    check(k_cache.stride() == v_cache.stride(),
+          lambda: f"k_cache strides {k_cache.stride()} differ from v_cache strides "
+          f"{v_cache.stride()}")
+    return fp8
+
+
+def check_query_start_loc(query_start_loc: torch.Tensor) -> int:
+    """int32 contiguous [num_seqs + 1] cumulative query offsets; returns num_seqs."""
+    check_dim("query_start_loc", query_start_loc, 1, "[num_seqs + 1]")
+    check(query_start_loc.dtype == torch.int32,
+          lambda: f"query_start_loc must be int32, got {query_start_loc.dtype}")
+    check(query_start_loc.shape[0] >= 1 and query_start_loc.stride(0) == 1,
+          lambda: "query_start_loc must be contiguous with num_seqs + 1 >= 1 entries")
+    return query_start_loc.shape[0] - 1
+
+
+def check_out_like(out: torch.Tensor, q: torch.Tensor) -> None:
+    """A preallocated output with q's shape and dtype, last dim contiguous."""
+    check(out.shape == q.shape and out.dtype == q.dtype,
+          lambda: f"out must be {q.dtype} {tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
+    check_last_contiguous("out", out)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())

@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, check_kv_cache,
-                      check_last_contiguous, check_seq_metadata, next_pow2, sm_count)
+from ._common import (check, check_attention_args, check_device, check_out_like,
+                      check_seq_metadata, next_pow2, sm_count)
 from .splitkv_reduce import splitkv_reduce
 
 # Tuning (H200, Llama-3-8B heads; bench/decode_sweep.py, bench/results/decode-sweep-*.md).
@@ -254,26 +254,12 @@ def alloc_split_kv_scratch(num_seqs: int, num_q_heads: int, head_dim: int, num_s
 
 def _check_decode_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale,
                        out) -> bool:
-    fp8 = check_kv_cache(k_cache, v_cache, k_scale, v_scale)
-    check_dim("q", q, 3, "[num_seqs, num_q_heads, head_dim]")
-    check_dtype("q", q, ACT_DTYPES)
-    check_last_contiguous("q", q)
-    num_seqs, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    check(head_dim == k_cache.shape[3],
-          lambda: f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
-    check(num_q_heads % num_kv_heads == 0,
-          lambda: f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    check(fp8 or k_cache.dtype == q.dtype,
-          lambda: f"q is {q.dtype} but the cache is {k_cache.dtype}; a non-FP8 cache must match q")
-    check(k_cache.stride() == v_cache.stride(),
-          lambda: f"k_cache strides {k_cache.stride()} differ from v_cache strides "
-          f"{v_cache.stride()}")
+    fp8 = check_attention_args(q, "[num_seqs, num_q_heads, head_dim]", k_cache, v_cache,
+                               k_scale, v_scale)
+    num_seqs = q.shape[0]
     check_seq_metadata(seq_lens, block_tables, num_seqs)
     if out is not None:
-        check(out.shape == q.shape and out.dtype == q.dtype,
-              lambda: f"out must be {q.dtype} {tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
-        check_last_contiguous("out", out)
+        check_out_like(out, q)
     check_device("q", q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                  seq_lens=seq_lens, k_scale=k_scale, v_scale=v_scale, out=out)
     return fp8

@@ -35,8 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, check_kv_cache,
-                      check_last_contiguous, check_seq_metadata)
+from ._common import (check, check_attention_args, check_device, check_dim,
+                      check_last_contiguous, check_out_like, check_query_start_loc,
+                      check_seq_metadata)
 from .kv_write import round_to_e4m3_grid
 
 # Tiles: swept on the H200, head_dim 128 (`bench/kernels.py --tune --only prefill`, 10 configs,
@@ -251,34 +252,16 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      (default; equals paged_extend_attention) or unquantized (False).
     Sequences with q_len 0 are skipped. No host sync.
     """
-    fp8 = check_kv_cache(k_cache, v_cache, k_scale, v_scale)
-    check_dim("q", q, 3, "[num_tokens, num_q_heads, head_dim]")
-    check_dtype("q", q, ACT_DTYPES)
-    check_last_contiguous("q", q)
+    fp8 = check_attention_args(q, "[num_tokens, num_q_heads, head_dim]", k_cache, v_cache,
+                               k_scale, v_scale)
     _check_new_kv(q, k, v, k_cache)
     num_tokens, num_q_heads, head_dim = q.shape
     _, page, num_kv_heads, _ = k_cache.shape
-    check(head_dim == k_cache.shape[3],
-          lambda: f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
-    check(num_q_heads % num_kv_heads == 0,
-          lambda: f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    check(fp8 or k_cache.dtype == q.dtype,
-          lambda: f"q is {q.dtype} but the cache is {k_cache.dtype}; a non-FP8 cache must match q")
-    check(k_cache.stride() == v_cache.stride(),
-          lambda: f"k_cache strides {k_cache.stride()} differ from v_cache strides "
-          f"{v_cache.stride()}")
-    check_dim("query_start_loc", query_start_loc, 1, "[num_seqs + 1]")
-    check(query_start_loc.dtype == torch.int32,
-          lambda: f"query_start_loc must be int32, got {query_start_loc.dtype}")
-    check(query_start_loc.shape[0] >= 1 and query_start_loc.stride(0) == 1,
-          lambda: "query_start_loc must be contiguous with num_seqs + 1 >= 1 entries")
-    num_seqs = query_start_loc.shape[0] - 1
+    num_seqs = check_query_start_loc(query_start_loc)
     check_seq_metadata(seq_lens, block_tables, num_seqs)
     if out is None:
         out = torch.empty_like(q)
-    check(out.shape == q.shape and out.dtype == q.dtype,
-          lambda: f"out must be {q.dtype} {tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
-    check_last_contiguous("out", out)
+    check_out_like(out, q)
     check_device("q", q, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
                  query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
                  k_scale=k_scale, v_scale=v_scale, out=out)

@@ -143,3 +143,30 @@ def setup_kernel_tests() -> str:
         if kernels:
             importlib.reload(mod)
     return "cpu"
+
+
+def graph_time_us(fns, replays: int = 20) -> float:
+    """Median microseconds per fn of a CUDA graph that calls each of fns once (the benches'
+    timer: warmed up outside capture -- compiles, cuBLAS handles -- then timed by events)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(fns))
+    times.sort()
+    return times[len(times) // 2]

@@ -113,21 +113,10 @@ def test_triton_backend_logits_match_torch_backend():
     assert steps >= 5
 
 
-@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
-def test_fused_glue_matches_plain_torch_model(kv_dtype):
-    """The GPU path's fused layer glue (Triton RMSNorm+residual, RoPE+KV write, SiLU-and-mul,
-    cos/sin cache) against the plain torch model with the torch backend, step by step: the
-    fused kernels round where the torch code rounds, so nearly all of layer 0's KV (written
-    before any attention output feeds it) is bit-equal (the RMS sum's order can flip a last
-    bit of the normed input), and logits agree to fp16 rounding."""
+def _lockstep(a, b):
+    """Run engine a's scheduled steps through both models' forwards on the same inputs;
+    yield (inputs, logits_a, logits_b) per step, a's greedy tokens driving both schedules."""
     from splitserve.engine.model_runner import build_inputs
-    from splitserve.engine.request import SamplingParams
-    a, b = _engine("torch", kv_dtype, "float16"), _engine("triton", kv_dtype, "float16")
-    assert b.model.fused and not a.model.fused
-    assert hasattr(b.runner.attn, "rope_write_kv")
-    for p in PROMPTS:
-        a.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True))
-    steps = 0
     while a.has_unfinished():
         sched = a.scheduler.schedule()
         inp = build_inputs(sched, a.pool.block_size, a.device)
@@ -135,10 +124,28 @@ def test_fused_glue_matches_plain_torch_model(kv_dtype):
         la = a.model.forward(inp.input_ids, inp.positions, a.runner.attn, inp.logits_indices)
         b.runner.attn.prepare(inp.meta)
         lb = b.model.forward(inp.input_ids, inp.positions, b.runner.attn, inp.logits_indices)
-        torch.testing.assert_close(lb, la, rtol=2e-2, atol=2e-2)
+        yield inp, la, lb
         toks = la.argmax(-1).tolist()
         reqs = [sched.chunks[i].request for i in inp.sampling_rows]
         a.scheduler.update_from_output(sched, {r.request_id: t for r, t in zip(reqs, toks)})
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
+def test_fused_glue_matches_plain_torch_model(kv_dtype):
+    """The GPU path's fused layer glue (Triton RMSNorm+residual, RoPE+KV write, SiLU-and-mul,
+    cos/sin cache) against the plain torch model with the torch backend, step by step: the
+    fused kernels round where the torch code rounds, so nearly all of layer 0's KV (written
+    before any attention output feeds it) is bit-equal (the RMS sum's order can flip a last
+    bit of the normed input), and logits agree to fp16 rounding."""
+    from splitserve.engine.request import SamplingParams
+    a, b = _engine("torch", kv_dtype, "float16"), _engine("triton", kv_dtype, "float16")
+    assert b.model.fused and not a.model.fused
+    assert hasattr(b.runner.attn, "rope_write_kv")
+    for p in PROMPTS:
+        a.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True))
+    steps = 0
+    for _, la, lb in _lockstep(a, b):
+        torch.testing.assert_close(lb, la, rtol=2e-2, atol=2e-2)
         steps += 1
     ka, kb = a.kv_cache.kv[0].float(), b.kv_cache.kv[0].float()
     written = ka != 0
@@ -174,7 +181,6 @@ def test_gemv_path_matches_gemm_path():
     model rounds; only float32 summation orders differ) and greedy tokens are equal. The
     threshold is raised to 16 here (the engine's default is 1: measured faster only there)
     so the path runs at several token counts, with padding rows."""
-    from splitserve.engine.model_runner import build_inputs
     SMALL_BATCH_TOKENS = 16
     from splitserve.engine.request import SamplingParams
     a, b = _engine("triton", "auto", "float16"), _engine("triton", "auto", "float16")
@@ -183,18 +189,9 @@ def test_gemv_path_matches_gemm_path():
     for p in PROMPTS:
         a.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True))
     sizes = []
-    while a.has_unfinished():
-        sched = a.scheduler.schedule()
-        inp = build_inputs(sched, a.pool.block_size, a.device)
-        a.runner.attn.prepare(inp.meta)
-        la = a.model.forward(inp.input_ids, inp.positions, a.runner.attn, inp.logits_indices)
-        b.runner.attn.prepare(inp.meta)
-        lb = b.model.forward(inp.input_ids, inp.positions, b.runner.attn, inp.logits_indices)
+    for inp, la, lb in _lockstep(a, b):
         torch.testing.assert_close(lb, la, rtol=2e-2, atol=2e-2)
-        toks = la.argmax(-1).tolist()
-        assert lb.argmax(-1).tolist() == toks
-        reqs = [sched.chunks[i].request for i in inp.sampling_rows]
-        a.scheduler.update_from_output(sched, {r.request_id: t for r, t in zip(reqs, toks)})
+        assert lb.argmax(-1).tolist() == la.argmax(-1).tolist()
         sizes.append(inp.input_ids.shape[0])
     assert min(sizes) <= SMALL_BATCH_TOKENS < max(sizes), sizes    # both paths ran
     torch.testing.assert_close(b.kv_cache.kv, a.kv_cache.kv, rtol=2e-2, atol=2e-2)
