@@ -38,7 +38,8 @@ def gpu_case(B: int, ctx: int, q_len: int, kv: str, seed: int):
     shape = (B * nblk, PAGE, HKV, D)
     if kv == "fp8":
         kc = (torch.randn(shape, device=DEV, generator=g) * 40).clamp(-448, 448).to(K.FP8_DTYPE)
-        vc = (torch.randn(shape, device=DEV, generator=g) * 40).clamp(-448, 448).to(K.FP8_DTYPE)
+        vc = K.token_minor_v(  # the engine's FP8 V pages
+            (torch.randn(shape, device=DEV, generator=g) * 40).clamp(-448, 448).to(K.FP8_DTYPE))
         ks = torch.rand(HKV, device=DEV, generator=g) * 0.02 + 0.01
         vs = torch.rand(HKV, device=DEV, generator=g) * 0.02 + 0.01
     else:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels.reference import FP8_DTYPE, write_kv_ref
+from ..kernels.reference import FP8_DTYPE, token_minor_v, write_kv_ref
 
 
 @dataclass
@@ -46,14 +46,18 @@ class KVCache:
     """All layers' paged KV in one tensor: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim].
 
     Region (layer, k|v, block) is contiguous, which is what kvtransfer moves. FP8 caches carry
-    per-(layer, k|v, kv-head) float32 scales [num_layers, 2, num_kv_heads]."""
+    per-(layer, k|v, kv-head) float32 scales [num_layers, 2, num_kv_heads] and store their V
+    pages token-minor (bytes [num_kv_heads, head_dim, block_size] per page, see
+    kernels.reference.token_minor_v): `layer(i)` hands out the logical views either way."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: str | torch.device):
+                 head_dim: int, dtype: torch.dtype, device: str | torch.device,
+                 v_token_minor: bool | None = None):
         self.kv = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
                               dtype=dtype, device=device)
         self.scales = (torch.ones(num_layers, 2, num_kv_heads, dtype=torch.float32, device=device)
                        if dtype == FP8_DTYPE else None)
+        self.v_token_minor = dtype == FP8_DTYPE if v_token_minor is None else v_token_minor
 
     @property
     def num_blocks(self) -> int:
@@ -67,7 +71,8 @@ class KVCache:
         ks = vs = None
         if self.scales is not None:
             ks, vs = self.scales[i, 0], self.scales[i, 1]
-        return self.kv[i, 0], self.kv[i, 1], ks, vs
+        v = token_minor_v(self.kv[i, 1]) if self.v_token_minor else self.kv[i, 1]
+        return self.kv[i, 0], v, ks, vs
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -92,7 +97,7 @@ class TorchPagedAttention:
         n, s_max, q_max = meta.num_seqs, meta.max_seq_len, meta.max_query_len
         pos = torch.arange(s_max, device=device)
         blk = meta.block_tables.long().gather(1, (pos // bs).expand(n, -1).clamp(max=meta.block_tables.shape[1] - 1))
-        self._kv_index = blk * bs + pos % bs                                  # [n, s_max]
+        self._kv_index = (blk, (pos % bs).expand(n, -1))                     # [n, s_max] each
         q_lens = torch.tensor(meta.query_lens_host, device=device)
         seq_lens = torch.tensor(meta.seq_lens_host, device=device)
         qi = torch.arange(q_max, device=device)
@@ -119,8 +124,7 @@ class TorchPagedAttention:
         return flat
 
     def _gather(self, cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        flat = cache.view(-1, *cache.shape[2:])
-        g = flat[self._kv_index]                                               # [n, s_max, Hkv, D]
+        g = cache[self._kv_index]                                              # [n, s_max, Hkv, D]
         if scale is not None:
             g = g.float() * scale[:, None]
         return g.to(dtype).transpose(1, 2)

@@ -36,7 +36,8 @@ The fused layer glue of the engine's GPU path (references in `reference_fused.py
         rms_norm(+residual, the sum written to residual_out) -> linear (-> silu_and_mul) in one.
 
 Layouts and metadata are those of `reference.py`: caches [num_blocks, block_size,
-num_kv_heads, head_dim]; FP8 caches need float32 [num_kv_heads] scales (refused without).
+num_kv_heads, head_dim] (V pages token-major or token-minor, `token_minor_v`); FP8 caches
+need float32 [num_kv_heads] scales (refused without).
 Every wrapper checks shapes, dtypes, strides and devices and raises ValueError; none reads
 tensor values on the host.
 """
@@ -46,7 +47,7 @@ import importlib
 from typing import Any
 
 from .reference import (FP8_DTYPE, FP8_MAX, decode_attention_ref, paged_attention_ref,
-                        write_kv_ref)
+                        token_minor_v, write_kv_ref)
 from .reference_prefill import prefill_attention_ref
 from .reference_fused import (gemv_linear_ref, norm_linear_ref, rms_norm_ref, rope_cos_sin_cache,
                               rope_ref, rope_write_kv_ref, silu_and_mul_ref)
@@ -80,5 +81,6 @@ __all__ = [
     "paged_prefill_attention", "plan_decode_splits", "prefill_attention_ref", "rms_norm",
     "rms_norm_ref", "rope_cos_sin_cache", "rope_ref",
     "rope_write_kv", "rope_write_kv_ref", "silu_and_mul", "silu_and_mul_ref", "write_kv",
-    "write_kv_ref", "gemv_linear", "gemv_linear_ref", "norm_linear", "norm_linear_ref",
+    "write_kv_ref", "token_minor_v", "gemv_linear", "gemv_linear_ref", "norm_linear",
+    "norm_linear_ref",
 ]

@@ -92,7 +92,7 @@ def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor,
     check(v_cache.dtype == k_cache.dtype,
           lambda: f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
     check_last_contiguous("k_cache", k_cache)
-    check_last_contiguous("v_cache", v_cache)
+    v_token_minor(v_cache)
     check_head_dim(k_cache.shape[3])
     block_size = k_cache.shape[1]
     check(block_size >= 1 and block_size & (block_size - 1) == 0,
@@ -112,6 +112,20 @@ def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor,
               f"{tuple(scale.shape)}")
         check(scale.stride(0) == 1, lambda: f"{name} must be contiguous")
     return fp8
+
+
+def v_token_minor(v_cache: torch.Tensor) -> bool:
+    """Which of the two V page layouts `v_cache` [num_blocks, block_size, num_kv_heads, head_dim]
+    has (see `reference.token_minor_v`): False for head_dim-contiguous pages (any block / token /
+    head strides), True for token-minor pages, whose bytes are [num_kv_heads, head_dim,
+    block_size] (strides (*, 1, head_dim * block_size, block_size)). Anything else is refused."""
+    _, bs, _, d = v_cache.shape
+    if v_cache.stride(-1) == 1:
+        return False
+    check(v_cache.stride()[1:] == (1, d * bs, bs),
+          lambda: f"v_cache must be contiguous in head_dim or token-minor within a page (strides "
+          f"(*, 1, {d * bs}, {bs}), see reference.token_minor_v); got strides {v_cache.stride()}")
+    return True
 
 
 def check_seq_metadata(seq_lens: torch.Tensor, block_tables: torch.Tensor,
@@ -134,7 +148,7 @@ def check_attention_args(q: torch.Tensor, q_layout: str, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, k_scale: torch.Tensor | None,
                          v_scale: torch.Tensor | None) -> bool:
     """q [rows, num_q_heads, head_dim] against the paged caches (shared by every attention
-    wrapper): dtypes, head_dim, GQA divisibility, equal K/V strides. Returns whether FP8."""
+    wrapper): dtypes, head_dim, GQA divisibility. Returns whether FP8."""
     fp8 = check_kv_cache(k_cache, v_cache, k_scale, v_scale)
     check_dim("q", q, 3, q_layout)
     check_dtype("q", q, ACT_DTYPES)
@@ -147,9 +161,6 @@ def check_attention_args(q: torch.Tensor, q_layout: str, k_cache: torch.Tensor,
           lambda: f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     check(fp8 or k_cache.dtype == q.dtype,
           lambda: f"q is {q.dtype} but the cache is {k_cache.dtype}; a non-FP8 cache must match q")
-    check(k_cache.stride() == v_cache.stride(),
-          lambda: f"k_cache strides {k_cache.stride()} differ from v_cache strides "
-          f"{v_cache.stride()}")
     return fp8
 
 

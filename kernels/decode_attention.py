@@ -42,7 +42,8 @@ import triton
 import triton.language as tl
 
 from ._common import (check, check_attention_args, check_device, check_out_like,
-                      check_seq_metadata, next_pow2, sm_count)
+                      check_seq_metadata, next_pow2, sm_count, v_token_minor)
+from ._vpage import load_v_rows
 from .splitkv_reduce import splitkv_reduce
 
 # Tuning (H200, Llama-3-8B heads; bench/decode_sweep.py, bench/results/decode-sweep-*.md).
@@ -105,12 +106,14 @@ def _decode_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
     sm_scale,
     stride_qb, stride_qh,
-    stride_kb, stride_ko, stride_kh,       # v_cache has the same strides
+    stride_kb, stride_ko, stride_kh,
+    stride_vb, stride_vo, stride_vh,
     stride_bt, stride_ob, stride_oh,
     num_splits, num_q_heads,
     GROUP: tl.constexpr, HPP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr,
     FP8: tl.constexpr, FP16_COMPUTE: tl.constexpr, DIRECT_OUT: tl.constexpr,
+    V_TOKEN_MINOR: tl.constexpr = False, V_RUN: tl.constexpr = 1,
     FUSED_MERGE: tl.constexpr = False,
     MERGE_ROWS: tl.constexpr = 4, MERGE_S: tl.constexpr = 16,
 ):
@@ -142,10 +145,16 @@ def _decode_kernel(
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     # columns: BLOCK_N tokens x HPP kv heads, token-major, so one token's HPP head rows
-    # (adjacent in the cache) are adjacent in the tile
+    # (adjacent in the cache) are adjacent in the tile; head-major for token-minor V pages,
+    # so a page's tokens of one head are adjacent
     offs_c = tl.arange(0, BLOCK_N * HPP)
-    col_tok = offs_c // HPP
-    col_kvh = kvh0 + offs_c % HPP
+    if V_TOKEN_MINOR:
+        col_tok = offs_c % BLOCK_N
+        col_kvh = kvh0 + offs_c // BLOCK_N
+    else:
+        col_tok = offs_c // HPP
+        col_kvh = kvh0 + offs_c % HPP
+    v_head_off = col_kvh.to(tl.int64) * stride_vh
     same_head = row_kvh[:, None] == col_kvh[None, :]        # [BLOCK_H, BLOCK_N * HPP]
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -159,14 +168,15 @@ def _decode_kernel(
         row_off = blk[:, None] * stride_kb + (pos % PAGE).to(tl.int64)[:, None] * stride_ko
         k = tl.load(k_cache_ptr + row_off + col_off, mask=nmask[:, None],
                     other=0.0)                               # [BLOCK_N * HPP, D]
-        v = tl.load(v_cache_ptr + row_off + col_off, mask=nmask[:, None], other=0.0)
+        v = load_v_rows(v_cache_ptr, blk, pos, v_head_off, nmask, stride_vb, stride_vo,
+                        HEAD_DIM, PAGE, V_RUN, q.dtype, V_TOKEN_MINOR, True)
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2[:, None]
         s = tl.where(same_head & nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
 
     has = l_i > 0.0                                         # false: empty split or seq_len 0
@@ -315,12 +325,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         num_splits, num_q_heads,
         GROUP=group, HPP=hpp, BLOCK_H=max(16, next_pow2(group * hpp)), HEAD_DIM=head_dim, PAGE=page,
         BLOCK_N=block_n, MIN_CHUNK=max(MIN_CHUNK, block_n), FP8=fp8,
         FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE, DIRECT_OUT=direct,
         FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
+        V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, block_n),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct and not fused:

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ._common import (check, check_attention_args, check_device, check_out_like,
-                      check_query_start_loc, check_seq_metadata)
+                      check_query_start_loc, check_seq_metadata, v_token_minor)
+from ._vpage import load_v_rows
 
 # Tuning: H200, head_dim 128, swept by bench/kernels.py --tune (bench/results/kernels.md).
 BLOCK_M = 64
@@ -37,11 +38,12 @@ def _extend_kernel(
     block_tables_ptr, k_scale_ptr, v_scale_ptr,
     sm_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_ko, stride_kh,       # v_cache has the same strides
+    stride_kb, stride_ko, stride_kh,
+    stride_vb, stride_vo, stride_vh,
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
-    FP16_COMPUTE: tl.constexpr,
+    FP16_COMPUTE: tl.constexpr, V_TOKEN_MINOR: tl.constexpr = False, V_RUN: tl.constexpr = 1,
 ):
     mtile = tl.num_programs(0) - 1 - tl.program_id(0)   # heaviest causal tiles first
     head = tl.program_id(1)
@@ -75,7 +77,7 @@ def _extend_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kvh.to(tl.int64) * stride_kh + offs_d[None, :]
-    v_base = v_cache_ptr + kvh.to(tl.int64) * stride_kh + offs_d[None, :]
+    v_head_off = kvh.to(tl.int64) * stride_vh
 
     # phase 1: keys [0, full_end) precede every query of the tile: no mask needed
     full_end = (ctx + mtile * BLOCK_M) // BLOCK_N * BLOCK_N
@@ -84,13 +86,14 @@ def _extend_kernel(
         blk = tl.load(bt_row + pos // PAGE).to(tl.int64)
         off = (pos % PAGE).to(tl.int64)
         k = tl.load(k_base + blk[:, None] * stride_kb + off[:, None] * stride_ko)
-        v = tl.load(v_base + blk[:, None] * stride_kb + off[:, None] * stride_ko)
+        v = load_v_rows(v_cache_ptr, blk, pos, v_head_off, None, stride_vb, stride_vo,
+                        HEAD_DIM, PAGE, V_RUN, q.dtype, V_TOKEN_MINOR, False)
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2      # [BLOCK_M, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
 
     # phase 2: the diagonal: causal mask (key pos <= query pos) and the length mask
@@ -102,15 +105,15 @@ def _extend_kernel(
         off = (pos % PAGE).to(tl.int64)
         k = tl.load(k_base + blk[:, None] * stride_kb + off[:, None] * stride_ko,
                     mask=nmask[:, None], other=0.0)
-        v = tl.load(v_base + blk[:, None] * stride_kb + off[:, None] * stride_ko,
-                    mask=nmask[:, None], other=0.0)
+        v = load_v_rows(v_cache_ptr, blk, pos, v_head_off, nmask, stride_vb, stride_vo,
+                        HEAD_DIM, PAGE, V_RUN, q.dtype, V_TOKEN_MINOR, True)
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2
         s = tl.where((pos[None, :] <= q_pos[:, None]) & nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
         m_i = m_new
 
     # every row saw key full_end (<= its position, < seq_len), so l_i > 0 for all rows
@@ -165,9 +168,11 @@ def paged_extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, FP8=fp8, FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE,
+        V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, BLOCK_N),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out

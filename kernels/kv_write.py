@@ -39,7 +39,7 @@ def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kc_blk, stride_kc_off, stride_kc_h,
-    stride_vc_blk, stride_vc_off, stride_vc_h,
+    stride_vc_blk, stride_vc_off, stride_vc_h, stride_vc_d,
     num_kv_heads, block_size,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
@@ -68,7 +68,7 @@ def _write_kv_kernel(
     vc = v_cache_ptr + blk * stride_vc_blk + off * stride_vc_off
     tl.store(kc + offs_h[:, None] * stride_kc_h + offs_d[None, :],
              k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc + offs_h[:, None] * stride_vc_h + offs_d[None, :],
+    tl.store(vc + offs_h[:, None] * stride_vc_h + offs_d[None, :] * stride_vc_d,
              v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
@@ -80,6 +80,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     k, v:          [num_tokens, num_kv_heads, head_dim], fp16/bf16, last dim contiguous
                    (token and head strides are free, so views of a fused QKV output work)
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], fp16/bf16/fp8-e4m3
+                   (v_cache may be token-minor, `reference.token_minor_v`)
     slot_mapping:  int64 [num_tokens]; slot = block_id * block_size + offset; -1 = skip
     k_scale, v_scale: float32 [num_kv_heads], required for (and only for) an FP8 cache;
                    stored = saturate(value / scale) rounded to nearest-even e4m3.
@@ -117,7 +118,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k_scale if fp8 else k_cache, v_scale if fp8 else v_cache,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         num_kv_heads, k_cache.shape[1],
         HEAD_DIM=head_dim, BLOCK_H=next_pow2(num_kv_heads), FP8=fp8, FP8_MAX=FP8_MAX,
         num_warps=4,

@@ -37,7 +37,8 @@ import triton.language as tl
 
 from ._common import (check, check_attention_args, check_device, check_dim,
                       check_last_contiguous, check_out_like, check_query_start_loc,
-                      check_seq_metadata)
+                      check_seq_metadata, v_token_minor)
+from ._vpage import load_v_rows
 from .kv_write import round_to_e4m3_grid
 
 # Tiles: swept on the H200, head_dim 128 (`bench/kernels.py --tune --only prefill`, 10 configs,
@@ -69,29 +70,31 @@ def _softmax_step(q, k, v, qk_scale, m_i, l_i, acc, mask, v_scale, MASKED: tl.co
 
 @triton.jit
 def _prefix_loop(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kvh, ctx, qk_scale,
-                 v_scale, stride_cb, stride_co, stride_ch,
+                 v_scale, stride_cb, stride_co, stride_ch, stride_vb, stride_vo, stride_vh,
                  HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 FP8: tl.constexpr):
+                 FP8: tl.constexpr, V_TOKEN_MINOR: tl.constexpr, V_RUN: tl.constexpr):
     """Keys [0, ctx) from the paged cache, gathered per token through the block table."""
     offs_d = tl.arange(0, HEAD_DIM)
     k_base = k_cache_ptr + kvh.to(tl.int64) * stride_ch + offs_d[None, :]
-    v_base = v_cache_ptr + kvh.to(tl.int64) * stride_ch + offs_d[None, :]
+    v_head_off = kvh.to(tl.int64) * stride_vh
     full_end = ctx // BLOCK_N * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
-        row = (tl.load(bt_row + pos // PAGE).to(tl.int64) * stride_cb
-               + (pos % PAGE).to(tl.int64) * stride_co)[:, None]
+        blk = tl.load(bt_row + pos // PAGE).to(tl.int64)
+        row = (blk * stride_cb + (pos % PAGE).to(tl.int64) * stride_co)[:, None]
         k = tl.load(k_base + row).to(q.dtype)
-        v = tl.load(v_base + row).to(q.dtype)
+        v = load_v_rows(v_cache_ptr, blk, pos, v_head_off, None, stride_vb, stride_vo,
+                        HEAD_DIM, PAGE, V_RUN, q.dtype, V_TOKEN_MINOR, False)
         m_i, l_i, acc = _softmax_step(q, k, v, qk_scale, m_i, l_i, acc, None, v_scale,
                                       MASKED=False, SCALE_V=FP8)
     if full_end < ctx:
         pos = full_end + tl.arange(0, BLOCK_N)
         nmask = pos < ctx
-        row = (tl.load(bt_row + pos // PAGE, mask=nmask, other=0).to(tl.int64) * stride_cb
-               + (pos % PAGE).to(tl.int64) * stride_co)[:, None]
+        blk = tl.load(bt_row + pos // PAGE, mask=nmask, other=0).to(tl.int64)
+        row = (blk * stride_cb + (pos % PAGE).to(tl.int64) * stride_co)[:, None]
         k = tl.load(k_base + row, mask=nmask[:, None], other=0.0).to(q.dtype)
-        v = tl.load(v_base + row, mask=nmask[:, None], other=0.0).to(q.dtype)
+        v = load_v_rows(v_cache_ptr, blk, pos, v_head_off, nmask, stride_vb, stride_vo,
+                        HEAD_DIM, PAGE, V_RUN, q.dtype, V_TOKEN_MINOR, True)
         m_i, l_i, acc = _softmax_step(q, k, v, qk_scale, m_i, l_i, acc, nmask[None, :],
                                       v_scale, MASKED=True, SCALE_V=FP8)
     return m_i, l_i, acc
@@ -133,11 +136,12 @@ def _prefill_kernel(
     block_tables_ptr, k_scale_ptr, v_scale_ptr,
     sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_cb, stride_co, stride_ch,       # v_cache has the same strides
+    stride_cb, stride_co, stride_ch,
+    stride_cvb, stride_cvo, stride_cvh,    # v_cache (may be token-minor)
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, QUANT_NEW: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, V_TOKEN_MINOR: tl.constexpr = False, V_RUN: tl.constexpr = 1,
 ):
     mtile = tl.num_programs(0) - 1 - tl.program_id(0)   # heaviest causal tiles first
     head = tl.program_id(1)
@@ -169,7 +173,8 @@ def _prefill_kernel(
         bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
         m_i, l_i, acc = _prefix_loop(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kvh,
                                      ctx, qk_scale * k_sc, v_sc, stride_cb, stride_co,
-                                     stride_ch, HEAD_DIM, PAGE, BLOCK_N, FP8)
+                                     stride_ch, stride_cvb, stride_cvo, stride_cvh, HEAD_DIM,
+                                     PAGE, BLOCK_N, FP8, V_TOKEN_MINOR, V_RUN)
 
     # new tokens (QUANT_NEW: as stored, so their scales apply as to the prefix)
     new_qk_scale = qk_scale * k_sc if QUANT_NEW else qk_scale
@@ -282,10 +287,11 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, FP8=fp8, QUANT_NEW=fp8 and quantize_new_kv,
-        USE_TMA=use_tma,
+        USE_TMA=use_tma, V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, BLOCK_N),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out

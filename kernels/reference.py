@@ -6,6 +6,11 @@ what the engine runs on CPU.
 Paged KV layout (one layer):
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     slot = block_id * block_size + offset_in_block
+V pages come in two byte layouts with the same logical shape (and the same semantics): token-major
+like K ([block_size, num_kv_heads, head_dim] per page), or token-minor ([num_kv_heads, head_dim,
+block_size] per page, `token_minor_v`), where a page's tokens are adjacent for each (head, d):
+the P.V product reduces over tokens, and 8-bit tensor-core operands must be contiguous along
+the reduced dim, so FP8 caches use it (the K side, reduced over head_dim, is right as is).
 FP8 (e4m3) caches carry per-KV-head float32 scales: k_scale, v_scale: [num_kv_heads];
     real value = stored.float() * scale[head].
 Flat batch metadata (num_seqs sequences, num_tokens new tokens in all):
@@ -23,6 +28,15 @@ import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
+
+
+def token_minor_v(pages: torch.Tensor) -> torch.Tensor:
+    """A contiguous [num_blocks, block_size, num_kv_heads, head_dim] allocation used as
+    token-minor V pages: each page's bytes are [num_kv_heads, head_dim, block_size]. Returns the
+    logical [num_blocks, block_size, num_kv_heads, head_dim] view (strides (*, 1, D * bs, bs))
+    that every reference and kernel indexes as usual."""
+    nb, bs, h, d = pages.shape
+    return pages.view(nb, h, d, bs).permute(0, 3, 1, 2)
 
 
 def _check_scales(cache: torch.Tensor, scale: torch.Tensor | None, name: str) -> None:

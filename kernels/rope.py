@@ -32,7 +32,7 @@ def _rotate(x1, x2, c, s, DT: tl.constexpr):
 
 
 @triton.jit
-def _store_kv(cache_ptr, scale_ptr, x1, x2, offs_h, offs_d, mask, head_mask, stride_h,
+def _store_kv(cache_ptr, scale_ptr, x1, x2, offs_h, offs_d, mask, head_mask, stride_h, stride_d,
               HALF: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr):
     """One token's [H, D] row (as two halves) into its cache slot, quantized when FP8."""
     y1, y2 = x1.to(tl.float32), x2.to(tl.float32)
@@ -40,16 +40,16 @@ def _store_kv(cache_ptr, scale_ptr, x1, x2, offs_h, offs_d, mask, head_mask, str
         sc = tl.load(scale_ptr + offs_h, mask=head_mask, other=1.0)   # [H, 1]
         y1 = round_to_e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(y1, sc), -FP8_MAX), FP8_MAX))
         y2 = round_to_e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(y2, sc), -FP8_MAX), FP8_MAX))
-    p = cache_ptr + offs_h * stride_h + offs_d
+    p = cache_ptr + offs_h * stride_h + offs_d * stride_d
     tl.store(p, y1.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(p + HALF, y2.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(p + HALF * stride_d, y2.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rope_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
-    stride_kc_blk, stride_kc_off, stride_kc_h, stride_vc_blk, stride_vc_off, stride_vc_h,
+    stride_kc_blk, stride_kc_off, stride_kc_h, stride_vc_blk, stride_vc_off, stride_vc_h, stride_vc_d,
     num_q_heads, num_kv_heads, block_size,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     WRITE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
@@ -85,9 +85,10 @@ def _rope_write_kv_kernel(
         v1 = tl.load(vp, mask=mw, other=0.0)
         v2 = tl.load(vp + HALF, mask=mw, other=0.0)
         _store_kv(k_cache_ptr + blk * stride_kc_blk + off * stride_kc_off, k_scale_ptr, k1, k2,
-                  offs_hk, offs_d, mw, offs_hk < num_kv_heads, stride_kc_h, HALF, FP8, FP8_MAX)
+                  offs_hk, offs_d, mw, offs_hk < num_kv_heads, stride_kc_h, 1, HALF, FP8, FP8_MAX)
         _store_kv(v_cache_ptr + blk * stride_vc_blk + off * stride_vc_off, v_scale_ptr, v1, v2,
-                  offs_hk, offs_d, mw, offs_hk < num_kv_heads, stride_vc_h, HALF, FP8, FP8_MAX)
+                  offs_hk, offs_d, mw, offs_hk < num_kv_heads, stride_vc_h, stride_vc_d, HALF, FP8,
+                  FP8_MAX)
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
@@ -164,7 +165,7 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, posi
         k_scale if fp8 else cos_sin, v_scale if fp8 else cos_sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), vv.stride(0), vv.stride(1), cos_sin.stride(0),
         kc.stride(0), kc.stride(1), kc.stride(2) if write else 0,
-        vc.stride(0), vc.stride(1), vc.stride(2) if write else 0,
+        vc.stride(0), vc.stride(1), vc.stride(2) if write else 0, vc.stride(3) if write else 1,
         num_q_heads, k.shape[1], k_cache.shape[1] if write else 1,
         HALF=head_dim // 2, BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(k.shape[1]),
         WRITE=write, FP8=fp8, FP8_MAX=FP8_MAX, num_warps=4,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import FP8_DTYPE
+from .reference import FP8_DTYPE, token_minor_v
 
 
 @dataclass
@@ -31,11 +31,14 @@ class PagedCase:
 def make_paged_case(seq_lens: list[int], q_lens: list[int], num_q_heads: int,
                     num_kv_heads: int, head_dim: int, block_size: int,
                     dtype: torch.dtype, kv_dtype: torch.dtype, device: str | torch.device = "cpu",
-                    seed: int = 0, spare_blocks: int = 2) -> PagedCase:
+                    seed: int = 0, spare_blocks: int = 2,
+                    v_token_minor: bool | None = None) -> PagedCase:
     """A varlen batch: seq i has seq_lens[i] context tokens of which the last q_lens[i] are new.
 
     Physical blocks are shuffled so that logically adjacent blocks are not adjacent in memory.
     FP8 caches hold random e4m3 values with random per-head scales in [0.05, 0.5].
+    v_token_minor: V pages token-minor (`reference.token_minor_v`); default as the engine's
+    KVCache: for FP8 caches.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     nblks = [(s + block_size - 1) // block_size for s in seq_lens]
@@ -71,14 +74,24 @@ def make_paged_case(seq_lens: list[int], q_lens: list[int], num_q_heads: int,
         qsl.append(qsl[-1] + n)
     q = torch.randn(qsl[-1], num_q_heads, head_dim, generator=gen).to(dtype)
     dev = torch.device(device)
+    v_dev = v_cache.to(dev)
+    if kv_dtype == FP8_DTYPE if v_token_minor is None else v_token_minor:
+        v_dev = as_token_minor(v_dev)
     return PagedCase(
-        q=q.to(dev), k_cache=k_cache.to(dev), v_cache=v_cache.to(dev),
+        q=q.to(dev), k_cache=k_cache.to(dev), v_cache=v_dev,
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
         block_tables=tables.to(dev),
         k_scale=None if k_scale is None else k_scale.to(dev),
         v_scale=None if v_scale is None else v_scale.to(dev),
         scale=head_dim ** -0.5, max_query_len=max(q_lens + [0]))
+
+
+def as_token_minor(t: torch.Tensor) -> torch.Tensor:
+    """The same logical V cache [num_blocks, block_size, H, D] with token-minor pages."""
+    out = token_minor_v(torch.empty(t.shape, dtype=t.dtype, device=t.device))
+    out.copy_(t)
+    return out
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -46,6 +46,7 @@ class KVLayout:
     head_dim: int
     dtype: str = "bfloat16"
     has_scales: bool = False   # FP8 pools: per-layer [2, num_kv_heads] float32 scales travel too
+    v_token_minor: bool = False   # V pages' bytes [heads, head_dim, block_size] (engine FP8 caches)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:

@@ -75,7 +75,8 @@ class WorkerRuntime:
         kv = e.kv_cache.kv
         layout = KVLayout(num_layers=kv.shape[0], num_blocks=kv.shape[2], block_size=kv.shape[3],
                           num_kv_heads=kv.shape[4], head_dim=kv.shape[5],
-                          dtype=_KV_DTYPE_NAMES[str(kv.dtype)], has_scales=e.kv_cache.scales is not None)
+                          dtype=_KV_DTYPE_NAMES[str(kv.dtype)], has_scales=e.kv_cache.scales is not None,
+                          v_token_minor=e.kv_cache.v_token_minor)
         return TransferAgent(kv, layout, self.config.transfer, model=self.config.model.model,
                              free_blocks=self._lease_freed, scales=e.kv_cache.scales)
 

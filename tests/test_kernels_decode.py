@@ -51,10 +51,11 @@ def lengths(block_size: int) -> list[int]:
 
 
 def run_case(seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, kv, seed,
-             num_splits=None, scratch=False):
+             num_splits=None, scratch=False, v_token_minor=None):
     dtype, kv_dtype = KV[kv]
     c = make_paged_case(seq_lens, [1] * len(seq_lens), num_q_heads, num_kv_heads, head_dim,
-                        block_size, dtype, kv_dtype, device=DEVICE, seed=seed)
+                        block_size, dtype, kv_dtype, device=DEVICE, seed=seed,
+                        v_token_minor=v_token_minor)
     ref = decode_attention_ref(c.q.cpu(), c.k_cache.cpu(), c.v_cache.cpu(),
                                c.block_tables.cpu(), c.seq_lens.cpu(), c.scale,
                                None if c.k_scale is None else c.k_scale.cpu(),
@@ -118,6 +119,21 @@ def test_decode_several_kv_heads_per_program(hpp, kv, num_q_heads, num_kv_heads,
     for num_splits in (1, 3):
         run_case(lengths(16), num_q_heads, num_kv_heads, 64, 16, kv,
                  seed=hpp * 100 + num_q_heads + num_splits, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("kv,v_token_minor,hpp", [
+    ("fp8-bf16", False, 1), ("fp8-fp16", False, 2), ("bf16", True, 1), ("fp16", True, 2),
+    ("fp8-bf16", True, 4)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_decode_both_v_page_layouts(kv, v_token_minor, hpp, block_size, small_tiles, monkeypatch):
+    """Either V page layout with either cache dtype (FP8 defaults to token-minor, 16-bit to
+    token-major): a page of 32 tokens is longer than the 16-token tile; with HPP > 1 the tile's
+    columns are head-major for token-minor pages."""
+    monkeypatch.setattr(decode_mod, "HPP_16BIT", hpp)
+    monkeypatch.setattr(decode_mod, "HPP_FP8", hpp)
+    for num_splits in (1, 3):
+        run_case(lengths(block_size), 4 * 4, 4, 64, block_size, kv, seed=hpp + block_size + num_splits,
+                 num_splits=num_splits, v_token_minor=v_token_minor)
 
 
 def test_heads_per_program_divides_kv_heads(monkeypatch):

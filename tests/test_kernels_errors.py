@@ -102,6 +102,10 @@ def test_bad_cache(case):
         decode(case, k_cache=case.k_cache.float(), v_cache=case.v_cache.float())
     with pytest.raises(ValueError, match="block_size 12 must be a power of two"):
         decode(case, k_cache=case.k_cache[:, :12], v_cache=case.v_cache[:, :12])
+    # V pages neither head_dim-contiguous nor token-minor (head and d swapped)
+    odd = case.v_cache.transpose(2, 3).contiguous().transpose(2, 3)
+    with pytest.raises(ValueError, match="token-minor within a page"):
+        decode(case, v_cache=odd)
 
 
 def test_bad_out_and_scratch(case):

@@ -29,10 +29,10 @@ from .test_kernels_decode import KV, TOL, assert_close  # noqa: E402
 
 
 def run_case(seq_lens, q_lens, num_q_heads, num_kv_heads, head_dim, block_size, kv, seed,
-             max_query_len=True):
+             max_query_len=True, v_token_minor=None):
     dtype, kv_dtype = KV[kv]
     c = make_paged_case(seq_lens, q_lens, num_q_heads, num_kv_heads, head_dim, block_size,
-                        dtype, kv_dtype, device=DEVICE, seed=seed)
+                        dtype, kv_dtype, device=DEVICE, seed=seed, v_token_minor=v_token_minor)
     cpu = [None if t is None else t.cpu() for t in (c.q, c.k_cache, c.v_cache,
                                                     c.query_start_loc, c.seq_lens,
                                                     c.block_tables)]
@@ -84,6 +84,15 @@ def test_extend_fp8_in_q_dtype(small_tiles, monkeypatch):
 def test_extend_head_dims_block_sizes(head_dim, block_size, small_tiles):
     seq_lens, q_lens = mixed_batch(block_size)
     run_case(seq_lens, q_lens, 4, 1, head_dim, block_size, "bf16", seed=head_dim + block_size)
+
+
+@pytest.mark.parametrize("kv,v_token_minor", [("fp8-bf16", False), ("bf16", True)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_extend_both_v_page_layouts(kv, v_token_minor, block_size, small_tiles):
+    """The non-default V page layout of each cache dtype (FP8 token-major, 16-bit token-minor)."""
+    seq_lens, q_lens = mixed_batch(block_size)
+    run_case(seq_lens, q_lens, 8, 2, 64, block_size, kv, seed=block_size + 7,
+             v_token_minor=v_token_minor)
 
 
 def test_extend_default_tiles_without_max_query_len():

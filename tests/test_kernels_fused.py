@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from splitserve.kernels.testing import setup_kernel_tests  # noqa: E402
+from splitserve.kernels.testing import as_token_minor, setup_kernel_tests  # noqa: E402
 
 DEVICE = setup_kernel_tests()
 
@@ -96,10 +96,13 @@ def _rope_case(tokens, hq, hkv, d, block_size, dtype, kv_dtype, gen):
     return qkv, q, k, v, positions, cos_sin, caches, slots, scales
 
 
-@pytest.mark.parametrize("kv", ["bf16", "fp16", "fp8-bf16"])
+@pytest.mark.parametrize("kv", ["bf16", "fp16", "fp8-bf16", "fp8-bf16-vtm"])
 @pytest.mark.parametrize("tokens,hq,hkv,d,block_size", [(37, 8, 2, 128, 16), (5, 4, 4, 64, 32),
                                                         (17, 6, 3, 64, 16)])
 def test_rope_write_kv_matches_reference(kv, tokens, hq, hkv, d, block_size):
+    """-vtm: V pages token-minor (the engine's FP8 layout)."""
+    vtm = kv.endswith("-vtm")
+    kv = kv.removesuffix("-vtm")
     dtype = torch.float16 if kv.endswith("fp16") else torch.bfloat16
     kv_dtype = FP8_DTYPE if kv.startswith("fp8") else dtype
     gen = torch.Generator().manual_seed(tokens * d + hkv)
@@ -110,6 +113,8 @@ def test_rope_write_kv_matches_reference(kv, tokens, hq, hkv, d, block_size):
     rope_write_kv_ref(rq, rk, rv, pos, cs, ref[1], ref[2], slots, ks, vs)
     dev = [t.to(DEVICE) if t is not None else None for t in (qkv, kc, vc, pos, cs, slots, ks, vs)]
     dqkv, dkc, dvc, dpos, dcs, dslots, dks, dvs = dev
+    if vtm:
+        dvc = as_token_minor(dvc)
     dq, dk, dv = (dqkv.split([hq * d, hkv * d, hkv * d], -1)[i].view(tokens, -1, d) for i in range(3))
     rope_write_kv(dq, dk, dv, dpos, dcs, dkc, dvc, dslots, dks, dvs)
     # q, k rotated (x1*c - x2*s cancels: 1 ulp of the products, |x| <= max |qkv|); v untouched.

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from splitserve.kernels.testing import setup_kernel_tests  # noqa: E402
+from splitserve.kernels.testing import as_token_minor, setup_kernel_tests  # noqa: E402
 
 DEVICE = setup_kernel_tests()
 
@@ -50,7 +50,8 @@ def _case(num_tokens: int, num_kv_heads: int, head_dim: int, block_size: int,
 @pytest.mark.parametrize("kv", ["bf16", "fp16", "fp8-bf16", "fp8-fp16"])
 @pytest.mark.parametrize("num_kv_heads,head_dim,block_size", [(1, 64, 16), (8, 128, 32),
                                                                (3, 64, 32)])
-def test_write_kv_matches_reference(kv, num_kv_heads, head_dim, block_size):
+@pytest.mark.parametrize("v_token_minor", [False, True])
+def test_write_kv_matches_reference(kv, num_kv_heads, head_dim, block_size, v_token_minor):
     dtype = torch.float16 if kv.endswith("fp16") else torch.bfloat16
     kv_dtype = FP8_DTYPE if kv.startswith("fp8") else dtype
     k, v, k_cache, v_cache, slots, (ks, vs) = _case(37, num_kv_heads, head_dim, block_size,
@@ -58,6 +59,8 @@ def test_write_kv_matches_reference(kv, num_kv_heads, head_dim, block_size):
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     write_kv_ref(k, v, ref_k, ref_v, slots, ks, vs)
     dev = [t.to(DEVICE) if t is not None else None for t in (k, v, k_cache, v_cache, slots, ks, vs)]
+    if v_token_minor:
+        dev[3] = as_token_minor(dev[3])
     write_kv(*dev)
     # exact: one rounding of value (/ scale) to the cache dtype, round-to-nearest-even
     assert_same(dev[2].cpu(), ref_k)

@@ -76,10 +76,10 @@ def new_kv(c, kv_dtype, gen, pad: int = 0):
 
 
 def run_case(seq_lens, q_lens, num_q_heads, num_kv_heads, head_dim, block_size, kv, seed,
-             max_query_len=True, pad=0, quantize=True):
+             max_query_len=True, pad=0, quantize=True, v_token_minor=None):
     dtype, kv_dtype = KV[kv]
     c = make_paged_case(seq_lens, q_lens, num_q_heads, num_kv_heads, head_dim, block_size,
-                        dtype, kv_dtype, device=DEVICE, seed=seed)
+                        dtype, kv_dtype, device=DEVICE, seed=seed, v_token_minor=v_token_minor)
     q, k, v, full = new_kv(c, kv_dtype, torch.Generator().manual_seed(seed), pad)
     meta = (c.query_start_loc.cpu(), c.seq_lens.cpu(), c.block_tables.cpu(), c.scale,
             None if c.k_scale is None else c.k_scale.cpu(),
@@ -128,6 +128,15 @@ def test_prefill_fp8_unquantized_new_kv(kv, small_tiles):
     """quantize_new_kv=False: the new tokens attend to their 16-bit K/V (prefix from FP8)."""
     seq_lens, q_lens = mixed_batch(16)
     run_case(seq_lens, q_lens, 8, 2, 64, 16, kv, seed=31, quantize=False)
+
+
+@pytest.mark.parametrize("kv,v_token_minor", [("fp8-bf16", False), ("bf16", True)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_prefill_both_v_page_layouts(kv, v_token_minor, block_size, small_tiles):
+    """The non-default V page layout of each cache dtype (FP8 token-major, 16-bit token-minor)."""
+    seq_lens, q_lens = mixed_batch(block_size)
+    run_case(seq_lens, q_lens, 8, 2, 64, block_size, kv, seed=block_size + 5,
+             v_token_minor=v_token_minor)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -146,3 +146,6 @@ def test_compat_mismatch_names_fields():
     assert compat_mismatch(a, KVLayout(2, 999, 16, 8, 128).compat_record("llama")) is None
     why = compat_mismatch(a, KVLayout(2, 64, 32, 8, 128, "float16").compat_record("llama"))
     assert "block_size" in why and "dtype" in why
+    minor = KVLayout(2, 64, 16, 8, 128, "fp8_e4m3", True, v_token_minor=True).compat_record("llama")
+    major = KVLayout(2, 64, 16, 8, 128, "fp8_e4m3", True).compat_record("llama")
+    assert "v_token_minor" in compat_mismatch(minor, major)   # same bytes, different meaning
