@@ -101,6 +101,40 @@ def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, v_scale_ptr, seq, kvh0, n
 
 
 @triton.jit
+def _tile(q, m_i, l_i, acc, n0, end, col_tok, col_off, v_head_off, same_head, bt_row,
+          k_cache_ptr, v_cache_ptr, qk_scale_log2, stride_kb, stride_ko, stride_vb, stride_vo,
+          HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, V_RUN: tl.constexpr, HPP: tl.constexpr,
+          V_TOKEN_MINOR: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over the tile of columns at n0 + col_tok (MASKED: some may be
+    at or past `end`)."""
+    pos = n0 + col_tok
+    nmask = pos < end
+    if MASKED:
+        blk = tl.load(bt_row + pos // PAGE, mask=nmask, other=0).to(tl.int64)
+    else:
+        blk = tl.load(bt_row + pos // PAGE).to(tl.int64)
+    k_ptrs = k_cache_ptr + blk[:, None] * stride_kb \
+        + (pos % PAGE).to(tl.int64)[:, None] * stride_ko + col_off
+    if MASKED:
+        k = tl.load(k_ptrs, mask=nmask[:, None], other=0.0)   # [BLOCK_N * HPP, D]
+    else:
+        k = tl.load(k_ptrs)
+    v = load_v_rows(v_cache_ptr, blk, pos, v_head_off, nmask, stride_vb, stride_vo,
+                    HEAD_DIM, PAGE, V_RUN, q.dtype, V_TOKEN_MINOR, MASKED)
+    s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2[:, None]
+    if MASKED:
+        s = tl.where(same_head & nmask[None, :], s, float("-inf"))
+    elif HPP > 1:
+        s = tl.where(same_head, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
@@ -161,23 +195,19 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     col_off = col_kvh.to(tl.int64)[:, None] * stride_kh + offs_d[None, :]
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + col_tok
-        nmask = pos < end
-        blk = tl.load(bt_row + pos // PAGE, mask=nmask, other=0).to(tl.int64)
-        row_off = blk[:, None] * stride_kb + (pos % PAGE).to(tl.int64)[:, None] * stride_ko
-        k = tl.load(k_cache_ptr + row_off + col_off, mask=nmask[:, None],
-                    other=0.0)                               # [BLOCK_N * HPP, D]
-        v = load_v_rows(v_cache_ptr, blk, pos, v_head_off, nmask, stride_vb, stride_vo,
-                        HEAD_DIM, PAGE, V_RUN, q.dtype, V_TOKEN_MINOR, True)
-        s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2[:, None]
-        s = tl.where(same_head & nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
-        m_i = m_new
+    # whole tiles without masks (so the FP8 -> compute-dtype conversion of V stays next to
+    # the MMA and V streams straight from shared memory), then the ragged last tile masked
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(start, full_end, BLOCK_N):
+        m_i, l_i, acc = _tile(q, m_i, l_i, acc, n0, end, col_tok, col_off, v_head_off, same_head,
+                              bt_row, k_cache_ptr, v_cache_ptr, qk_scale_log2, stride_kb,
+                              stride_ko, stride_vb, stride_vo, HEAD_DIM, PAGE, V_RUN, HPP,
+                              V_TOKEN_MINOR, False)
+    if full_end < end:
+        m_i, l_i, acc = _tile(q, m_i, l_i, acc, full_end, end, col_tok, col_off, v_head_off,
+                              same_head, bt_row, k_cache_ptr, v_cache_ptr, qk_scale_log2,
+                              stride_kb, stride_ko, stride_vb, stride_vo, HEAD_DIM, PAGE, V_RUN,
+                              HPP, V_TOKEN_MINOR, True)
 
     has = l_i > 0.0                                         # false: empty split or seq_len 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
