@@ -49,7 +49,7 @@ from .splitkv_reduce import splitkv_reduce
 # Tuning (H200, Llama-3-8B heads; bench/decode_sweep.py, bench/results/decode-sweep-*.md).
 # (BLOCK_N: KV tokens per inner-loop tile, NUM_STAGES: pipelining depth of the K/V loads,
 #  NUM_WARPS), one set for 16-bit caches and one for FP8 caches.
-TILES_16BIT = (64, 4, 4)
+TILES_16BIT = (128, 4, 4)
 TILES_FP8 = (128, 5, 4)
 # kv heads per program (HPP): a program packs the query heads of HPP kv heads into its rows and
 # reads those heads' K/V rows of each token together (adjacent in the cache); see the docstring
