@@ -46,12 +46,12 @@ def configs(kv: str) -> list[tuple]:
 
 
 def apply(kv: str, cfg: tuple) -> None:
-    hpp, block_n, stages, warps = cfg[:4]
+    hpp, tiles = cfg[0], tuple(cfg[1:])   # (BLOCK_N, stages, warps[, maxnreg])
     DECODE.BATCH_TILES = ()          # the swept config for every batch size
     if kv == "fp8":
-        DECODE.HPP_FP8, DECODE.TILES_FP8 = hpp, (block_n, stages, warps)
+        DECODE.HPP_FP8, DECODE.TILES_FP8 = hpp, tiles
     else:
-        DECODE.HPP_16BIT, DECODE.TILES_16BIT = hpp, (block_n, stages, warps)
+        DECODE.HPP_16BIT, DECODE.TILES_16BIT = hpp, tiles
 
 
 CASES: list[tuple] = []  # --cases: (B, L, sets) instead of the defaults
@@ -90,7 +90,7 @@ def sweep(kv: str, rows: list, deadline: float) -> None:
                 continue
             rows.append(dict(kv=kv, cfg=cfg, case=key, us=us, TBps=p.kv_bytes / us / 1e6,
                              rel_err=err))
-            print(f"sweep {kv} hpp={cfg[0]} n={cfg[1]} st={cfg[2]} w={cfg[3]} B={key[0]}: "
+            print(f"sweep {kv} {cfg} B={key[0]}: "
                   f"{us:.1f} us {p.kv_bytes / us / 1e6:.2f} TB/s", flush=True)
     del cs, outs
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -153,7 +153,8 @@ def report(rows: list, chosen: dict) -> str:
     for (kv, cfg), cs in sorted(by.items()):
         cell = [f"{cs[k]['us']:.1f} ({cs[k]['TBps']:.2f})" if k in cs else "-" for k in keys]
         mark = " **chosen**" if chosen.get(kv) == cfg else ""
-        lines.append(f"| {kv}{mark} | {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]} | "
+        regs = f" (maxnreg {cfg[4]})" if len(cfg) > 4 else ""
+        lines.append(f"| {kv}{mark} | {cfg[0]} | {cfg[1]} | {cfg[2]} | {cfg[3]}{regs} | "
                      + " | ".join(cell) + " |")
     for r in rows:
         if "split_plan" in r:
@@ -173,7 +174,7 @@ def main() -> None:
     ap.add_argument("--kv", nargs="*", default=["fp8", "bf16"], choices=["fp8", "bf16"])
     ap.add_argument("--no-splits", action="store_true", help="skip the split-plan sweep")
     ap.add_argument("--only", nargs="*", default=None,
-                    help="configs to sweep as HPP,BLOCK_N,STAGES,WARPS (default: the grid)")
+                    help="configs to sweep as HPP,BLOCK_N,STAGES,WARPS[,MAXNREG] (default: the grid)")
     args = ap.parse_args()
     ONLY.extend(tuple(int(x) for x in c.split(",")) for c in args.only or [])
     CASES.extend(tuple(int(x) for x in c.split(",")) for c in args.cases or [])

@@ -42,13 +42,13 @@ import triton
 import triton.language as tl
 
 from ._common import (check, check_attention_args, check_device, check_out_like,
-                      check_seq_metadata, next_pow2, sm_count, v_token_minor)
+                      check_seq_metadata, interpreting, next_pow2, sm_count, v_token_minor)
 from ._vpage import load_v_rows
 from .splitkv_reduce import splitkv_reduce
 
 # Tuning (H200, Llama-3-8B heads; bench/decode_sweep.py, bench/results/decode-sweep-*.md).
 # (BLOCK_N: KV tokens per inner-loop tile, NUM_STAGES: pipelining depth of the K/V loads,
-#  NUM_WARPS), one set for 16-bit caches and one for FP8 caches.
+#  NUM_WARPS[, MAXNREG: a register cap per thread]), one set for 16-bit caches and one for FP8.
 TILES_16BIT = (128, 4, 4)
 TILES_FP8 = (128, 5, 4)
 # kv heads per program (HPP): a program packs the query heads of HPP kv heads into its rows and
@@ -345,7 +345,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_out, part_lse, counters = scratch
     else:
         part_out = part_lse = counters = out          # unused when DIRECT_OUT
-    (block_n, num_stages, num_warps), hpp = launch_shape(num_seqs, num_kv_heads, fp8)
+    tiles, hpp = launch_shape(num_seqs, num_kv_heads, fp8)
+    block_n, num_stages, num_warps = tiles[:3]
+    regs = {} if len(tiles) < 4 or interpreting() else dict(maxnreg=tiles[3])  # register cap
     merge_rows, merge_s = max(2, next_pow2(group * hpp)), max(2, next_pow2(num_splits))
     fused = (not direct and counters is not None and num_splits <= FUSED_MERGE_MAX_SPLITS
              and merge_rows * merge_s * head_dim <= MERGE_MAX_ELEMENTS)
@@ -363,7 +365,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE, DIRECT_OUT=direct,
         FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
         V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, block_n),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **regs,
     )
     if not direct and not fused:
         splitkv_reduce(part_out, part_lse, out, group, v_scale if fp8 else None)
