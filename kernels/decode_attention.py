@@ -50,19 +50,18 @@ from .splitkv_reduce import splitkv_reduce
 # (BLOCK_N: KV tokens per inner-loop tile, NUM_STAGES: pipelining depth of the K/V loads,
 #  NUM_WARPS[, MAXNREG: a register cap per thread]), one set for 16-bit caches and one for FP8.
 TILES_16BIT = (128, 4, 4)
-TILES_FP8 = (128, 5, 4)
+TILES_FP8 = (64, 5, 4)
 # kv heads per program (HPP): a program packs the query heads of HPP kv heads into its rows and
 # reads those heads' K/V rows of each token together (adjacent in the cache); see the docstring
 HPP_16BIT = 1
-HPP_FP8 = 1
+HPP_FP8 = 2
 # Overrides by grid size before splitting (num_seqs * num_kv_heads <= max_programs), first
 # match wins: (max_programs, fp8, (BLOCK_N, NUM_STAGES, NUM_WARPS), HPP). Measured: B=1 x 4k
 # 16-bit in a graph 11.9 us with 128-token tiles vs 14.2; FP8 B=8 x 4k 33.7 us with two heads
 # per program vs 39.8, but FP8 B=1 12.0 us with one vs 16.5. Empty it to use the defaults
 # above for every batch (tests do).
 BATCH_TILES = ((16, False, (128, 5, 4), 1),
-               (16, True, (128, 5, 4), 1),
-               (128, True, (64, 5, 4), 2))
+               (16, True, (128, 5, 4), 1))
 FUSED_MERGE_MAX_SPLITS = 16  # split counts up to this merge in the decode launch (0: never)
 MERGE_MAX_ELEMENTS = 16384   # register bound of that merge: rows x splits x head_dim
 FP8_FP16_COMPUTE = True  # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather than bf16

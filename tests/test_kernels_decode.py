@@ -143,6 +143,7 @@ def test_heads_per_program_divides_kv_heads(monkeypatch):
 
 
 def test_launch_shape_by_batch(monkeypatch):
+    monkeypatch.setattr(decode_mod, "HPP_FP8", 1)
     monkeypatch.setattr(decode_mod, "BATCH_TILES", ((16, False, (128, 5, 4), 1),
                                                      (128, True, (64, 5, 4), 2)))
     assert decode_mod.launch_shape(1, 8, False) == ((128, 5, 4), 1)
