@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ._common import (check, check_attention_args, check_device, check_out_like,
                       check_seq_metadata, interpreting, next_pow2, sm_count, v_token_minor)
+from ._pdl import launch_kwargs, pdl_wait, use_pdl
 from ._vpage import load_v_rows
 from .splitkv_reduce import splitkv_reduce
 
@@ -146,10 +147,11 @@ def _decode_kernel(
     GROUP: tl.constexpr, HPP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr,
     FP8: tl.constexpr, FP16_COMPUTE: tl.constexpr, DIRECT_OUT: tl.constexpr,
-    V_TOKEN_MINOR: tl.constexpr = False, V_RUN: tl.constexpr = 1,
+    V_TOKEN_MINOR: tl.constexpr = False, V_RUN: tl.constexpr = 1, PDL: tl.constexpr = False,
     FUSED_MERGE: tl.constexpr = False,
     MERGE_ROWS: tl.constexpr = 4, MERGE_S: tl.constexpr = 16,
 ):
+    pdl_wait(PDL)
     seq = tl.program_id(0)
     kvh0 = tl.program_id(1) * HPP                           # first kv head of this program
     split = tl.program_id(2)
@@ -364,7 +366,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE, DIRECT_OUT=direct,
         FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
         V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, block_n),
-        num_warps=num_warps, num_stages=num_stages, **regs,
+        num_warps=num_warps, num_stages=num_stages, **regs, **launch_kwargs(use_pdl(q.device)),
     )
     if not direct and not fused:
         splitkv_reduce(part_out, part_lse, out, group, v_scale if fp8 else None)

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._pdl import launch_kwargs, pdl_wait, use_pdl
 from ._rounding import round_to
 from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, check_last_contiguous,
                       interpreting, next_pow2)
@@ -153,7 +154,8 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
                  NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SILU: tl.constexpr, USE_DOT: tl.constexpr, EVEN: tl.constexpr,
                  NUM_STAGES: tl.constexpr, STATS_K: tl.constexpr, STATS_STAGES: tl.constexpr,
-                 NATIVE: tl.constexpr):
+                 NATIVE: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)              # before any load of x, residual or out
     pid = tl.program_id(0)
     dt = w_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
@@ -238,7 +240,7 @@ def _launch(x, weight, out, *, tile, norm_weight=None, eps=0.0, residual=None, r
         BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, NORM=norm, HAS_RES=res,
         HAS_BIAS=bias is not None, SILU=silu, USE_DOT=t.use_dot, EVEN=even, NUM_STAGES=t.num_stages,
         STATS_K=stats_k, STATS_STAGES=1 if stats_k >= k else 3, NATIVE=not interpreting(),
-        num_warps=t.num_warps, num_stages=t.num_stages)
+        num_warps=t.num_warps, num_stages=t.num_stages, **launch_kwargs(use_pdl(x.device)))
     return out
 
 

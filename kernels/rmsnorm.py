@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._pdl import launch_kwargs, pdl_wait, use_pdl
 from ._rounding import round_to
 from ._common import ACT_DTYPES, check, check_device, check_dim, check_dtype, check_last_contiguous, next_pow2
 
@@ -20,7 +21,8 @@ MAX_HIDDEN = 16384
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
-                     BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+                     BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -74,5 +76,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         x, residual if residual is not None else x, weight, out,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), hidden, eps,
         BLOCK=block, HAS_RES=residual is not None, num_warps=min(16, max(1, block // 512)),
+        **launch_kwargs(use_pdl(x.device)),
     )
     return out

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, check_head_dim,
                       check_kv_cache, check_last_contiguous, next_pow2)
+from ._pdl import launch_kwargs, pdl_wait, use_pdl
 from ._rounding import round_to
 from .kv_write import round_to_e4m3_grid
 from .reference import FP8_MAX
@@ -52,8 +53,9 @@ def _rope_write_kv_kernel(
     stride_kc_blk, stride_kc_off, stride_kc_h, stride_vc_blk, stride_vc_off, stride_vc_h, stride_vc_d,
     num_q_heads, num_kv_heads, block_size,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    WRITE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+    WRITE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     offs_d = tl.arange(0, HALF)[None, :]
@@ -168,5 +170,5 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, posi
         vc.stride(0), vc.stride(1), vc.stride(2) if write else 0, vc.stride(3) if write else 1,
         num_q_heads, k.shape[1], k_cache.shape[1] if write else 1,
         HALF=head_dim // 2, BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(k.shape[1]),
-        WRITE=write, FP8=fp8, FP8_MAX=FP8_MAX, num_warps=4,
+        WRITE=write, FP8=fp8, FP8_MAX=FP8_MAX, num_warps=4, **launch_kwargs(use_pdl(q.device)),
     )

@@ -139,3 +139,13 @@ def test_write_kv_errors(case, fp8_case):
         write_kv(k.float(), k.float(), case.k_cache, case.v_cache, slots)
     with pytest.raises(ValueError, match="k is torch.float16 but the cache is torch.bfloat16"):
         write_kv(k.half(), k.half(), case.k_cache, case.v_cache, slots)
+
+
+def test_pdl_only_on_cuda_and_switchable(monkeypatch):
+    """Programmatic dependent launch: never on CPU or under the interpreter, off by env."""
+    from splitserve.kernels._pdl import launch_kwargs, use_pdl
+    assert not use_pdl(torch.device("cpu"))
+    assert launch_kwargs(False) == {"PDL": False}
+    assert launch_kwargs(True) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setenv("SPLITSERVE_PDL", "0")
+    assert not use_pdl(torch.device("cuda"))

@@ -1,0 +1,47 @@
+"""Programmatic dependent launch (PDL, sm_90+) for the kernels of a decode step.
+
+A one-token decode step is a chain of ~200 small kernels (kernels/gemv.py's linears, RoPE + KV
+write, decode attention per layer); between two of them the GPU idles for the next kernel's
+launch. Launched with PDL, a kernel may start while its predecessor finishes: its programs
+wait at `pdl_wait` (griddepcontrol.wait: the predecessor has completed and its writes are
+visible) before reading anything, then allow their own successor to launch. A kernel waits
+before its first load, so a predecessor that is not PDL-aware (cuBLAS, torch) only loses the
+overlap, never the ordering; every kernel launched with PDL must call `pdl_wait` first.
+
+Off under the Triton interpreter, on GPUs before sm_90, and with SPLITSERVE_PDL=0.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting
+
+
+@functools.lru_cache(maxsize=None)
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with PDL (cached per device; no sync)."""
+    if device.type != "cuda" or interpreting() or os.environ.get("SPLITSERVE_PDL", "1") == "0":
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_kwargs(pdl: bool) -> dict:
+    """Extra launch arguments: the kernel's PDL constexpr and Triton's launch_pdl flag."""
+    return dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait for the predecessor kernel (PDL launches only), then let the successor launch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
