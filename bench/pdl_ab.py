@@ -1,0 +1,95 @@
+"""A/B of programmatic dependent launch (kernels/_pdl.py) on the decode step's CUDA graphs.
+
+One engine (dummy Llama-3-8B bf16 on the GPU; tiny float16 under --smoke), its decode graphs
+captured with PDL on, then off, then on and off again (SPLITSERVE_PDL is read at each launch,
+so a re-capture switches it); each capture's graph replay time per batch, back to back, timed
+by CUDA events, and the greedy tokens of one step, which must not change.
+
+    python bench/pdl_ab.py --out $OUT          # writes pdl-ab.json, prints a table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_common import DEV, DTYPE, SHAPE, SMOKE  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402  (after engine_common: --smoke sets TRITON_INTERPRET first)
+
+from splitserve.config import Config  # noqa: E402
+from splitserve.engine.engine import LLMEngine  # noqa: E402
+from splitserve.engine.loader import load_dummy  # noqa: E402
+
+BATCHES = (1, 2) if SMOKE else (1, 8, 32)
+CONTEXT = 64 if SMOKE else 1024
+
+
+def build() -> LLMEngine:
+    cfg = Config().replace("model", model=f"dummy:{SHAPE}", device=DEV.type, dtype=DTYPE, seed=0)
+    cfg = cfg.replace("cache", enable_prefix_caching=False, memory_fraction=0.5,
+                      **({"num_blocks": 64} if SMOKE else {}))
+    cfg = cfg.replace("scheduler", max_num_seqs=max(BATCHES), max_model_len=CONTEXT + 64,
+                      max_num_batched_tokens=256)
+    return LLMEngine(cfg, load_dummy(SHAPE, getattr(torch, DTYPE), DEV.type, 0), DEV, attention="triton")
+
+
+def inputs(eng, b: int):
+    from splitserve.engine.cuda_graph import DecodeInputs
+    rng = np.random.default_rng(b)
+    bs = eng.kv_cache.block_size
+    nb = -(-CONTEXT // bs)
+    blocks = rng.permutation(eng.kv_cache.num_blocks)[:b * nb].reshape(b, nb)
+    slots = [int(blocks[i, -1]) * bs + (CONTEXT - 1) % bs for i in range(b)]
+    ids = rng.integers(2, eng.arch.vocab_size, b).tolist()
+    return DecodeInputs(ids, [CONTEXT - 1] * b, slots, [CONTEXT] * b, [r.tolist() for r in blocks])
+
+
+def replay_us(runner, b: int, reps: int = 50) -> float:
+    g = runner._graphs[b]
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="/tmp")
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run (no graphs, no timing)")
+    args = ap.parse_args()
+    eng = build()
+    kv = eng.kv_cache.kv
+    for i in range(kv.shape[0]):          # random KV (bf16 / fp16 caches)
+        kv[i].normal_()
+    runner = eng.runner.decode_graphs
+    rows, tokens = [], {}
+    for trial, pdl in enumerate(["1", "0", "1", "0"][:2 if SMOKE else None]):
+        os.environ["SPLITSERVE_PDL"] = pdl
+        runner._graphs, runner._outputs = {}, {}
+        runner.capture()
+        for b in BATCHES:
+            toks = runner.run(inputs(eng, b))[1].tolist()
+            if b in tokens and toks != tokens[b]:
+                raise SystemExit(f"B={b}: greedy tokens differ with SPLITSERVE_PDL={pdl}")
+            tokens[b] = toks
+            us = replay_us(runner, b) if DEV.type == "cuda" else float("nan")
+            rows.append(dict(trial=trial, pdl=pdl == "1", batch=b, context=CONTEXT, replay_us=us))
+            print(f"PDL={pdl} B={b} ctx={CONTEXT}: {us:.1f} us per step replay", flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "pdl-ab.json").write_text(json.dumps(rows, indent=1))
+    for b in BATCHES:
+        on = [r["replay_us"] for r in rows if r["batch"] == b and r["pdl"]]
+        off = [r["replay_us"] for r in rows if r["batch"] == b and not r["pdl"]]
+        print(f"B={b}: PDL on {min(on):.1f} us, off {min(off):.1f} us (best of {len(on)})")
+
+
+if __name__ == "__main__":
+    main()
