@@ -15,7 +15,10 @@ timeout still leaves data):
   engine32  decode steps through the whole engine (scheduler + runner), 32 requests at ~1k
   decode    runner decode steps (host inputs -> padded static buffers -> graph replay -> tokens
             on the host) at B in 1,8,32,128,256 x context 1k, 8k x KV bf16, fp8, on a randomly
-            filled cache, beside the roofline (weight bytes + KV bytes) / copy bandwidth
+            filled cache, beside the roofline (weight bytes + KV bytes) / copy bandwidth; at the
+            same points, LLMEngine.step() in a loop of decode steps with scheduler.overlap_decode
+            on and off (requests joined through reserve_remote/commit_remote: they hold their
+            context in the random cache, no prefill); the host work alone: bench/engine_host.py
   hf        transformers LlamaForCausalLM on the same weights, generate(cache_implementation=
             "static"), eager (auto-compile disabled), per-step time from two generate lengths;
             runs right after decode-bf16 on that engine's weights (B=1, 32, then 8, at 1k)
@@ -188,7 +191,7 @@ def bench_engine32(args) -> None:
         steps.append(time.perf_counter() - t)
     dec = steps[-(new - 2):]
     R["engine_decode"] = {"batch": b, "context": plen, "step_median_s": statistics.median(dec),
-                          "tok_s": b / statistics.median(dec)}
+                          "tok_s": b / statistics.median(dec), "overlap": eng.pipeline.enabled}
     print(f"engine loop decode B={b} ctx~{plen}: {statistics.median(dec) * 1e3:.2f} ms/step", flush=True)
 
 
@@ -229,6 +232,32 @@ def replay_time(runner, b: int, reps: int = 20) -> float | None:
     return start.elapsed_time(end) / 1e3 / reps
 
 
+def engine_step_time(eng, b: int, ctx: int, overlap: bool, rng: np.random.Generator) -> float:
+    """Median wall seconds of one LLMEngine.step() (schedule, inputs, graph, read tokens, update,
+    detokenize, outputs) over decode steps of b requests at ~ctx tokens, overlap on or off."""
+    warm, steps = (1, 2) if SMOKE else (3, 20)
+    new = warm + steps + 2                      # the last steps may drain the overlap pipeline
+    plen = max(ctx - new, 1)
+    eng.pipeline.enabled = overlap              # the bench flips the config switch in place
+    params = SamplingParams(max_tokens=new + 4, ignore_eos=True)
+    rids = [f"dec-{overlap}-{b}-{ctx}-{i}" for i in range(b)]
+    for rid in rids:
+        if eng.reserve_remote(rng.integers(2, eng.arch.vocab_size, plen).tolist(), params, rid) is None:
+            raise RuntimeError(f"no KV room for B={b} ctx={ctx}")
+        eng.commit_remote(rid, int(rng.integers(2, eng.arch.vocab_size)))
+    ts = []
+    for _ in range(warm + steps):
+        t = time.perf_counter()
+        eng.step()
+        ts.append(time.perf_counter() - t)
+    for rid in rids:
+        eng.abort(rid)
+    while eng.has_unfinished():
+        eng.step()
+    eng.pipeline.enabled = eng.config.scheduler.overlap_decode
+    return statistics.median(ts[warm:])
+
+
 def bench_decode(args) -> None:
     eng, kv_name = args.eng, args.kv_name
     fill_cache_random(eng)
@@ -254,24 +283,42 @@ def bench_decode(args) -> None:
             roof = nbytes / (R["copy_tbps"] * 1e12)
             row.update(step_s=t, tok_s=b / t, roofline_step_s=roof, roofline_tok_s=b / roof,
                        bytes_per_step=nbytes, step_over_roofline=t / roof, achieved_tbps=nbytes / t / 1e12)
+            if not SMOKE or (b, ctx) == (BATCHES[-1], CONTEXTS[0]):    # the interpreter: one point
+                for overlap in (True, False):
+                    row["engine_overlap_s" if overlap else "engine_sync_s"] = engine_step_time(eng, b, ctx, overlap, rng)
             R["decode"].append(row)
+            eng_ms = (f" | engine.step() {row['engine_overlap_s'] * 1e3:.2f} ms overlapped, "
+                      f"{row['engine_sync_s'] * 1e3:.2f} ms sync" if "engine_sync_s" in row else "")
             print(f"decode {kv_name} B={b:3d} ctx={ctx:5d}: {t * 1e3:7.2f} ms/step {b / t:8.0f} tok/s | "
-                  f"roofline {roof * 1e3:6.2f} ms ({t / roof:.2f}x) | {nbytes / t / 1e12:.2f} TB/s", flush=True)
+                  f"roofline {roof * 1e3:6.2f} ms ({t / roof:.2f}x) | {nbytes / t / 1e12:.2f} TB/s{eng_ms}", flush=True)
 
 
 # ------------------------------------------------------------------ table
+TABLE_LEGEND = (
+    "Columns: *graph replay* = the CUDA graph alone, back to back, CUDA-event timed; *runner step* = "
+    "DecodeGraphRunner.run (host inputs -> staging -> copies -> replay) + reading the tokens on the host; "
+    "*engine.step()* = one LLMEngine.step() in a loop of decode steps (schedule, inputs, replay, read "
+    "tokens, update requests, detokenize, outputs), median wall time, with scheduler.overlap_decode on "
+    "(the next step is launched before this one's tokens are read) and off (synchronous); runner tok/s, "
+    "roofline and HF ratios are against the runner step.")
+
+
 def table() -> str:
-    lines = ["| KV | B | context | ms/step | graph replay ms | tok/s | roofline ms | step / roofline | "
-             "HF static ms/step | HF / engine |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| KV | B | context | graph replay ms | runner step ms | engine.step() ms, overlap | "
+             "engine.step() ms, sync | runner tok/s | roofline ms | runner / roofline | HF static ms/step | "
+             "HF / runner |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     hf = {(h["batch"], h["context"]): h["step_s"] for h in R.get("hf", [])}
+
+    def ms(r, k):
+        return f"{r[k] * 1e3:.2f}" if k in r else "-"
     for r in R.get("decode", []):
         if "skipped" in r:
-            lines.append(f"| {r['kv']} | {r['batch']} | {r['context']} | - | - | - | - | does not fit | | |")
+            lines.append(f"| {r['kv']} | {r['batch']} | {r['context']} | - | - | - | - | - | - | does not fit | | |")
             continue
         h = hf.get((r["batch"], r["context"])) if r["kv"] == "bf16" else None
         hf_cells = " | " if h is None else f"{h * 1e3:.2f} | {h / r['step_s']:.2f}x"
-        rep = f"{r['replay_s'] * 1e3:.2f}" if "replay_s" in r else "-"
-        lines.append(f"| {r['kv']} | {r['batch']} | {r['context']} | {r['step_s'] * 1e3:.2f} | {rep} | {r['tok_s']:.0f} | "
+        lines.append(f"| {r['kv']} | {r['batch']} | {r['context']} | {ms(r, 'replay_s')} | {ms(r, 'step_s')} | "
+                     f"{ms(r, 'engine_overlap_s')} | {ms(r, 'engine_sync_s')} | {r['tok_s']:.0f} | "
                      f"{r['roofline_step_s'] * 1e3:.2f} | {r['step_over_roofline']:.2f}x | {hf_cells} |")
     return "\n".join(lines)
 
@@ -285,9 +332,10 @@ def markdown() -> str:
              f"KV caches: {json.dumps({k: v['kv_cache'] for k, v in R.get('engines', {}).items()})}", "",
              f"Correctness (greedy, float32 reference): {c.get('match')}/{c.get('tokens')} equal, "
              f"{c.get('near_ties')} near-ties, {c.get('mismatches')} mismatches; prompts {c.get('prompt_lens')}.", "",
-             "## Decode (runner step: host inputs -> graph replay -> tokens on the host)", "", table(), ""]
+             "## Decode steps", "", TABLE_LEGEND, "", table(), ""]
     if e:
-        lines += [f"Whole engine loop (scheduler + inputs + graph + detokenize), B={e['batch']}, context "
+        lines += [f"Whole engine loop (scheduler + inputs + graph + detokenize; overlap_decode "
+                  f"{'on' if e.get('overlap') else 'off'}), requests prefilled first, B={e['batch']}, context "
                   f"~{e['context']}: {e['step_median_s'] * 1e3:.2f} ms/step, {e['tok_s']:.0f} tok/s.", ""]
     if R.get("prefill"):
         lines += ["## Prefill (one prompt, chunked by max_num_batched_tokens)", "",

@@ -7,6 +7,13 @@ graphs read; each step copies the host-built inputs into them (pinned staging, a
 replays, and leaves logits and the greedy tokens (argmax on the device, inside the graph) in
 static outputs. The only host sync of a step is the caller reading the sampled tokens.
 
+Overlapped decode (engine/overlap.py): a step can be launched while the previous one still runs.
+Input ids that the previous step sampled are not on the host: `DecodeInputs.prev` names them,
+and after the input copy, before the replay, `ids[dst] = prev_tokens[src]` runs on the device
+(two small ops, outside the graph). The staging buffers are rewritten only once the previous
+step's copy out of them is done (an event), and the block table is kept across steps
+(`BlockTableRows`): a row is rewritten only where its request's blocks changed.
+
 Padding rows (bucket - n of them): token 0 at position 0, slot -1 (write_kv skips it),
 seq_len 0 (decode attention returns a zero row without reading the block table). Their logits
 and tokens are computed and ignored.
@@ -37,13 +44,21 @@ def bucket_for(n: int, buckets: Sequence[int]) -> int | None:
     return next((b for b in buckets if b >= n), None)
 
 
+class TokenGather(NamedTuple):
+    """Input ids still on the device: row dst[i]'s id is tokens[src[i]] (the previous step's samples)."""
+    tokens: torch.Tensor      # int64 [rows of the previous step], on the device
+    dst: list[int]
+    src: list[int]
+
+
 class DecodeInputs(NamedTuple):
     """One decode step's host-side inputs, one entry per sequence."""
-    input_ids: list[int]
+    input_ids: list[int]           # rows named in prev.dst: any value (replaced on the device)
     positions: list[int]
     slots: list[int]
     seq_lens: list[int]            # context length including the new token
-    block_tables: list[list[int]]
+    block_tables: Sequence[Sequence[int]]   # per row; see BlockTableRows for what is rewritten
+    prev: TokenGather | None = None
 
 
 class PaddedDecode(NamedTuple):
@@ -52,21 +67,57 @@ class PaddedDecode(NamedTuple):
     tables: np.ndarray    # int32 [bucket, width]
 
 
-def pad_decode_inputs(inp: DecodeInputs, bucket: int, width: int) -> PaddedDecode:
-    """Pad a step's inputs to `bucket` rows: padding rows get slot -1 and seq_len 0."""
+class BlockTableRows:
+    """A host block table [rows, width] kept across steps; write(tables) rewrites what changed.
+
+    Row i is known by the list object tables[i]. The engine passes `Request.block_ids`, the same
+    list for as long as the request keeps its blocks, only growing, so a decode step usually
+    writes just the entries of newly allocated blocks. A list seen before in a later row (a
+    request ahead of it left the batch: rows only move up) has its row copied up; anything else
+    is written whole. Entries past a row's length are stale and never read: seq_len bounds reads.
+    Contract: a list passed again has only grown since (appends); anything else is a new list."""
+
+    def __init__(self, table: np.ndarray):
+        self.table = table
+        self._rows: dict[int, tuple[int, int]] = {}   # id(list) -> (row, entries written)
+        self._lists: list = []                        # keeps those lists alive: their ids stay unique
+
+    def write(self, tables: Sequence[Sequence[int]]) -> None:
+        width, rows = self.table.shape[1], {}
+        for i, t in enumerate(tables):
+            n = len(t)
+            if n > width:
+                self._rows, self._lists = {}, []     # rows were half rewritten: trust none of them
+                raise ValueError(f"sequence {i} has {n} blocks, the graph's table holds {width}")
+            row, done = self._rows.get(id(t), (i, 0))
+            if done > n or row < i:       # shrank, or its old row may already hold another list
+                done = 0
+            elif row > i:                 # rows are written in order: row > i still holds it
+                self.table[i, :done] = self.table[row, :done]
+            if done < n:
+                self.table[i, done:n] = t[done:n]
+            rows[id(t)] = (i, n)
+        self._rows, self._lists = rows, list(tables)
+
+
+def _fill_rows(inp: DecodeInputs, bucket: int, i64: np.ndarray, seq_lens: np.ndarray) -> None:
+    """ids, positions, slots into i64[0:3, :bucket], seq_lens[:bucket]; padding rows get token 0,
+    position 0, slot -1 (write_kv skips it) and seq_len 0 (attention reads nothing)."""
     n = len(inp.input_ids)
     if n > bucket:
         raise ValueError(f"{n} sequences do not fit bucket {bucket}")
-    i64 = np.zeros((3, bucket), dtype=np.int64)
-    i64[2] = -1
     i64[0, :n], i64[1, :n], i64[2, :n] = inp.input_ids, inp.positions, inp.slots
+    i64[:2, n:bucket], i64[2, n:bucket] = 0, -1
+    seq_lens[:n], seq_lens[n:bucket] = inp.seq_lens, 0
+
+
+def pad_decode_inputs(inp: DecodeInputs, bucket: int, width: int) -> PaddedDecode:
+    """Pad a step's inputs to `bucket` rows: padding rows get slot -1 and seq_len 0."""
+    i64 = np.zeros((3, bucket), dtype=np.int64)
     seq_lens = np.zeros(bucket, dtype=np.int32)
-    seq_lens[:n] = inp.seq_lens
+    _fill_rows(inp, bucket, i64, seq_lens)
     tables = np.zeros((bucket, width), dtype=np.int32)
-    for i, t in enumerate(inp.block_tables):
-        if len(t) > width:
-            raise ValueError(f"sequence {i} has {len(t)} blocks, the graph's table holds {width}")
-        tables[i, :len(t)] = t
+    BlockTableRows(tables).write(inp.block_tables)
     return PaddedDecode(i64, seq_lens, tables)
 
 
@@ -82,14 +133,18 @@ class DecodeGraphRunner:
         self.use_graphs = use_graphs
         dev, top = model.device, self.buckets[-1]
         pin = dev.type == "cuda"
-        self._i64 = torch.zeros(3, top, dtype=torch.int64, device=dev)
+        # rows: input ids, positions, slots, then the TokenGather's dst and src
+        self._i64 = torch.zeros(5, top, dtype=torch.int64, device=dev)
         self._i64[2] = -1
         self._seq_lens = torch.zeros(top, dtype=torch.int32, device=dev)
         self._tables = torch.zeros(top, width, dtype=torch.int32, device=dev)
         self._qsl = torch.arange(top + 1, dtype=torch.int32, device=dev)
-        self._h_i64 = torch.zeros(3, top, dtype=torch.int64, pin_memory=pin)
+        self._h_i64 = torch.zeros(5, top, dtype=torch.int64, pin_memory=pin)
         self._h_seq = torch.zeros(top, dtype=torch.int32, pin_memory=pin)
         self._h_tables = torch.zeros(top, width, dtype=torch.int32, pin_memory=pin)
+        self._np_i64, self._np_seq = self._h_i64.numpy(), self._h_seq.numpy()   # views of the staging
+        self._rows = BlockTableRows(self._h_tables.numpy())
+        self._staged: torch.cuda.Event | None = None   # recorded behind the last copy out of the staging
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -125,25 +180,41 @@ class DecodeGraphRunner:
             self._graphs[b] = g
         torch.cuda.synchronize()
 
+    def stage(self, inp: DecodeInputs, b: int) -> int:
+        """Write a step's inputs, padded to bucket b, into the host staging buffers (the host part
+        of a step); returns the number of ids gathered from the previous step."""
+        # the staging is rewritten only once the previous step's copies out of it are done; they
+        # were enqueued behind the step before it, whose tokens the engine has read: a short wait
+        if self._staged is not None:
+            self._staged.synchronize()
+        _fill_rows(inp, b, self._np_i64, self._np_seq)
+        self._rows.write(inp.block_tables)
+        m = len(inp.prev.dst) if inp.prev is not None else 0
+        if m:
+            self._np_i64[3, :m], self._np_i64[4, :m] = inp.prev.dst, inp.prev.src
+        return m
+
     @torch.inference_mode()
     def run(self, inp: DecodeInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step -> (float32 logits [n, V], greedy tokens int64 [n]) on the device."""
+        """One decode step -> (float32 logits [n, V], greedy tokens int64 [n]) on the device.
+        The logits are a static output (overwritten by the next run); the tokens are a copy."""
         n = len(inp.input_ids)
         b = bucket_for(n, self.buckets)
         if b is None:
             raise ValueError(f"decode batch {n} exceeds the largest graph bucket {self.max_batch}")
-        p = pad_decode_inputs(inp, b, self.width)
-        self._h_i64[:, :b].copy_(torch.from_numpy(p.i64))
-        self._h_seq[:b].copy_(torch.from_numpy(p.seq_lens))
-        self._h_tables[:b].copy_(torch.from_numpy(p.tables))
-        # the previous step's sampled tokens were read on the host, so its copies are done
+        m = self.stage(inp, b)
         self._i64.copy_(self._h_i64, non_blocking=True)
         self._seq_lens[:b].copy_(self._h_seq[:b], non_blocking=True)
         self._tables[:b].copy_(self._h_tables[:b], non_blocking=True)
+        if self._i64.is_cuda:
+            self._staged = torch.cuda.Event()
+            self._staged.record()
+        if m:   # ids the previous step sampled, straight from its output on the device
+            self._i64[0].index_copy_(0, self._i64[3, :m], inp.prev.tokens.index_select(0, self._i64[4, :m]))
         if b in self._graphs:
             self._graphs[b].replay()
             logits, tokens = self._outputs[b]
         else:
             self.attn.prepare(self._meta(b))
             logits, tokens = self._forward(b)
-        return logits[:n], tokens[:n]
+        return logits[:n], tokens[:n].clone()

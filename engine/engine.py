@@ -7,7 +7,9 @@
     engine.generate(["a", "b"], params)       # or run a batch to completion
 
 Each step: scheduler.schedule() -> runner.execute() -> scheduler.update_from_output() -> detokenize,
-stop strings -> RequestOutput deltas.
+stop strings -> RequestOutput deltas. With scheduler.overlap_decode, greedy decode steps overlap:
+the next step is launched before the previous one's tokens are read (engine/overlap.py), and a
+step() returns the deltas of the step it read.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from .loader import LoadedModel, load
 from .model import LlamaModel
 from .model_runner import ModelRunner
 from .model_source import default_cache_dir, resolve
+from .overlap import StepPipeline
 from .request import FinishReason, Request, SamplingParams, find_stop, validate_prompt
 from .sampler import Sampler
 from .scheduler import Scheduler
@@ -106,6 +109,7 @@ class LLMEngine:
             attn = TorchPagedAttention(self.kv_cache, scale)
         self.sampler = Sampler(device)
         self.runner = ModelRunner(self.model, attn, self.sampler, cc.block_size, graphs)
+        self.pipeline = StepPipeline(self.scheduler, self.runner, config.scheduler.overlap_decode)
         # step_hook(sched) -> after_layer(i) | None: lets a prefill worker stream each layer's KV
         # out while the step's later layers still run (see PrefillWorker)
         self.step_hook = None
@@ -202,6 +206,9 @@ class LLMEngine:
         limit = min(req.num_prompt_tokens + params.max_tokens, self.max_model_len)
         if -(-limit // self.pool.block_size) > self.pool.num_blocks:
             raise ValueError(f"request {request_id}: needs more KV blocks than the pool holds")
+        # the transfer agent fills these blocks on its own CUDA streams: a block freed by a request
+        # that still has a row in the step in flight must not be written before that step is done
+        self.pipeline.wait_device()
         ids = self.scheduler.reserve_remote(req)
         if ids is None:
             return None
@@ -230,16 +237,15 @@ class LLMEngine:
         return req is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        """Requests to run, or a launched step whose tokens are still to be read."""
+        return self.scheduler.has_unfinished or self.pipeline.in_flight is not None
 
     # ------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
+        done = self.pipeline.step(self.step_hook)
+        if done is None:
             return []
-        after_layer = self.step_hook(sched) if self.step_hook is not None else None
-        sampled = self.runner.execute(sched, after_layer)
-        updated = self.scheduler.update_from_output(sched, sampled)
+        updated = self.scheduler.update_from_output(*done)
         now = time.monotonic()
         return [self._emit(self._tracks[r.request_id], now) for r in updated if r.request_id in self._tracks]
 

@@ -3,6 +3,9 @@
 Workers (and the Ray actors wrapping them) call into the engine from several threads; every
 engine call goes through `run(fn)` under one lock, and the loop thread steps whenever there is
 work. Outputs are kept per request until a reader collects them (`take_outputs`).
+With overlapped decode (engine/overlap.py) a step() returns while the next decode step still
+runs on the device, so the RPCs served between steps overlap device work; has_unfinished()
+stays true until that step is read, so the loop keeps stepping until it is.
 """
 from __future__ import annotations
 

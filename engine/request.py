@@ -2,7 +2,10 @@
 
 A request is accounted with counters, not phases: `num_computed_tokens` (tokens whose KV is in
 the cache) catches up with `num_tokens` (prompt + generated). When they meet after a step, the
-step's logits for the last token are sampled and one token is appended.
+step's logits for the last token are sampled and one token is appended. With overlapped decode
+(engine/overlap.py) a step can be launched before the previous one's token is read:
+`num_inflight_tokens` counts such launched, unread decode steps; each will compute one token
+and sample one more, which the host learns only when the step is read.
 """
 from __future__ import annotations
 
@@ -78,6 +81,10 @@ class Request:
     num_preemptions: int = 0
     block_hashes: list[bytes] = field(default_factory=list)   # hashes of full blocks, computed lazily
     hold_blocks: bool = False        # prefill side: keep the KV blocks after finishing, for a push
+    num_inflight_tokens: int = 0     # launched decode steps whose sampled token is not read yet
+    # `blocks` only grows in place (extend) or is replaced by a new list; block_ids mirrors it
+    _block_ids: list[int] = field(default_factory=list, init=False, repr=False)
+    _block_ids_of: list[Block] | None = field(default=None, init=False, repr=False)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -91,12 +98,35 @@ class Request:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
+    def token_id(self, pos: int) -> int:
+        """The token at position `pos` (without building all_token_ids)."""
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[pos] if pos < n else self.output_token_ids[pos - n]
+
+    @property
+    def block_ids(self) -> list[int]:
+        """Ids of `blocks`. The same list object for as long as `blocks` is, extended as it grows,
+        so the decode graph runner rewrites a block-table row only where it changed."""
+        if self._block_ids_of is not self.blocks or len(self._block_ids) > len(self.blocks):
+            self._block_ids, self._block_ids_of = [], self.blocks
+        ids = self._block_ids
+        if len(ids) < len(self.blocks):
+            ids.extend(b.block_id for b in self.blocks[len(ids):])
+        return ids
+
     @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
+
+    def finishes_in_flight(self, max_model_len: int) -> bool:
+        """Its in-flight tokens bring it to max_tokens or the model length: it finishes when they
+        are read, so no step after them computes anything for it."""
+        k = self.num_inflight_tokens
+        return k > 0 and (len(self.output_token_ids) + k >= self.params.max_tokens
+                          or self.num_tokens + k >= max_model_len)
 
     def check_stop(self, max_model_len: int) -> FinishReason | None:
         """Stop conditions that need no text: eos / stop tokens, max_tokens, model length."""

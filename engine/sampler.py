@@ -13,15 +13,37 @@ import torch
 from .request import SamplingParams
 
 
+class HostCopy:
+    """A device tensor's copy to the host, enqueued now and read later (overlapped decode reads a
+    step's tokens after launching the next step). On CUDA the copy goes to pinned memory
+    without blocking the host, and an event recorded behind it marks it (and everything enqueued
+    before it on the stream) done."""
+
+    def __init__(self, t: torch.Tensor):
+        self._event = None
+        if t.is_cuda:
+            self._host = t.to("cpu", non_blocking=True)    # pinned destination: an asynchronous copy
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = t
+
+    def wait(self) -> None:
+        """Wait until the copy (and all work enqueued before it) is done, with the GIL released:
+        a decode loop that blocked in a copy with the GIL held would starve the worker's other
+        threads (the KV-transfer agent got the GIL about once per step: 0.4-1 s per transfer on
+        an H200, measured)."""
+        if self._event is not None:
+            self._event.synchronize()
+
+    def tolist(self) -> list:
+        self.wait()
+        return self._host.tolist()
+
+
 def host_list(t: torch.Tensor) -> list:
-    """t.tolist(), waiting for the GPU with the GIL released first: a decode loop that blocked in
-    tolist's copy with the GIL held would starve the worker's other threads (the KV-transfer
-    agent got the GIL about once per step: 0.4-1 s per transfer on an H200, measured)."""
-    if t.is_cuda:
-        ev = torch.cuda.Event()
-        ev.record()
-        ev.synchronize()              # releases the GIL while it waits
-    return t.tolist()
+    """t.tolist(), waiting for the GPU with the GIL released first (see HostCopy.wait)."""
+    return HostCopy(t).tolist()
 
 
 

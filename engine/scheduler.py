@@ -17,6 +17,14 @@ of its prompt. If a running request cannot get the blocks for its new tokens, th
 admitted running request is preempted until it can. Waiting requests are then admitted in order
 (first-come first-served; the head is never skipped) while budget, seats and blocks remain. A
 request that does not fit whole takes a chunk of its prompt now and the rest in later steps.
+
+Overlapped decode (engine/overlap.py): the engine may schedule step N+1 while step N is still
+running and its tokens are unknown. mark_in_flight(N) counts each of N's requests as having one
+token more computed and one more to come (`Request.num_inflight_tokens`), so schedule() gives
+such a request its next position; update_from_output(N) turns the count back into
+num_computed_tokens and the real token. The engine only does this when
+next_step_is_decode() says the coming schedule gives each running request exactly one token and
+nothing else: no preemption (an in-flight request is never preempted), no admission, no chunk.
 """
 from __future__ import annotations
 
@@ -32,19 +40,16 @@ from .request import FinishReason, Request, RequestStatus
 @dataclass
 class ScheduledChunk:
     request: Request
-    start: int             # position of the first new token (= num_computed_tokens before the step)
+    start: int             # position of the first new token (num_computed_tokens + num_inflight_tokens)
     num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the end of the request's known tokens, so its last logits are sampled."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    samples: bool          # the chunk reaches the end of the request's tokens: its last logits are sampled
 
 
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    in_flight: bool = False   # set by mark_in_flight: the engine reads its tokens after scheduling the next step
 
     @property
     def num_tokens(self) -> int:
@@ -53,6 +58,11 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+    @property
+    def is_decode(self) -> bool:
+        """Every chunk is one token and samples (each request gains exactly one token)."""
+        return bool(self.chunks) and all(c.num_new_tokens == 1 and c.samples for c in self.chunks)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -148,8 +158,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            need = blocks_needed(req.num_computed_tokens + n, self.pool.block_size) - len(req.blocks)
+            if req.finishes_in_flight(self.max_model_len):
+                i += 1
+                continue
+            start = req.num_computed_tokens + req.num_inflight_tokens    # in-flight tokens count as computed
+            left = req.num_tokens + req.num_inflight_tokens - start      # ... and each brings one more token
+            n = min(left, budget)
+            need = blocks_needed(start + n, self.pool.block_size) - len(req.blocks)
             while not self.pool.can_allocate(need):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -159,7 +174,7 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 break
             req.blocks.extend(self.pool.allocate(max(need, 0)))
-            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+            out.chunks.append(ScheduledChunk(req, start, n, n == left))
             budget -= n
             i += 1
         return budget
@@ -175,7 +190,7 @@ class Scheduler:
             req.num_computed_tokens = hit.num_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n, hit.num_tokens + n == req.num_tokens))
             budget -= n
 
     def _take_blocks(self, req: Request, hit, num_tokens: int) -> list | None:
@@ -193,6 +208,8 @@ class Scheduler:
         return new
 
     def _preempt(self, req: Request) -> None:
+        if req.num_inflight_tokens:    # next_step_is_decode() rules this out before the engine schedules
+            raise RuntimeError(f"{req.request_id}: preempted while a launched step still computes it")
         self.running.remove(req)
         self._release_blocks(req)
         req.num_computed_tokens = 0
@@ -200,15 +217,48 @@ class Scheduler:
         req.num_preemptions += 1
         self.waiting.appendleft(req)
 
+    # ------------------------------------------------------------ overlapped decode
+    def next_step_is_decode(self) -> bool:
+        """True when schedule() would now give every running request exactly one token (but those
+        whose in-flight token is their last: they get none) and do nothing else: no prefill
+        chunk, no preemption, no admission (a waiting request with a free seat and budget counts
+        as an admission even if its blocks would not fit). Changes nothing; engine/overlap.py
+        asks it before scheduling a step behind one in flight."""
+        cfg, bs = self.config, self.pool.block_size
+        run = [r for r in self.running if not r.finishes_in_flight(self.max_model_len)]
+        if not run or len(run) > cfg.max_num_batched_tokens:
+            return False
+        need = 0
+        for r in run:
+            if r.num_tokens - r.num_computed_tokens != 1:
+                return False
+            need += max(blocks_needed(r.num_computed_tokens + r.num_inflight_tokens + 1, bs) - len(r.blocks), 0)
+        if not self.pool.can_allocate(need):   # would preempt
+            return False
+        budget_left = cfg.max_num_batched_tokens - len(run)
+        return not self.waiting or budget_left <= 0 or len(self.running) >= cfg.max_num_seqs
+
+    def mark_in_flight(self, out: SchedulerOutput) -> None:
+        """`out` (a decode step) is launched now and read later: until update_from_output(out),
+        each of its requests counts one token more computed and one more to come."""
+        if not out.is_decode:
+            raise RuntimeError("only decode steps (one sampled token per request) can be in flight")
+        out.in_flight = True
+        for c in out.chunks:
+            c.request.num_inflight_tokens += 1
+
     # ------------------------------------------------------------ after the model ran
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance counters, cache full blocks, append sampled tokens, finish what stopped.
 
-        Returns the requests that got a new token (finished ones included)."""
+        Returns the requests that got a new token (finished ones included). A request that
+        finished or was aborted after `out` was scheduled gets nothing: its token is dropped."""
         touched = []
         for chunk in out.chunks:
             req = chunk.request
-            if req.status != RequestStatus.RUNNING:   # aborted in between
+            if out.in_flight:
+                req.num_inflight_tokens -= 1
+            if req.status != RequestStatus.RUNNING:   # aborted, or finished by an earlier step
                 continue
             req.num_computed_tokens += chunk.num_new_tokens
             self._cache_full_blocks(req)

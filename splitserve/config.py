@@ -70,11 +70,16 @@ class SchedulerConfig:
     max_num_seqs: int = _f(64, "most sequences in the running batch")
     max_num_batched_tokens: int = _f(2048, "token budget of one step (chunked prefill splits above it)")
     max_model_len: int = _f(0, "longest prompt+output (0 = the model's context length)")
+    overlap_decode: bool = _f(True, "launch a greedy decode step before reading the previous step's tokens, so the "
+                              "device does not idle while the host schedules (engine/overlap.py); false = every "
+                              "step synchronous")
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, "scheduler.max_num_seqs", "must be >= 1")
         _require(self.max_num_batched_tokens >= 16, "scheduler.max_num_batched_tokens", "must be >= 16")
         _require(self.max_model_len >= 0, "scheduler.max_model_len", "must be >= 0")
+        _require(isinstance(self.overlap_decode, bool), "scheduler.overlap_decode",
+                 f"must be true or false, got {self.overlap_decode!r}")
 
 
 @dataclass(frozen=True)
