@@ -96,7 +96,7 @@ def make_engine(kv_dtype: str, max_model_len: int) -> LLMEngine:
 
 
 def free_engine(eng) -> None:
-    eng.runner = eng.kv_cache = eng.model = None
+    eng.runner = eng.kv_cache = eng.model = eng.pipeline = None   # the pipeline holds the runner
     gc.collect()
     if DEV.type == "cuda":
         torch.cuda.empty_cache()
@@ -357,6 +357,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", str(REPO / "bench" / "results")))
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip sections started after this")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--kv", nargs="*", default=["bf16", "fp8"], choices=["bf16", "fp8"],
+                    help="KV dtypes to run (bf16 also runs correctness, TTFT, prefill and HF)")
     args = ap.parse_args()
     try:
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
@@ -371,6 +373,8 @@ def main() -> None:
     section("ceiling", bench_ceiling, args)
     longest = max(PREFILLS + CONTEXTS) + 64
     for kv_dtype, kv_name in (("auto", "bf16"), ("fp8_e4m3", "fp8")):
+        if kv_name not in args.kv:
+            continue
         if now_s() > args.budget_s:
             break
         args.eng, args.kv_name = make_engine(kv_dtype, longest), kv_name
@@ -383,7 +387,7 @@ def main() -> None:
             # the baseline runs here, on the bf16 engine's weights, before anything else can eat
             # the time budget (v1 lost it); the KV cache and graphs go first to free memory
             args.model, args.arch = args.eng.model, args.eng.arch
-            args.eng.runner = args.eng.kv_cache = None
+            args.eng.runner = args.eng.kv_cache = args.eng.pipeline = None
             gc.collect()
             if DEV.type == "cuda":
                 torch.cuda.empty_cache()

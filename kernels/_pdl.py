@@ -8,7 +8,10 @@ visible) before reading anything, then allow their own successor to launch. A ke
 before its first load, so a predecessor that is not PDL-aware (cuBLAS, torch) only loses the
 overlap, never the ordering; every kernel launched with PDL must call `pdl_wait` first.
 
-Off under the Triton interpreter, on GPUs before sm_90, and with SPLITSERVE_PDL=0.
+Off under the Triton interpreter, on GPUs before sm_90, with SPLITSERVE_PDL=0, and for launches
+over a single row (token / sequence): measured on the H200 (bench/pdl_ab.py, 2026-11-29, two
+captures each), the Llama-3-8B decode step's graph replay with PDL took 4443 vs 4390 us at batch
+1 (worse), 4894 vs 5103 us at batch 8 and 5945 vs 6120 us at batch 32.
 """
 from __future__ import annotations
 
@@ -27,9 +30,10 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def use_pdl(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with PDL (cached per device; no sync)."""
-    if device.type != "cuda" or interpreting() or os.environ.get("SPLITSERVE_PDL", "1") == "0":
+def use_pdl(device: torch.device, rows: int = 2) -> bool:
+    """Whether a kernel over `rows` tokens / sequences on `device` launches with PDL (no sync)."""
+    if (rows <= 1 or device.type != "cuda" or interpreting()
+            or os.environ.get("SPLITSERVE_PDL", "1") == "0"):
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 

@@ -145,6 +145,7 @@ def test_pdl_only_on_cuda_and_switchable(monkeypatch):
     """Programmatic dependent launch: never on CPU or under the interpreter, off by env."""
     from splitserve.kernels._pdl import launch_kwargs, use_pdl
     assert not use_pdl(torch.device("cpu"))
+    assert not use_pdl(torch.device("cuda"), rows=1)      # measured slower at batch 1
     assert launch_kwargs(False) == {"PDL": False}
     assert launch_kwargs(True) == {"PDL": True, "launch_pdl": True}
     monkeypatch.setenv("SPLITSERVE_PDL", "0")
