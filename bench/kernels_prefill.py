@@ -96,7 +96,7 @@ def set_new_tiles(cfg: tuple) -> None:
 
 def contiguous_kv(c, B, S):
     def gather(cache, scale):
-        x = cache[c.block_tables.long()].view(B, -1, HKV, D)[:, :S]
+        x = cache[c.block_tables.long()].reshape(B, -1, HKV, D)[:, :S]
         x = x.float() * scale[None, None, :, None] if scale is not None else x
         return x.to(torch.bfloat16).transpose(1, 2).contiguous()
     return gather(c.k_cache, c.k_scale), gather(c.v_cache, c.v_scale)
