@@ -173,9 +173,11 @@ def main() -> None:
                     help="problems as B,L,SETS (SETS > 1: timed in a graph over rotated copies)")
     ap.add_argument("--kv", nargs="*", default=["fp8", "bf16"], choices=["fp8", "bf16"])
     ap.add_argument("--no-splits", action="store_true", help="skip the split-plan sweep")
+    ap.add_argument("--page", type=int, default=KB.PAGE, help="KV block size (tokens per page)")
     ap.add_argument("--only", nargs="*", default=None,
                     help="configs to sweep as HPP,BLOCK_N,STAGES,WARPS[,MAXNREG] (default: the grid)")
     args = ap.parse_args()
+    KB.PAGE = args.page                  # bench/kernels.py's Paged reads it per case
     ONLY.extend(tuple(int(x) for x in c.split(",")) for c in args.only or [])
     CASES.extend(tuple(int(x) for x in c.split(",")) for c in args.cases or [])
     out = Path(args.out)
@@ -192,7 +194,8 @@ def main() -> None:
             apply(kv, chosen[kv])
     if not args.no_splits:
         split_sweep(rows, deadline)
-    meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    meta = dict(page=args.page,
+                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 torch=torch.__version__, argv=sys.argv, chosen=chosen)
     (out / "decode-sweep.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1,
                                                       default=str))

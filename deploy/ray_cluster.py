@@ -133,7 +133,7 @@ class ServingCluster:
         self.router = Router(cfg.router, tokenizer, max_len, self.pool, policy, self.metrics)
         self.pool.start_health()
         info = {"model": cfg.model.model, "vocab_size": tokenizer.vocab_size, "max_model_len": max_len,
-                "block_size": cfg.cache.block_size, "kv_dtype": cfg.cache.kv_dtype}
+                "block_size": cfg.cache.tokens_per_block, "kv_dtype": cfg.cache.kv_dtype}
         if cfg.router.grpc_port >= 0:
             from ..router.grpc_server import start_grpc
             self.grpc_server, self.grpc_port = await start_grpc(self.router, info, cfg.router.host, cfg.router.grpc_port)

@@ -91,16 +91,16 @@ class LLMEngine:
         buckets = decode_buckets(config.scheduler.max_num_seqs) if use_triton else ()
         kv_dtype = self.model.dtype if cc.kv_dtype == "auto" else _TORCH_DTYPES[cc.kv_dtype]
         num_blocks = cc.num_blocks or self._auto_num_blocks(kv_dtype, max(buckets, default=1))
-        self.kv_cache = KVCache(self.arch.num_layers, num_blocks, cc.block_size, self.arch.num_kv_heads,
+        self.kv_cache = KVCache(self.arch.num_layers, num_blocks, cc.tokens_per_block, self.arch.num_kv_heads,
                                 self.arch.head_dim, kv_dtype, device)
         self._log_kv_cache(kv_dtype)
-        self.pool = BlockPool(num_blocks, cc.block_size, cc.hash_seed, cc.enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, cc.tokens_per_block, cc.hash_seed, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.pool, self.max_model_len)
         scale = self.arch.head_dim ** -0.5
         graphs = None
         if use_triton:
             attn = TritonPagedAttention(self.kv_cache, scale, self.arch.num_heads)
-            width = -(-self.max_model_len // cc.block_size)
+            width = -(-self.max_model_len // cc.tokens_per_block)
             graphs = DecodeGraphRunner(self.model, attn, width, buckets, use_graphs=device.type == "cuda")
             t0 = time.perf_counter()
             graphs.capture()
@@ -108,7 +108,7 @@ class LLMEngine:
         else:
             attn = TorchPagedAttention(self.kv_cache, scale)
         self.sampler = Sampler(device)
-        self.runner = ModelRunner(self.model, attn, self.sampler, cc.block_size, graphs)
+        self.runner = ModelRunner(self.model, attn, self.sampler, cc.tokens_per_block, graphs)
         self.pipeline = StepPipeline(self.scheduler, self.runner, config.scheduler.overlap_decode)
         # step_hook(sched) -> after_layer(i) | None: lets a prefill worker stream each layer's KV
         # out while the step's later layers still run (see PrefillWorker)
@@ -128,7 +128,7 @@ class LLMEngine:
         """CUDA: fraction of the memory free after weights, less the activations' peak (measured
         by one forward of the largest step); CPU: cache.cpu_cache_gib."""
         a, cc = self.arch, self.config.cache
-        per_block = KVCache.bytes_per_block(a.num_layers, cc.block_size, a.num_kv_heads, a.head_dim, kv_dtype)
+        per_block = KVCache.bytes_per_block(a.num_layers, cc.tokens_per_block, a.num_kv_heads, a.head_dim, kv_dtype)
         self.memory_report: dict[str, float] = {}
         if self.device.type == "cuda":
             activations = self._profile_activations(max_decode_batch)

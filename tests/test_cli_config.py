@@ -60,3 +60,12 @@ def test_config_validation(tmp_path):
         cfg.cache.block_size = 8          # frozen
     assert all(field_docs(CacheConfig).values()), "every field has a doc line"
     assert Config().replace("cache", kv_dtype="fp8_e4m3").cache.kv_dtype == "fp8_e4m3"
+
+
+def test_block_size_auto_follows_the_kv_dtype():
+    """block_size 0 (the default) = 16 tokens, 32 for FP8 caches (full-sector V page rows);
+    an explicit size always wins."""
+    assert Config().cache.block_size == 0 and Config().cache.tokens_per_block == 16
+    assert Config().replace("cache", kv_dtype="fp8_e4m3").cache.tokens_per_block == 32
+    assert Config().replace("cache", kv_dtype="fp8_e4m3", block_size=16).cache.tokens_per_block == 16
+    assert Config().replace("cache", kv_dtype="bfloat16", block_size=64).cache.tokens_per_block == 64
