@@ -48,7 +48,8 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from engine_common import (BATCHES, CONTEXTS, DEV, DTYPE, PREFILLS, REPO, SHAPE,  # noqa: E402
-                           SMOKE, R, now_s, rand_prompt, section, sync, timed, write_json)
+                           SMOKE, R, now_s, rand_prompt, replay_time, section, sync, timed,
+                           write_json)
 from engine_ref import bench_correct, bench_hf  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402  (after engine_common: --smoke sets TRITON_INTERPRET first)
@@ -214,22 +215,6 @@ def decode_inputs(eng, b: int, ctx: int, rng: np.random.Generator) -> DecodeInpu
     slots = [int(blocks[i, (ctx - 1) // bs]) * bs + (ctx - 1) % bs for i in range(b)]
     ids = rng.integers(2, eng.arch.vocab_size, b).tolist()
     return DecodeInputs(ids, [ctx - 1] * b, slots, [ctx] * b, [row.tolist() for row in blocks])
-
-
-def replay_time(runner, b: int, reps: int = 20) -> float | None:
-    """Seconds per replay of batch b's graph, back to back, timed by CUDA events."""
-    from splitserve.engine.cuda_graph import bucket_for
-    graph = runner._graphs.get(bucket_for(b, runner.buckets)) if DEV.type == "cuda" else None
-    if graph is None:
-        return None
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / reps
 
 
 def engine_step_time(eng, b: int, ctx: int, overlap: bool, rng: np.random.Generator) -> float:

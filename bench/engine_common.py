@@ -84,3 +84,19 @@ def write_json(args) -> None:
 
 def rand_prompt(gen: torch.Generator, n: int, vocab: int) -> list[int]:
     return torch.randint(2, vocab, (n,), generator=gen).tolist()
+
+
+def replay_time(runner, b: int, reps: int = 20) -> float | None:
+    """Seconds per replay of batch b's graph, back to back, timed by CUDA events."""
+    from splitserve.engine.cuda_graph import bucket_for
+    graph = runner._graphs.get(bucket_for(b, runner.buckets)) if DEV.type == "cuda" else None
+    if graph is None:
+        return None
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps

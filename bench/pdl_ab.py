@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_common import DEV, DTYPE, SHAPE, SMOKE  # noqa: E402
+from engine_common import DEV, DTYPE, SHAPE, SMOKE, replay_time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402  (after engine_common: --smoke sets TRITON_INTERPRET first)
 
@@ -48,18 +48,6 @@ def inputs(eng, b: int):
     return DecodeInputs(ids, [CONTEXT - 1] * b, slots, [CONTEXT] * b, [r.tolist() for r in blocks])
 
 
-def replay_us(runner, b: int, reps: int = 50) -> float:
-    g = runner._graphs[b]
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp")
@@ -80,7 +68,8 @@ def main() -> None:
             if b in tokens and toks != tokens[b]:
                 raise SystemExit(f"B={b}: greedy tokens differ with SPLITSERVE_PDL={pdl}")
             tokens[b] = toks
-            us = replay_us(runner, b) if DEV.type == "cuda" else float("nan")
+            t = replay_time(runner, b, reps=50)        # None without graphs (CPU)
+            us = float("nan") if t is None else t * 1e6
             rows.append(dict(trial=trial, pdl=pdl == "1", batch=b, context=CONTEXT, replay_us=us))
             print(f"PDL={pdl} B={b} ctx={CONTEXT}: {us:.1f} us per step replay", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
