@@ -50,6 +50,7 @@ class Peer:
         self.senders: dict[int, KVSender] = {}   # by transfer id (xid)
         self.hello: asyncio.Future = asyncio.get_running_loop().create_future()
         self.lost = False
+        self.pong: asyncio.Future | None = None   # agent.rtt's outstanding probe
 
     async def send(self, payload: np.ndarray) -> None:
         await self.ep.am_send(payload)
@@ -128,7 +129,7 @@ class TransferAgent(DecodeSide):
             # loop's thread. Delayed submission makes them on the progress thread, which has no
             # asyncio loop: once a burst (48 concurrent transfers on an H200) drains the futures
             # pool, refilling it there fails and the worker aborts in Request::cancel.
-            ucxx.init(progress_mode="thread", enable_python_future=True, enable_delayed_submission=False)
+            ucxx.init(progress_mode=self.config.progress_mode, enable_python_future=True, enable_delayed_submission=False)
         elif not ucxx.core._ctx.enable_python_future:
             log.warning("kvtransfer: ucxx was initialised without python futures; transfers "
                         "will be slow (initialise ucxx after creating the TransferAgent)")
@@ -250,6 +251,31 @@ class TransferAgent(DecodeSide):
             peer.hello.set_result(msg)
 
     _on_hello_err = _on_hello_ok
+
+    # ---- round-trip probe ------------------------------------------------------------------
+    def rtt(self, addr: tuple[str, int], n: int = 20) -> list[float]:
+        """Seconds of `n` control-message round trips (ping -> pong) to the agent at `addr`:
+        the latency floor of every protocol step (begin/ready, complete/ack)."""
+        return self.call(self._rtt(tuple(addr), n), timeout=30 + n)
+
+    async def _rtt(self, addr: tuple[str, int], n: int) -> list[float]:
+        peer = await self.peer(addr)
+        out = []
+        for i in range(n):
+            peer.pong = asyncio.get_running_loop().create_future()
+            t0 = time.perf_counter()
+            await peer.send(encode("ping", n=i))
+            await asyncio.wait_for(peer.pong, 10)
+            out.append(time.perf_counter() - t0)
+        return out
+
+    def _on_ping(self, peer: Peer, msg: dict) -> None:
+        asyncio.ensure_future(peer.send(encode("pong", n=msg["n"])))
+
+    def _on_pong(self, peer: Peer, msg: dict) -> None:
+        fut = getattr(peer, "pong", None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
 
     # ---- prefill side --------------------------------------------------------------------
     def open_sender(self, handoff: HandoffRecord, src_block_ids: Sequence[int],

@@ -34,6 +34,7 @@ class DecodeSide:
     def reserve(self, block_ids: Sequence[int]) -> HandoffRecord:
         """Put `block_ids` (already taken from the engine's pool) under a new lease."""
         lease = self.leases.reserve(block_ids)
+        self._tombstones.pop(lease.tag_key, None)   # a recycled key: its old strays are long gone
         self._rx_status[lease.lease_id] = TransferFSM()
         metrics.leases_live().set(self.leases.live_count())
         return self._record(lease)
@@ -70,7 +71,10 @@ class DecodeSide:
         if old is not None:
             await old.abort("superseded by a reissued epoch")
             await self._notify_sender(old, "reject", "lease reissued to another sender")
+        old_key = lease.tag_key if lease is not None else None
         lease = self.leases.reissue(lease_id)
+        if old_key is not None:
+            self.tombstone(old_key)   # the old epoch's data, even if it never sent a begin
         self._rx_status[lease_id] = TransferFSM()
         return self._record(lease)
 
@@ -80,6 +84,7 @@ class DecodeSide:
         except LeaseError:
             return False
         self._rx_status[lease_id].fail(reason)
+        self.tombstone(self.leases.get(lease_id).tag_key)
         attempt = self._attempts.pop(lease_id, None)
         if attempt is not None:
             await attempt.abort(reason)
@@ -119,10 +124,18 @@ class DecodeSide:
             except ValueError as e:
                 why = str(e)
         if why is not None:
+            # the sender posts its data without waiting for `ready`: drain whatever it sent under
+            # this tag key -- unless the key is still a live lease's (e.g. a second sender of one
+            # epoch): its data may then match that lease's receives, and the checksums decide
+            # (nothing lands unverified); the key is tombstoned when the lease resolves
+            key = msg.get("key")
+            if key and not (lease is not None and lease.state is LeaseState.LIVE and lease.tag_key == key):
+                self.tombstone(key)
             await peer.send(encode("reject", xid=xid, lease=lease_id, epoch=epoch, reason=why))
             return
         fsm = self._rx_status[lease_id]
-        attempt = RecvAttempt(self, lease_id, epoch, lease.tag_key, plan, peer.ep, fsm)
+        attempt = RecvAttempt(self, lease_id, epoch, lease.tag_key, plan, peer.ep, fsm,
+                              int(msg.get("nonce", 0)))
         attempt.xid = xid
         self._attempts[lease_id] = attempt
         attempt.started = time.perf_counter()
@@ -212,6 +225,7 @@ class DecodeSide:
         self.top_up_futures()
         for lease in self.leases.expire_due():
             self._rx_status[lease.lease_id].fail("lease expired")
+            self.tombstone(lease.tag_key)   # data a sender posted before (or without) a begin
             attempt = self._attempts.pop(lease.lease_id, None)
             if attempt is not None:
                 await attempt.abort("lease expired")
@@ -230,4 +244,4 @@ class DecodeSide:
                 await worker.tag_recv_with_handle(Array(scratch), probe).wait()
                 metrics.dropped_messages().inc()
             if now > until:
-                del self._tombstones[key]
+                self._tombstones.pop(key, None)

@@ -31,7 +31,8 @@ from typing import NamedTuple, Sequence
 PROTOCOL_VERSION = 1
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8_e4m3": 1, "uint8": 1}
 MAX_LAYERS = 1 << 10        # tag field widths, see wire.data_tag
-MAX_MSGS_PER_LAYER = 1 << 22
+MAX_MSGS_PER_LAYER = 1 << 14
+NONCE_BITS = 8               # a sender's nonce in every data tag (wire.data_tag)
 STAGING_BUDGET = 64 << 20   # bytes of staged layers a transfer may keep in flight per side
 BUNDLE_BYTES = 16 << 20     # default: a staged message spans as many layers as fit in this
 

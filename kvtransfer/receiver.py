@@ -39,8 +39,9 @@ if TYPE_CHECKING:
 
 class RecvAttempt:
     def __init__(self, agent: "TransferAgent", lease_id: int, epoch: int, tag_key: int,
-                 plan: TransferPlan, ep, fsm: TransferFSM) -> None:
+                 plan: TransferPlan, ep, fsm: TransferFSM, nonce: int = 0) -> None:
         self.agent, self.lease_id, self.epoch, self.tag_key = agent, lease_id, epoch, tag_key
+        self.nonce = nonce   # the sender's: only its data matches these receives
         self.plan, self.ep, self.fsm = plan, ep, fsm
         self.leases: LeaseTable = agent.leases
         self.pending: dict[int, asyncio.Future] = {}   # tag -> receive still in flight
@@ -97,7 +98,7 @@ class RecvAttempt:
     def _post(self, layer: int, msg: int, buf, staged: tuple | None) -> bool:
         if self.aborted or not self.leases.begin_write(self.lease_id, self.epoch):
             return False
-        tag = data_tag(self.tag_key, layer, msg)
+        tag = data_tag(self.tag_key, layer, msg, self.nonce)
         arr = buf if isinstance(buf, Array) else Array(buf)
         self.agent.top_up_futures()
         req = self.ep._ep.tag_recv(arr, Tag(tag), TagMaskFull)

@@ -7,17 +7,24 @@
     sender.poll()   # Transferring ... Success | Failed(reason)
 
 On the agent's loop: connect (cached endpoint, compatibility checked at first contact), send
-`begin`, wait for `ready`, then per pushed layer: wait until the layer's KV is written (a CUDA
-event recorded by push_layer), gather the staged regions into a staging buffer (at most
-`staging_layers` in flight), post all tag sends of that layer without waiting for the previous
-ones, and fold the layer's checksum. After the last layer and all sends: `complete` with the
-per-layer checksums, then Success on the decode side's `ack`. Any refusal, a dead peer or the
-lease's deadline ends in Failed; `on_done` (release of the source blocks) runs exactly once.
+`begin` and, without waiting for the decode side's `ready`, per pushed layer: wait until the
+layer's KV is written (a CUDA event recorded by push_layer), gather the staged regions into a
+staging buffer (at most `staging_layers` in flight), post all tag sends of that layer without
+waiting for the previous ones, and fold the layer's checksum. Data posted before the decode side
+has posted its receives waits in UCX's tag matching (unexpected queue / pending rendezvous) until
+it does; a refused `begin` tombstones the tag key there, so such data is drained, never landed.
+Once `ready` arrived and every layer's checksum is known: `complete` with the per-layer
+checksums, sent while the last sends may still be in flight (the decode side verifies only
+after all its receives ended), then Success on the decode side's `ack`. So the critical path of a
+handoff is its data plus one verification and one ack, not begin -> ready -> data -> complete ->
+ack. Any refusal, a dead peer or the lease's deadline ends in Failed; `on_done` (release of the
+source blocks) runs exactly once.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -27,7 +34,7 @@ from ucxx._lib.arr import Array
 from ucxx.types import Tag
 
 from . import pool
-from .layout import TransferPlan, ids_digest
+from .layout import NONCE_BITS, TransferPlan, ids_digest
 from .state import TransferFSM, TransferState, TransferStatus
 from .wire import HandoffRecord, data_tag, encode
 
@@ -36,6 +43,7 @@ if TYPE_CHECKING:
 
 
 _XIDS = itertools.count(1)
+_NONCE0 = random.randrange(1 << 16)   # this process's senders: consecutive nonces from a random start
 _UNSET = asyncio.Event()   # never set: "not pushed yet"
 
 
@@ -50,6 +58,9 @@ class KVSender:
                                        handoff.direct_min_blocks, handoff.bundle_bytes)
         self.fsm = TransferFSM()
         self.xid = next(_XIDS)   # names this transfer in every control message and reply
+        # in its data tags (wire.data_tag): two senders of one process never share it, two of
+        # different processes rarely (and a shared one only lets the checksums decide)
+        self.nonce = (_NONCE0 + self.xid) % ((1 << NONCE_BITS) - 1) + 1
         self.deadline = time.monotonic() + handoff.ttl_s
         self._on_done = on_done
         self._lock = threading.Lock()
@@ -85,9 +96,18 @@ class KVSender:
         self.agent.loop.call_soon_threadsafe(self._mark_ready, layer, ev)
 
     def push_all(self) -> None:
-        """All layers are already in the pool (e.g. a prefix-cache hit): send everything."""
-        for layer in range(self.plan.layout.num_layers):
-            self.push_layer(layer)
+        """All layers are already in the pool (e.g. a prefix-cache hit): send everything
+        (one CUDA event and one loop wake-up for all layers, not one per layer)."""
+        L = self.plan.layout.num_layers
+        with self._lock:
+            if self._pushed:
+                raise ValueError(f"layers {sorted(self._pushed)[:4]} were already pushed")
+            self._pushed.update(range(L))
+        ev = None
+        if self.agent.kv.is_cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+        self.agent.loop.call_soon_threadsafe(self._mark_all_ready, ev)
 
     def poll(self) -> TransferStatus:
         """Non-blocking: Bootstrapping, Transferring, Success or Failed(reason)."""
@@ -112,6 +132,10 @@ class KVSender:
         self._events[layer] = ev
         self._layer_ready.setdefault(layer, asyncio.Event()).set()
 
+    def _mark_all_ready(self, ev) -> None:
+        for layer in range(self.plan.layout.num_layers):
+            self._mark_ready(layer, ev)
+
     async def _run(self) -> None:
         peer = None
         try:
@@ -134,31 +158,43 @@ class KVSender:
         h = self.handoff
         self._t("open")
         peer = await self.agent.peer((h.host, h.port))
-        self.reply = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.reply = loop.create_future()
         peer.senders[self.xid] = self
-        await peer.send(encode("begin", xid=self.xid, lease=h.lease_id, epoch=h.epoch, src=self.src_ids,
-                               dst_digest=ids_digest(h.block_ids)))
+        begin = asyncio.ensure_future(peer.send(encode(
+            "begin", xid=self.xid, lease=h.lease_id, epoch=h.epoch, key=h.tag_key, nonce=self.nonce,
+            src=self.src_ids,
+            dst_digest=ids_digest(h.block_ids))))
         self._t("begin_sent")
-        msg = await self.reply
-        if msg["t"] != "ready":
-            raise RuntimeError(f"decode worker refused the transfer: {msg.get('reason')}")
-        self.fsm.to(TransferState.TRANSFERRING)
-        self._t("ready")
-        sends, sum_futs = await self._send_layers(peer)
-        self._t("posted")
-        await asyncio.gather(*sends)
-        self._t("sent")
-        sums = [int(x) for batch in await asyncio.gather(*sum_futs) for x in batch]
-        self.reply = asyncio.get_running_loop().create_future()
-        completion = {"xid": self.xid, "lease": h.lease_id, "epoch": h.epoch, "checksums": sums}
-        if self.complete_hook is not None:
-            completion = self.complete_hook(completion)
-        self._t("sums")
-        await peer.send(encode("complete", **completion))
-        msg = await self.reply
-        self._t("acked")
-        if msg["t"] != "ack":
-            raise RuntimeError(f"decode worker rejected the completion: {msg.get('reason')}")
+        # the data does not wait for `ready`: it queues in UCX's tag matching until the decode
+        # side's receives are posted (module docstring)
+        data = asyncio.ensure_future(self._send_layers(peer))
+        try:
+            msg = await self.reply
+            if msg["t"] != "ready":
+                raise RuntimeError(f"decode worker refused the transfer: {msg.get('reason')}")
+            self.fsm.to(TransferState.TRANSFERRING)
+            self._t("ready")
+            await begin
+            sends, sum_futs = await data
+            self._t("posted")
+            sums = [int(x) for batch in await asyncio.gather(*sum_futs) for x in batch]
+            self.reply = loop.create_future()
+            completion = {"xid": self.xid, "lease": h.lease_id, "epoch": h.epoch, "checksums": sums}
+            if self.complete_hook is not None:
+                completion = self.complete_hook(completion)
+            self._t("sums")
+            # before the sends have completed: the decode side verifies once its receives ended
+            await peer.send(encode("complete", **completion))
+            msg = await self.reply
+            self._t("acked")
+            if msg["t"] != "ack":
+                raise RuntimeError(f"decode worker rejected the completion: {msg.get('reason')}")
+            await asyncio.gather(*sends)   # acked => every receive matched; this is bookkeeping
+            self._t("sends_done")
+        finally:
+            if not data.done():
+                data.cancel()
         self.fsm.to(TransferState.SUCCESS)
         return peer
 
@@ -267,7 +303,7 @@ class KVSender:
         t0 = time.perf_counter()
         arr = Array(buf)
         self.agent.top_up_futures()
-        req = peer.ep._ep.tag_send(arr, Tag(data_tag(self.handoff.tag_key, layer, msg)))
+        req = peer.ep._ep.tag_send(arr, Tag(data_tag(self.handoff.tag_key, layer, msg, self.nonce)))
         self.send_s += time.perf_counter() - t0
 
         async def done():

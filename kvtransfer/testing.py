@@ -78,6 +78,11 @@ class PoolWorker:
         return {"free": len(self.free), "free_calls": len(self.free_calls),
                 "live": self.agent.leases.live_count(), "freed_count": self.agent.leases.freed_count}
 
+    def dropped(self) -> float:
+        """Stray data messages the sweeper has drained (late, duplicate or refused writes)."""
+        from .metrics import dropped_messages
+        return dropped_messages()._value.get()
+
     def release_completed(self, ids: list[int]) -> None:
         """The request finished: its blocks go back to the pool (engine's job, not the lease's)."""
         self.free.update(ids)
@@ -183,6 +188,21 @@ class PoolWorker:
         st = s.wait(timeout)
         return {"state": st.state.value, "reason": st.reason, "seconds": time.perf_counter() - t0,
                 "t0": t0, "trace": s.trace, "prep_s": s.prep_s, "send_s": s.send_s}
+
+    def rtt(self, addr, n: int = 20) -> list[float]:
+        return self.agent.rtt(tuple(addr), n)
+
+    def executor_hop(self, n: int = 20) -> list[float]:
+        """Seconds of an empty round trip loop thread -> torch executor -> loop thread."""
+        async def hops():
+            import asyncio
+            loop, out = asyncio.get_running_loop(), []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await loop.run_in_executor(self.agent.executor, lambda: None)
+                out.append(time.perf_counter() - t0)
+            return out
+        return self.agent.call(hops(), timeout=60)
 
     def rx_trace(self, lease_id: int) -> list:
         return list(self.agent.rx_traces.get(lease_id, []))

@@ -4,13 +4,14 @@
 Control messages (one AM each, {"t": type, ...}); every transfer message carries `xid`, the
 sender's transfer id, which the decode side echoes in its replies:
     hello        {compat}                      first contact, both directions; mismatch -> hello_err
-    begin        {xid, lease, epoch, src, dst_digest}   P -> D, opens an attempt
-    ready        {lease, epoch}                D -> P, receives are posted
+    begin        {xid, lease, epoch, key, nonce, src, dst_digest}   P -> D, opens an attempt (data follows at once)
+    ready        {lease, epoch}                D -> P, accepted, receives posted (complete waits for it)
     reject       {lease, epoch, reason}        D -> P, attempt refused or failed
-    complete     {lease, epoch, checksums}     P -> D, all layers sent
+    complete     {lease, epoch, checksums}     P -> D, all layers posted (may overtake the data)
     ack          {lease, epoch}                D -> P, verified; the blocks belong to the request
     cancel       {lease, epoch, reason}        either way; acknowledged with cancel_ack
     cancel_ack   {lease, epoch}
+    ping / pong  {n}                           either way: a control-path round trip (agent.rtt)
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .layout import MAX_LAYERS, MAX_MSGS_PER_LAYER
+from .layout import MAX_LAYERS, MAX_MSGS_PER_LAYER, NONCE_BITS
 
 TAG_MARK = 0x5A   # top byte of every kvtransfer data tag (ucxx's own tags are hashes)
 FULL_MASK = (1 << 64) - 1
@@ -56,11 +57,14 @@ class HandoffRecord:
         return cls.from_dict(json.loads(s))
 
 
-def data_tag(tag_key: int, layer: int, msg: int) -> int:
-    """mark(8) | tag_key(24) | layer(10) | msg(22)."""
-    if not (0 <= layer < MAX_LAYERS and 0 <= msg < MAX_MSGS_PER_LAYER and 0 < tag_key < 1 << 24):
-        raise ValueError(f"data tag out of range: key={tag_key} layer={layer} msg={msg}")
-    return (TAG_MARK << 56) | (tag_key << 32) | (layer << 22) | msg
+def data_tag(tag_key: int, layer: int, msg: int, nonce: int = 0) -> int:
+    """mark(8) | tag_key(24) | layer(10) | nonce(8) | msg(14). The nonce is the sender's (sent
+    in its `begin`): the decode side posts its receives with it, so data of a second sender of
+    the same lease epoch never matches them (its strays wait until the key is tombstoned)."""
+    if not (0 <= layer < MAX_LAYERS and 0 <= msg < MAX_MSGS_PER_LAYER and 0 < tag_key < 1 << 24
+            and 0 <= nonce < 1 << NONCE_BITS):
+        raise ValueError(f"data tag out of range: key={tag_key} layer={layer} msg={msg} nonce={nonce}")
+    return (TAG_MARK << 56) | (tag_key << 32) | (layer << 22) | (nonce << 14) | msg
 
 
 def key_prefix(tag_key: int) -> int:

@@ -110,6 +110,8 @@ class TransferConfig:
     staging_budget_kib: int = _f(262144, "staged bytes a transfer may keep in flight per side (KiB); more layers than "
                                  "staging_layers while they fit")
     sweep_interval_s: float = _f(0.05, "how often leases are checked for expiry and stray writes drained")
+    progress_mode: str = _f("thread", "UCX progress: thread (a blocking progress thread) or thread-polling (a "
+                            "thread that spins: lower latency per message, one busy core)")
 
     def __post_init__(self) -> None:
         _require(self.lease_timeout_s > 0, "transfer.lease_timeout_s", "must be > 0")
@@ -125,6 +127,8 @@ class TransferConfig:
         _require(self.bundle_kib >= 1, "transfer.bundle_kib", "must be >= 1")
         _require(self.staging_budget_kib >= 1, "transfer.staging_budget_kib", "must be >= 1")
         _require(0 < self.sweep_interval_s <= 1.0, "transfer.sweep_interval_s", "must be in (0, 1]")
+        _require(self.progress_mode in ("thread", "thread-polling"), "transfer.progress_mode",
+                 f"got {self.progress_mode!r}; use thread or thread-polling")
 
 
 @dataclass(frozen=True)

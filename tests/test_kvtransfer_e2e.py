@@ -105,6 +105,37 @@ def test_reissued_lease_refuses_old_epoch(pair):
     d.call("release_completed", dst)
 
 
+def test_refused_sender_data_never_lands(pair):
+    """A sender's data goes out without waiting for `ready`. A second sender of the same live
+    lease epoch (here with a wrong block list, refused at `begin`) posts data under the lease's
+    tag key; it must not land in the blocks nor disturb the real sender, and is drained once the
+    lease resolves."""
+    d, p = pair
+    dst, src, bogus = [120, 121, 122, 300], [5, 6, 7, 8], [1, 2, 3, 4]
+    d.call("poison", dst)
+    h = d.call("reserve", ids=dst)
+    forged = {**h, "block_ids": [130, 131, 132, 133]}
+    before = d.call("dropped")
+    sent = p.call("send", forged, bogus)
+    assert sent[0] == "failed" and "destination block list differs" in sent[1], sent
+    assert d.call("blocks", dst).view(torch.int16).eq(0).all()   # still the poison
+    assert p.call("send", h, src) == ("success", "")
+    assert d.call("wait_lease", h["lease_id"], 10) == ("success", "")
+    assert same_bytes(p, src, d, dst)
+    assert wait_until(lambda: d.call("dropped") >= before + 1, 10), "refused data not drained"
+    d.call("release_completed", dst)
+    assert d.call("integrity")["live"] == 0
+
+
+def wait_until(pred, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return bool(pred())
+
+
 def test_incompatible_peer_refused(pair):
     d, _ = pair
     other = spawn_worker({**LAYOUT, "block_size": 8, "num_blocks": 64}, seed=3)

@@ -135,10 +135,14 @@ def test_wire_round_trip_and_tags():
     rec = HandoffRecord("10.0.0.1", 1234, 2**40, 3, (5, 6, 9), 77, 30.0, 4)
     assert HandoffRecord.from_json(rec.to_json()) == rec
     assert decode(encode("ready", lease=1, epoch=2)) == {"t": "ready", "lease": 1, "epoch": 2}
-    t = data_tag(77, 1023, (1 << 22) - 1)
+    t = data_tag(77, 1023, (1 << 14) - 1, 255)
     assert t & KEY_MASK == key_prefix(77) and data_tag(78, 0, 0) & KEY_MASK != key_prefix(77)
-    with pytest.raises(ValueError):
-        data_tag(77, 1024, 0)
+    # every field is its own: no two (layer, msg, nonce) share a tag
+    tags = {data_tag(77, l, m, n) for l in (0, 1, 1023) for m in (0, 1, (1 << 14) - 1) for n in (0, 1, 255)}
+    assert len(tags) == 27 and all(x & KEY_MASK == key_prefix(77) for x in tags)
+    for bad in ((77, 1024, 0, 0), (77, 0, 1 << 14, 0), (77, 0, 0, 256), (0, 0, 0, 0)):
+        with pytest.raises(ValueError):
+            data_tag(*bad)
 
 
 def test_compat_mismatch_names_fields():

@@ -1,0 +1,132 @@
+"""Where a small KV handoff's time goes: control round trips, executor hops and whole transfers
+under each UCX progress mode, between two processes (CPU loopback or one/two GPUs).
+
+    python bench/transfer_latency.py --device cpu
+    python bench/transfer_latency.py --device cuda --out $OUT
+
+Per progress mode (transfer.progress_mode): ping->pong round trips between the agents (the
+floor of each protocol step), an empty executor hop on the agent loop, and median open ->
+verified Success of 1, 16 and 256-block transfers (contiguous and scattered, Llama-3-8B block
+size) beside a raw ucxx send + ack of the same bytes. Writes transfer-latency-<device>[-tag].json/.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import transfer as tb   # noqa: E402  (bench/transfer.py: package mapping, layout, phases)
+
+MIB = 1 << 20
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def run_mode(mode: str, args) -> dict:
+    from splitserve.kvtransfer.testing import spawn_worker
+    sizes = [int(s) for s in args.sizes.split(",")]
+    nb = max(max(sizes) * 2, 64)
+    layout = dict(tb.LLAMA3_8B, num_blocks=nb)
+    cfg = {"self_test": False, "lease_timeout_s": 600.0, "progress_mode": mode}
+    gp, gd = (args.gpus.split(",") + [""])[:2] if args.gpus else ("", "")
+    env = (lambda own: {"CUDA_VISIBLE_DEVICES": own} if own else None)
+    d = spawn_worker(layout, seed=1, config_kw=cfg, device=args.device, start_timeout=600, env=env(gd))
+    p = spawn_worker(layout, seed=2, config_kw=cfg, device=args.device, start_timeout=600, env=env(gp))
+    try:
+        p.call("rtt", d.address, 5)
+        rtt = p.call("rtt", d.address, args.reps * 4)
+        hop = p.call("executor_hop", args.reps * 4)
+        d.call("raw_connect", p.address)
+        rnd, tag, rows = random.Random(0), 0x5D00_0000_0000_0000, []
+        for n in sizes:
+            raw = []
+            for _ in range(args.reps + 1):
+                tag += 2
+                d.call("raw_recv", n * 2 * MIB, tag)
+                raw.append(p.call("raw_send", d.address, n * 2 * MIB, tag, timeout=600))
+            for pattern in ("contiguous", "scattered"):
+                times, phases = [], {}
+                for r in range(args.reps + 1):
+                    dst = list(range(n)) if pattern == "contiguous" else rnd.sample(range(nb), n)
+                    src = list(range(n)) if pattern == "contiguous" else rnd.sample(range(nb), n)
+                    h = d.call("reserve", ids=dst)
+                    res = p.call("timed_send", h, src, timeout=600)
+                    if res["state"] != "success":
+                        raise SystemExit(f"{mode}: transfer failed: {res}")
+                    assert d.call("wait_lease", h["lease_id"], 60)[0] == "success"
+                    if r == 0:
+                        assert d.call("digest", dst) == p.call("digest", src), "bytes differ"
+                    else:
+                        times.append(res["seconds"])
+                        for k, v in tb.phase_times(res, d.call("rx_trace", h["lease_id"])).items():
+                            phases.setdefault(k, []).append(v)
+                    d.call("release_completed", dst)
+                row = {"blocks": n, "pattern": pattern, "bytes": n * 2 * MIB,
+                       "paged_ms": statistics.median(times) * 1e3,
+                       "raw_ms": statistics.median(raw[1:]) * 1e3,
+                       "phases_ms": {k: round(statistics.median(v), 3) for k, v in phases.items()}}
+                row["ratio"] = row["raw_ms"] / row["paged_ms"]
+                rows.append(row)
+                print(f"[{mode}] {n:4d} {pattern:10s} paged {row['paged_ms']:7.2f} ms raw "
+                      f"{row['raw_ms']:6.2f} ms ({row['ratio']:.2f}x)", flush=True)
+        out = {"mode": mode, "rtt_ms": {"p50": pct(rtt, .5) * 1e3, "p90": pct(rtt, .9) * 1e3,
+                                        "min": min(rtt) * 1e3},
+               "executor_hop_ms": {"p50": pct(hop, .5) * 1e3, "p90": pct(hop, .9) * 1e3},
+               "rows": rows, "transports": p.call("peer_transports")}
+        print(f"[{mode}] rtt p50 {out['rtt_ms']['p50']:.3f} ms p90 {out['rtt_ms']['p90']:.3f}; "
+              f"executor hop p50 {out['executor_hop_ms']['p50']:.3f} ms", flush=True)
+        return out
+    finally:
+        d.close()
+        p.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--modes", default="thread,thread-polling")
+    ap.add_argument("--sizes", default="1,16,256")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--gpus", default="", help="P,D GPUs (default: both processes share one)")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out", default=str(tb.ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    modes = [run_mode(m, args) for m in args.modes.split(",")]
+    rep = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": tb.commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+           "device": args.device, "modes": modes}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / (f"transfer-latency-{args.device}" + (f"-{args.tag}" if args.tag else ""))
+    stem.with_suffix(".json").write_text(json.dumps(rep, indent=1))
+    lines = [f"# KV handoff latency by UCX progress mode, {args.device} ({rep['date']}, commit {rep['commit']})",
+             "", f"Command: `python bench/{rep['command']}`", "",
+             "| mode | ping-pong p50 ms | p90 ms | executor hop p50 ms |", "|---|---:|---:|---:|"]
+    for m in modes:
+        lines.append(f"| {m['mode']} | {m['rtt_ms']['p50']:.3f} | {m['rtt_ms']['p90']:.3f} | "
+                     f"{m['executor_hop_ms']['p50']:.3f} |")
+    lines += ["", "| mode | blocks | pattern | paged ms | raw ms | paged/raw |", "|---|---:|---|---:|---:|---:|"]
+    for m in modes:
+        for r in m["rows"]:
+            lines.append(f"| {m['mode']} | {r['blocks']} | {r['pattern']} | {r['paged_ms']:.2f} | "
+                         f"{r['raw_ms']:.2f} | {r['ratio']:.2f}x |")
+    lines += ["", "Phases (median ms from open):", ""]
+    for m in modes:
+        for r in m["rows"]:
+            lines.append(f"- {m['mode']} {r['blocks']} {r['pattern']}: "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_ms"].items()))
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
