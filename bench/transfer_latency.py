@@ -17,7 +17,6 @@ import json
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,13 +66,17 @@ def run_mode(mode: str, args) -> dict:
                         assert d.call("digest", dst) == p.call("digest", src), "bytes differ"
                     else:
                         times.append(res["seconds"])
+                        rx = d.call("rx_trace", h["lease_id"])
+                        timeline = sorted([(round((t - res["t0"]) * 1e3, 3), "P " + k) for k, t in res["trace"]]
+                                          + [(round((t - res["t0"]) * 1e3, 3), "D " + k) for k, t in rx])
                         for k, v in tb.phase_times(res, d.call("rx_trace", h["lease_id"])).items():
                             phases.setdefault(k, []).append(v)
                     d.call("release_completed", dst)
                 row = {"blocks": n, "pattern": pattern, "bytes": n * 2 * MIB,
                        "paged_ms": statistics.median(times) * 1e3,
                        "raw_ms": statistics.median(raw[1:]) * 1e3,
-                       "phases_ms": {k: round(statistics.median(v), 3) for k, v in phases.items()}}
+                       "phases_ms": {k: round(statistics.median(v), 3) for k, v in phases.items()},
+                       "last_timeline_ms": timeline}
                 row["ratio"] = row["raw_ms"] / row["paged_ms"]
                 rows.append(row)
                 print(f"[{mode}] {n:4d} {pattern:10s} paged {row['paged_ms']:7.2f} ms raw "

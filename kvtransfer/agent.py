@@ -74,10 +74,6 @@ class TransferAgent(DecodeSide):
         # high priority: the gathers, scatters and checksums are a few short kernels per layer that
         # would otherwise queue behind the forward's long GEMMs and trail the prefill by many layers
         self._stream = torch.cuda.Stream(kv.device, priority=-1) if kv.is_cuda else None
-        # the sender's checksums get their own stream: on the side stream they would queue behind
-        # the next layers' waits for the forward, and a batch's staging buffers (released once
-        # its sums are read) would come back only after those layers are computed
-        self._sum_stream = torch.cuda.Stream(kv.device, priority=-1) if kv.is_cuda else None
         # a transfer's setup (index tensors to the GPU, FP8 scale checks) on the loop thread: on
         # the legacy default stream a synchronous host->device copy waits for every kernel queued
         # there, i.e. for the worker's whole forward in flight (prefill or decode step)
@@ -156,10 +152,6 @@ class TransferAgent(DecodeSide):
         with torch.cuda.stream(self._setup):
             yield
         self._setup.synchronize()
-
-    def sum_stream(self):
-        """Context of the sender's checksums (CUDA: a stream of their own; CPU: nothing)."""
-        return torch.cuda.stream(self._sum_stream) if self._sum_stream is not None else contextlib.nullcontext()
 
     def sync_side_stream(self) -> None:
         """Wait for the side-stream work queued so far (an event, not a stream sync: work the

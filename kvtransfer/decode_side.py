@@ -140,6 +140,7 @@ class DecodeSide:
         self._attempts[lease_id] = attempt
         attempt.started = time.perf_counter()
         attempt.trace.append(("begin_rx", t_begin))
+        attempt.trace.append(("attempt_made", attempt.started))
         self.rx_traces[lease_id] = attempt.trace
         while len(self.rx_traces) > 64:
             del self.rx_traces[next(iter(self.rx_traces))]

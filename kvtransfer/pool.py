@@ -267,6 +267,13 @@ class Checksummer:
         stagings = list(stagings) if stagings is not None else [None] * len(layers)
         if self.cpu:
             return [self.layer(l, s) for l, s in zip(layers, stagings)]
+        return host_ints(self.layers_dev(layers, stagings, budget))
+
+    def layers_dev(self, layers, stagings=None, budget: int = 256 << 20) -> torch.Tensor:
+        """CUDA: `layers()` as an int64 tensor on the GPU, not read back (callers batch the
+        read-backs of several checksummers into one)."""
+        layers = [int(l) for l in layers]
+        stagings = list(stagings) if stagings is not None else [None] * len(layers)
         out: list = []
         i = 0
         short_bytes = max(2 * len(self.short_ids) * self.kv[0, 0, 0].numel() * self.kv.element_size(), 1)
@@ -277,7 +284,7 @@ class Checksummer:
                 j += 1
             out.append(self._consecutive(layers[i], j - i, stagings[i:j]))
             i = j
-        return host_ints(torch.cat(out))
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=self.kv.device)
 
     def _consecutive(self, l0: int, k: int, stagings: list) -> torch.Tensor:
         """[k] int64 checksums of layers l0 .. l0 + k - 1 (torch; any device)."""

@@ -67,9 +67,23 @@ class RecvAttempt:
         self.ring = [agent.staging.get(len(plan.staged_idx), plan.layers_per_bundle)
                      for _ in range(min(w, len(self.bundles)))]
         self.rx_scales = (torch.empty_like(agent.scales) if agent.scales is not None else None)
-        # per-layer checksums of the destination blocks, computed as soon as all of a layer's
-        # messages have landed (and been scattered), while later layers are still in flight
-        self.sums = pool.Checksummer(kv, plan.dst_ids, self.rx_scales)
+        # per-layer checksums, computed as soon as all of a layer's messages have landed, while
+        # later layers are still in flight: from the landed ring slot when the staged bundle is
+        # the layer's last message (a contiguous read of the bytes that were just scattered),
+        # else from the destination blocks. Made on first use, on the executor (not on the
+        # begin -> posted path).
+        self._sums_blocks: pool.Checksummer | None = None
+        self._sums_slot: pool.Checksummer | None = None
+
+    def _checksummer(self, from_slot: bool) -> pool.Checksummer:
+        kv, plan = self.agent.kv, self.plan
+        if from_slot:
+            if self._sums_slot is None:
+                self._sums_slot = pool.Checksummer(kv, plan.dst_ids, self.rx_scales, plan.staged_idx)
+            return self._sums_slot
+        if self._sums_blocks is None:
+            self._sums_blocks = pool.Checksummer(kv, plan.dst_ids, self.rx_scales)
+        return self._sums_blocks
 
     # ---- posting -------------------------------------------------------------------------
     def post_all(self) -> bool:
@@ -182,39 +196,57 @@ class RecvAttempt:
             self._draining = False
 
     def _run_batch(self, batch) -> list:
-        """Off the loop, in queue order on the side stream: the scatters first (each is queued
-        before any sum that could read its blocks; a scatter runs inside its receive's admitted
-        write, so the lease cannot free the blocks under it), then every requested layer
-        checksum (what the destination blocks now hold) in one batched sum read back once
-        (pool.Checksummer.layers), then one sync (the scattered slots are re-posted right after)."""
+        """Off the loop, in queue order on the side stream: the scatters first (a scatter runs
+        inside its receive's admitted write, so the lease cannot free the blocks under it), then
+        the requested layer checksums -- of layers completed by a bundle, from its ring slot
+        (before the slot is re-posted); the others from the blocks (queued after every scatter
+        that could write them) -- read back once (that read-back is the batch's one wait; the
+        scattered slots are re-posted right after)."""
+        self.trace.append(("x_batch_start", time.perf_counter()))   # x_: on the executor thread
         out: list = [None] * len(batch)
-        wants: list[tuple[int, int]] = []     # (position in the batch, layer) of each checksum
+        from_slot: list[tuple[int, int, torch.Tensor]] = []   # (position in the batch, layer, slot row)
+        from_blocks: list[tuple[int, int]] = []
         with self.agent.side_stream():
             for i, (kind, args, _) in enumerate(batch):
                 if kind == "sum":
-                    wants.append((i, args[0]))
+                    from_blocks.append((i, args[0]))
                     continue
                 l0, slot, sum_layers = args
                 try:
                     pool.scatter_staged(self.agent.kv, l0, self.dst_idx, slot)
                     out[i] = {}
-                    wants += [(i, l) for l in sum_layers]
+                    from_slot += [(i, l, slot[l - l0]) for l in sum_layers]
                 except Exception as e:
                     out[i] = e
-            if wants:
-                layers = sorted({l for _, l in wants})
+            if from_slot or from_blocks:
                 try:
-                    got = dict(zip(layers, self.sums.layers(layers)))
-                    for i, l in wants:
+                    got = self._sum_values(from_slot, from_blocks)
+                    for (i, l), v in zip([(i, l) for i, l, _ in from_slot] + from_blocks, got):
                         if isinstance(out[i], dict):
-                            out[i][l] = got[l]
+                            out[i][l] = v
                         elif not isinstance(out[i], Exception):
-                            out[i] = got[l]
+                            out[i] = v
                 except Exception as e:
-                    for i, _ in wants:
+                    for i, *_ in from_slot + from_blocks:
                         out[i] = e
-            self.agent.sync_side_stream()
+            else:
+                self.agent.sync_side_stream()
+        self.trace.append(("x_batch_done", time.perf_counter()))
         return out
+
+    def _sum_values(self, from_slot: list, from_blocks: list) -> list[int]:
+        """Checksums of the wanted layers in the order given (slot ones, then block ones)."""
+        slot_layers, slot_rows = [l for _, l, _ in from_slot], [r for *_, r in from_slot]
+        block_layers = [l for _, l in from_blocks]
+        if not self.agent.kv.is_cuda:
+            return ((self._checksummer(True).layers(slot_layers, slot_rows) if from_slot else [])
+                    + (self._checksummer(False).layers(block_layers) if from_blocks else []))
+        parts = []
+        if from_slot:
+            parts.append(self._checksummer(True).layers_dev(slot_layers, slot_rows))
+        if from_blocks:
+            parts.append(self._checksummer(False).layers_dev(block_layers))
+        return pool.host_ints(torch.cat(parts))
 
     def release_ring(self) -> None:
         """All receives have ended (verified or drained): the ring buffers go back to the pool."""

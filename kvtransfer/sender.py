@@ -201,15 +201,17 @@ class KVSender:
     async def _send_layers(self, peer):
         """Post every layer's sends as soon as it is pushed, unit by unit: a unit is one staged
         bundle's layers (plan.bundles(); one layer when nothing is staged). Per batch of units
-        that are ready together: one executor hop waits for their KV (CUDA event) and gathers
-        each bundle's staged regions into a pooled buffer (one kernel per bundle); the sends are
-        posted right away; the checksums are computed in a second hop *after* the sends are
-        posted (off the send's critical path; staged regions are summed from the gathered
-        buffer, a contiguous read, instead of a second gather)."""
+        that are ready together: one executor hop waits for their KV (CUDA event), gathers each
+        bundle's staged regions into a pooled buffer (one kernel per bundle) and sums the
+        layers' checksums (staged regions from the gathered buffer, a contiguous read), read back
+        with the same wait; then the sends are posted. Summing in the same hop costs a few
+        kernels before the sends; a second hop after them cost 0.6-1.5 ms of host time on a busy
+        process (v11 traces), and `complete` waits for the last sums."""
         kv, plan, loop = self.agent.kv, self.plan, asyncio.get_running_loop()
         with self.agent.setup_stream():   # not behind the forward on the default stream
             src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
             self._sums = pool.Checksummer(kv, self.src_ids, self.agent.scales, plan.staged_idx)
+        self._t("setup")
         units = plan.bundles() if plan.staged_idx else [(l, 1) for l in range(plan.layout.num_layers)]
         cfg = self.agent.config
         win = plan.staging_window(cfg.staging_layers, cfg.staging_budget_kib << 10)
@@ -232,10 +234,13 @@ class KVSender:
                     stagings.append(None)
             first, last = batch[0][0], batch[-1][0] + batch[-1][1] - 1
             self._t(f"prep {first}-{last}")
-            await loop.run_in_executor(self.agent.executor, self._prepare_layers, batch,
-                                       src_staged, stagings)
-            self._t(f"prepped {first}-{last}")
             layers = list(range(first, last + 1))
+            per_layer = [None if st is None else st[x] for st, (_, k) in zip(stagings, batch) for x in range(k)]
+            sums = await loop.run_in_executor(self.agent.executor, self._prepare_layers, batch,
+                                              src_staged, stagings, layers, per_layer)
+            self._t(f"prepped {first}-{last}")
+            sum_fut = loop.create_future()
+            sum_fut.set_result(sums)
             for l in layers:
                 for m, d in enumerate(plan.direct):
                     sends.append(self._send(peer, pool.direct_view(kv, l, d.kv, d.run.src0, d.run.n),
@@ -243,8 +248,6 @@ class KVSender:
                 if self.agent.scales is not None:
                     sends.append(self._send(peer, pool.as_buffer(self.agent.scales[l]), l,
                                             plan.scales_msg, None))
-            per_layer = [None if st is None else st[x] for st, (_, k) in zip(stagings, batch) for x in range(k)]
-            sum_fut = loop.run_in_executor(self.agent.executor, self._checksum_layers, layers, per_layer)
             sum_futs.append(sum_fut)
             for (l0, _), staging in zip(batch, stagings):
                 if staging is not None:
@@ -274,11 +277,14 @@ class KVSender:
         for l in range(l0, l0 + k):
             await self._layer_ready.setdefault(l, asyncio.Event()).wait()
 
-    def _prepare_layers(self, units: list[tuple[int, int]], staged_idx: torch.Tensor, stagings: list) -> None:
+    def _prepare_layers(self, units: list[tuple[int, int]], staged_idx: torch.Tensor, stagings: list,
+                        layers: list[int], per_layer: list) -> list[int]:
         """Off the loop thread: wait for each layer's KV (its CUDA event, on the agent's side
-        stream, so the forward on the main stream is not blocked) and gather each bundle's staged
-        regions; one stream sync at the end makes all sends of these layers safe."""
+        stream, so the forward on the main stream is not blocked), gather each bundle's staged
+        regions, sum the layers' checksums; one wait on the side stream (the sums' read-back)
+        then makes all sends of these layers safe. Returns the checksums."""
         t0 = time.perf_counter()
+        self._t(f"x_start {units[0][0]}")   # x_: on the executor thread
         with self.agent.side_stream():
             for (l0, k), staging in zip(units, stagings):
                 for layer in range(l0, l0 + k):
@@ -287,16 +293,11 @@ class KVSender:
                         torch.cuda.current_stream().wait_event(ev)
                 if staging is not None:
                     pool.gather_staged(self.agent.kv, l0, staged_idx, staging)
-            self.agent.sync_side_stream()
+            self._t(f"x_gathered {units[0][0]}")
+            sums = self._sums.layers(layers, per_layer)   # reads back after everything queued here
+        self._t(f"x_synced {units[0][0]}")
         self.prep_s += time.perf_counter() - t0
-
-    def _checksum_layers(self, layers: list[int], stagings: list) -> list:
-        """Off the loop thread, while the layers' sends are in flight (reads only)."""
-        with self.agent.sum_stream():
-            # one batched sum over the layers, read back once (an event wait: the staging buffers
-            # go back to the pool after this, so the sums must be done). Their inputs are ready:
-            # the prepare hop synced the gathers and the layers' KV before the sends were posted.
-            return self._sums.layers(layers, stagings)
+        return sums
 
     def _send(self, peer, buf, layer: int, msg: int, window: asyncio.Semaphore | None,
               staging: tuple | None = None):
