@@ -61,7 +61,9 @@ def main() -> None:
         ids = random.Random(n).sample(range(nb), n)
         idx = pool.index_tensor(ids, dev)
         st = pool.staging_tensor(kv, n, 1)
-        sums = pool.Checksummer(kv, ids, None, list(range(n)))
+        sums = pool.Checksummer(kv, ids, None, list(range(n)))        # fully staged: short path
+        general = pool.Checksummer(kv, ids, None, list(range(n)))
+        general.all_staged = False                                     # the general path, same data
         dsums = pool.Checksummer(kv, ids)
 
         def gather():
@@ -78,6 +80,10 @@ def main() -> None:
             with torch.cuda.stream(side):
                 sums.layers([3], [st[0]])
 
+        def psum_general():
+            with torch.cuda.stream(side):
+                general.layers([3], [st[0]])
+
         def dsum():
             with torch.cuda.stream(side):
                 dsums.layers([3])
@@ -90,7 +96,8 @@ def main() -> None:
         row = {"blocks": n, "MiB_per_layer": 2 * n * lay.region_bytes / 2**20,
                "empty_event_sync_us": timed(sync, args.reps),
                "gather_us": timed(gather, args.reps), "scatter_us": timed(scatter, args.reps),
-               "sender_sum_us": timed(psum, args.reps), "receiver_sum_us": timed(dsum, args.reps),
+               "sender_sum_us": timed(psum, args.reps),
+               "sender_sum_general_path_us": timed(psum_general, args.reps), "receiver_sum_us": timed(dsum, args.reps),
                "empty_hop_us": timed(hop(lambda: None), args.reps),
                "gather_hop_us": timed(hop(gather), args.reps)}
         rows.append(row)

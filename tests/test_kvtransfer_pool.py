@@ -40,7 +40,7 @@ def test_checksummer_matches_layer_checksum(trial, with_scales):
         assert c.layer(layer, stg) == ref
 
 
-@pytest.mark.parametrize("trial", range(9))
+@pytest.mark.parametrize("trial", range(12))
 def test_batched_layer_sums_equal_the_per_layer_ones(trial):
     """Checksummer.layers' torch path (what CUDA runs: one set of kernels over consecutive layers,
     bounded by a byte budget) gives exactly the per-layer checksums; run here on CPU tensors."""
@@ -48,7 +48,10 @@ def test_batched_layer_sums_equal_the_per_layer_ones(trial):
     scales = torch.rand(3, 2, 2) if trial % 2 else None
     ids = r.sample(range(64), r.randint(1, 40)) if trial % 3 else list(range(3, 30)) + [50, 41]
     staged = [i for i in range(len(ids)) if r.random() < 0.4] if trial > 4 else []
+    if trial >= 9:   # a fully staged transfer: the short path over the staging buffer alone
+        staged = list(range(len(ids)))
     c = pool.Checksummer(kv, ids, scales, staged)
+    assert c.all_staged == (trial >= 9 or (bool(staged) and len(staged) == len(ids)))
     c.short_pos = torch.as_tensor(c.short_pos, dtype=torch.long)    # the CUDA-side index types
     c.short_ids = torch.as_tensor(c.short_ids, dtype=torch.long)
     c.staged_pos_i = torch.as_tensor(c.staged_pos_i, dtype=torch.long)
