@@ -150,6 +150,7 @@ class DecodeSide:
                                     reason=fsm.poll().reason))
             return
         fsm.to(TransferState.TRANSFERRING)
+        attempt.prewarm()
         attempt.trace.append(("posted", time.perf_counter()))
         await peer.send(encode("ready", xid=xid, lease=lease_id, epoch=epoch))
 

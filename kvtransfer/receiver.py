@@ -164,6 +164,12 @@ class RecvAttempt:
             if not self.aborted:
                 self.layer_sums[l] = await self._work("sum", l)
 
+    def prewarm(self) -> None:
+        """Queue the checksummers' construction (index tensors to the GPU) on the executor right
+        after the receives are posted, so the first landed bundle does not pay for it."""
+        fut = self._work("prewarm")
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())   # nobody awaits it
+
     def _work(self, kind: str, *args) -> asyncio.Future:
         """Queue torch work for the executor: ("scatter", first layer, slot, layers to checksum)
         or ("sum", layer). Everything queued while a batch runs goes in the next batch: one
@@ -208,6 +214,15 @@ class RecvAttempt:
         from_blocks: list[tuple[int, int]] = []
         with self.agent.side_stream():
             for i, (kind, args, _) in enumerate(batch):
+                if kind == "prewarm":   # make the checksummers while the first data is in flight
+                    try:
+                        if self.plan.staged_idx:
+                            self._checksummer(True)
+                        if self.plan.direct:
+                            self._checksummer(False)
+                    except Exception as e:   # surfaces again where the checksum is needed
+                        self.errors.append(f"checksum setup failed: {e!r}")
+                    continue
                 if kind == "sum":
                     from_blocks.append((i, args[0]))
                     continue
@@ -242,11 +257,14 @@ class RecvAttempt:
             return ((self._checksummer(True).layers(slot_layers, slot_rows) if from_slot else [])
                     + (self._checksummer(False).layers(block_layers) if from_blocks else []))
         parts = []
+        self.trace.append(("x_sums_queue", time.perf_counter()))
         if from_slot:
             parts.append(self._checksummer(True).layers_dev(slot_layers, slot_rows))
         if from_blocks:
             parts.append(self._checksummer(False).layers_dev(block_layers))
-        return pool.host_ints(torch.cat(parts))
+        t = torch.cat(parts)
+        self.trace.append(("x_sums_queued", time.perf_counter()))
+        return pool.host_ints(t)
 
     def release_ring(self) -> None:
         """All receives have ended (verified or drained): the ring buffers go back to the pool."""

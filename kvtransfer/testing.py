@@ -208,40 +208,72 @@ class PoolWorker:
         return list(self.agent.rx_traces.get(lease_id, []))
 
     def overlapped_send(self, handoff: dict, src: list[int], tokens: int, hidden: int,
-                        ffn: int, timeout: float = 300.0) -> dict:
-        """A prefill-shaped forward (per layer: [tokens, hidden] @ [hidden, ffn] @ [ffn, hidden])
-        pushing each layer's KV as it finishes; returns the exposed transfer time."""
+                        ffn: int, timeout: float = 300.0, layer_kind: str = "matmul2",
+                        heads: tuple[int, int, int] = (32, 8, 128)) -> dict:
+        """A prefill-shaped forward pushing each layer's KV as the model would; returns the
+        exposed transfer time after the forward's end.
+
+        layer_kind "matmul2": per layer [tokens, hidden] @ [hidden, ffn] @ [ffn, hidden], the push
+        after both (the proxy of benchmark runs v1-v13). "llama": a Llama decoder layer of those
+        sizes, `heads` = (q heads, kv heads, head dim): QKV projection, causal attention (torch
+        SDPA, GQA), the push right after attention as engine/model.py's after_layer, then the
+        output projection and the gated MLP (gate_up, SiLU * up, down)."""
         from .wire import HandoffRecord
         dev, dt = self.kv.device, (torch.bfloat16 if self.kv.is_cuda else torch.float32)
-        x = torch.randn(tokens, hidden, device=dev, dtype=dt)
-        w1 = torch.randn(hidden, ffn, device=dev, dtype=dt) / hidden ** 0.5
-        w2 = torch.randn(ffn, hidden, device=dev, dtype=dt) / ffn ** 0.5
+        g = torch.Generator(device=dev).manual_seed(0)
+
+        def w(*shape):
+            return torch.randn(*shape, device=dev, dtype=dt, generator=g) / shape[0] ** 0.5
+
+        x0 = torch.randn(tokens, hidden, device=dev, dtype=dt, generator=g)
         sync = torch.cuda.synchronize if self.kv.is_cuda else (lambda: None)
+        if layer_kind == "matmul2":
+            w1, w2 = w(hidden, ffn), w(ffn, hidden)
 
-        def layer(h):
-            return torch.relu(h @ w1) @ w2
+            def layer(h, push):
+                y = torch.relu(h @ w1) @ w2
+                push()
+                return y
+        elif layer_kind == "llama":
+            hq, hkv, d = heads
+            wqkv, wo, wgu, wd = w(hidden, (hq + 2 * hkv) * d), w(hq * d, hidden), w(hidden, 2 * ffn), w(ffn, hidden)
 
+            def layer(h, push):
+                q, k, v = (h @ wqkv).split([hq * d, hkv * d, hkv * d], dim=-1)
+                q, k, v = (t.view(tokens, -1, d).transpose(0, 1) for t in (q, k, v))
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                     enable_gqa=True)
+                push()                       # the layer's KV is written: engine/model.py's hook
+                h = h + o.transpose(0, 1).reshape(tokens, hq * d) @ wo
+                gate, up = (h @ wgu).chunk(2, dim=-1)
+                return h + (torch.nn.functional.silu(gate) * up) @ wd
+        else:
+            raise ValueError(f"layer_kind {layer_kind!r}: use matmul2 or llama")
+
+        x = x0
         for _ in range(2):
-            layer(x)   # warm-up
+            x = layer(x0, lambda: None)   # warm-up
         sync()
         t0 = time.perf_counter()
+        x = x0
         for _ in range(self.layout.num_layers):
-            y = layer(x)
+            x = layer(x, lambda: None)
         sync()
         compute_only = time.perf_counter() - t0
         s = self.agent.open_sender(HandoffRecord.from_dict(handoff), src)
         t0 = time.perf_counter()
+        x = x0
         for i in range(self.layout.num_layers):
-            y = layer(x)
-            s.push_layer(i)
+            x = layer(x, lambda i=i: s.push_layer(i))
         sync()
         t_last = time.perf_counter()
         st = s.wait(timeout)
         t_done = time.perf_counter()
-        del y
+        del x
         return {"state": st.state.value, "reason": st.reason, "t0": t_last, "trace": s.trace,
                 "layer_s": compute_only / self.layout.num_layers, "compute_only_s": compute_only,
-                "forward_with_transfer_s": t_last - t0, "exposed_s": t_done - t_last}
+                "forward_with_transfer_s": t_last - t0, "exposed_s": t_done - t_last,
+                "layer_kind": layer_kind, "heads": list(heads)}
 
     def digest(self, ids: list[int]) -> str:
         import hashlib
