@@ -216,7 +216,7 @@ class PoolWorker:
         layer_kind "matmul2": per layer [tokens, hidden] @ [hidden, ffn] @ [ffn, hidden], the push
         after both (the proxy of benchmark runs v1-v13). "llama": a Llama decoder layer of those
         sizes, `heads` = (q heads, kv heads, head dim): QKV projection, causal attention (torch
-        SDPA, GQA), the push right after attention as engine/model.py's after_layer, then the
+        flash SDPA), the push right after attention as engine/model.py's after_layer, then the
         output projection and the gated MLP (gate_up, SiLU * up, down)."""
         from .wire import HandoffRecord
         dev, dt = self.kv.device, (torch.bfloat16 if self.kv.is_cuda else torch.float32)
@@ -238,13 +238,21 @@ class PoolWorker:
             hq, hkv, d = heads
             wqkv, wo, wgu, wd = w(hidden, (hq + 2 * hkv) * d), w(hq * d, hidden), w(hidden, 2 * ffn), w(ffn, hidden)
 
+            if self.kv.is_cuda:   # flash attention, as a serving engine's prefill would run
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                backend = lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)   # noqa: E731
+            else:
+                import contextlib
+                backend = contextlib.nullcontext
+
             def layer(h, push):
                 q, k, v = (h @ wqkv).split([hq * d, hkv * d, hkv * d], dim=-1)
-                q, k, v = (t.view(tokens, -1, d).transpose(0, 1) for t in (q, k, v))
-                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                     enable_gqa=True)
+                q, k, v = (t.view(1, tokens, -1, d).transpose(1, 2) for t in (q, k, v))
+                k, v = (t.repeat_interleave(hq // hkv, dim=1) for t in (k, v))   # GQA
+                with backend():
+                    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
                 push()                       # the layer's KV is written: engine/model.py's hook
-                h = h + o.transpose(0, 1).reshape(tokens, hq * d) @ wo
+                h = h + o.transpose(1, 2).reshape(tokens, hq * d) @ wo
                 gate, up = (h @ wgu).chunk(2, dim=-1)
                 return h + (torch.nn.functional.silu(gate) * up) @ wd
         else:
