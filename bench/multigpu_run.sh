@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue 8 on a lent several-GPU machine, one stage per device call (each under the 10-minute limit).
 # Run from the repository root with `.whl` carried (../shared/tools/device-wheels.sh); results in $OUT.
+# The device takes at most 64 MiB of tree + carry: the wheels are ~62.4 MB, so the tracked tree
+# must stay under ~4.6 MB (large result JSONs are kept gzipped: bench/results/*.json.gz).
 #
 #   bash bench/multigpu_run.sh transfer   # kvtransfer GPU0 -> GPU1 vs raw ucxx vs torch peer copy
 #   bash bench/multigpu_run.sh pair       # 1P1D vs 2D on two GPUs (chat, long, multi-turn)

@@ -16,6 +16,7 @@ worker its own accelerator.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from datetime import date
@@ -64,7 +65,7 @@ def predicted(res) -> dict:
 def validate(files: list[str], cost) -> list[dict]:
     rows = []
     for f in files:
-        res = json.loads(Path(f).read_text())
+        res = json.loads(gzip.decompress(Path(f).read_bytes()) if str(f).endswith(".gz") else Path(f).read_text())
         cfg = res["config"]
         if cfg.get("gpus_per_worker", 1.0) < 1:
             print(f"{f}: workers share a GPU (gpus_per_worker {cfg['gpus_per_worker']}): skipped")
