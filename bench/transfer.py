@@ -160,6 +160,8 @@ def main() -> None:
                   f"{ov['compute_only_s'] * 1e3:.1f} ms alone vs {ov['forward_with_transfer_s'] * 1e3:.1f} ms "
                   f"with transfer; {ov['state']}", flush=True)
         runs.sort(key=lambda r: r["exposed_s"])
+        for r in runs[:len(runs) // 2] + runs[len(runs) // 2 + 1:]:
+            r.pop("timeline_ms")   # the median run's timeline is kept (results stay small)
         overlaps[kind] = runs
     ov = overlaps[args.overlap_layers.split(",")[0]]
     ov = ov[len(ov) // 2]   # the median run of the first kind: the phase table's row
