@@ -153,15 +153,6 @@ class TransferAgent(DecodeSide):
             yield
         self._setup.synchronize()
 
-    def sync_side_stream(self) -> None:
-        """Wait for the side-stream work queued so far (an event, not a stream sync: work the
-        other executor thread queues meanwhile, e.g. a wait for a later layer's forward, is not
-        waited for)."""
-        if self._stream is not None:
-            ev = torch.cuda.Event()
-            ev.record(self._stream)
-            ev.synchronize()
-
     @property
     def address(self) -> tuple[str, int]:
         return self.host, self.port

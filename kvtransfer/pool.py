@@ -61,12 +61,42 @@ def host_ints(t: torch.Tensor) -> list[int]:
     e.g. another thread's wait for a later layer of the forward)."""
     if not t.is_cuda:
         return t.tolist()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    ev = torch.cuda.Event()
-    ev.record()
-    ev.synchronize()
-    return host.tolist()
+    rb = Readback(t)
+    rb.event.synchronize()
+    return rb.values()
+
+
+class Readback:
+    """A small CUDA int tensor's values on their way to the host: a pinned copy queued on the
+    current stream behind the work that produced them, and an event after it. Poll `event`
+    (`wait_gpu`) instead of blocking a thread; read `values()` once it has fired. With t=None it
+    is only the event (work queued so far on the current stream is done)."""
+
+    def __init__(self, t: torch.Tensor | None = None) -> None:
+        self.host = None
+        if t is not None:
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def values(self) -> list[int]:
+        return [] if self.host is None else self.host.tolist()
+
+
+async def wait_gpu(event, executor, spin_s: float) -> None:
+    """Wait on the asyncio loop for a CUDA event: poll it, yielding to the loop, for up to
+    `spin_s` (GPU work that is already runnable: a handful of kernels, tens of microseconds),
+    then block for it in `executor`. Polling saves the executor round trip and its GIL hand-offs
+    (0.5-1.8 ms per hop in a busy process, bench/results/transfer-cuda-v13.md)."""
+    import asyncio
+    import time
+    end = time.perf_counter() + spin_s
+    while not event.query():
+        if time.perf_counter() >= end:
+            await asyncio.get_running_loop().run_in_executor(executor, event.synchronize)
+            return
+        await asyncio.sleep(0)
 
 
 class CudaSpan:

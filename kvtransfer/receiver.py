@@ -188,7 +188,13 @@ class RecvAttempt:
             while self._queue:
                 batch, self._queue = self._queue, []
                 try:
-                    res = await loop.run_in_executor(self.agent.executor, self._run_batch, batch)
+                    if self.agent.kv.is_cuda:   # queued from here, polled: no executor hop
+                        out, wanted, rb = self._queue_batch(batch)
+                        await pool.wait_gpu(rb.event, self.agent.executor,
+                                            self.agent.config.spin_us * 1e-6)
+                        res = self._finish_batch(out, wanted, rb.values())
+                    else:
+                        res = await loop.run_in_executor(self.agent.executor, self._run_batch, batch)
                 except Exception as e:
                     res = [e] * len(batch)
                 for (_, _, fut), r in zip(batch, res):
@@ -202,13 +208,19 @@ class RecvAttempt:
             self._draining = False
 
     def _run_batch(self, batch) -> list:
-        """Off the loop, in queue order on the side stream: the scatters first (a scatter runs
-        inside its receive's admitted write, so the lease cannot free the blocks under it), then
-        the requested layer checksums -- of layers completed by a bundle, from its ring slot
-        (before the slot is re-posted); the others from the blocks (queued after every scatter
-        that could write them) -- read back once (that read-back is the batch's one wait; the
-        scattered slots are re-posted right after)."""
-        self.trace.append(("x_batch_start", time.perf_counter()))   # x_: on the executor thread
+        """CPU, on the executor: `_queue_batch` then `_finish_batch` (numpy work is synchronous)."""
+        out, wanted, rb = self._queue_batch(batch)
+        return self._finish_batch(out, wanted, rb)
+
+    def _queue_batch(self, batch):
+        """In queue order on the side stream: the scatters first (a scatter runs inside its
+        receive's admitted write, so the lease cannot free the blocks under it), then the
+        requested layer checksums -- of layers completed by a bundle, from its ring slot (before
+        the slot is re-posted); the others from the blocks (queued after every scatter that could
+        write them). Returns (per-item results so far, the wanted (item, layer) checksums, and
+        their values: a list on CPU, a `pool.Readback` on CUDA whose event also covers the
+        scatters -- the scattered slots are re-posted only once it fired)."""
+        self.trace.append(("batch_start", time.perf_counter()))
         out: list = [None] * len(batch)
         from_slot: list[tuple[int, int, torch.Tensor]] = []   # (position in the batch, layer, slot row)
         from_blocks: list[tuple[int, int]] = []
@@ -233,38 +245,39 @@ class RecvAttempt:
                     from_slot += [(i, l, slot[l - l0]) for l in sum_layers]
                 except Exception as e:
                     out[i] = e
-            if from_slot or from_blocks:
-                try:
-                    got = self._sum_values(from_slot, from_blocks)
-                    for (i, l), v in zip([(i, l) for i, l, _ in from_slot] + from_blocks, got):
-                        if isinstance(out[i], dict):
-                            out[i][l] = v
-                        elif not isinstance(out[i], Exception):
-                            out[i] = v
-                except Exception as e:
-                    for i, *_ in from_slot + from_blocks:
-                        out[i] = e
-            else:
-                self.agent.sync_side_stream()
-        self.trace.append(("x_batch_done", time.perf_counter()))
+            wanted = [(i, l) for i, l, _ in from_slot] + from_blocks
+            try:
+                values = self._sum_values(from_slot, from_blocks)
+            except Exception as e:
+                for i, _ in wanted:
+                    out[i] = e
+                wanted, values = [], (pool.Readback() if self.agent.kv.is_cuda else [])
+        self.trace.append(("batch_queued", time.perf_counter()))
+        return out, wanted, values
+
+    def _finish_batch(self, out: list, wanted: list, values: list) -> list:
+        for (i, l), v in zip(wanted, values):
+            if isinstance(out[i], dict):
+                out[i][l] = v
+            elif not isinstance(out[i], Exception):
+                out[i] = v
+        self.trace.append(("batch_done", time.perf_counter()))
         return out
 
-    def _sum_values(self, from_slot: list, from_blocks: list) -> list[int]:
-        """Checksums of the wanted layers in the order given (slot ones, then block ones)."""
+    def _sum_values(self, from_slot: list, from_blocks: list):
+        """Checksums of the wanted layers in the order given (slot ones, then block ones): ints on
+        CPU; on CUDA a `pool.Readback` (an event only, if none is wanted)."""
         slot_layers, slot_rows = [l for _, l, _ in from_slot], [r for *_, r in from_slot]
         block_layers = [l for _, l in from_blocks]
         if not self.agent.kv.is_cuda:
             return ((self._checksummer(True).layers(slot_layers, slot_rows) if from_slot else [])
                     + (self._checksummer(False).layers(block_layers) if from_blocks else []))
         parts = []
-        self.trace.append(("x_sums_queue", time.perf_counter()))
         if from_slot:
             parts.append(self._checksummer(True).layers_dev(slot_layers, slot_rows))
         if from_blocks:
             parts.append(self._checksummer(False).layers_dev(block_layers))
-        t = torch.cat(parts)
-        self.trace.append(("x_sums_queued", time.perf_counter()))
-        return pool.host_ints(t)
+        return pool.Readback(torch.cat(parts) if parts else None)
 
     def release_ring(self) -> None:
         """All receives have ended (verified or drained): the ring buffers go back to the pool."""

@@ -236,8 +236,11 @@ class KVSender:
             self._t(f"prep {first}-{last}")
             layers = list(range(first, last + 1))
             per_layer = [None if st is None else st[x] for st, (_, k) in zip(stagings, batch) for x in range(k)]
-            sums = await loop.run_in_executor(self.agent.executor, self._prepare_layers, batch,
-                                              src_staged, stagings, layers, per_layer)
+            if kv.is_cuda:
+                sums = await self._prepare_on_loop(batch, src_staged, stagings, layers, per_layer)
+            else:
+                sums = await loop.run_in_executor(self.agent.executor, self._prepare_layers, batch,
+                                                  src_staged, stagings, layers, per_layer)
             self._t(f"prepped {first}-{last}")
             sum_fut = loop.create_future()
             sum_fut.set_result(sums)
@@ -276,6 +279,31 @@ class KVSender:
         l0, k = unit
         for l in range(l0, l0 + k):
             await self._layer_ready.setdefault(l, asyncio.Event()).wait()
+
+    async def _prepare_on_loop(self, units: list[tuple[int, int]], staged_idx: torch.Tensor,
+                               stagings: list, layers: list[int], per_layer: list) -> list[int]:
+        """CUDA: `_prepare_layers` queued from the loop thread (a few kernels on the side stream
+        behind the layers' events; nothing here blocks), then its read-back event is polled while
+        the GPU work is runnable -- when every layer's event had fired at queue time -- else
+        waited for on the executor (the forward has not reached those layers yet)."""
+        runnable = True
+        with self.agent.side_stream():
+            waited = set()
+            for l0, k in units:
+                for layer in range(l0, l0 + k):
+                    ev = self._events.get(layer)
+                    if ev is not None and id(ev) not in waited:   # push_all: one event, all layers
+                        waited.add(id(ev))
+                        runnable = runnable and ev.query()
+                        torch.cuda.current_stream().wait_event(ev)
+            for (l0, _), staging in zip(units, stagings):
+                if staging is not None:
+                    pool.gather_staged(self.agent.kv, l0, staged_idx, staging)
+            rb = pool.Readback(self._sums.layers_dev(layers, per_layer))
+        self._t(f"queued {units[0][0]}{'' if runnable else ' (waits for the forward)'}")
+        spin = self.agent.config.spin_us * 1e-6 if runnable else 0.0
+        await pool.wait_gpu(rb.event, self.agent.executor, spin)
+        return rb.values()
 
     def _prepare_layers(self, units: list[tuple[int, int]], staged_idx: torch.Tensor, stagings: list,
                         layers: list[int], per_layer: list) -> list[int]:

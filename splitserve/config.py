@@ -110,6 +110,8 @@ class TransferConfig:
     staging_budget_kib: int = _f(262144, "staged bytes a transfer may keep in flight per side (KiB); more layers than "
                                  "staging_layers while they fit")
     sweep_interval_s: float = _f(0.05, "how often leases are checked for expiry and stray writes drained")
+    spin_us: int = _f(2000, "CUDA: how long the agent's loop polls the GPU work of a step it just queued "
+                      "(gather, scatter, checksums) before waiting for it on a thread (0 = always a thread)")
     progress_mode: str = _f("thread", "UCX progress: thread (a blocking progress thread) or thread-polling (a "
                             "thread that spins: lower latency per message, one busy core)")
 
@@ -127,6 +129,7 @@ class TransferConfig:
         _require(self.bundle_kib >= 1, "transfer.bundle_kib", "must be >= 1")
         _require(self.staging_budget_kib >= 1, "transfer.staging_budget_kib", "must be >= 1")
         _require(0 < self.sweep_interval_s <= 1.0, "transfer.sweep_interval_s", "must be in (0, 1]")
+        _require(0 <= self.spin_us <= 1_000_000, "transfer.spin_us", "must be in [0, 1000000]")
         _require(self.progress_mode in ("thread", "thread-polling"), "transfer.progress_mode",
                  f"got {self.progress_mode!r}; use thread or thread-polling")
 
