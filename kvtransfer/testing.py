@@ -62,6 +62,8 @@ class PoolWorker:
 
     def poison(self, ids: list[int]) -> None:
         self.kv[:, :, ids] = 0
+        if self.kv.is_cuda:   # done before any peer's write: UCX copies on its own streams
+            torch.cuda.synchronize()
 
     def wait_lease(self, lease_id: int, timeout: float) -> tuple[str, str]:
         st = self.agent.wait_lease(lease_id, timeout)
