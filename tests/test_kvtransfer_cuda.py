@@ -37,12 +37,14 @@ def same(p, src, d, dst) -> bool:
 @pytest.mark.parametrize("streamed", [False, True])
 def test_cuda_transfer_bytes_verified(pair, case, streamed):
     d, p = pair
-    r = random.Random(hash(case) % 1000 + streamed)
+    r = random.Random(10 * ["single", "run", "scattered", "mixed"].index(case) + streamed)
     dst, src = {"single": ([3], [500]),
                 "run": (list(range(100, 140)), list(range(10, 50))),
                 "scattered": (r.sample(range(300), 60), r.sample(range(300, 600), 60)),
-                "mixed": (list(range(200, 230)) + r.sample(range(300), 25),
+                # a direct run (>= direct_min_blocks) and staged blocks in the same layers
+                "mixed": (list(range(200, 230)) + r.sample([i for i in range(300) if not 200 <= i < 230], 25),
                           list(range(400, 430)) + r.sample(range(430, 600), 25))}[case]
+    assert len(set(dst)) == len(dst) and len(set(src)) == len(src)
     d.call("poison", dst)
     h = d.call("reserve", ids=dst)
     sent = p.call("send", h, src, layer_delay_s=0.01 if streamed else 0.0)
