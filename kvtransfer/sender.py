@@ -193,20 +193,25 @@ class KVSender:
             await asyncio.gather(*sends)   # acked => every receive matched; this is bookkeeping
             self._t("sends_done")
         finally:
-            if not data.done():
-                data.cancel()
+            for task in (data, begin):   # on a refusal or failure: stop, and consume any error
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled():
+                    task.exception()
         self.fsm.to(TransferState.SUCCESS)
         return peer
 
     async def _send_layers(self, peer):
         """Post every layer's sends as soon as it is pushed, unit by unit: a unit is one staged
         bundle's layers (plan.bundles(); one layer when nothing is staged). Per batch of units
-        that are ready together: one executor hop waits for their KV (CUDA event), gathers each
+        that are ready together, one step waits for their KV (CUDA event), gathers each
         bundle's staged regions into a pooled buffer (one kernel per bundle) and sums the
         layers' checksums (staged regions from the gathered buffer, a contiguous read), read back
-        with the same wait; then the sends are posted. Summing in the same hop costs a few
-        kernels before the sends; a second hop after them cost 0.6-1.5 ms of host time on a busy
-        process (v11 traces), and `complete` waits for the last sums."""
+        behind the same work; then the sends are posted. On CUDA the step is queued from this
+        loop and its read-back polled (`_prepare_on_loop`); on CPU it runs on the executor.
+        Summing in the same step costs a few kernels before the sends; a second hop after them
+        cost 0.6-1.5 ms of host time on a busy process (v11 traces), and `complete` waits for
+        the last sums."""
         kv, plan, loop = self.agent.kv, self.plan, asyncio.get_running_loop()
         with self.agent.setup_stream():   # not behind the forward on the default stream
             src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
