@@ -70,6 +70,7 @@ class KVSender:
         self.reply: asyncio.Future | None = None    # set by the agent's control loop
         self.cancel_ack: asyncio.Future | None = None
         self.bytes_sent = 0
+        self.msgs_posted = 0     # data messages handed to UCX (sent or not)
         # timings for benchmarks: (phase, absolute perf_counter), executor and send-call totals
         self.trace: list[tuple[str, float]] = []
         self.prep_s = 0.0
@@ -338,6 +339,7 @@ class KVSender:
         arr = Array(buf)
         self.agent.top_up_futures()
         req = peer.ep._ep.tag_send(arr, Tag(data_tag(self.handoff.tag_key, layer, msg, self.nonce)))
+        self.msgs_posted += 1
         self.send_s += time.perf_counter() - t0
 
         async def done():

@@ -117,6 +117,23 @@ class PoolWorker:
         st = self.senders[(handoff["port"], handoff["lease_id"])].wait(timeout)
         return st.state.value, st.reason
 
+    def sender_posted(self, handoff: dict) -> int:
+        """Data messages the sender of `handoff` handed to UCX."""
+        return self.senders[(handoff["port"], handoff["lease_id"])].msgs_posted
+
+    def delay_next_begin(self, seconds: float) -> None:
+        """Fault injection: the next `begin` this (decode) agent receives is handled only after
+        `seconds`, so its sender's early data is surely on the wire before the answer."""
+        import asyncio
+        agent = self.agent
+        orig = agent._begin
+
+        async def slow(peer, msg):
+            agent._begin = orig
+            await asyncio.sleep(seconds)
+            await orig(peer, msg)
+        agent._begin = slow
+
     def sender_side(self) -> dict:
         """What the prefill side still holds: cached peers and unfinished senders."""
         return self.agent.call(self._sender_side())
