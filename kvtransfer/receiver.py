@@ -20,6 +20,7 @@ All methods run on the agent's event loop thread.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -74,16 +75,20 @@ class RecvAttempt:
         # begin -> posted path).
         self._sums_blocks: pool.Checksummer | None = None
         self._sums_slot: pool.Checksummer | None = None
+        self._sums_lock = threading.Lock()   # made by the prewarm (executor) or on first use (loop)
 
     def _checksummer(self, from_slot: bool) -> pool.Checksummer:
+        """The slot or block checksummer, made once (on its own stream, synced: usable from any
+        stream or thread afterwards)."""
         kv, plan = self.agent.kv, self.plan
-        if from_slot:
-            if self._sums_slot is None:
-                self._sums_slot = pool.Checksummer(kv, plan.dst_ids, self.rx_scales, plan.staged_idx)
-            return self._sums_slot
-        if self._sums_blocks is None:
-            self._sums_blocks = pool.Checksummer(kv, plan.dst_ids, self.rx_scales)
-        return self._sums_blocks
+        with self._sums_lock:
+            if from_slot and self._sums_slot is None:
+                with self.agent.setup_stream():
+                    self._sums_slot = pool.Checksummer(kv, plan.dst_ids, self.rx_scales, plan.staged_idx)
+            elif not from_slot and self._sums_blocks is None:
+                with self.agent.setup_stream():
+                    self._sums_blocks = pool.Checksummer(kv, plan.dst_ids, self.rx_scales)
+            return self._sums_slot if from_slot else self._sums_blocks
 
     # ---- posting -------------------------------------------------------------------------
     def post_all(self) -> bool:
@@ -165,10 +170,19 @@ class RecvAttempt:
                 self.layer_sums[l] = await self._work("sum", l)
 
     def prewarm(self) -> None:
-        """Queue the checksummers' construction (index tensors to the GPU) on the executor right
-        after the receives are posted, so the first landed bundle does not pay for it."""
-        fut = self._work("prewarm")
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())   # nobody awaits it
+        """Make the checksummers (index tensors to the GPU, ~0.3-0.7 ms) on the executor right
+        after the receives are posted, so neither the first landed bundle nor this loop -- which
+        must send `ready` and take the first data now -- pays for them."""
+        asyncio.get_running_loop().run_in_executor(self.agent.executor, self._prewarm)
+
+    def _prewarm(self) -> None:
+        try:
+            if self.plan.staged_idx:
+                self._checksummer(True)
+            if self.plan.direct:
+                self._checksummer(False)
+        except Exception as e:   # surfaces again where the checksum is needed
+            self.errors.append(f"checksum setup failed: {e!r}")
 
     def _work(self, kind: str, *args) -> asyncio.Future:
         """Queue torch work for the executor: ("scatter", first layer, slot, layers to checksum)
@@ -226,15 +240,6 @@ class RecvAttempt:
         from_blocks: list[tuple[int, int]] = []
         with self.agent.side_stream():
             for i, (kind, args, _) in enumerate(batch):
-                if kind == "prewarm":   # make the checksummers while the first data is in flight
-                    try:
-                        if self.plan.staged_idx:
-                            self._checksummer(True)
-                        if self.plan.direct:
-                            self._checksummer(False)
-                    except Exception as e:   # surfaces again where the checksum is needed
-                        self.errors.append(f"checksum setup failed: {e!r}")
-                    continue
                 if kind == "sum":
                     from_blocks.append((i, args[0]))
                     continue
