@@ -147,6 +147,9 @@ def main() -> None:
             ov = p.call("overlapped_send", h, rnd.sample(range(nb), n), tokens, hidden, ffn, timeout=900,
                         layer_kind=kind, heads=heads)
             ov.update(blocks=n, tokens=tokens, hidden=hidden, ffn=ffn, pattern="scattered")
+            if ov["state"] != "success":
+                raise SystemExit(f"overlap ({kind}) transfer failed: {ov['reason']}; decode side: "
+                                 f"{d.call('wait_lease', h['lease_id'], 5)}")
             rx = d.call("rx_trace", h["lease_id"])
             d.call("release_completed", h["block_ids"])
             ov["phases_ms"] = phase_times(ov, rx)
