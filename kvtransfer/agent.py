@@ -78,7 +78,9 @@ class TransferAgent(DecodeSide):
         # the legacy default stream a synchronous host->device copy waits for every kernel queued
         # there, i.e. for the worker's whole forward in flight (prefill or decode step)
         self._setup = torch.cuda.Stream(kv.device) if kv.is_cuda else None
-        self.staging = pool.BufferPool(kv)   # staging buffers reused across layers/transfers
+        # staging buffers reused across layers/transfers, allocated on the side stream that
+        # uses them (pool.BufferPool says why)
+        self.staging = pool.BufferPool(kv, stream=self._stream)
         # torch work (gather, scatter, checksums) runs here, off the loop thread
         self.executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kvtransfer-torch")
         self.loop = asyncio.new_event_loop()

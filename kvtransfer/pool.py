@@ -363,11 +363,19 @@ class Checksummer:
 
 class BufferPool:
     """Staging buffers reused across layers and transfers (no allocation per layer: on CPU a
-    fresh 100+ MiB buffer costs page faults on first touch). Keeps at most `cap_bytes` idle."""
+    fresh 100+ MiB buffer costs page faults on first touch). Keeps at most `cap_bytes` idle.
 
-    def __init__(self, kv: torch.Tensor, cap_bytes: int = 1 << 30) -> None:
+    CUDA: buffers are allocated *on `stream`*, the stream that uses them (the agent's side
+    stream). torch's caching allocator hands a block freed on a stream to the next allocation on
+    that same stream at once, trusting stream order: allocated on the default stream (the loop
+    thread's current one), a staging buffer could get memory a forward on that stream had freed
+    with its kernels still queued -- the side-stream gather then ran first and the queued kernel
+    overwrote the buffer before the peer read it. Seen once on two H200s as a checksum mismatch in
+    a streamed transfer that needed fresh buffers during a forward; the checksums refused it."""
+
+    def __init__(self, kv: torch.Tensor, cap_bytes: int = 1 << 30, stream=None) -> None:
         import threading
-        self.kv, self.cap = kv, cap_bytes
+        self.kv, self.cap, self.stream = kv, cap_bytes, stream
         self._free: dict[int, list[torch.Tensor]] = {}
         self._idle = 0
         self._lock = threading.Lock()
@@ -381,7 +389,10 @@ class BufferPool:
                 t = lst.pop()
                 self._idle -= t.numel() * t.element_size()
                 return t
-        return staging_tensor(self.kv, n, layers)
+        if self.stream is None:
+            return staging_tensor(self.kv, n, layers)
+        with torch.cuda.stream(self.stream):
+            return staging_tensor(self.kv, n, layers)
 
     def put(self, t: torch.Tensor) -> None:
         nb = t.numel() * t.element_size()

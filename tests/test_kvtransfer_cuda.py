@@ -52,3 +52,27 @@ def test_cuda_transfer_bytes_verified(pair, case, streamed):
     assert d.call("wait_lease", h["lease_id"], 30) == ("success", "")
     assert same(p, src, d, dst)
     d.call("release_completed", dst)
+
+
+def test_streamed_behind_a_forward_with_fresh_staging_buffers():
+    """Layers streamed while a forward allocates and frees large intermediates on the default
+    stream, each run with a staging shape the pools have not seen (fresh buffers mid-forward):
+    a staging buffer allocated on the default stream could be handed memory whose freeing
+    kernels were still queued there (pool.BufferPool). Seen once on two H200s as a refused
+    checksum; this guards the fix on the device (a race: passing is not proof)."""
+    cfg = {"spin_us": 2000, "bundle_kib": 256, "direct_min_blocks": 1000}
+    d = spawn_worker(LAYOUT, seed=1, config_kw=cfg, device="cuda")
+    p = spawn_worker(LAYOUT, seed=2, config_kw=cfg, device="cuda")
+    try:
+        r = random.Random(7)
+        for n in range(150, 156):          # a new staged shape every run
+            dst, src = r.sample(range(600), n), r.sample(range(600), n)
+            h = d.call("reserve", ids=dst)
+            ov = p.call("overlapped_send", h, src, 2048, 2048, 8192, layer_kind="matmul2")
+            assert ov["state"] == "success", ov["reason"]
+            assert d.call("wait_lease", h["lease_id"], 30) == ("success", "")
+            assert d.call("digest", dst) == p.call("digest", src)
+            d.call("release_completed", dst)
+    finally:
+        d.close()
+        p.close()
