@@ -40,6 +40,7 @@ from .state import TransferFSM, TransferState
 from .wire import HandoffRecord, decode, encode
 
 log = logging.getLogger("splitserve.kvtransfer")
+LOCAL_HANDSHAKE_S = 30.0   # handshake limit for the agent's own endpoint and incoming ones
 
 
 class Peer:
@@ -127,7 +128,12 @@ class TransferAgent(DecodeSide):
             # loop's thread. Delayed submission makes them on the progress thread, which has no
             # asyncio loop: once a burst (48 concurrent transfers on an H200) drains the futures
             # pool, refilling it there fails and the worker aborts in Request::cancel.
-            ucxx.init(progress_mode=self.config.progress_mode, enable_python_future=True, enable_delayed_submission=False)
+            # the accepting side's handshake timeout is ucxx's global one (5 s by default): a
+            # loaded host (CI: four workers booting on two cores) took longer for the agent's own
+            # self-test endpoint, and the listener dropped it mid-handshake
+            ucxx.init(progress_mode=self.config.progress_mode, enable_python_future=True,
+                      enable_delayed_submission=False,
+                      connect_timeout=max(self.config.connect_timeout_s, LOCAL_HANDSHAKE_S))
         elif not ucxx.core._ctx.enable_python_future:
             log.warning("kvtransfer: ucxx was initialised without python futures; transfers "
                         "will be slow (initialise ucxx after creating the TransferAgent)")
@@ -135,7 +141,8 @@ class TransferAgent(DecodeSide):
         self.top_up_futures()
         self._listener = ucxx.create_listener(self._accept, port=self.config.listen_port or None)
         host = self.config.listen_host
-        self._self_ep = await ucxx.create_endpoint(host, self._listener.port)
+        self._self_ep = await ucxx.create_endpoint(host, self._listener.port,
+                                                   connect_timeout=LOCAL_HANDSHAKE_S)
         self._sweeper = asyncio.ensure_future(self._sweep_forever())
         return host, self._listener.port
 
