@@ -24,7 +24,7 @@ timeout still leaves data):
             runs right after decode-bf16 on that engine's weights (B=1, 32, then 8, at 1k)
 
 This file holds the ceiling, ttft, prefill, engine32 and decode sections, the table, the markdown
-and main; the shared setup, timers and R are in bench/engine_common.py, the float32 reference
+and main; the shared setup, the replay timer and R are in bench/engine_common.py (the wall timer in bench/timing.py), the float32 reference
 (correct) and the transformers baseline (hf) in bench/engine_ref.py.
 """
 from __future__ import annotations
@@ -48,9 +48,10 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from engine_common import (BATCHES, CONTEXTS, DEV, DTYPE, PREFILLS, REPO, SHAPE,  # noqa: E402
-                           SMOKE, R, now_s, rand_prompt, replay_time, section, sync, timed,
+                           SMOKE, R, now_s, rand_prompt, replay_time, section, sync,
                            write_json)
 from engine_ref import bench_correct, bench_hf  # noqa: E402
+from timing import timed  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402  (after engine_common: --smoke sets TRITON_INTERPRET first)
 

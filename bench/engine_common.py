@@ -1,7 +1,7 @@
 """Shared setup of the engine GPU benchmark (bench/engine.py, bench/engine_ref.py).
 
 The run's shape (dummy Llama-3-8B bf16 on the GPU, tiny float16 on the CPU under --smoke), the
-sweep points, the timers, the error-tolerant section runner and R, the one results dict every
+sweep points, the GPU replay timer, the error-tolerant section runner and R, the one results dict every
 section writes to (defined here once and imported by reference, as are T0, SMOKE and DEV).
 Importing this module with --smoke in sys.argv sets TRITON_INTERPRET before Triton loads, and
 maps the splitserve package folders by hand where it is not installed (the device has no install).
@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -50,16 +49,6 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, reps: int, warmup: int = 2) -> float:
-    """Median wall seconds of fn() (fn must end with a host sync)."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def section(name: str, fn, args) -> None:

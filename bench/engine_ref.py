@@ -18,7 +18,8 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from engine_common import (CONTEXTS, DEV, R, SMOKE, now_s, rand_prompt, sync,  # noqa: E402
-                           timed, write_json)
+                           write_json)
+from timing import timed  # noqa: E402
 import torch  # noqa: E402  (after engine_common: --smoke sets TRITON_INTERPRET first)
 from splitserve.engine.request import SamplingParams  # noqa: E402
 

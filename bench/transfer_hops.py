@@ -11,23 +11,17 @@ import asyncio
 import concurrent.futures
 import json
 import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transfer as tb   # noqa: E402  (package mapping on the device)
+from timing import timed as median_s  # noqa: E402
 
 
 def timed(fn, reps: int) -> float:
-    fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out) * 1e6
+    """Median microseconds of fn() (one warm-up call)."""
+    return median_s(fn, reps, warmup=1) * 1e6
 
 
 def main() -> None:

@@ -82,7 +82,9 @@ class TransferAgent(DecodeSide):
         # staging buffers reused across layers/transfers, allocated on the side stream that
         # uses them (pool.BufferPool says why)
         self.staging = pool.BufferPool(kv, stream=self._stream)
-        # torch work (gather, scatter, checksums) runs here, off the loop thread
+        # CPU pools: the numpy gathers, scatters and checksums run here, off the loop thread.
+        # CUDA: that work is queued from the loop and polled; this only waits for what takes
+        # longer than transfer.spin_us, and makes the receivers' checksummers.
         self.executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kvtransfer-torch")
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="kvtransfer", daemon=True)

@@ -71,8 +71,8 @@ class RecvAttempt:
         # per-layer checksums, computed as soon as all of a layer's messages have landed, while
         # later layers are still in flight: from the landed ring slot when the staged bundle is
         # the layer's last message (a contiguous read of the bytes that were just scattered),
-        # else from the destination blocks. Made on first use, on the executor (not on the
-        # begin -> posted path).
+        # else from the destination blocks. Made by `prewarm` on the executor (not on the
+        # begin -> posted path), or on first use.
         self._sums_blocks: pool.Checksummer | None = None
         self._sums_slot: pool.Checksummer | None = None
         self._sums_lock = threading.Lock()   # made by the prewarm (executor) or on first use (loop)
@@ -185,10 +185,10 @@ class RecvAttempt:
             self.errors.append(f"checksum setup failed: {e!r}")
 
     def _work(self, kind: str, *args) -> asyncio.Future:
-        """Queue torch work for the executor: ("scatter", first layer, slot, layers to checksum)
-        or ("sum", layer). Everything queued while a batch runs goes in the next batch: one
-        executor hop and one stream sync per batch, not per message (a hop costs ~0.1 ms idle,
-        1-3 ms on a busy host). A scatter's result is {layer: checksum}, a sum's the int."""
+        """Queue torch work: ("scatter", first layer, slot, layers to checksum) or ("sum",
+        layer). Everything queued while a batch runs goes in the next batch: one read-back per
+        batch, not per message (CUDA: queued from this loop and polled; CPU: one executor hop).
+        A scatter's result is {layer: checksum}, a sum's the int."""
         fut = asyncio.get_running_loop().create_future()
         self._queue.append((kind, args, fut))
         if not self._draining:

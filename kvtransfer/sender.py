@@ -71,7 +71,7 @@ class KVSender:
         self.cancel_ack: asyncio.Future | None = None
         self.bytes_sent = 0
         self.msgs_posted = 0     # data messages handed to UCX (sent or not)
-        # timings for benchmarks: (phase, absolute perf_counter), executor and send-call totals
+        # timings for benchmarks: (phase, absolute perf_counter), prepare-step and send-call totals
         self.trace: list[tuple[str, float]] = []
         self.prep_s = 0.0
         self.send_s = 0.0
@@ -177,9 +177,9 @@ class KVSender:
             self.fsm.to(TransferState.TRANSFERRING)
             self._t("ready")
             await begin
-            sends, sum_futs = await data
+            sends, sum_batches = await data
             self._t("posted")
-            sums = [int(x) for batch in await asyncio.gather(*sum_futs) for x in batch]
+            sums = [int(x) for batch in sum_batches for x in batch]
             self.reply = loop.create_future()
             completion = {"xid": self.xid, "lease": h.lease_id, "epoch": h.epoch, "checksums": sums}
             if self.complete_hook is not None:
@@ -223,7 +223,7 @@ class KVSender:
         win = plan.staging_window(cfg.staging_layers, cfg.staging_budget_kib << 10)
         window = asyncio.Semaphore(win)
         sends: list = []
-        sum_futs: list = []
+        sum_batches: list[list[int]] = []
         u = 0
         while u < len(units):
             await self._units_ready(units[u])
@@ -242,14 +242,15 @@ class KVSender:
             self._t(f"prep {first}-{last}")
             layers = list(range(first, last + 1))
             per_layer = [None if st is None else st[x] for st, (_, k) in zip(stagings, batch) for x in range(k)]
+            t0 = time.perf_counter()
             if kv.is_cuda:
                 sums = await self._prepare_on_loop(batch, src_staged, stagings, layers, per_layer)
             else:
                 sums = await loop.run_in_executor(self.agent.executor, self._prepare_layers, batch,
                                                   src_staged, stagings, layers, per_layer)
+            self.prep_s += time.perf_counter() - t0
             self._t(f"prepped {first}-{last}")
-            sum_fut = loop.create_future()
-            sum_fut.set_result(sums)
+            sum_batches.append(sums)
             for l in layers:
                 for m, d in enumerate(plan.direct):
                     sends.append(self._send(peer, pool.direct_view(kv, l, d.kv, d.run.src0, d.run.n),
@@ -257,13 +258,12 @@ class KVSender:
                 if self.agent.scales is not None:
                     sends.append(self._send(peer, pool.as_buffer(self.agent.scales[l]), l,
                                             plan.scales_msg, None))
-            sum_futs.append(sum_fut)
             for (l0, _), staging in zip(batch, stagings):
                 if staging is not None:
                     sends.append(self._send(peer, pool.as_buffer(staging), l0, plan.staged_msg,
-                                            window, (staging, sum_fut)))
+                                            window, staging))
             u += len(batch)
-        return sends, sum_futs
+        return sends, sum_batches
 
     def _is_computed(self, unit: tuple[int, int]) -> bool:
         """Pushed *and* already computed on the GPU (its event has fired). The host runs ahead of
@@ -286,25 +286,32 @@ class KVSender:
         for l in range(l0, l0 + k):
             await self._layer_ready.setdefault(l, asyncio.Event()).wait()
 
+    def _queue_gathers(self, units: list[tuple[int, int]], staged_idx: torch.Tensor,
+                       stagings: list) -> bool:
+        """On the current (side) stream: wait for each layer's KV (its CUDA event, so the forward
+        on the main stream is not blocked; push_all shares one event among all layers) and gather
+        each bundle's staged regions. True if every event had already fired (the work is
+        runnable now)."""
+        runnable, waited = True, set()
+        for l0, k in units:
+            for layer in range(l0, l0 + k):
+                ev = self._events.get(layer)
+                if ev is not None and id(ev) not in waited:
+                    waited.add(id(ev))
+                    runnable = runnable and ev.query()
+                    torch.cuda.current_stream().wait_event(ev)
+        for (l0, _), staging in zip(units, stagings):
+            if staging is not None:
+                pool.gather_staged(self.agent.kv, l0, staged_idx, staging)
+        return runnable
+
     async def _prepare_on_loop(self, units: list[tuple[int, int]], staged_idx: torch.Tensor,
                                stagings: list, layers: list[int], per_layer: list) -> list[int]:
-        """CUDA: `_prepare_layers` queued from the loop thread (a few kernels on the side stream
-        behind the layers' events; nothing here blocks), then its read-back event is polled while
-        the GPU work is runnable -- when every layer's event had fired at queue time -- else
-        waited for on the executor (the forward has not reached those layers yet)."""
-        runnable = True
+        """CUDA: the gathers and the layers' checksums queued from the loop thread (nothing here
+        blocks), then their read-back event polled while the work is runnable, else waited for
+        on the executor (the forward has not reached those layers yet). Returns the checksums."""
         with self.agent.side_stream():
-            waited = set()
-            for l0, k in units:
-                for layer in range(l0, l0 + k):
-                    ev = self._events.get(layer)
-                    if ev is not None and id(ev) not in waited:   # push_all: one event, all layers
-                        waited.add(id(ev))
-                        runnable = runnable and ev.query()
-                        torch.cuda.current_stream().wait_event(ev)
-            for (l0, _), staging in zip(units, stagings):
-                if staging is not None:
-                    pool.gather_staged(self.agent.kv, l0, staged_idx, staging)
+            runnable = self._queue_gathers(units, staged_idx, stagings)
             rb = pool.Readback(self._sums.layers_dev(layers, per_layer))
         self._t(f"queued {units[0][0]}{'' if runnable else ' (waits for the forward)'}")
         spin = self.agent.config.spin_us * 1e-6 if runnable else 0.0
@@ -313,28 +320,12 @@ class KVSender:
 
     def _prepare_layers(self, units: list[tuple[int, int]], staged_idx: torch.Tensor, stagings: list,
                         layers: list[int], per_layer: list) -> list[int]:
-        """Off the loop thread: wait for each layer's KV (its CUDA event, on the agent's side
-        stream, so the forward on the main stream is not blocked), gather each bundle's staged
-        regions, sum the layers' checksums; one wait on the side stream (the sums' read-back)
-        then makes all sends of these layers safe. Returns the checksums."""
-        t0 = time.perf_counter()
-        self._t(f"x_start {units[0][0]}")   # x_: on the executor thread
-        with self.agent.side_stream():
-            for (l0, k), staging in zip(units, stagings):
-                for layer in range(l0, l0 + k):
-                    ev = self._events.get(layer)
-                    if ev is not None:
-                        torch.cuda.current_stream().wait_event(ev)
-                if staging is not None:
-                    pool.gather_staged(self.agent.kv, l0, staged_idx, staging)
-            self._t(f"x_gathered {units[0][0]}")
-            sums = self._sums.layers(layers, per_layer)   # reads back after everything queued here
-        self._t(f"x_synced {units[0][0]}")
-        self.prep_s += time.perf_counter() - t0
-        return sums
+        """CPU, on the executor: the gathers and the layers' checksums (numpy, synchronous)."""
+        self._queue_gathers(units, staged_idx, stagings)
+        return self._sums.layers(layers, per_layer)
 
     def _send(self, peer, buf, layer: int, msg: int, window: asyncio.Semaphore | None,
-              staging: tuple | None = None):
+              staging: torch.Tensor | None = None):
         t0 = time.perf_counter()
         arr = Array(buf)
         self.agent.top_up_futures()
@@ -350,18 +341,11 @@ class KVSender:
                 self._t(f"sent {layer}.{msg}")
                 self.bytes_sent += arr.nbytes
             finally:
-                if staging is not None:
-                    buf_t, sum_fut = staging
-
-                    def release(_=None):
-                        if ok:   # UCX is done with it (a failed/cancelled send: not reused)
-                            self.agent.staging.put(buf_t)
-                        window.release()
-                    if sum_fut.done():
-                        release()
-                    else:
-                        sum_fut.add_done_callback(release)
-                elif window is not None:
+                # the buffer's checksums were read before the send was posted: it goes back to
+                # the pool once UCX is done with it (a failed/cancelled send's is not reused)
+                if staging is not None and ok:
+                    self.agent.staging.put(staging)
+                if window is not None:
                     window.release()
         return asyncio.ensure_future(done())
 
