@@ -164,6 +164,7 @@ def run_requests(rc: RealCluster, reqs: list[wl.Request], token_seed: int) -> di
                 "queue_s": t.get("queue_ms", 0) / 1e3, "prefill_s": t.get("prefill_ms", 0) / 1e3,
                 "transfer_s": t.get("transfer_ms", 0) / 1e3, "e2e_s": t.get("e2e_ms", 0) / 1e3,
                 "overlapped_s": t.get("overlapped_ms", 0) / 1e3,
+                "reserve_s": t.get("reserve_ms", 0) / 1e3, "commit_s": t.get("commit_ms", 0) / 1e3,
                 "remote": res["remote"], "cached_tokens": res["cached"]}
     t0 = time.monotonic()
     with ThreadPoolExecutor(len(reqs)) as ex:

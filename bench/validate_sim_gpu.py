@@ -88,6 +88,7 @@ def report(rows: list[dict], cost, out: Path, tag: str, command: str) -> None:
     res = {"date": date.today().isoformat(), "commit": git_commit(), "command": command, "profile": cost.name,
            "profile_source": {k: cost.source.get(k) for k in ("date", "commit", "command", "device", "rel_rmse")},
            "rows": rows, "points_within_20pct": sum(within), "points": len(rows)}
+    out.mkdir(parents=True, exist_ok=True)
     stem = out / ("validate-sim-gpu" + (f"-{tag}" if tag else ""))
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     lines = [f"# Simulator vs real GPU cluster runs ({res['date']}, commit `{res['commit']}`)", "",

@@ -218,7 +218,11 @@ class LLMEngine:
     def commit_remote(self, request_id: str, first_token: int) -> RequestOutput | None:
         """Decode side: the prompt's KV arrived and was verified; decode from the first token.
 
-        Returns the request's output when the first token already finished it (eos, max_tokens 1)."""
+        Returns the request's output when the first token already finished it (eos, max_tokens 1),
+        and None for a request aborted meanwhile (the router streams the first token before the
+        commit, so a stop string in it can abort first)."""
+        if request_id not in self.scheduler.transferring:
+            return None
         req = self.scheduler.commit_remote(request_id, first_token)
         tr = self._tracks[request_id]
         tr.first_token_time = time.monotonic()

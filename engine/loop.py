@@ -1,16 +1,20 @@
 """EngineLoop: runs an LLMEngine's step loop on a background thread for a worker.
 
-Workers (and the Ray actors wrapping them) call into the engine from several threads; every
-engine call goes through `run(fn)` under one lock, and the loop thread steps whenever there is
-work. Outputs are kept per request until a reader collects them (`take_outputs`).
-With overlapped decode (engine/overlap.py) a step() returns while the next decode step still
-runs on the device, so the RPCs served between steps overlap device work; has_unfinished()
-stays true until that step is read, so the loop keeps stepping until it is.
+Workers (and the Ray actors wrapping them) call into the engine from several threads. Every
+engine call goes through `run(fn)`: the call joins the loop's call queue (`_calls`) and the loop
+thread runs it at the next step boundary, so a caller waits at most the step in progress. (An
+earlier version let callers race the stepping thread for one lock; on a busy decode worker a
+handoff's start and commit could lose that race for several steps, adding 20-80 ms to TTFT.)
+Calls made from the loop thread itself (step hooks) run at once. With overlapped decode
+(engine/overlap.py) a step() returns while the next decode step still runs on the device, so
+the queued calls run while the device works; has_unfinished() stays true until that step is
+read, so the loop keeps stepping until it is.
 """
 from __future__ import annotations
 
 import threading
-import time
+from collections import deque
+from concurrent.futures import Future
 from typing import Any, Callable
 
 from .engine import LLMEngine, RequestOutput
@@ -19,44 +23,82 @@ from .engine import LLMEngine, RequestOutput
 class EngineLoop:
     def __init__(self, engine: LLMEngine, on_step: Callable[[list[RequestOutput]], None] | None = None):
         self.engine = engine
-        self._lock = threading.RLock()
-        self._work = threading.Condition(self._lock)
+        self._engine_lock = threading.RLock()   # held by whoever touches the engine
+        self._work = threading.Condition(threading.Lock())   # guards the call queue and the flags
         self._outputs: list[RequestOutput] = []
         self._out_ready = threading.Condition(threading.Lock())
         self._on_step = on_step
         self._stop = False
+        self._closed = False          # the loop thread has ended: run() calls fn on the caller's thread
+        self._calls: deque[tuple[Callable[[LLMEngine], Any], Future]] = deque()
         self.steps = 0
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
     def run(self, fn: Callable[[LLMEngine], Any]) -> Any:
-        """Call fn(engine) under the engine lock and wake the loop."""
+        """fn(engine) on the loop thread at the next step boundary; its result (or exception)."""
+        if threading.current_thread() is self._thread:
+            return fn(self.engine)             # a step hook
+        fut: Future | None = None
         with self._work:
-            result = fn(self.engine)
-            self._work.notify()
-            return result
+            if not self._closed:
+                fut = Future()
+                self._calls.append((fn, fut))
+                self._work.notify()
+        if fut is None:
+            with self._engine_lock:            # stopped or dead loop (an abort after a crash)
+                return fn(self.engine)
+        return fut.result()
+
+    def _take_calls(self) -> list[tuple[Callable[[LLMEngine], Any], Future]]:
+        with self._work:
+            calls, self._calls = list(self._calls), deque()
+            return calls
+
+    def _drain(self, calls: list[tuple[Callable[[LLMEngine], Any], Future]]) -> None:
+        """Run the queued calls, each result or exception to its caller (under the engine lock)."""
+        for fn, fut in calls:
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(self.engine))
+            except BaseException as exc:
+                fut.set_exception(exc)
 
     def _run(self) -> None:
         try:
-            while not self._stop:
-                with self._work:
-                    while not self._stop and not self.engine.has_unfinished():
+            while True:
+                with self._work:   # has_unfinished changes only on this thread (calls run here)
+                    while not self._stop and not self._calls and not self.engine.has_unfinished():
                         self._work.wait(0.5)
                     if self._stop:
                         return
-                    outs = self.engine.step()
-                    self.steps += 1
+                with self._engine_lock:
+                    self._drain(self._take_calls())
+                    outs = []
+                    if self.engine.has_unfinished():
+                        outs = self.engine.step()
+                        self.steps += 1
                 if outs:
                     if self._on_step:
                         self._on_step(outs)
                     self.push_outputs(outs)
-                time.sleep(0)      # let RPC threads take the lock between steps
         except BaseException as exc:   # surfaced by take_outputs and health checks
             self.error = exc
             with self._out_ready:
                 self._out_ready.notify_all()
             raise
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        """From now on calls run on the caller's thread, and the queued ones run now, so no
+        caller waits forever."""
+        with self._work:
+            self._closed = True
+        with self._engine_lock:
+            self._drain(self._take_calls())
 
     def push_outputs(self, outs: list[RequestOutput]) -> None:
         """Outputs produced outside a step (e.g. a request finished on commit)."""

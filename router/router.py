@@ -65,6 +65,8 @@ class Flight:
     prefill_s: float = 0.0
     transfer_s: float = 0.0
     overlapped_s: float = 0.0     # the prefill step the layer-wise push ran under
+    reserve_s: float = 0.0        # remote: decode worker's block reservation round trip
+    commit_s: float = 0.0         # remote: decode worker's commit round trip (after the first token)
     migrations: int = 0
     retries: int = 0
     priority: int = 0             # higher first (proto)
@@ -180,7 +182,9 @@ class Router:
 
     async def _remote_prefill(self, f: Flight, place: Placement) -> None:
         d = place.decode
+        t0 = time.monotonic()
         res = await self.workers.call(d, "start_remote", f.rid, f.prompt, f.params)
+        f.reserve_s = time.monotonic() - t0
         if res is None:     # no KV room on D right now: let D queue it and prefill itself
             f.prefill = None
             await self.workers.call(d, "generate_local", f.rid, f.prompt, f.params)
@@ -211,9 +215,14 @@ class Router:
             handoff = await self.workers.call(d, "reissue", f.rid, lease)
         f.prefill_s, f.transfer_s, f.overlapped_s = out["prefill_s"], out["transfer_s"], out.get("step_s", 0.0)
         self.metrics.transfer_latency.observe(out["transfer_s"])
+        # The prefill computed the first token and D has verified the KV (the push succeeded only
+        # on D's ack), so the token goes out now; D's commit round trip lands in the second token.
+        # A stop string on it aborts on D, which may arrive before the commit (D then drops it).
+        self._add_tokens(f, 0, [out["first_token"]])
+        t0 = time.monotonic()
         if not await self.workers.call(d, "commit_remote", f.rid, lease, out["first_token"]):
             raise RequestError("INTERNAL", "the decode worker rejected the transferred KV")
-        self._add_tokens(f, 0, [out["first_token"]])
+        f.commit_s = time.monotonic() - t0
 
     def _place(self, f: Flight, exclude: frozenset[str]) -> Placement:
         """Placement by the policy; a policy with admission control may refuse the request."""
@@ -294,6 +303,7 @@ class Router:
         n = len(f.tokens)
         timing = {"queue_ms": ((f.t_dispatch or now) - f.arrival) * 1e3, "prefill_ms": f.prefill_s * 1e3,
                   "transfer_ms": f.transfer_s * 1e3, "overlapped_ms": f.overlapped_s * 1e3,
+                  "reserve_ms": f.reserve_s * 1e3, "commit_ms": f.commit_s * 1e3,
                   "decode_ms": (now - t_first) * 1e3,
                   "ttft_ms": (t_first - f.arrival) * 1e3, "e2e_ms": (now - f.arrival) * 1e3}
         if not f.remote:

@@ -67,7 +67,8 @@ def test_stream_and_timing_breakdown():
     assert [t for e in evs[:-1] for t in e.token_ids] == [8, 9, 10, 11]
     info = evs[-1].info
     assert info["token_ids"] == [8, 9, 10, 11] and info["usage"]["completion_tokens"] == 4
-    assert set(info["timing"]) == {"queue_ms", "prefill_ms", "transfer_ms", "overlapped_ms", "decode_ms", "ttft_ms", "e2e_ms"}
+    assert set(info["timing"]) == {"queue_ms", "prefill_ms", "transfer_ms", "overlapped_ms", "reserve_ms", "commit_ms",
+                                    "decode_ms", "ttft_ms", "e2e_ms"}
 
 
 def test_bad_input_is_invalid_argument():

@@ -84,9 +84,9 @@ def test_goodput_interpolates_the_crossing():
 
 @pytest.mark.parametrize("policy", ["round_robin", "slo_aware"])
 def test_engine_lock_delays_remote_first_tokens_only(policy):
-    """engine_lock (the real workers' engine-loop lock): a remote request's start and commit wait
-    for D's step in progress and P's push for P's next forward, so TTFT grows, nothing is lost,
-    and the cost model's prefill time is still a lower bound."""
+    """engine_lock (the real workers' engine loop runs RPCs between steps): a remote request's
+    start waits for D's step in progress, so TTFT grows, nothing is lost, and the cost model's
+    prefill time is still a lower bound."""
     cpu = load_profile("cpu-smollm2")
     reqs = [r for r in wl.synthetic(60, 0.5, seed=5, prompt_median=160, output_median=24)]
     from bench.simulator import make_policy

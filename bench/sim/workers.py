@@ -58,9 +58,11 @@ class DecodeWorkerSim:
         self.name, self.cost, self.sim, self.chunk_tokens = name, cost, sim, chunk_tokens
         self.max_seqs = max_seqs
         self.seated = 0                        # local prefills holding a batch seat
-        # engine_lock: the real worker serves RPCs under the engine-loop lock (engine/loop.py), so
-        # start_remote (before P may start) and commit_remote (the first token) wait for the step
-        # in progress; without it both happen at once (the original, optimistic model)
+        # engine_lock: the real worker runs RPCs on its engine loop between steps (engine/loop.py),
+        # so start_remote (before P may start) waits for the step in progress, and a commit joins
+        # the batch at the next step boundary; the first token goes out when the KV has landed
+        # (the router streams the prefill's token before the commit); without it the start
+        # happens at once (the original, optimistic model)
         self.engine_lock = engine_lock
         self.deferred: list[Flight] = []       # remote starts waiting for the lock
         self.capacity = cost.kv_capacity_tokens
@@ -128,8 +130,7 @@ class DecodeWorkerSim:
     def receive(self, now: float, f: Flight) -> None:
         """The request's KV is here (transfer done): first token out, join at the next step boundary."""
         self.n_transferring -= 1
-        if not (self.engine_lock and self.busy):   # else the commit (first token) waits for the step end
-            f.t_first = now
+        f.t_first = now
         if self.busy:
             self.joining.append(f)
         else:
