@@ -107,7 +107,9 @@ def main() -> None:
     ap.add_argument("--workloads", default="chat,long")
     ap.add_argument("--rates", default="", help="per workload, e.g. 'chat=4,8;long=1,2' (default: built in)")
     ap.add_argument("--requests", type=int, default=0, help="requests per point (0: the workload's own)")
-    ap.add_argument("--disagg-policy", default="load_aware")
+    ap.add_argument("--disagg-policy", default="load_aware", help="load_aware, slo_aware, round_robin")
+    ap.add_argument("--profile", default="", help="the router's cost profile (default: h200-llama3-8b-profiled "
+                    "on cuda, cpu-smollm2 on cpu); slo_aware predicts TTFT/TPOT with it")
     ap.add_argument("--kv-dtype", default="auto")
     ap.add_argument("--gpus-per-worker", type=float, default=1.0, help="0.5: two workers share a GPU")
     ap.add_argument("--memory-fraction", type=float, default=0.85, help="of free GPU memory, for each worker's KV")
@@ -124,6 +126,7 @@ def main() -> None:
     a = ap.parse_args()
     import logging
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    a.profile = a.profile or ("h200-llama3-8b-profiled" if a.device == "cuda" else "cpu-smollm2")
     if a.frontend == "auto":
         a.frontend = "grpc" if _grpc_ok() else "inproc"
     t_start = time.monotonic()
@@ -138,7 +141,8 @@ def main() -> None:
            "command": "python bench/cluster_gpu.py " + " ".join(sys.argv[1:]), "model": a.model,
            "frontend": a.frontend, "config": {"seed": a.seed, "max_model_len": a.max_model_len, "requests": a.requests,
                       "memory_fraction": a.memory_fraction, "gpus_per_worker": a.gpus_per_worker, "chunk": a.chunk, "max_seqs": a.max_seqs, "kv_dtype": a.kv_dtype,
-                      "local_prefill_max": a.local_prefill_max, "disagg_policy": a.disagg_policy},
+                      "local_prefill_max": a.local_prefill_max, "disagg_policy": a.disagg_policy,
+                      "profile": a.profile},
            "env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_NVLS", "TORCH_SYMM", "NVSHMEM_DISABLE", "UCX_TLS"))},
            "workloads": {w: {"slo": {"ttft_s": WORKLOADS[w][1][0], "tpot_s": WORKLOADS[w][1][1]}} for w in a.workloads.split(",")},
            "shapes": {}}
@@ -148,7 +152,7 @@ def main() -> None:
         p, d, kind = parse_shape(shape)
         policy = a.disagg_policy if kind == "disagg" else "colocated"
         t0 = time.monotonic()
-        rc = RealCluster(policy, p, d, config=make_config(a, p, d))
+        rc = RealCluster(policy, p, d, config=make_config(a, p, d), profile=a.profile)
         sres = res["shapes"][shape] = {"policy": policy, "prefill": p, "decode": d, "startup_s": round(time.monotonic() - t0, 1),
                                        "workers": {}, "workloads": {}}
         try:
@@ -166,7 +170,8 @@ def main() -> None:
                         print(f"deadline: skipping {shape} {wname} {rate}", flush=True)
                         continue
                     reqs = point_requests(wname, rate, a.requests or n_req, a.seed, a.max_model_len)
-                    run = run_requests(rc, reqs, token_seed=1000 * list(WORKLOADS).index(wname) + i)
+                    run = run_requests(rc, reqs, token_seed=1000 * list(WORKLOADS).index(wname) + i,
+                                       slo={"ttft_ms": slo[0] * 1e3, "tpot_ms": slo[1] * 1e3})
                     pt = {"rate": round(wl.offered_rate(reqs), 3), "nominal_rate": rate, "wall_s": round(run["wall_s"], 1),
                           **point_summary(run["rows"], slo, layers), "rows": run["rows"]}
                     pts.append(pt)
@@ -191,15 +196,17 @@ def _grpc_ok() -> bool:
 
 
 def _warm_long(rc: RealCluster, max_len: int) -> None:
-    """Compile the kernels' long-prompt variants and fill the decode graphs before timing."""
+    """Compile the kernels' long-prompt variants and fill the decode graphs before timing (with
+    targets loose enough that an SLO-aware router admits them)."""
     from concurrent.futures import ThreadPoolExecutor
+    loose = {"ttft_ms": 600e3, "tpot_ms": 10e3}
     ids = [wl.synthesize_prompt((7_000_000 + n,), n, rc.vocab, seed=4242) for n in (1500, 5000, 12000) if n < max_len - 8]
     for x in ids:
-        r = rc.generate(x, 4)
+        r = rc.generate(x, 4, loose)
         if r["status"] != "OK":
             raise RuntimeError(f"warm-up request failed: {r}")
     with ThreadPoolExecutor(48) as ex:
-        list(ex.map(lambda i: rc.generate(ids[0][:200 + i], 16), range(48)))
+        list(ex.map(lambda i: rc.generate(ids[0][:200 + i], 16, loose), range(48)))
 
 
 def write(res: dict, stem: Path) -> None:

@@ -97,26 +97,32 @@ class RealCluster:
             self.client = Client(f"127.0.0.1:{self.cluster.grpc_port}")
         self.vocab = self.cluster.router.tokenizer.vocab_size
 
-    def generate(self, token_ids: list[int], max_tokens: int) -> dict:
+    def generate(self, token_ids: list[int], max_tokens: int, slo: dict | None = None) -> dict:
         """One greedy request (ignore_eos) to completion: {"status": "OK" | a grpc status name,
         "detail", "timing" (the Complete message's, in ms), "tokens", "remote", "cached"}. Over
-        gRPC, or straight into the router when the cluster runs without a gRPC server."""
+        gRPC, or straight into the router when the cluster runs without a gRPC server. `slo`:
+        the request's own {"ttft_ms", "tpot_ms"} targets (for the slo_aware policy)."""
         if self.client is None:
-            return asyncio.run_coroutine_threadsafe(self._generate_inproc(token_ids, max_tokens), self.loop).result()
+            return asyncio.run_coroutine_threadsafe(self._generate_inproc(token_ids, max_tokens, slo),
+                                                    self.loop).result()
         import grpc
         from splitserve.client import make_request
+        req = make_request(token_ids=token_ids, max_tokens=max_tokens, ignore_eos=True)
+        if slo:
+            req.slo.ttft_ms, req.slo.tpot_ms = slo["ttft_ms"], slo["tpot_ms"]
         try:
-            res = self.client.generate(make_request(token_ids=token_ids, max_tokens=max_tokens, ignore_eos=True))
+            res = self.client.generate(req)
         except grpc.RpcError as e:
             return {"status": e.code().name, "detail": (e.details() or "")[:200]}
         return {"status": "OK", "timing": res.timing, "tokens": len(res.token_ids),
                 "remote": bool(res.info.get("remote_prefill")), "cached": int(res.usage.get("cached_prompt_tokens", 0))}
 
-    async def _generate_inproc(self, token_ids: list[int], max_tokens: int) -> dict:
+    async def _generate_inproc(self, token_ids: list[int], max_tokens: int, slo: dict | None = None) -> dict:
         from splitserve.router.router import RequestError
         router = self.cluster.router
         try:
-            flight = router.admit(None, list(token_ids), None, {"max_tokens": max_tokens, "ignore_eos": True})
+            flight = router.admit(None, list(token_ids), None, {"max_tokens": max_tokens, "ignore_eos": True},
+                                  slo=slo)
         except RequestError as e:
             return {"status": e.code, "detail": str(e)[:200]}
         async for ev in router.generate(flight):
@@ -142,8 +148,9 @@ class RealCluster:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def run_requests(rc: RealCluster, reqs: list[wl.Request], token_seed: int) -> dict:
-    """Send `reqs` at their arrival times (one thread each); per-request timings from Complete.
+def run_requests(rc: RealCluster, reqs: list[wl.Request], token_seed: int, slo: dict | None = None) -> dict:
+    """Send `reqs` at their arrival times (one thread each); per-request timings from Complete
+    (`slo`: every request's own targets, {"ttft_ms", "tpot_ms"}).
 
     `token_seed` picks the synthesized token ids: a new seed per run keeps runs on one cluster
     from hitting each other's prefix caches (within a run, shared hash ids share tokens)."""
@@ -155,7 +162,7 @@ def run_requests(rc: RealCluster, reqs: list[wl.Request], token_seed: int) -> di
         time.sleep(max(0.0, t0 + r.arrival_s - time.monotonic()))
         row = {"rid": r.rid, "arrival_s": r.arrival_s, "prompt_tokens": r.prompt_tokens,
                "output_tokens": r.output_tokens, "session": r.session}
-        res = rc.generate(prompts[i], r.output_tokens)
+        res = rc.generate(prompts[i], r.output_tokens, slo)
         if res["status"] != "OK":
             return {**row, "status": res["status"], "detail": res["detail"]}
         t, n = res["timing"], res["tokens"]
