@@ -243,12 +243,15 @@ class Router:
         return adm.placement
 
     def _snapshots(self, role: str) -> list[dict]:
-        """Worker snapshots plus the router's live count of flights assigned to each worker."""
+        """Worker snapshots plus the router's live count of flights assigned to each worker: on a
+        decode worker every unfinished flight placed there, on a prefill worker those whose
+        prefill has not ended (no first token yet; a remote flight keeps its prefill worker's name
+        while it decodes elsewhere)."""
         key = "decode" if role == "decode" else "prefill"
         counts: dict[str, int] = {}
         for f in self.flights.values():
             name = getattr(f, key)
-            if name and not f.done and (role == "decode" or f.remote):
+            if name and not f.done and (role == "decode" or (f.remote and f.t_first is None)):
                 counts[name] = counts.get(name, 0) + 1
         return [{**s, "assigned": counts.get(s["name"], 0)} for s in self.workers.snapshots(role)]
 

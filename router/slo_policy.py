@@ -6,14 +6,19 @@ A pure function of load snapshots (plain dicts) and a `CostModel`; no Ray, no to
 
 For a request:
 1. Every usable decode worker D with KV room is a candidate. On D it would run in a batch of
-   (running + assigned + 1) sequences over D's KV tokens plus its prompt: predicted TPOT.
+   (max(running + transferring, assigned) + 1) sequences over D's KV tokens plus its prompt:
+   predicted TPOT. ("assigned" is the router's live count of the flights on a worker; it
+   includes those the worker's snapshot already shows, so it is not added to them.)
 2. Local prefill on D: TTFT = D's pending local prefill + this prompt's uncached part on D
    (D's prefix hit `cached_prefix_tokens` counts), computed in chunks between decode steps.
 3. Remote prefill: the prefill worker P minimising queue wait + prefill of its uncached part
    (P's own prefix hit), plus the transfer of the tokens D lacks at D's live bandwidth.
 4. Short uncached part on D, or a large D-side hit -> local (no transfer). Otherwise the option
-   with the lowest SLO-normalised cost (ttft/TTFT_slo + tpot/TPOT_slo) among those meeting the
-   SLO; when none meets it, the one that misses it least.
+   with the lowest SLO-normalised cost (ttft/TTFT_slo + tpot/TPOT_slo + harm/TPOT_slo) among
+   those meeting the SLO; when none meets it, the one that misses it least. `harm` is what a
+   local prefill costs the requests already decoding on D: each of them waits out the prefill,
+   spread over its outputs (max_new_tokens as the estimate). Without it a request that would
+   reach its first token a little sooner locally stalled the whole batch for it.
 Admission (`admit`): when the best option misses the SLO (scaled by the request's priority),
 reject at once with a retry hint (RESOURCE_EXHAUSTED) instead of queueing a request that will miss.
 
@@ -76,9 +81,10 @@ class Option:
     ttft_s: float
     tpot_s: float
     transfer_tokens: int
+    harm_s: float = 0.0           # TPOT added to the requests already on D, summed (local prefill)
 
     def cost(self, slo: SLO) -> float:
-        return self.ttft_s / slo.ttft_s + self.tpot_s / slo.tpot_s
+        return self.ttft_s / slo.ttft_s + (self.tpot_s + self.harm_s) / slo.tpot_s
 
     def miss(self, slo: SLO) -> float:
         """How far the option is over its SLO (<= 1 means it meets both)."""
@@ -157,7 +163,8 @@ class SLOAwarePolicy:
 
     def _tpot(self, d: dict, prompt_tokens: int, h: RequestHint, local_tokens: int) -> float:
         """D's TPOT with this request in its batch; local prefill work is spread over its outputs."""
-        batch = d["num_running"] + d.get("assigned", 0) + d.get("num_transferring", 0) + 1
+        # "assigned" (the router's live count of flights on D) already holds the running ones
+        batch = max(d["num_running"] + d.get("num_transferring", 0), d.get("assigned", 0)) + 1
         pending = d.get("pending_prefill_tokens", 0) + local_tokens
         per_step = min(pending / max(h.max_new_tokens, 1), self.config.local_chunk_tokens)
         return self.cost.predict_tpot(batch, self._kv_tokens(d) + prompt_tokens, per_step)
@@ -175,7 +182,7 @@ class SLOAwarePolicy:
             return p["queued_prefill_s"]
         if "queued_prefill_tokens" in p:
             return self.cost.prefill_time(p["queued_prefill_tokens"])
-        ahead = p.get("assigned", 0) + p["num_waiting"] + p["num_running"]
+        ahead = max(p.get("assigned", 0), p["num_waiting"] + p["num_running"])
         return ahead * self.cost.prefill_time(prompt_tokens)
 
     def _best_prefill(self, prompt_tokens: int, ps: list[dict]) -> tuple[str, float] | None:
@@ -192,8 +199,9 @@ class SLOAwarePolicy:
                  remote: tuple[str, float] | None) -> list[Option]:
         cached = min(d.get("cached_prefix_tokens", 0), prompt_tokens - 1)
         uncached = prompt_tokens - cached
+        harm = d["num_running"] * self.cost.prefill_time(uncached, cached) / max(h.max_new_tokens, 1)
         local = Option(Placement(d["name"], None), self._local_ttft(d, prompt_tokens, cached),
-                       self._tpot(d, prompt_tokens, h, uncached), 0)
+                       self._tpot(d, prompt_tokens, h, uncached), 0, harm)
         short = uncached <= self.config.local_prefill_max_tokens
         big_hit = cached >= self.config.local_hit_fraction * prompt_tokens
         if remote is None or ((short or big_hit) and local.miss(slo) <= 1.0):

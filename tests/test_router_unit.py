@@ -106,3 +106,19 @@ def test_overload_and_no_decode_worker():
     with pytest.raises(RequestError) as e:
         r2.admit(None, [5], None, {"max_tokens": 4})
     assert e.value.code == "UNAVAILABLE"
+
+
+def test_prefill_worker_load_counts_only_prefills_in_progress():
+    """A remote flight keeps its prefill worker's name while it decodes on D: the prefill
+    worker's live count must not include it (it made the SLO-aware policy see a long queue on an
+    idle prefill worker and prefill everything on D)."""
+    class Pool(FakePool):
+        def names(self, role):
+            return self._decode if role == "decode" else ["p0"]
+    r = Router(RouterConfig(), byte_tokenizer(512, (1,)), 256, Pool(), build_policy("load_aware", RouterConfig()))
+    flights = [r.admit(None, [5, 6, 7], None, {"max_tokens": 4}) for _ in range(5)]
+    for i, f in enumerate(flights):
+        f.decode, f.prefill, f.remote = "d0", "p0", True
+        f.t_first = 1.0 if i < 3 else None          # three decoding, two still prefilling
+    assert [s["assigned"] for s in r._snapshots("prefill")] == [2]
+    assert [s["assigned"] for s in r._snapshots("decode")] == [5]

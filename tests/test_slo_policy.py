@@ -38,6 +38,19 @@ def test_busy_decode_worker_disaggregates_a_long_prompt():
     assert place == Placement("d0", "p0")
 
 
+def test_local_prefill_pays_for_the_batch_it_stalls():
+    """A 1k-token chat prompt under a chat SLO (1 s / 30 ms) with the prefill worker 0.1 s behind:
+    on a decode worker running 16 requests, a local prefill would be quicker to the first token
+    but stall all 16, so it goes remote (without the harm term it went local); with the prefill
+    worker 2 s behind, remote would miss the TTFT target and local it is."""
+    pol = SLOAwarePolicy(COST, SLOPolicyConfig(slo=SLO(1.0, 0.03)))
+    hint = {"max_new_tokens": 128}
+    busy = dsnap("d0", running=16, kv=16 * 1200, free=(COST.kv_capacity_tokens - 16 * 1200) // 16)
+    busy["assigned"] = 16         # the router's own count of the same flights: not 32 in the batch
+    assert pol.place(1066, [busy], [psnap("p0", queued_s=0.1)], hint=hint) == Placement("d0", "p0")
+    assert pol.place(1066, [busy], [psnap("p0", queued_s=2.0)], hint=hint) == Placement("d0", None)
+
+
 def test_transfer_too_slow_prefills_locally():
     slow = dsnap("d0", bw=1e8, **BUSY)                  # 100 MB/s: 8000 tokens = 1 GB = 10 s
     assert policy().place(8000, [slow], [psnap("p0")]) == Placement("d0", None)
