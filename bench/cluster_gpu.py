@@ -217,7 +217,7 @@ def write(res: dict, stem: Path) -> None:
     for shape, s in res["shapes"].items():
         lines.append(f"## {shape} ({s['policy']}), start-up {s['startup_s']} s")
         for name, w in s["workers"].items():
-            lines.append(f"- {name}: {w.get('gpu')} {w.get('pci_bus_id')} (CUDA_VISIBLE_DEVICES={w.get('cuda_visible_devices')}), "
+            lines.append(f"- {name}: {w.get('gpu')} {w.get('gpu_uuid') or w.get('pci_bus_id')} (CUDA_VISIBLE_DEVICES={w.get('cuda_visible_devices')}), "
                          f"self-test {w.get('self_test')}, peers {w.get('peers')}")
         lines.append("")
     lines += ["| workload | SLO TTFT/TPOT | shape | rate | attain | TTFT p50/p90/p99 (s) | TPOT p50/p90/p99 (ms) | "

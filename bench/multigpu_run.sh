@@ -8,6 +8,7 @@
 #   bash bench/multigpu_run.sh pair       # 1P1D vs 2D on two GPUs (chat, long, multi-turn)
 #   bash bench/multigpu_run.sh four       # 1P3D, 2P2D, 3P1D, 4D on four GPUs (chat, long)
 #
+# Predicted beforehand: bench/results/predict-sim-gpu-four.md (bench/predict_gpu.py, same requests and rates).
 # Then, here: python bench/validate_sim_gpu.py <the cluster-gpu-*.json files> --tag multigpu
 # (the simulator's prediction for the same shapes and requests, profile h200-llama3-8b-profiled).
 set -euo pipefail
@@ -32,5 +33,5 @@ case $stage in
   four)
     need 4
     timeout 560 python3 bench/cluster_gpu.py --shapes 1P3D,2P2D,3P1D,4D --workloads chat,long \
-      --rates 'chat=8,16,32;long=3,6' --deadline-s 480 --out "$OUT" --tag four ;;
+      --rates 'chat=16,32,64;long=3,6,9' --deadline-s 480 --out "$OUT" --tag four ;;
 esac

@@ -93,7 +93,9 @@ class WorkerRuntime:
         if self.engine.device.type == "cuda":
             import torch
             props = torch.cuda.get_device_properties(self.engine.device)
-            info.update(gpu=props.name, pci_bus_id=getattr(props, "pci_bus_id", None))
+            # the UUID tells the physical GPUs apart (in a VM every GPU may sit on PCI bus 0)
+            info.update(gpu=props.name, gpu_uuid=str(getattr(props, "uuid", "")) or None,
+                        pci=":".join(str(getattr(props, k, "?")) for k in ("pci_domain_id", "pci_bus_id", "pci_device_id")))
         if self.agent is not None:
             info.update(self.agent.transports())
         return info
