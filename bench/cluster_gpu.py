@@ -142,7 +142,7 @@ def main() -> None:
            "frontend": a.frontend, "config": {"seed": a.seed, "max_model_len": a.max_model_len, "requests": a.requests,
                       "memory_fraction": a.memory_fraction, "gpus_per_worker": a.gpus_per_worker, "chunk": a.chunk, "max_seqs": a.max_seqs, "kv_dtype": a.kv_dtype,
                       "local_prefill_max": a.local_prefill_max, "disagg_policy": a.disagg_policy,
-                      "profile": a.profile},
+                      "profile": a.profile, "overlap_reserve": make_config(a, 1, 1).router.overlap_reserve},
            "env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_NVLS", "TORCH_SYMM", "NVSHMEM_DISABLE", "UCX_TLS"))},
            "workloads": {w: {"slo": {"ttft_s": WORKLOADS[w][1][0], "tpot_s": WORKLOADS[w][1][1]}} for w in a.workloads.split(",")},
            "shapes": {}}

@@ -54,7 +54,8 @@ def main() -> None:
     a = ap.parse_args()
     from splitserve.router.cost_model import load_profile
     cost = load_profile(a.profile)
-    cfg = {"chunk": a.chunk, "max_seqs": a.max_seqs}
+    from splitserve.config import RouterConfig
+    cfg = {"chunk": a.chunk, "max_seqs": a.max_seqs, "overlap_reserve": RouterConfig().overlap_reserve}
     rates = dict(part.split("=") for part in filter(None, a.rates.split(";")))
     res = {"date": date.today().isoformat(), "commit": git_commit(),
            "command": "python bench/predict_gpu.py " + " ".join(sys.argv[1:]), "profile": cost.name, "shapes": {}}

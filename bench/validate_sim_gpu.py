@@ -25,7 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cluster_gpu import WORKLOADS, parse_shape, point_requests  # noqa: E402
+from bench.cluster_gpu import parse_shape, point_requests  # noqa: E402
 from bench.validate_sim import git_commit, pct  # noqa: E402
 
 METRICS = ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")
@@ -48,7 +48,8 @@ def simulate(reqs: list, policy: str, p: int, d: int, cost, cfg: dict):
     from bench.simulator import make_policy
     from splitserve.router.slo_policy import SLO
     chunk = cfg.get("chunk", cost.prefill_chunk_tokens)
-    spec = ClusterSpec(p, d, chunk, None, max_new_tokens=None, engine_lock=True, max_seqs=cfg.get("max_seqs"))
+    spec = ClusterSpec(p, d, chunk, None, max_new_tokens=None, engine_lock=True, max_seqs=cfg.get("max_seqs"),
+                       overlap_reserve=cfg.get("overlap_reserve", False))
     return Simulator(spec, cost, make_policy(policy, cost, SLO(1.0, 0.03), chunk)).run(reqs)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from ..config import Config
 from ..engine.request import SamplingParams
@@ -38,6 +39,9 @@ class DecodeWorker(WorkerRuntime):
         Returns {"handoff": HandoffRecord dict, "first_block": index of the first block the
         prefill worker must send, "num_cached_tokens": ...}, or None when there is no room now."""
         sp = SamplingParams(**params)
+        if self.fault and self.fault[0] == "slow_reserve":
+            delay_s, self.fault = self.fault[1] / 1e3, None
+            time.sleep(delay_s)
 
         def reserve(e):
             got = e.reserve_remote(prompt_token_ids, sp, request_id)

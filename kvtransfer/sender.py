@@ -81,8 +81,9 @@ class KVSender:
         self._task = agent.submit(self._run())
 
     # ---- caller side (any thread) ------------------------------------------------------------
-    def push_layer(self, layer: int) -> None:
-        """Layer `layer`'s KV is written to the pool (on the current CUDA stream): send it."""
+    def push_layer(self, layer: int, event: "torch.cuda.Event | None" = None) -> None:
+        """Layer `layer`'s KV is written to the pool (on the current CUDA stream, or before
+        `event`, recorded when it was): send it."""
         L = self.plan.layout.num_layers
         if not 0 <= layer < L:
             raise ValueError(f"push_layer({layer}): the model has {L} layers")
@@ -90,8 +91,8 @@ class KVSender:
             if layer in self._pushed:
                 raise ValueError(f"layer {layer} was already pushed")
             self._pushed.add(layer)
-        ev = None
-        if self.agent.kv.is_cuda:
+        ev = event
+        if ev is None and self.agent.kv.is_cuda:
             ev = torch.cuda.Event()
             ev.record()
         self.agent.loop.call_soon_threadsafe(self._mark_ready, layer, ev)

@@ -182,11 +182,23 @@ class Router:
 
     async def _remote_prefill(self, f: Flight, place: Placement) -> None:
         d = place.decode
+        early = None        # the first attempt's prefill, started before D's reservation is back
+        if self.config.overlap_reserve:
+            f.prefill, f.remote = place.prefill, True
+            early = asyncio.ensure_future(self._call_prefill(place.prefill, f, None, 0))
         t0 = time.monotonic()
-        res = await self.workers.call(d, "start_remote", f.rid, f.prompt, f.params)
+        try:
+            res = await self.workers.call(d, "start_remote", f.rid, f.prompt, f.params)
+        except BaseException:
+            if early is not None:
+                f.remote = False
+                await self._call_off(place.prefill, f, early)
+            raise
         f.reserve_s = time.monotonic() - t0
         if res is None:     # no KV room on D right now: let D queue it and prefill itself
-            f.prefill = None
+            if early is not None:
+                await self._call_off(place.prefill, f, early)
+            f.prefill, f.remote = None, False
             await self.workers.call(d, "generate_local", f.rid, f.prompt, f.params)
             return
         handoff, lease = res["handoff"], res["handoff"]["lease_id"]
@@ -196,10 +208,12 @@ class Router:
         while True:
             f.prefill = p
             tried.add(p)
-            try:
-                out = await self.workers.call(p, "prefill", f.rid, f.prompt, f.params, handoff, res["first_block"])
-            except WorkerDied:
-                out = {"ok": False, "reason": f"prefill worker {p} died"}
+            if early is not None:   # P's prefill succeeds only if it takes the handoff; if it
+                # failed first, the attach finds nothing there (so it is not awaited)
+                asyncio.ensure_future(self.workers.try_call(p, "attach", f.rid, handoff, res["first_block"]))
+                out, early = await early, None
+            else:
+                out = await self._call_prefill(p, f, handoff, res["first_block"])
             if out["ok"]:
                 break
             self.metrics.transfer_failures.inc()
@@ -223,6 +237,20 @@ class Router:
         if not await self.workers.call(d, "commit_remote", f.rid, lease, out["first_token"]):
             raise RequestError("INTERNAL", "the decode worker rejected the transferred KV")
         f.commit_s = time.monotonic() - t0
+
+    async def _call_prefill(self, p: str, f: Flight, handoff: dict | None, first_block: int) -> dict:
+        try:
+            return await self.workers.call(p, "prefill", f.rid, f.prompt, f.params, handoff, first_block)
+        except WorkerDied:
+            return {"ok": False, "reason": f"prefill worker {p} died"}
+
+    async def _call_off(self, p: str, f: Flight, early: asyncio.Future) -> None:
+        """A prefill started ahead of its reservation is not needed after all: abort it on P."""
+        await self.workers.try_call(p, "abort", f.rid)
+        try:
+            await early
+        except Exception:            # its outcome no longer matters
+            pass
 
     def _place(self, f: Flight, exclude: frozenset[str]) -> Placement:
         """Placement by the policy; a policy with admission control may refuse the request."""

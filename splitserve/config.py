@@ -148,6 +148,8 @@ class RouterConfig:
     cost_profile: str = _f("cpu-smollm2", "cost-model profile for slo_aware (router/profiles/NAME.json or a path)")
     slo_ttft_ms: float = _f(2000.0, "default TTFT target (slo_aware; requests may carry their own)")
     slo_tpot_ms: float = _f(100.0, "default TPOT target (slo_aware; requests may carry their own)")
+    overlap_reserve: bool = _f(True, "start a remote prefill while the decode worker reserves its blocks "
+                               "(the handoff reaches the prefill worker mid-forward)")
 
     def __post_init__(self) -> None:
         _require(self.policy in ("load_aware", "slo_aware", "round_robin", "colocated"), "router.policy",

@@ -133,8 +133,9 @@ class WorkerRuntime:
 
     def inject_fault(self, kind: str, arg: int = 0) -> None:
         """Fault injection for tests: the process really dies (os._exit) at the named point.
-        prefill: 'die_before_push', 'die_mid_push'; decode: 'die_after_tokens' (arg = tokens)."""
-        self.fault = (kind, arg)
+        prefill: 'die_before_push', 'die_mid_push'; decode: 'die_after_tokens' (arg = tokens),
+        'slow_reserve' (the next start_remote sleeps arg ms first); '' clears."""
+        self.fault = (kind, arg) if kind else None
 
     def _die(self) -> None:
         log.error("%s: injected fault %s: exiting now", self.name, self.fault)

@@ -184,6 +184,25 @@ def test_prefill_worker_dies_before_and_during_push(live, reference):
         live.check_integrity()
 
 
+def test_prefill_runs_while_the_decode_worker_reserves(live, reference):
+    """router.overlap_reserve: P starts on the prompt while D reserves; here D's reservation is
+    held back 1.5 s, so P finishes its forward first, notes every layer, and pushes them all when
+    the handoff arrives. Same tokens; the first token comes sooner than reserve + prefill."""
+    for d in live.live("decode"):
+        live.call(d, "inject_fault", "slow_reserve", 1500)
+    try:
+        r = _run_many(live.address, [LONG[2]])[0]
+    finally:
+        for d in live.live("decode"):
+            live.call(d, "inject_fault", "", 0)
+    assert r.token_ids == reference(LONG[2])
+    assert r.info["remote_prefill"], r.info
+    t = r.timing
+    assert t["reserve_ms"] >= 1500 and t["prefill_ms"] > 0, t
+    assert t["ttft_ms"] < t["reserve_ms"] + t["prefill_ms"], t
+    live.check_integrity()
+
+
 def test_decode_worker_dies_mid_stream(live, reference):
     from splitserve.client import Client
     for name in live.live("decode"):

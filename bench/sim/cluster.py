@@ -30,6 +30,7 @@ class ClusterSpec:
     max_new_tokens: int | None = 512       # the policy's hint (a client's max_tokens); None = true output (oracle)
     engine_lock: bool = False              # remote start/commit wait for D's step in progress (the real engine loop)
     push_waits_forward: bool = False       # P's push waits for P's next forward (when the lock race is lost)
+    overlap_reserve: bool = False          # P starts while D reserves (router.overlap_reserve; with engine_lock)
     # CPU sharing (workers sharing cores, as the 2-core dev VM): a step or forward started while no
     # other worker is busy runs at `solo_cost`'s speed, else at the main cost model's (measured with
     # the neighbours busy). None: every step at the main model's speed (dedicated accelerators).
@@ -93,7 +94,7 @@ class Simulator:
                                 for i in range(spec.num_prefill)}
         self.decode_workers = {f"d{i:03d}": DecodeWorkerSim(f"d{i:03d}", cost, self.index, self,
                                                             spec.local_chunk_tokens, spec.transfer_bw,
-                                                            spec.engine_lock, spec.max_seqs)
+                                                            spec.engine_lock, spec.max_seqs, spec.overlap_reserve)
                                for i in range(spec.num_decode)}
         self._events: list = []
         self._seq = itertools.count()

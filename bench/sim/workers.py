@@ -44,6 +44,8 @@ class Flight:
     rejected: bool = False
     seated: bool = False         # holds one of the decode worker's batch seats (local prefill started)
     retry_after_s: float = 0.0
+    reserved: bool = True        # D's blocks are reserved (overlap_reserve: P may start before)
+    push_waiting: bool = False   # P finished before the reservation: the push starts with it
     seq: int = field(default=0)
 
 
@@ -54,7 +56,8 @@ def cached_tokens(blocks: int, prompt_tokens: int) -> int:
 
 class DecodeWorkerSim:
     def __init__(self, name: str, cost: CostModel, index: PrefixIndex, sim, chunk_tokens: int,
-                 transfer_bw: float | None = None, engine_lock: bool = False, max_seqs: int | None = None):
+                 transfer_bw: float | None = None, engine_lock: bool = False, max_seqs: int | None = None,
+                 overlap_reserve: bool = False):
         self.name, self.cost, self.sim, self.chunk_tokens = name, cost, sim, chunk_tokens
         self.max_seqs = max_seqs
         self.seated = 0                        # local prefills holding a batch seat
@@ -64,7 +67,11 @@ class DecodeWorkerSim:
         # (the router streams the prefill's token before the commit); without it the start
         # happens at once (the original, optimistic model)
         self.engine_lock = engine_lock
+        # overlap_reserve (router.overlap_reserve): P starts at once and only the push waits for
+        # the reservation; else P starts once D has reserved
+        self.overlap_reserve = overlap_reserve
         self.deferred: list[Flight] = []       # remote starts waiting for the lock
+        self.reserving: list[Flight] = []      # overlap_reserve: P already started, D not reserved yet
         self.capacity = cost.kv_capacity_tokens
         self.cache = PrefixCache(name, index, self.capacity // BLOCK_TOKENS)
         self.transfer_bw = transfer_bw
@@ -117,7 +124,12 @@ class DecodeWorkerSim:
             self.kick(now)
         elif self.engine_lock and self.busy:
             self.n_transferring += 1
-            self.deferred.append(f)
+            if self.overlap_reserve:
+                f.reserved = False
+                self.reserving.append(f)
+                self.sim.prefill_workers[f.prefill].enqueue(f, now)
+            else:
+                self.deferred.append(f)
         else:
             self.n_transferring += 1
             self.sim.prefill_workers[f.prefill].enqueue(f, now)
@@ -200,6 +212,11 @@ class DecodeWorkerSim:
         for f in self.deferred:
             self.sim.prefill_workers[f.prefill].enqueue(f, now)
         self.deferred.clear()
+        for f in self.reserving:
+            f.reserved = True
+            if f.push_waiting:
+                self.sim.at(self.transfer_end(f, now), self.receive, f)
+        self.reserving.clear()
         self._drain_prealloc(now)
         self.kick(now)
 
@@ -283,5 +300,8 @@ class PrefillWorkerSim:
         self.kick(now)
 
     def _push(self, f: Flight, now: float) -> None:
+        if not f.reserved:               # D is still reserving: its step end starts the push
+            f.push_waiting = True
+            return
         d = self.sim.decode_workers[f.decode]
         self.sim.at(d.transfer_end(f, now), d.receive, f)
