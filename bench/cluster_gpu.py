@@ -74,6 +74,7 @@ def make_config(a, p: int, d: int):
             .replace("cache", memory_fraction=a.memory_fraction, kv_dtype=a.kv_dtype, cpu_cache_gib=0.25)
             .replace("transfer", self_test=True, self_test_mib=256 if gpu else 16, lease_timeout_s=120.0)
             .replace("router", local_prefill_max_tokens=a.local_prefill_max, request_timeout_s=300.0,
+                     overlap_reserve=a.overlap_reserve == "on",
                      grpc_port=0 if a.frontend == "grpc" else -1)
             .replace("cluster", num_prefill=p, num_decode=d, gpus_per_worker=a.gpus_per_worker if gpu else 0,
                      cpus_per_worker=4 if gpu else 1))
@@ -117,6 +118,8 @@ def main() -> None:
     ap.add_argument("--max-seqs", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=32768)
     ap.add_argument("--local-prefill-max", type=int, default=64)
+    ap.add_argument("--overlap-reserve", default="on", choices=["on", "off"],
+                    help="router.overlap_reserve: remote prefills start while D reserves (off: after)")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--deadline-s", type=float, default=0, help="skip points that would start after this many s")
     ap.add_argument("--out", default="bench/results")
