@@ -32,6 +32,7 @@ from .model import LlamaModel
 from .model_runner import ModelRunner
 from .model_source import default_cache_dir, resolve
 from .overlap import StepPipeline
+from .detokenizer import IncrementalDetokenizer
 from .request import FinishReason, Request, SamplingParams, find_stop, validate_prompt
 from .sampler import Sampler
 from .scheduler import Scheduler
@@ -60,6 +61,7 @@ class RequestOutput:
 class _Track:
     request: Request
     arrival: float
+    detok: IncrementalDetokenizer
     first_token_time: float | None = None
     sent_tokens: int = 0
     sent_text: str = ""
@@ -181,7 +183,7 @@ class LLMEngine:
         req = self._new_request(prompt, params, request_id, messages)
         req.hold_blocks = hold_blocks
         self.scheduler.add_request(req)
-        self._tracks[req.request_id] = _Track(req, req.arrival_time)
+        self._tracks[req.request_id] = _Track(req, req.arrival_time, IncrementalDetokenizer(self.tokenizer))
         return req.request_id
 
     def _new_request(self, prompt, params, request_id, messages) -> Request:
@@ -212,7 +214,7 @@ class LLMEngine:
         ids = self.scheduler.reserve_remote(req)
         if ids is None:
             return None
-        self._tracks[request_id] = _Track(req, req.arrival_time)
+        self._tracks[request_id] = _Track(req, req.arrival_time, IncrementalDetokenizer(self.tokenizer))
         return ids, req.num_cached_tokens
 
     def commit_remote(self, request_id: str, first_token: int) -> RequestOutput | None:
@@ -257,14 +259,13 @@ class LLMEngine:
         req = tr.request
         if tr.first_token_time is None:
             tr.first_token_time = now
-        text = self.tokenizer.decode(req.output_token_ids)
+        tr.detok.update(req.output_token_ids)     # stable text: an incomplete UTF-8 tail is held back
+        text = tr.detok.final_text() if req.is_finished else tr.detok.text
         stop_at = find_stop(text, req.params.stop, len(tr.sent_text))
         if stop_at is not None and not req.is_finished:
             self.scheduler.finish_request(req, FinishReason.STOP)
         if stop_at is not None:
             text = text[:stop_at]
-        elif not req.is_finished:
-            text = text.rstrip("\ufffd")       # hold back an incomplete UTF-8 sequence
         out = RequestOutput(
             req.request_id, req.prompt_token_ids, list(req.output_token_ids), text,
             req.output_token_ids[tr.sent_tokens:], text[len(tr.sent_text):], req.is_finished,

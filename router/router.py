@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from ..config import RouterConfig
+from ..engine.detokenizer import IncrementalDetokenizer
 from ..engine.request import SamplingParams, find_stop, validate_prompt
 from ..logs import req
 from .metrics import RouterMetrics
@@ -54,6 +55,8 @@ class Flight:
     arrival: float
     tokens: list[int] = field(default_factory=list)
     sent_text: str = ""
+    detok: IncrementalDetokenizer | None = None   # the stream's text, a few tokens decoded per update
+    stopped: bool = False         # a stop string ended the text
     base: int = 0                 # tokens generated before the current decode worker took over
     decode: str | None = None
     prefill: str | None = None
@@ -313,12 +316,12 @@ class Router:
             self.metrics.itl.observe(now - f.t_last)
         f.t_last = now
         f.tokens.extend(fresh)
-        text = self.tokenizer.decode(f.tokens)
+        if f.detok is None:
+            f.detok = IncrementalDetokenizer(self.tokenizer)
+        text = f.detok.append(fresh)      # an incomplete UTF-8 tail is held back
         stop_at = find_stop(text, f.params.get("stop", ()), len(f.sent_text))
         if stop_at is not None:
-            text = text[:stop_at]
-        else:
-            text = text.rstrip("\ufffd")
+            text, f.stopped = text[:stop_at], True
         delta, f.sent_text = text[len(f.sent_text):], text
         f.events.put_nowait(Event("chunk", fresh, delta))
         if stop_at is not None:
@@ -328,6 +331,11 @@ class Router:
     def _complete(self, f: Flight, reason: str) -> None:
         if f.done:
             return
+        if f.detok is not None and not f.stopped and reason != "abort":   # the held-back tail
+            tail = f.detok.final_text().rstrip("\ufffd")[len(f.sent_text):]
+            if tail:
+                f.sent_text += tail
+                f.events.put_nowait(Event("chunk", [], tail))
         f.done = True
         now = time.monotonic()
         t_first = f.t_first or now

@@ -122,3 +122,37 @@ def test_prefill_worker_load_counts_only_prefills_in_progress():
         f.t_first = 1.0 if i < 3 else None          # three decoding, two still prefilling
     assert [s["assigned"] for s in r._snapshots("prefill")] == [2]
     assert [s["assigned"] for s in r._snapshots("decode")] == [5]
+
+
+class ScriptedPool(FakePool):
+    """Streams a fixed list of token ids, one per output record."""
+
+    def __init__(self, ids):
+        super().__init__()
+        self.ids = ids
+
+    def _stream(self, name, rid, last, n):
+        for i, t in enumerate(self.ids[:n]):
+            self.on_decode_output(name, {"request_id": rid, "offset": i, "new_token_ids": [t],
+                                         "finished": i == min(n, len(self.ids)) - 1, "finish_reason": "length",
+                                         "num_cached_tokens": 0, "num_prompt_tokens": 3})
+
+
+@pytest.mark.parametrize("stop", [(), ("東",)])
+def test_streamed_text_is_whole_characters(stop):
+    """Multi-byte characters split over tokens (byte tokenizer: id = byte + 2) stream as whole
+    characters, the deltas add up to the final text, and a stop string cuts it."""
+    text = "aé東b🚀c"
+    ids = [b + 2 for b in text.encode()]
+    tok = byte_tokenizer(512, (1,))
+
+    async def go():
+        r = Router(RouterConfig(), tok, 256, ScriptedPool(ids), build_policy("load_aware", RouterConfig()))
+        f = r.admit(None, [5, 6, 7], None, {"max_tokens": len(ids), "stop": list(stop)})
+        return await _collect(r, f)
+    evs = asyncio.run(go())
+    chunks = [e.text for e in evs if e.kind == "chunk"]
+    want = text.split(stop[0])[0] if stop else text
+    assert "".join(chunks) == want == evs[-1].info["text"]
+    assert not any("\ufffd" in c for c in chunks)
+    assert evs[-1].info["finish_reason"] == ("stop" if stop else "length")
