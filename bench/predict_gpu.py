@@ -6,8 +6,7 @@ batch cap, a cost profile fitted on the H200 (bench/profile_engine.py --device c
 workload and rate: TTFT/TPOT p50/p90/p99, attainment at the workload's SLO, and goodput.
 After the real run, bench/validate_sim_gpu.py compares point by point.
 
-    python bench/predict_gpu.py --shapes 1P3D,2P2D,3P1D,4D --workloads chat,long \
-        --rates 'chat=8,16,32;long=3,6' --tag four
+    python bench/predict_gpu.py --tag four     # the rates of `bench/multigpu_run.sh four`
 """
 from __future__ import annotations
 
@@ -42,7 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="1P3D,2P2D,3P1D,4D")
     ap.add_argument("--workloads", default="chat,long")
-    ap.add_argument("--rates", default="chat=8,16,32;long=3,6")
+    ap.add_argument("--rates", default="chat=16,32,64;long=3,6,9", help="as bench/multigpu_run.sh four")
     ap.add_argument("--disagg-policy", default="load_aware")
     ap.add_argument("--profile", default="h200-llama3-8b-profiled")
     ap.add_argument("--chunk", type=int, default=2048)

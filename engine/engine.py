@@ -183,7 +183,7 @@ class LLMEngine:
         req = self._new_request(prompt, params, request_id, messages)
         req.hold_blocks = hold_blocks
         self.scheduler.add_request(req)
-        self._tracks[req.request_id] = _Track(req, req.arrival_time, IncrementalDetokenizer(self.tokenizer))
+        self._tracks[req.request_id] = self._track(req)
         return req.request_id
 
     def _new_request(self, prompt, params, request_id, messages) -> Request:
@@ -214,8 +214,11 @@ class LLMEngine:
         ids = self.scheduler.reserve_remote(req)
         if ids is None:
             return None
-        self._tracks[request_id] = _Track(req, req.arrival_time, IncrementalDetokenizer(self.tokenizer))
+        self._tracks[request_id] = self._track(req)
         return ids, req.num_cached_tokens
+
+    def _track(self, req: Request) -> _Track:
+        return _Track(req, req.arrival_time, IncrementalDetokenizer(self.tokenizer))
 
     def commit_remote(self, request_id: str, first_token: int) -> RequestOutput | None:
         """Decode side: the prompt's KV arrived and was verified; decode from the first token.
