@@ -73,6 +73,8 @@ def main() -> None:
                     help="with --gpus: each process sees both GPUs (its own first) or only its own")
     ap.add_argument("--direct-min-blocks", type=int, default=0, help="0: the config default")
     ap.add_argument("--bundle-kib", type=int, default=0, help="0: the config default")
+    ap.add_argument("--data-path", default="", choices=["", "tag", "rma", "auto"],
+                    help="transfer.data_path of both agents (empty: the config default)")
     args = ap.parse_args()
     from splitserve.kvtransfer.testing import spawn_worker
 
@@ -81,7 +83,8 @@ def main() -> None:
     layout = dict(LLAMA3_8B, num_blocks=nb)
     cfg = {"self_test": True, "lease_timeout_s": 600.0, "self_test_mib": 256 if args.device == "cuda" else 64,
            "staging_layers": 8 if args.device == "cuda" else 4}   # CPU: 2 x 8 GiB pools in 23 GiB
-    cfg.update({k: v for k, v in (("direct_min_blocks", args.direct_min_blocks), ("bundle_kib", args.bundle_kib)) if v})
+    cfg.update({k: v for k, v in (("direct_min_blocks", args.direct_min_blocks), ("bundle_kib", args.bundle_kib),
+                                  ("data_path", args.data_path)) if v})
     t0 = time.time()
     gp, gd = (args.gpus.split(",") + [""])[:2] if args.gpus else ("", "")
     def env(own: str, other: str):
@@ -90,7 +93,7 @@ def main() -> None:
     p = spawn_worker(layout, seed=2, config_kw=cfg, device=args.device, start_timeout=600, env=env(gp, gd))
     print(f"workers up in {time.time() - t0:.1f}s; self-test: {d.call('self_test')}", flush=True)
     d.call("raw_connect", p.address)
-    rows, tag = [], 0x5C00_0000_0000_0000
+    rows, tag, paths = [], 0x5C00_0000_0000_0000, set()
     rnd = random.Random(0)
     for n in sizes:
         nbytes = n * 2 * MIB
@@ -113,6 +116,7 @@ def main() -> None:
                 res = p.call("timed_send", h, src, timeout=900)
                 if res["state"] != "success":
                     raise SystemExit(f"transfer failed: {res}")
+                paths.add(res["data_path"])
                 assert d.call("wait_lease", h["lease_id"], 60)[0] == "success"
                 if r > 0:
                     for k, v in phase_times(res, d.call("rx_trace", h["lease_id"])).items():
@@ -172,6 +176,7 @@ def main() -> None:
               "commit": commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "device": args.device, "tag": args.tag, "self_test": d.call("self_test"), "rows": rows,
               "overlap": ov, "overlaps": overlaps, "layout": layout, "agent_config": cfg, "peer_transports": p.call("peer_transports"),
+              "data_paths_used": sorted(paths),
               "gpus": {"prefill": gp, "decode": gd, "visible": args.visible}, "topology": topology()}
     print("prefill->decode endpoint transports:", report["peer_transports"], flush=True)
     d.close()
@@ -217,8 +222,9 @@ def topology() -> dict:
     return out
 
 
-PHASES = ("P begin_sent", "D begin_rx", "D posted", "P ready", "P prepped", "P posted", "P sent",
-          "P sums", "D complete_rx", "D recvs_done", "D ack_send", "P acked", "P sends_done")
+PHASES = ("P begin_sent", "D begin_rx", "D posted", "P ready", "P prepped", "P put", "P posted", "P sent",
+          "P sums", "P flushed", "D complete_rx", "D recvs_done", "D checksummed", "D ack_send", "P acked",
+          "P sends_done")
 
 
 def phase_times(res: dict, rx: list) -> dict:
@@ -239,7 +245,8 @@ def write(rep: dict, out: Path) -> None:
     stem.with_suffix(".json").write_text(json.dumps(rep, indent=1))
     lines = [f"# KV transfer, {rep['device']} ({rep['date']}, commit {rep['commit']})", "",
              f"Command: `python bench/{rep['command']}`  ",
-             f"Agent config: {rep.get('agent_config', {})} (config defaults otherwise)  ",
+             f"Agent config: {rep.get('agent_config', {})} (config defaults otherwise); data path used: "
+             f"{rep.get('data_paths_used', ['tag'])}  ",
              f"Self-test: transports {rep['self_test'].get('transports')}, "
              f"{rep['self_test'].get('gbps', 0):.2f} GB/s loopback; prefill->decode endpoint "
              f"lanes: {rep.get('peer_transports')}", "",

@@ -29,7 +29,7 @@ import torch
 
 from splitserve.config import TransferConfig
 
-from . import metrics, pool
+from . import metrics, pool, rma
 from .layout import KVLayout, compat_mismatch
 from .lease import LeaseTable
 from .receiver import RecvAttempt
@@ -52,6 +52,7 @@ class Peer:
         self.hello: asyncio.Future = asyncio.get_running_loop().create_future()
         self.lost = False
         self.pong: asyncio.Future | None = None   # agent.rtt's outstanding probe
+        self.rma: rma.RemoteRegion | None = None   # its KV pool, when it takes our puts
 
     async def send(self, payload: np.ndarray) -> None:
         await self.ep.am_send(payload)
@@ -72,6 +73,10 @@ class TransferAgent(DecodeSide):
         self._tombstones: dict[int, float] = {}
         self.rx_traces: dict[int, list] = {}   # lease -> last attempt's trace (benchmarks)
         self.self_test_report: SelfTestReport | None = None
+        # put-based transfers (rma_sender / rma_receiver): our pool registered with UCX once
+        self.rma_local: rma.Registration | None = None
+        self.putter: rma.Putter | None = None
+        self.fencing: dict[tuple[int, int], Any] = {}   # (endpoint id, xid) -> RmaAttempt being fenced
         # high priority: the gathers, scatters and checksums are a few short kernels per layer that
         # would otherwise queue behind the forward's long GEMMs and trail the prefill by many layers
         self._stream = torch.cuda.Stream(kv.device, priority=-1) if kv.is_cuda else None
@@ -141,12 +146,37 @@ class TransferAgent(DecodeSide):
                         "will be slow (initialise ucxx after creating the TransferAgent)")
         self._worker = ucxx.core._get_ctx().worker
         self.top_up_futures()
+        self._setup_rma()
         self._listener = ucxx.create_listener(self._accept, port=self.config.listen_port or None)
         host = self.config.listen_host
         self._self_ep = await ucxx.create_endpoint(host, self._listener.port,
                                                    connect_timeout=LOCAL_HANDSHAKE_S)
         self._sweeper = asyncio.ensure_future(self._sweep_forever())
         return host, self._listener.port
+
+    def _setup_rma(self) -> None:
+        """transfer.data_path rma|auto: register the pool for peers' puts (auto: on failure,
+        log it and keep to tag messages)."""
+        if self.config.data_path == "tag":
+            return
+        try:
+            rma.check_worker(self._worker.handle)
+            ctx = self._ucxx.core._get_ctx()
+            nbytes = self.kv.numel() * self.kv.element_size()
+            self.rma_local = rma.Registration(ctx.context.handle, self.kv.data_ptr(), nbytes,
+                                              self.kv.is_cuda)
+            self.putter = rma.Putter(self.rma_local)
+        except Exception as e:
+            if self.config.data_path == "rma":
+                raise
+            log.warning("kvtransfer: no put-based transfers (%s); using tag messages", e)
+            self.rma_local = self.putter = None
+
+    def rma_info(self) -> dict | None:
+        """What a peer needs to put into our pool (sent in hello_ok), or None."""
+        if self.rma_local is None:
+            return None
+        return {**self.rma_local.info(), "num_blocks": self.layout.num_blocks}
 
     def side_stream(self):
         """Context in which gathers, scatters and checksums run (CUDA: a non-blocking stream
@@ -198,6 +228,11 @@ class TransferAgent(DecodeSide):
             raise RuntimeError(f"peer {peer.name} refused us: {reply['reason']}")
         check_transports(peer.name, lane_transports(ep_info(ep)),
                          self.config.expected_transports, self.kv.is_cuda)
+        if reply.get("rma") and self.putter is not None:
+            try:
+                peer.rma = rma.RemoteRegion(ep._ep.handle, reply["rma"])
+            except Exception as e:
+                log.warning("kvtransfer: %s's remote key did not unpack (%s); tag messages to it", peer.name, e)
         self.peers[addr] = peer
         return peer
 
@@ -227,6 +262,9 @@ class TransferAgent(DecodeSide):
         for attempt in list(self._attempts.values()):
             if attempt.ep is peer.ep and not attempt.fsm.poll().done:
                 asyncio.ensure_future(attempt.abort(f"sender lost: {reason}"))
+        for attempt in list(self.fencing.values()):
+            if attempt.ep is peer.ep:
+                attempt.sender_lost()
         if not peer.hello.done():
             peer.hello.set_result({"t": "hello_err", "reason": reason})
 
@@ -238,7 +276,7 @@ class TransferAgent(DecodeSide):
             asyncio.ensure_future(peer.send(encode("hello_err", reason=why)))
             return
         peer.hello.set_result(msg)
-        asyncio.ensure_future(peer.send(encode("hello_ok")))
+        asyncio.ensure_future(peer.send(encode("hello_ok", rma=self.rma_info())))
 
     def _on_hello_ok(self, peer: Peer, msg: dict) -> None:
         if not peer.hello.done():
@@ -294,6 +332,29 @@ class TransferAgent(DecodeSide):
             sender._task.cancel()
 
     _on_ready = _on_ack = _on_reject = _on_cancel_ack = _on_reply
+
+    def _on_fence(self, peer: Peer, msg: dict) -> None:
+        """The decode side stops our put-based transfer: post nothing more, flush, confirm."""
+        sender = peer.senders.get(msg["xid"])
+        if sender is not None:
+            sender.fence(msg.get("reason", ""))
+        asyncio.ensure_future(self._fenced(peer, msg))
+
+    async def _fenced(self, peer: Peer, msg: dict) -> None:
+        try:
+            if not peer.lost and peer.ep._ep.handle:
+                await rma.flush(peer.ep._ep.handle)
+        except Exception:
+            log.debug("kvtransfer: flush before fenced", exc_info=True)
+        try:
+            await peer.send(encode("fenced", xid=msg["xid"], lease=msg["lease"], epoch=msg["epoch"]))
+        except Exception:
+            pass   # the decode side went away: nothing waits for us
+
+    def _on_fenced(self, peer: Peer, msg: dict) -> None:
+        attempt = self.fencing.get((id(peer.ep), msg["xid"]))
+        if attempt is not None:
+            attempt.on_fenced()
 
     def sender_done(self, sender: KVSender, peer: Peer | None) -> None:
         h = sender.handoff
@@ -356,6 +417,8 @@ class TransferAgent(DecodeSide):
             peer.ep.abort()
         self._self_ep.abort()
         self._listener.close()
+        if self.rma_local is not None:
+            self.rma_local.close()
 
     def __enter__(self) -> "TransferAgent":
         return self

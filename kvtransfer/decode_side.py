@@ -18,6 +18,7 @@ from . import metrics
 from .layout import TransferPlan, ids_digest
 from .lease import LeaseError, LeaseState
 from .receiver import RecvAttempt
+from .rma_receiver import RmaAttempt
 from .state import TransferFSM, TransferState, TransferStatus
 from .wire import KEY_MASK, HandoffRecord, encode, key_prefix
 
@@ -90,6 +91,8 @@ class DecodeSide:
             await attempt.abort(reason)
             if notify:
                 await self._notify_sender(attempt, "cancel", reason)
+        for fencing in [a for a in self.fencing.values() if a.lease_id == lease_id]:
+            await fencing.wait_ended()   # an earlier attempt's sender is still being fenced
         metrics.leases_live().set(self.leases.live_count())
         lease = self.leases.get(lease_id)
         return bool(lease and lease.freed)
@@ -117,6 +120,8 @@ class DecodeSide:
             why = "the sender's destination block list differs from the lease's"
         elif lease_id in self._attempts:
             why = f"lease {lease_id} epoch {epoch} already has a sender"
+        elif msg.get("mode") == "rma" and self.rma_local is None:
+            why = "this decode worker takes no puts (transfer.data_path is tag)"
         if why is None:
             try:
                 plan = TransferPlan.build(self.layout, msg["src"], lease.block_ids,
@@ -134,9 +139,13 @@ class DecodeSide:
             await peer.send(encode("reject", xid=xid, lease=lease_id, epoch=epoch, reason=why))
             return
         fsm = self._rx_status[lease_id]
-        attempt = RecvAttempt(self, lease_id, epoch, lease.tag_key, plan, peer.ep, fsm,
-                              int(msg.get("nonce", 0)))
-        attempt.xid = xid
+        if msg.get("mode") == "rma":
+            attempt = RmaAttempt(self, lease_id, epoch, lease.tag_key, lease.block_ids, peer.ep,
+                                 fsm, xid)
+        else:
+            attempt = RecvAttempt(self, lease_id, epoch, lease.tag_key, plan, peer.ep, fsm,
+                                  int(msg.get("nonce", 0)))
+            attempt.xid = xid
         self._attempts[lease_id] = attempt
         attempt.started = time.perf_counter()
         attempt.trace.append(("begin_rx", t_begin))
@@ -223,15 +232,20 @@ class DecodeSide:
             except Exception:
                 log.exception("kvtransfer sweeper")
 
+    async def _expire_attempt(self, attempt) -> None:
+        await attempt.abort("lease expired")
+        await self._notify_sender(attempt, "reject", "lease expired")
+
     async def _sweep(self) -> None:
         self.top_up_futures()
         for lease in self.leases.expire_due():
             self._rx_status[lease.lease_id].fail("lease expired")
             self.tombstone(lease.tag_key)   # data a sender posted before (or without) a begin
             attempt = self._attempts.pop(lease.lease_id, None)
-            if attempt is not None:
-                await attempt.abort("lease expired")
-                await self._notify_sender(attempt, "reject", "lease expired")
+            if isinstance(attempt, RmaAttempt):   # fencing takes a round trip: not in the sweep
+                asyncio.ensure_future(self._expire_attempt(attempt))
+            elif attempt is not None:
+                await self._expire_attempt(attempt)
             metrics.leases_live().set(self.leases.live_count())
         from ucxx.types import Tag, TagMask
         from ucxx._lib.arr import Array

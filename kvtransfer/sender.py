@@ -33,7 +33,7 @@ import torch
 from ucxx._lib.arr import Array
 from ucxx.types import Tag
 
-from . import pool
+from . import pool, rma_sender
 from .layout import NONCE_BITS, TransferPlan, ids_digest
 from .state import TransferFSM, TransferState, TransferStatus
 from .wire import HandoffRecord, data_tag, encode
@@ -78,6 +78,8 @@ class KVSender:
         self.started = time.perf_counter()
         self.finished_at: float | None = None
         self.complete_hook: Callable[[dict], dict] | None = None   # tests: forge a completion
+        self.fenced = False      # put-based: the decode side told us to stop writing
+        self.data_path = "tag"   # or "rma", once the peer is known
         self._task = agent.submit(self._run())
 
     # ---- caller side (any thread) ------------------------------------------------------------
@@ -122,6 +124,13 @@ class KVSender:
         """Abort the transfer; True once the decode side acknowledged (its blocks are freed)."""
         return self.agent.call(self._cancel(), timeout)
 
+    def fence(self, reason: str) -> None:
+        """Loop side, put-based transfers: post no more puts (agent._on_fence flushes)."""
+        self.fenced = True
+        self.fsm.fail(f"fenced by the decode worker: {reason}")
+        if self.cancel_ack is None:   # else our own cancel is underway and ends the task
+            self._task.cancel()
+
     @property
     def elapsed_s(self) -> float:
         return (self.finished_at or time.perf_counter()) - self.started
@@ -160,6 +169,10 @@ class KVSender:
         h = self.handoff
         self._t("open")
         peer = await self.agent.peer((h.host, h.port))
+        if peer.rma is not None:   # both pools registered: put straight into the blocks
+            self.data_path = "rma"
+            await rma_sender.transfer(self, peer)
+            return peer
         loop = asyncio.get_running_loop()
         self.reply = loop.create_future()
         peer.senders[self.xid] = self

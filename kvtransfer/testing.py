@@ -121,6 +121,10 @@ class PoolWorker:
         """Data messages the sender of `handoff` handed to UCX."""
         return self.senders[(handoff["port"], handoff["lease_id"])].msgs_posted
 
+    def sender_path(self, handoff: dict) -> str:
+        """How the sender of `handoff` moved the data: "tag" or "rma"."""
+        return self.senders[(handoff["port"], handoff["lease_id"])].data_path
+
     def delay_next_begin(self, seconds: float) -> None:
         """Fault injection: the next `begin` this (decode) agent receives is handled only after
         `seconds`, so its sender's early data is surely on the wire before the answer."""
@@ -206,7 +210,8 @@ class PoolWorker:
         s.push_all()
         st = s.wait(timeout)
         return {"state": st.state.value, "reason": st.reason, "seconds": time.perf_counter() - t0,
-                "t0": t0, "trace": s.trace, "prep_s": s.prep_s, "send_s": s.send_s}
+                "t0": t0, "trace": s.trace, "prep_s": s.prep_s, "send_s": s.send_s,
+                "data_path": s.data_path}
 
     def rtt(self, addr, n: int = 20) -> list[float]:
         return self.agent.rtt(tuple(addr), n)

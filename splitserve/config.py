@@ -112,6 +112,13 @@ class TransferConfig:
     sweep_interval_s: float = _f(0.05, "how often leases are checked for expiry and stray writes drained")
     spin_us: int = _f(2000, "CUDA: how long the agent's loop polls the GPU work of a step it just queued "
                       "(gather, scatter, checksums) before waiting for it on a thread (0 = always a thread)")
+    data_path: str = _f("tag", "tag: the decode side posts tag receives (direct runs, staged bundles); rma: the "
+                        "prefill side puts straight into the reserved blocks (UCP RMA, both pools registered "
+                        "once); auto: rma where both agents could register their pools, else tag")
+    rma_fence_grace_s: float = _f(1.0, "rma: after a dead sender's endpoint breaks, wait this long for copies it had "
+                                  "queued before its lease's blocks are freed")
+    rma_fence_timeout_s: float = _f(5.0, "rma: how long an abort waits for the sender's `fenced` before returning "
+                                    "(the blocks stay reserved until the sender answers or goes away)")
     progress_mode: str = _f("thread", "UCX progress: thread (a blocking progress thread) or thread-polling (a "
                             "thread that spins: lower latency per message, one busy core)")
 
@@ -130,6 +137,10 @@ class TransferConfig:
         _require(self.staging_budget_kib >= 1, "transfer.staging_budget_kib", "must be >= 1")
         _require(0 < self.sweep_interval_s <= 1.0, "transfer.sweep_interval_s", "must be in (0, 1]")
         _require(0 <= self.spin_us <= 1_000_000, "transfer.spin_us", "must be in [0, 1000000]")
+        _require(self.data_path in ("tag", "rma", "auto"), "transfer.data_path",
+                 f"got {self.data_path!r}; use tag, rma or auto")
+        _require(self.rma_fence_grace_s >= 0, "transfer.rma_fence_grace_s", "must be >= 0")
+        _require(self.rma_fence_timeout_s > 0, "transfer.rma_fence_timeout_s", "must be > 0")
         _require(self.progress_mode in ("thread", "thread-polling"), "transfer.progress_mode",
                  f"got {self.progress_mode!r}; use thread or thread-polling")
 

@@ -19,11 +19,14 @@ LAYOUT = dict(num_layers=6, num_blocks=600, block_size=16, num_kv_heads=2, head_
               dtype="bfloat16")
 
 
-@pytest.fixture(scope="module", params=[0, 2000], ids=["executor", "polled"])
+@pytest.fixture(scope="module", params=[(0, "tag"), (2000, "tag"), (2000, "rma")],
+                ids=["executor", "polled", "rma"])
 def pair(request):
-    cfg = {"direct_min_blocks": 8, "spin_us": request.param, "bundle_kib": 256}
+    spin, path = request.param
+    cfg = {"direct_min_blocks": 8, "spin_us": spin, "bundle_kib": 256, "data_path": path}
     d = spawn_worker(LAYOUT, seed=1, config_kw=cfg, device="cuda")
     p = spawn_worker(LAYOUT, seed=2, config_kw=cfg, device="cuda")
+    d.data_path = path
     yield d, p
     d.close()
     p.close()
@@ -49,18 +52,21 @@ def test_cuda_transfer_bytes_verified(pair, case, streamed):
     h = d.call("reserve", ids=dst)
     sent = p.call("send", h, src, layer_delay_s=0.01 if streamed else 0.0)
     assert sent == ("success", ""), sent
+    assert p.call("sender_path", h) == d.data_path
     assert d.call("wait_lease", h["lease_id"], 30) == ("success", "")
     assert same(p, src, d, dst)
     d.call("release_completed", dst)
 
 
-def test_streamed_behind_a_forward_with_fresh_staging_buffers():
+@pytest.mark.parametrize("path", ["tag", "rma"])
+def test_streamed_behind_a_forward_with_fresh_staging_buffers(path):
     """Layers streamed while a forward allocates and frees large intermediates on the default
     stream, each run with a staging shape the pools have not seen (fresh buffers mid-forward):
     a staging buffer allocated on the default stream could be handed memory whose freeing
     kernels were still queued there (pool.BufferPool). Seen once on two H200s as a refused
-    checksum; this guards the fix on the device (a race: passing is not proof)."""
-    cfg = {"spin_us": 2000, "bundle_kib": 256, "direct_min_blocks": 1000}
+    checksum; this guards the fix on the device (a race: passing is not proof). rma: each
+    layer is put only after its checksum (queued behind its CUDA event) was read back."""
+    cfg = {"spin_us": 2000, "bundle_kib": 256, "direct_min_blocks": 1000, "data_path": path}
     d = spawn_worker(LAYOUT, seed=1, config_kw=cfg, device="cuda")
     p = spawn_worker(LAYOUT, seed=2, config_kw=cfg, device="cuda")
     try:

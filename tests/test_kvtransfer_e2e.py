@@ -22,10 +22,14 @@ LAYOUT = dict(num_layers=4, num_blocks=512, block_size=4, num_kv_heads=2, head_d
               dtype="bfloat16")
 
 
-@pytest.fixture(scope="module")
-def pair():
-    d = spawn_worker(LAYOUT, seed=1, config_kw={"self_test": True, "direct_min_blocks": 4})
-    p = spawn_worker(LAYOUT, seed=2)
+@pytest.fixture(scope="module", params=["tag", "rma"])
+def pair(request):
+    """Both data paths: tag messages (receives posted by the decode side) and puts (rma)."""
+    path = request.param
+    d = spawn_worker(LAYOUT, seed=1, config_kw={"self_test": True, "direct_min_blocks": 4,
+                                                "data_path": path})
+    p = spawn_worker(LAYOUT, seed=2, config_kw={"data_path": path})
+    d.data_path = p.data_path = path
     yield d, p
     d.close()
     p.close()
@@ -60,6 +64,7 @@ def test_transfer_bytes_verified(pair, case):
     dst, src = CASES[case]
     h, sent, got = transfer(d, p, dst, src)
     assert sent == ("success", "") and got == ("success", "")
+    assert p.call("sender_path", h) == d.data_path   # no silent fallback
     assert same_bytes(p, src, d, dst)
     d.call("release_completed", dst)
     assert d.call("integrity")["live"] == 0
@@ -106,11 +111,24 @@ def test_reissued_lease_refuses_old_epoch(pair):
 
 
 def test_refused_sender_data_never_lands(pair):
-    """A sender's data goes out without waiting for `ready`. A second sender of the same live
-    lease epoch (here with a wrong block list, refused at `begin`) posts data under the lease's
-    tag key; it must not land in the blocks nor disturb the real sender, and is drained once the
-    lease resolves."""
+    """Tag path: a sender's data goes out without waiting for `ready`. A second sender of the
+    same live lease epoch (here with a wrong block list, refused at `begin`) posts data under the
+    lease's tag key; it must not land in the blocks nor disturb the real sender, and is drained
+    once the lease resolves. Put path: the refused sender never puts (it waits for `ready`)."""
     d, p = pair
+    if d.data_path == "rma":
+        dst, src = [120, 121, 122, 300], [5, 6, 7, 8]
+        d.call("poison", dst)
+        h = d.call("reserve", ids=dst)
+        forged = {**h, "block_ids": [130, 131, 132, 133]}
+        sent = p.call("send", forged, [1, 2, 3, 4])
+        assert sent[0] == "failed" and "destination block list differs" in sent[1], sent
+        assert p.call("sender_posted", forged) == 0
+        assert d.call("blocks", dst).view(torch.int16).eq(0).all()
+        assert p.call("send", h, src) == ("success", "")
+        assert same_bytes(p, src, d, dst)
+        d.call("release_completed", dst)
+        return
     dst, src, bogus = [120, 121, 122, 300], [5, 6, 7, 8], [1, 2, 3, 4]
     d.call("poison", dst)
     h = d.call("reserve", ids=dst)
