@@ -73,16 +73,17 @@ async def transfer(s: "KVSender", peer: "Peer") -> None:
 
 
 async def _put_layers(s: "KVSender", peer: "Peer", ready: asyncio.Future) -> list[int]:
-    """Checksum each batch of computed layers, then put them; returns the layers' checksums."""
+    """Put each batch of computed layers as soon as its KV is written and `ready` is in; each
+    batch's checksums are queued beside its puts (both only read the source) and read back at
+    the end. Returns the layers' checksums."""
     agent, layout = s.agent, s.plan.layout
-    kv = agent.kv
     with agent.setup_stream():
-        sums = pool.Checksummer(kv, s.src_ids, agent.scales)
+        sums = pool.Checksummer(agent.kv, s.src_ids, agent.scales)
     runs = coalesce(s.src_ids, list(s.handoff.block_ids))
     remote = peer.rma
     nb_src, nb_dst, rb = layout.num_blocks, remote.num_blocks, layout.region_bytes
     L = layout.num_layers
-    out: list[int] = []
+    pending: list = []
     l = 0
     while l < L:
         await s._units_ready((l, 1))
@@ -90,7 +91,7 @@ async def _put_layers(s: "KVSender", peer: "Peer", ready: asyncio.Future) -> lis
         while l + len(batch) < L and s._is_computed((l + len(batch), 1)):
             batch.append(l + len(batch))
         s._t(f"prep {batch[0]}-{batch[-1]}")
-        out += await _checksums(s, sums, batch)
+        pending.append(await _written_then_sums(s, sums, batch))
         if not ready.done():
             await asyncio.shield(ready)
         if ready.result()["t"] != "ready" or s.fenced:
@@ -106,24 +107,35 @@ async def _put_layers(s: "KVSender", peer: "Peer", ready: asyncio.Future) -> lis
                     s.bytes_sent += r.n * rb
         s._t(f"put {batch[0]}-{batch[-1]}")
         l += len(batch)
+    out: list[int] = []
+    for item in pending:
+        out += await item if asyncio.isfuture(item) or asyncio.iscoroutine(item) else item
+    s._t("sums")
     return out
 
 
-async def _checksums(s: "KVSender", sums: pool.Checksummer, layers: list[int]) -> list[int]:
-    """The layers' checksums. CUDA: queued on the side stream behind the layers' CUDA events and
-    read back, so once this returns their KV is written and UCX may read it."""
+async def _written_then_sums(s: "KVSender", sums: pool.Checksummer, layers: list[int]):
+    """Wait until the layers' KV is written (their CUDA events; UCX copies on its own streams,
+    so it must not read earlier), and queue their checksums behind the same events. Returns what
+    yields the checksums: a list (CPU, computed on the executor) or an awaitable read-back."""
     agent = s.agent
     if not agent.kv.is_cuda:
         return await asyncio.get_running_loop().run_in_executor(agent.executor, sums.layers, layers)
     import torch
+    events = []
+    for layer in layers:
+        ev = s._events.get(layer)
+        if ev is not None and all(ev is not e for e in events):
+            events.append(ev)
     with agent.side_stream():
-        runnable, waited = True, set()
-        for layer in layers:
-            ev = s._events.get(layer)
-            if ev is not None and id(ev) not in waited:
-                waited.add(id(ev))
-                runnable = runnable and ev.query()
-                torch.cuda.current_stream().wait_event(ev)
+        for ev in events:
+            torch.cuda.current_stream().wait_event(ev)
         rbk = pool.Readback(sums.layers_dev(layers))
-    await pool.wait_gpu(rbk.event, agent.executor, agent.config.spin_us * 1e-6 if runnable else 0.0)
-    return rbk.values()
+    spin = agent.config.spin_us * 1e-6
+    for ev in events:
+        await pool.wait_gpu(ev, agent.executor, spin if ev.query() else 0.0)
+
+    async def values() -> list[int]:
+        await pool.wait_gpu(rbk.event, agent.executor, spin)
+        return rbk.values()
+    return asyncio.ensure_future(values())
