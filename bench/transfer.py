@@ -67,12 +67,14 @@ def main() -> None:
     ap.add_argument("--overlap-layers", default="matmul2,llama",
                     help="prefill-shaped layers to overlap with (kvtransfer/testing.py overlapped_send)")
     ap.add_argument("--overlap-reps", type=int, default=3)
+    ap.add_argument("--overlap-pattern", default="scattered", choices=["scattered", "contiguous"])
     ap.add_argument("--tag", default="", help="results file suffix: transfer-<device>-<tag>")
     ap.add_argument("--gpus", default="", help="P,D: the GPU of the prefill (sender) and decode process")
     ap.add_argument("--visible", default="all", choices=["all", "own"],
                     help="with --gpus: each process sees both GPUs (its own first) or only its own")
     ap.add_argument("--direct-min-blocks", type=int, default=0, help="0: the config default")
     ap.add_argument("--bundle-kib", type=int, default=0, help="0: the config default")
+    ap.add_argument("--progress-mode", default="", choices=["", "thread", "thread-polling"])
     ap.add_argument("--data-path", default="", choices=["", "tag", "rma", "auto"],
                     help="transfer.data_path of both agents (empty: the config default)")
     args = ap.parse_args()
@@ -84,7 +86,7 @@ def main() -> None:
     cfg = {"self_test": True, "lease_timeout_s": 600.0, "self_test_mib": 256 if args.device == "cuda" else 64,
            "staging_layers": 8 if args.device == "cuda" else 4}   # CPU: 2 x 8 GiB pools in 23 GiB
     cfg.update({k: v for k, v in (("direct_min_blocks", args.direct_min_blocks), ("bundle_kib", args.bundle_kib),
-                                  ("data_path", args.data_path)) if v})
+                                  ("data_path", args.data_path), ("progress_mode", args.progress_mode)) if v})
     t0 = time.time()
     gp, gd = (args.gpus.split(",") + [""])[:2] if args.gpus else ("", "")
     def env(own: str, other: str):
@@ -147,10 +149,11 @@ def main() -> None:
     for kind in args.overlap_layers.split(","):
         runs = []
         for _ in range(args.overlap_reps):
-            h = d.call("reserve", ids=rnd.sample(range(nb), n))
-            ov = p.call("overlapped_send", h, rnd.sample(range(nb), n), tokens, hidden, ffn, timeout=900,
-                        layer_kind=kind, heads=heads)
-            ov.update(blocks=n, tokens=tokens, hidden=hidden, ffn=ffn, pattern="scattered")
+            contiguous = args.overlap_pattern == "contiguous"
+            h = d.call("reserve", ids=list(range(n)) if contiguous else rnd.sample(range(nb), n))
+            ov = p.call("overlapped_send", h, list(range(n)) if contiguous else rnd.sample(range(nb), n),
+                        tokens, hidden, ffn, timeout=900, layer_kind=kind, heads=heads)
+            ov.update(blocks=n, tokens=tokens, hidden=hidden, ffn=ffn, pattern=args.overlap_pattern)
             if ov["state"] != "success":
                 raise SystemExit(f"overlap ({kind}) transfer failed: {ov['reason']}; decode side: "
                                  f"{d.call('wait_lease', h['lease_id'], 5)}")
@@ -259,7 +262,7 @@ def write(rep: dict, out: Path) -> None:
                      f"{r['paged_s'] * 1e3:.2f} | {r['paged_gbps']:.2f} | {r['raw_s'] * 1e3:.2f} | "
                      f"{r['raw_gbps']:.2f} | {r['ratio']:.2f}x | {cp} |")
     ov = rep["overlap"]
-    lines += ["", f"Layer-wise overlap ({ov['blocks']} blocks scattered, {ov['tokens']} tokens, "
+    lines += ["", f"Layer-wise overlap ({ov['blocks']} blocks {ov.get('pattern', 'scattered')}, {ov['tokens']} tokens, "
               f"matmuls {ov['hidden']}x{ov['ffn']}): one layer {ov['layer_s'] * 1e3:.2f} ms, "
               f"exposed transfer after the last layer {ov['exposed_s'] * 1e3:.2f} ms "
               f"= {ov['exposed_s'] / ov['layer_s']:.2f} layers (target <= 1; the decode side had verified "

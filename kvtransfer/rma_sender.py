@@ -77,8 +77,11 @@ async def _put_layers(s: "KVSender", peer: "Peer", ready: asyncio.Future) -> lis
     batch's checksums are queued beside its puts (both only read the source) and read back at
     the end. Returns the layers' checksums."""
     agent, layout = s.agent, s.plan.layout
-    with agent.setup_stream():
-        sums = pool.Checksummer(agent.kv, s.src_ids, agent.scales)
+
+    def make() -> pool.Checksummer:   # index tensors to the device: off the loop (ready may arrive)
+        with agent.setup_stream():
+            return pool.Checksummer(agent.kv, s.src_ids, agent.scales)
+    sums = await asyncio.get_running_loop().run_in_executor(agent.executor, make)
     runs = coalesce(s.src_ids, list(s.handoff.block_ids))
     remote = peer.rma
     nb_src, nb_dst, rb = layout.num_blocks, remote.num_blocks, layout.region_bytes
@@ -135,7 +138,7 @@ async def _written_then_sums(s: "KVSender", sums: pool.Checksummer, layers: list
     for ev in events:
         await pool.wait_gpu(ev, agent.executor, spin if ev.query() else 0.0)
 
-    async def values() -> list[int]:
-        await pool.wait_gpu(rbk.event, agent.executor, spin)
+    async def values() -> list[int]:   # wanted only after the flush: waited on a thread, so a
+        await pool.wait_gpu(rbk.event, agent.executor, 0.0)   # spinning loop holds no GIL meanwhile
         return rbk.values()
     return asyncio.ensure_future(values())

@@ -305,7 +305,7 @@ class PoolWorker:
         return {"state": st.state.value, "reason": st.reason, "t0": t_last, "trace": s.trace,
                 "layer_s": compute_only / self.layout.num_layers, "compute_only_s": compute_only,
                 "forward_with_transfer_s": t_last - t0, "exposed_s": t_done - t_last,
-                "layer_kind": layer_kind, "heads": list(heads)}
+                "layer_kind": layer_kind, "heads": list(heads), "data_path": s.data_path}
 
     def digest(self, ids: list[int]) -> str:
         import hashlib

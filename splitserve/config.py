@@ -115,6 +115,8 @@ class TransferConfig:
     data_path: str = _f("tag", "tag: the decode side posts tag receives (direct runs, staged bundles); rma: the "
                         "prefill side puts straight into the reserved blocks (UCP RMA, both pools registered "
                         "once); auto: rma where both agents could register their pools, else tag")
+    rma_max_runs: int = _f(4, "auto: a transfer is put-based only if its blocks form at most this many runs "
+                           "(consecutive on both sides; one put per layer, K|V and run), else tag messages")
     rma_fence_grace_s: float = _f(1.0, "rma: after a dead sender's endpoint breaks, wait this long for copies it had "
                                   "queued before its lease's blocks are freed")
     rma_fence_timeout_s: float = _f(5.0, "rma: how long an abort waits for the sender's `fenced` before returning "
@@ -139,6 +141,7 @@ class TransferConfig:
         _require(0 <= self.spin_us <= 1_000_000, "transfer.spin_us", "must be in [0, 1000000]")
         _require(self.data_path in ("tag", "rma", "auto"), "transfer.data_path",
                  f"got {self.data_path!r}; use tag, rma or auto")
+        _require(self.rma_max_runs >= 1, "transfer.rma_max_runs", "must be >= 1")
         _require(self.rma_fence_grace_s >= 0, "transfer.rma_fence_grace_s", "must be >= 0")
         _require(self.rma_fence_timeout_s > 0, "transfer.rma_fence_timeout_s", "must be > 0")
         _require(self.progress_mode in ("thread", "thread-polling"), "transfer.progress_mode",

@@ -107,3 +107,23 @@ def test_data_path_is_validated():
         TransferConfig(data_path="rdma")
     with pytest.raises(ValueError, match="rma_fence_timeout_s"):
         TransferConfig(rma_fence_timeout_s=0)
+
+
+def test_auto_puts_few_runs_and_tags_scattered_blocks():
+    """data_path auto: one put per (layer, K|V, run), so long runs go by puts and scattered
+    blocks by tag messages (gathered into bundles); both verified byte for byte."""
+    d = spawn_worker(LAYOUT, seed=1, config_kw={"data_path": "auto"})
+    p = spawn_worker(LAYOUT, seed=2, config_kw={"data_path": "auto", "rma_max_runs": 2})
+    try:
+        for dst, src, path in [(list(range(10, 40)), list(range(100, 130)), "rma"),
+                               ([3, 7, 50, 90, 91], [1, 9, 30, 31, 60], "tag")]:
+            d.call("poison", dst)
+            h = d.call("reserve", ids=dst)
+            assert p.call("send", h, src) == ("success", "")
+            assert p.call("sender_path", h) == path
+            assert torch.equal(p.call("blocks", src).view(torch.int16),
+                               d.call("blocks", dst).view(torch.int16))
+            d.call("release_completed", dst)
+    finally:
+        d.close()
+        p.close()
