@@ -1,9 +1,10 @@
 """A/B of programmatic dependent launch (kernels/_pdl.py) on the decode step's CUDA graphs.
 
 One engine (dummy Llama-3-8B bf16 on the GPU; tiny float16 under --smoke), its decode graphs
-captured with PDL on, then off, then on and off again (SPLITSERVE_PDL is read at each launch,
-so a re-capture switches it); each capture's graph replay time per batch, back to back, timed
-by CUDA events, and the greedy tokens of one step, which must not change.
+captured under each of VARIANTS in turn, twice (the SPLITSERVE_PDL* and SPLITSERVE_GEMV_PREFETCH
+variables are read at each launch, so a re-capture switches them); each capture's graph replay
+time per batch, back to back, timed by CUDA events, and the greedy tokens of one step, which
+must not change.
 
     python bench/pdl_ab.py --out $OUT          # writes pdl-ab.json, prints a table
 """
@@ -25,6 +26,15 @@ from splitserve.engine.engine import LLMEngine  # noqa: E402
 from splitserve.engine.loader import load_dummy  # noqa: E402
 
 BATCHES = (1, 2) if SMOKE else (1, 8, 32)
+# (name, environment): PDL off; PDL from two rows (the default) without / with the GEMV's first
+# weight tile loaded before its PDL wait; PDL at one row too, without / with that prefetch
+VARIANTS = [
+    ("off", {"SPLITSERVE_PDL": "0", "SPLITSERVE_PDL_MIN_ROWS": "2", "SPLITSERVE_GEMV_PREFETCH": "0"}),
+    ("pdl", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "2", "SPLITSERVE_GEMV_PREFETCH": "0"}),
+    ("pdl+prefetch", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "2", "SPLITSERVE_GEMV_PREFETCH": "1"}),
+    ("pdl1", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "1", "SPLITSERVE_GEMV_PREFETCH": "0"}),
+    ("pdl1+prefetch", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "1", "SPLITSERVE_GEMV_PREFETCH": "1"}),
+]
 CONTEXT = 64 if SMOKE else 1024
 
 
@@ -59,25 +69,28 @@ def main() -> None:
         kv[i].normal_()
     runner = eng.runner.decode_graphs
     rows, tokens = [], {}
-    for trial, pdl in enumerate(["1", "0", "1", "0"][:2 if SMOKE else None]):
-        os.environ["SPLITSERVE_PDL"] = pdl
-        runner._graphs, runner._outputs = {}, {}
-        runner.capture()
-        for b in BATCHES:
-            toks = runner.run(inputs(eng, b))[1].tolist()
-            if b in tokens and toks != tokens[b]:
-                raise SystemExit(f"B={b}: greedy tokens differ with SPLITSERVE_PDL={pdl}")
-            tokens[b] = toks
-            t = replay_time(runner, b, reps=50)        # None without graphs (CPU)
-            us = float("nan") if t is None else t * 1e6
-            rows.append(dict(trial=trial, pdl=pdl == "1", batch=b, context=CONTEXT, replay_us=us))
-            print(f"PDL={pdl} B={b} ctx={CONTEXT}: {us:.1f} us per step replay", flush=True)
+    variants = VARIANTS[:2] if SMOKE else VARIANTS
+    for trial in range(1 if SMOKE else 2):       # two passes, interleaved: drift shows
+        for name, env in variants:
+            os.environ.update(env)
+            runner._graphs, runner._outputs = {}, {}
+            runner.capture()
+            for b in BATCHES:
+                toks = runner.run(inputs(eng, b))[1].tolist()
+                if b in tokens and toks != tokens[b]:
+                    raise SystemExit(f"B={b}: greedy tokens differ under {name}")
+                tokens[b] = toks
+                t = replay_time(runner, b, reps=50)        # None without graphs (CPU)
+                us = float("nan") if t is None else t * 1e6
+                rows.append(dict(trial=trial, variant=name, env=env, pdl=env["SPLITSERVE_PDL"] == "1",
+                                 batch=b, context=CONTEXT, replay_us=us))
+                print(f"{name:>14} B={b} ctx={CONTEXT}: {us:.1f} us per step replay", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "pdl-ab.json").write_text(json.dumps(rows, indent=1))
     for b in BATCHES:
-        on = [r["replay_us"] for r in rows if r["batch"] == b and r["pdl"]]
-        off = [r["replay_us"] for r in rows if r["batch"] == b and not r["pdl"]]
-        print(f"B={b}: PDL on {min(on):.1f} us, off {min(off):.1f} us (best of {len(on)})")
+        best = {n: min(r["replay_us"] for r in rows if r["batch"] == b and r["variant"] == n)
+                for n, _ in variants}
+        print(f"B={b}: " + ", ".join(f"{n} {v:.1f}" for n, v in best.items()) + " us (best of passes)")
 
 
 if __name__ == "__main__":

@@ -31,11 +31,18 @@ def _capable(index: int) -> bool:
 
 
 def use_pdl(device: torch.device, rows: int = 2) -> bool:
-    """Whether a kernel over `rows` tokens / sequences on `device` launches with PDL (no sync)."""
-    if (rows <= 1 or device.type != "cuda" or interpreting()
-            or os.environ.get("SPLITSERVE_PDL", "1") == "0"):
+    """Whether a kernel over `rows` tokens / sequences on `device` launches with PDL (no sync).
+    SPLITSERVE_PDL_MIN_ROWS (default 2) is the fewest rows that do (bench/pdl_ab.py)."""
+    if (rows < int(os.environ.get("SPLITSERVE_PDL_MIN_ROWS", "2")) or device.type != "cuda"
+            or interpreting() or os.environ.get("SPLITSERVE_PDL", "1") == "0"):
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def prefetch_first_tile() -> bool:
+    """Whether the GEMV kernels load their first weight tile before `pdl_wait` (weights do not
+    depend on the previous kernel; SPLITSERVE_GEMV_PREFETCH=0 turns it off, bench/pdl_ab.py)."""
+    return os.environ.get("SPLITSERVE_GEMV_PREFETCH", "1") != "0"
 
 
 def launch_kwargs(pdl: bool) -> dict:

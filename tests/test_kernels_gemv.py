@@ -101,6 +101,22 @@ def test_norm_linear_matches_reference(dt, m, silu):
     assert torch.equal(res_out.cpu(), want_res)
 
 
+@pytest.mark.parametrize("m,use_dot", [(1, False), (16, True)])
+@pytest.mark.parametrize("prefetch", ["1", "0"])
+def test_norm_linear_silu_tile_aligned(m, use_dot, prefetch, monkeypatch):
+    """K and N multiples of the tile: the unmasked path, whose first weight tile (gate and up)
+    is loaded before the PDL wait (SPLITSERVE_GEMV_PREFETCH) -- same numbers either way."""
+    monkeypatch.setenv("SPLITSERVE_GEMV_PREFETCH", prefetch)
+    k, n = 256, 64
+    x, res, ln, w, _ = _case("bf16", m, k, 2 * n, seed=31 + m)
+    want, want_res = norm_linear_ref(x, ln, 1e-6, w, res, silu=True)
+    dx, dres, dln, dw = _dev(x, res, ln, w)
+    res_out = _nan(m, k, dtype=x.dtype)
+    got = norm_linear(dx, dln, 1e-6, dw, dres, res_out, silu=True, tile=Tile(16, 64, 4, 2, use_dot))
+    assert_close_ulps(got, want, x.dtype)
+    assert torch.equal(res_out.cpu(), want_res)
+
+
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
 @pytest.mark.parametrize("m,use_dot", [(1, False), (3, True), (8, False), (16, True)])
 def test_gemv_matches_reference(dt, m, use_dot):
