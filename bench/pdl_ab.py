@@ -1,8 +1,8 @@
 """A/B of programmatic dependent launch (kernels/_pdl.py) on the decode step's CUDA graphs.
 
 One engine (dummy Llama-3-8B bf16 on the GPU; tiny float16 under --smoke), its decode graphs
-captured under each of VARIANTS in turn, twice (the SPLITSERVE_PDL* and SPLITSERVE_GEMV_PREFETCH
-variables are read at each launch, so a re-capture switches them); each capture's graph replay
+captured under each of VARIANTS in turn, twice (the SPLITSERVE_PDL* variables are read at each
+launch, so a re-capture switches them); each capture's graph replay
 time per batch, back to back, timed by CUDA events, and the greedy tokens of one step, which
 must not change.
 
@@ -26,14 +26,13 @@ from splitserve.engine.engine import LLMEngine  # noqa: E402
 from splitserve.engine.loader import load_dummy  # noqa: E402
 
 BATCHES = (1, 2) if SMOKE else (1, 8, 32)
-# (name, environment): PDL off; PDL from two rows (the default) without / with the GEMV's first
-# weight tile loaded before its PDL wait; PDL at one row too, without / with that prefetch
+# (name, environment): PDL off; PDL from two rows (the default); PDL at one row too. (Session 9
+# also timed a GEMV variant loading its first weight tile before the PDL wait: slower, removed;
+# bench/results/pdl-ab-v2-2026-11-29.md.)
 VARIANTS = [
-    ("off", {"SPLITSERVE_PDL": "0", "SPLITSERVE_PDL_MIN_ROWS": "2", "SPLITSERVE_GEMV_PREFETCH": "0"}),
-    ("pdl", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "2", "SPLITSERVE_GEMV_PREFETCH": "0"}),
-    ("pdl+prefetch", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "2", "SPLITSERVE_GEMV_PREFETCH": "1"}),
-    ("pdl1", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "1", "SPLITSERVE_GEMV_PREFETCH": "0"}),
-    ("pdl1+prefetch", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "1", "SPLITSERVE_GEMV_PREFETCH": "1"}),
+    ("off", {"SPLITSERVE_PDL": "0", "SPLITSERVE_PDL_MIN_ROWS": "2"}),
+    ("pdl", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "2"}),
+    ("pdl1", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "1"}),
 ]
 CONTEXT = 64 if SMOKE else 1024
 

@@ -11,7 +11,8 @@ overlap, never the ordering; every kernel launched with PDL must call `pdl_wait`
 Off under the Triton interpreter, on GPUs before sm_90, with SPLITSERVE_PDL=0, and for launches
 over a single row (token / sequence): measured on the H200 (bench/pdl_ab.py, 2026-11-29, two
 captures each), the Llama-3-8B decode step's graph replay with PDL took 4443 vs 4390 us at batch
-1 (worse), 4894 vs 5103 us at batch 8 and 5945 vs 6120 us at batch 32.
+1 (worse), 4894 vs 5103 us at batch 8 and 5945 vs 6120 us at batch 32; again in session 9
+(pdl-ab-v2-2026-11-29.md): batch 1 with PDL 4376 vs 4334 us, batch 8 4818-4950 vs 5029 us.
 """
 from __future__ import annotations
 
@@ -37,12 +38,6 @@ def use_pdl(device: torch.device, rows: int = 2) -> bool:
             or interpreting() or os.environ.get("SPLITSERVE_PDL", "1") == "0"):
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def prefetch_first_tile() -> bool:
-    """Whether the GEMV kernels load their first weight tile before `pdl_wait` (weights do not
-    depend on the previous kernel; SPLITSERVE_GEMV_PREFETCH=0 turns it off, bench/pdl_ab.py)."""
-    return os.environ.get("SPLITSERVE_GEMV_PREFETCH", "1") != "0"
 
 
 def launch_kwargs(pdl: bool) -> dict:

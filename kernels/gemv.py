@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pdl import launch_kwargs, pdl_wait, prefetch_first_tile, use_pdl
+from ._pdl import launch_kwargs, pdl_wait, use_pdl
 from ._rounding import round_to
 from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, check_last_contiguous,
                       interpreting, next_pow2)
@@ -147,19 +147,6 @@ def _mac(acc, w, x, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr):
     return acc
 
 
-@triton.jit
-def _x_tile(x_ptr, res_ptr, ln_ptr, rows, cols, M, K, stride_x, stride_r, rstd, dt,
-            NORM: tl.constexpr, HAS_RES: tl.constexpr, NATIVE: tl.constexpr):
-    """The activations' K-tile `cols` [BLOCK_M, BLOCK_K] (residual added, RMS-normed)."""
-    x = _load_rows(x_ptr, res_ptr, rows, cols, (rows[:, None] < M) & (cols[None, :] < K),
-                   stride_x, stride_r, HAS_RES, NATIVE)
-    if NORM:
-        y = _round(x.to(tl.float32) * rstd[:, None], dt, NATIVE)
-        ln = tl.load(ln_ptr + cols, mask=cols < K, other=0.0)
-        x = _round(ln.to(tl.float32)[None, :] * y.to(tl.float32), dt, NATIVE)
-    return x
-
-
 @triton.jit(do_not_specialize=["M"])   # one build for every M of a block size
 def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
                  M, N, K, stride_x, stride_r, stride_ro, stride_w, stride_o, eps,
@@ -167,22 +154,19 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
                  NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SILU: tl.constexpr, USE_DOT: tl.constexpr, EVEN: tl.constexpr,
                  NUM_STAGES: tl.constexpr, STATS_K: tl.constexpr, STATS_STAGES: tl.constexpr,
-                 NATIVE: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                 NATIVE: tl.constexpr, PDL: tl.constexpr = False):
+    # (loading the first weight tile before this wait, to stream it in under the previous
+    # kernel's tail, made the B=1 step 20-81 us slower: bench/results/pdl-ab-v2-2026-11-29.md)
+    pdl_wait(PDL)              # before any load of x, residual or out
     pid = tl.program_id(0)
     dt = w_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + tl.arange(0, BLOCK_K)[None, :]
-    up_ptrs = w_ptrs + N * stride_w        # SILU: the up half's matching rows
-    if PREFETCH:   # (EVEN only) the first weight tile needs nothing from the previous kernel:
-        w0 = tl.load(w_ptrs)               # under PDL it streams in while that one finishes
-        if SILU:
-            u0 = tl.load(up_ptrs)
-    pdl_wait(PDL)              # before any load of x, residual or out
-    rstd = 0.0
     if NORM:
         rstd = _inv_rms(x_ptr, res_ptr, res_out_ptr, M, K, stride_x, stride_r, stride_ro, eps,
                         pid == 0, BLOCK_M, STATS_K, STATS_STAGES, HAS_RES, NATIVE)
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + tl.arange(0, BLOCK_K)[None, :]
+    up_ptrs = w_ptrs + N * stride_w        # SILU: the up half's matching rows
     if USE_DOT:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     elif BLOCK_M == 1:
@@ -190,21 +174,15 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_K], dtype=tl.float32)
     acc_up = acc
-    k_start = 0
-    if PREFETCH:
-        x = _x_tile(x_ptr, res_ptr, ln_ptr, rows, tl.arange(0, BLOCK_K), M, K, stride_x, stride_r,
-                    rstd, dt, NORM, HAS_RES, NATIVE)
-        acc = _mac(acc, w0, x, USE_DOT, BLOCK_M)
-        if SILU:
-            acc_up = _mac(acc_up, u0, x, USE_DOT, BLOCK_M)
-        w_ptrs += BLOCK_K
-        up_ptrs += BLOCK_K
-        k_start = BLOCK_K
     # num_stages on the loop itself: Triton pipelines loads that feed no tl.dot only when asked
-    for k0 in tl.range(k_start, K, BLOCK_K, num_stages=NUM_STAGES):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = _x_tile(x_ptr, res_ptr, ln_ptr, rows, cols, M, K, stride_x, stride_r, rstd, dt,
-                    NORM, HAS_RES, NATIVE)
+        x = _load_rows(x_ptr, res_ptr, rows, cols, (rows[:, None] < M) & (cols[None, :] < K),
+                       stride_x, stride_r, HAS_RES, NATIVE)
+        if NORM:
+            y = _round(x.to(tl.float32) * rstd[:, None], dt, NATIVE)
+            ln = tl.load(ln_ptr + cols, mask=cols < K, other=0.0)
+            x = _round(ln.to(tl.float32)[None, :] * y.to(tl.float32), dt, NATIVE)
         wmask = (offs_n[:, None] < N) & (cols[None, :] < K)
         if EVEN:
             acc = _mac(acc, tl.load(w_ptrs), x, USE_DOT, BLOCK_M)
@@ -264,7 +242,6 @@ def _launch(x, weight, out, *, tile, norm_weight=None, eps=0.0, residual=None, r
         BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, NORM=norm, HAS_RES=res,
         HAS_BIAS=bias is not None, SILU=silu, USE_DOT=t.use_dot, EVEN=even, NUM_STAGES=t.num_stages,
         STATS_K=stats_k, STATS_STAGES=1 if stats_k >= k else 3, NATIVE=not interpreting(),
-        PREFETCH=even and prefetch_first_tile(),
         num_warps=t.num_warps, num_stages=t.num_stages, **launch_kwargs(use_pdl(x.device, m)))
     return out
 
