@@ -414,6 +414,8 @@ class TransferAgent(DecodeSide):
     async def _close(self) -> None:
         self._sweeper.cancel()
         for peer in list(self.peers.values()):
+            if peer.rma is not None:   # unpacked on the endpoint: released while it is alive
+                peer.rma.destroy()     # (a lost peer's key is left to the worker's teardown)
             peer.ep.abort()
         self._self_ep.abort()
         self._listener.close()

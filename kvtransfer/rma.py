@@ -45,10 +45,15 @@ def lib() -> ctypes.CDLL:
             return _lib
         import libucx
         libdir = os.path.join(os.path.dirname(libucx.__file__), "lib")
-        names = [n for n in ("libucp.so.0", "libucp.so") if os.path.exists(os.path.join(libdir, n))]
-        if not names:
-            raise RmaError(f"no libucp in {libdir}")
-        ucp = ctypes.CDLL(os.path.join(libdir, names[0]))
+        ucp = None
+        for name in ("libucp.so", "libucp.so.0"):   # the one ucxx loaded, never a second copy
+            try:
+                ucp = ctypes.CDLL(os.path.join(libdir, name), mode=os.RTLD_NOLOAD)
+                break
+            except OSError:
+                continue
+        if ucp is None:
+            raise RmaError(f"libucp from {libdir} is not loaded (import and initialise ucxx first)")
         sigs = {
             "ucp_worker_query": ([_VP, _VP], ctypes.c_int),
             "ucp_mem_map": ([_VP, _VP, ctypes.POINTER(_VP)], ctypes.c_int),
