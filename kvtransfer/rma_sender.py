@@ -2,9 +2,9 @@
 registered their pools (transfer.data_path rma or auto) and the decode agent published its key.
 
     begin (mode rma) ->                 <- ready      (the lease admitted our write)
-    per batch of computed layers: checksum them (which also waits for their KV), then, once
-    `ready` is in, one put per (layer, K|V, run of consecutive src and dst blocks) straight from
-    our pool into the lease's blocks -- no gather, no staging, no receive to post
+    per batch of computed layers: wait for their KV (CUDA events), queue their checksums, then,
+    once `ready` is in, one put per (layer, K|V, run of consecutive src and dst blocks) straight
+    from our pool into the lease's blocks -- no gather, no staging, no receive to post
     flush (every put landed) -> complete {checksums} ->   <- ack (verified) | reject
 
 The decode side cannot refuse a one-sided write, so a sender never puts before `ready`, stops at
