@@ -242,7 +242,9 @@ class DecodeSide:
             self._rx_status[lease.lease_id].fail("lease expired")
             self.tombstone(lease.tag_key)   # data a sender posted before (or without) a begin
             attempt = self._attempts.pop(lease.lease_id, None)
-            if isinstance(attempt, RmaAttempt):   # fencing takes a round trip: not in the sweep
+            # a put-based attempt's fencing takes a round trip: not inside the sweep; a tag
+            # attempt is awaited, its plugs must match before this sweep drains the key below
+            if isinstance(attempt, RmaAttempt):
                 asyncio.ensure_future(self._expire_attempt(attempt))
             elif attempt is not None:
                 await self._expire_attempt(attempt)

@@ -94,7 +94,7 @@ async def _put_layers(s: "KVSender", peer: "Peer", ready: asyncio.Future) -> lis
         while l + len(batch) < L and s._is_computed((l + len(batch), 1)):
             batch.append(l + len(batch))
         s._t(f"prep {batch[0]}-{batch[-1]}")
-        pending.append(await _written_then_sums(s, sums, batch))
+        pending.append(await _written_then_sums(s, sums, batch))   # their checksums, later
         if not ready.done():
             await asyncio.shield(ready)
         if ready.result()["t"] != "ready" or s.fenced:
@@ -112,24 +112,20 @@ async def _put_layers(s: "KVSender", peer: "Peer", ready: asyncio.Future) -> lis
         l += len(batch)
     out: list[int] = []
     for item in pending:
-        out += await item if asyncio.isfuture(item) or asyncio.iscoroutine(item) else item
+        out += await item
     s._t("sums")
     return out
 
 
-async def _written_then_sums(s: "KVSender", sums: pool.Checksummer, layers: list[int]):
+async def _written_then_sums(s: "KVSender", sums: pool.Checksummer, layers: list[int]) -> asyncio.Future:
     """Wait until the layers' KV is written (their CUDA events; UCX copies on its own streams,
-    so it must not read earlier), and queue their checksums behind the same events. Returns what
-    yields the checksums: a list (CPU, computed on the executor) or an awaitable read-back."""
+    so it must not read earlier) and start their checksums behind the same events; returns the
+    future of the checksums (CPU: computed on the executor; the forward wrote the KV already)."""
     agent = s.agent
     if not agent.kv.is_cuda:
-        return await asyncio.get_running_loop().run_in_executor(agent.executor, sums.layers, layers)
+        return asyncio.get_running_loop().run_in_executor(agent.executor, sums.layers, layers)
     import torch
-    events = []
-    for layer in layers:
-        ev = s._events.get(layer)
-        if ev is not None and all(ev is not e for e in events):
-            events.append(ev)
+    events = s._layer_events(layers)
     with agent.side_stream():
         for ev in events:
             torch.cuda.current_stream().wait_event(ev)

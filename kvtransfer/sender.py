@@ -125,8 +125,8 @@ class KVSender:
         return self.agent.call(self._cancel(), timeout)
 
     def _puts_pay(self) -> bool:
-        """Put-based only for few runs: each (layer, K|V, run) is one put, ~12-14 us of host time
-        on an H200 (bench/results/transfer-cuda-v19-rma.md: 256 scattered blocks took 0.19 s),
+        """Put-based only for few runs: each (layer, K|V, run) is one put, ~11.5 us of host time
+        on an H200 (bench/results/transfer-rma-2026-11-29.md: 256 scattered blocks took 0.19 s),
         while the tag path gathers short runs into one message per bundle. data_path rma: always."""
         if self.agent.config.data_path == "rma":
             return True
@@ -308,20 +308,26 @@ class KVSender:
         for l in range(l0, l0 + k):
             await self._layer_ready.setdefault(l, asyncio.Event()).wait()
 
+    def _layer_events(self, layers) -> list:
+        """The distinct CUDA events of these layers' pushes (push_all shares one among all)."""
+        out, seen = [], set()
+        for layer in layers:
+            ev = self._events.get(layer)
+            if ev is not None and id(ev) not in seen:
+                seen.add(id(ev))
+                out.append(ev)
+        return out
+
     def _queue_gathers(self, units: list[tuple[int, int]], staged_idx: torch.Tensor,
                        stagings: list) -> bool:
         """On the current (side) stream: wait for each layer's KV (its CUDA event, so the forward
         on the main stream is not blocked; push_all shares one event among all layers) and gather
         each bundle's staged regions. True if every event had already fired (the work is
         runnable now)."""
-        runnable, waited = True, set()
-        for l0, k in units:
-            for layer in range(l0, l0 + k):
-                ev = self._events.get(layer)
-                if ev is not None and id(ev) not in waited:
-                    waited.add(id(ev))
-                    runnable = runnable and ev.query()
-                    torch.cuda.current_stream().wait_event(ev)
+        events = self._layer_events(l for l0, k in units for l in range(l0, l0 + k))
+        for ev in events:
+            torch.cuda.current_stream().wait_event(ev)
+        runnable = all(ev.query() for ev in events)
         for (l0, _), staging in zip(units, stagings):
             if staging is not None:
                 pool.gather_staged(self.agent.kv, l0, staged_idx, staging)

@@ -114,7 +114,8 @@ class TransferConfig:
                       "(gather, scatter, checksums) before waiting for it on a thread (0 = always a thread)")
     data_path: str = _f("tag", "tag: the decode side posts tag receives (direct runs, staged bundles); rma: the "
                         "prefill side puts straight into the reserved blocks (UCP RMA, both pools registered "
-                        "once); auto: rma where both agents could register their pools, else tag")
+                        "once); auto: rma for transfers of at most rma_max_runs block runs when both agents registered their "
+                        "pools, else tag")
     rma_max_runs: int = _f(4, "auto: a transfer is put-based only if its blocks form at most this many runs "
                            "(consecutive on both sides; one put per layer, K|V and run), else tag messages")
     rma_fence_grace_s: float = _f(1.0, "rma: after a dead sender's endpoint breaks, wait this long for copies it had "
