@@ -1,12 +1,13 @@
-"""A/B of programmatic dependent launch (kernels/_pdl.py) on the decode step's CUDA graphs.
+"""A/B of decode-step variants on the step's CUDA graphs: programmatic dependent launch
+(kernels/_pdl.py; --ab pdl) or RoPE + KV write in the QKV GEMV's epilogue (--ab rope).
 
-One engine (dummy Llama-3-8B bf16 on the GPU; tiny float16 under --smoke), its decode graphs
-captured under each of VARIANTS in turn, twice (the SPLITSERVE_PDL* variables are read at each
-launch, so a re-capture switches them); each capture's graph replay
-time per batch, back to back, timed by CUDA events, and the greedy tokens of one step, which
-must not change.
+One engine (dummy Llama-3-8B on the GPU, bf16 or FP8 KV; tiny float16 under --smoke), its
+decode graphs captured under each variant in turn, twice, interleaved (a variant sets
+environment variables, read at each launch, and attributes of the fused forward, read at
+capture); each capture's graph replay time per batch, back to back, timed by CUDA events, and
+the greedy tokens and logits of one step against the first variant's, which must not change.
 
-    python bench/pdl_ab.py --out $OUT          # writes pdl-ab.json, prints a table
+    python bench/pdl_ab.py --out $OUT [--ab pdl|rope] [--kv bf16|fp8]
 """
 from __future__ import annotations
 
@@ -29,17 +30,21 @@ BATCHES = (1, 2) if SMOKE else (1, 8, 32)
 # (name, environment): PDL off; PDL from two rows (the default); PDL at one row too. (Session 9
 # also timed a GEMV variant loading its first weight tile before the PDL wait: slower, removed;
 # bench/results/pdl-ab-v2-2026-11-29.md.)
-VARIANTS = [
-    ("off", {"SPLITSERVE_PDL": "0", "SPLITSERVE_PDL_MIN_ROWS": "2"}),
-    ("pdl", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "2"}),
-    ("pdl1", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "1"}),
-]
+# (name, environment, FusedForward attributes)
+AB = {
+    "pdl": [("off", {"SPLITSERVE_PDL": "0", "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
+            ("pdl", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
+            ("pdl1", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "1"}, {})],
+    # the RoPE + KV-write kernel per layer vs the same work in the QKV GEMV's epilogue
+    "rope": [("rope-kernel", {}, {"fuse_rope_epilogue": False}),
+             ("rope-epilogue", {}, {"fuse_rope_epilogue": True})],
+}
 CONTEXT = 64 if SMOKE else 1024
 
 
-def build() -> LLMEngine:
+def build(kv_dtype: str) -> LLMEngine:
     cfg = Config().replace("model", model=f"dummy:{SHAPE}", device=DEV.type, dtype=DTYPE, seed=0)
-    cfg = cfg.replace("cache", enable_prefix_caching=False, memory_fraction=0.5,
+    cfg = cfg.replace("cache", enable_prefix_caching=False, memory_fraction=0.5, kv_dtype=kv_dtype,
                       **({"num_blocks": 64} if SMOKE else {}))
     cfg = cfg.replace("scheduler", max_num_seqs=max(BATCHES), max_model_len=CONTEXT + 64,
                       max_num_batched_tokens=256)
@@ -61,24 +66,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run (no graphs, no timing)")
+    ap.add_argument("--ab", choices=sorted(AB), default="pdl")
+    ap.add_argument("--kv", choices=["bf16", "fp8"], default="bf16")
     args = ap.parse_args()
-    eng = build()
+    eng = build("fp8_e4m3" if args.kv == "fp8" else "auto")
     kv = eng.kv_cache.kv
-    for i in range(kv.shape[0]):          # random KV (bf16 / fp16 caches)
-        kv[i].normal_()
+    for i in range(kv.shape[0]):          # random KV (FP8: normal values cast, scales 1)
+        kv[i] = torch.randn(kv[i].shape, device=kv.device).to(kv.dtype)
     runner = eng.runner.decode_graphs
     rows, tokens = [], {}
-    variants = VARIANTS[:2] if SMOKE else VARIANTS
+    variants = AB[args.ab][:2] if SMOKE else AB[args.ab]
+    fused = eng.model._fused
     for trial in range(1 if SMOKE else 2):       # two passes, interleaved: drift shows
-        for name, env in variants:
+        for name, env, attrs in variants:
             os.environ.update(env)
+            for k, v in attrs.items():
+                setattr(fused, k, v)
             runner._graphs, runner._outputs = {}, {}
             runner.capture()
             for b in BATCHES:
                 logits, toks = runner.run(inputs(eng, b))
                 logits, toks = logits.float().cpu(), toks.tolist()
                 same = diff = None
-                if b in tokens:    # against the first capture (PDL off): the same step's output
+                if b in tokens:    # against the first variant's first capture: the same step's output
                     ref_logits, ref_toks = tokens[b]
                     same = toks == ref_toks
                     diff = float((logits - ref_logits).abs().max())
@@ -92,17 +102,17 @@ def main() -> None:
                     tokens[b] = (logits, toks)
                 t = replay_time(runner, b, reps=50)        # None without graphs (CPU)
                 us = float("nan") if t is None else t * 1e6
-                rows.append(dict(trial=trial, variant=name, env=env, pdl=env["SPLITSERVE_PDL"] == "1",
+                rows.append(dict(trial=trial, ab=args.ab, kv=args.kv, variant=name, env=env, attrs=attrs,
                                  batch=b, context=CONTEXT, replay_us=us, tokens_equal=same,
                                  max_logit_diff=diff))
                 print(f"{name:>14} B={b} ctx={CONTEXT}: {us:.1f} us per step replay"
                       + ("" if same is None else f", tokens {'equal' if same else 'DIFFER'}, "
                          f"max |logit diff| {diff:.5f}"), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "pdl-ab.json").write_text(json.dumps(rows, indent=1))
+    (Path(args.out) / f"{args.ab}-ab-{args.kv}.json").write_text(json.dumps(rows, indent=1))
     for b in BATCHES:
         best = {n: min(r["replay_us"] for r in rows if r["batch"] == b and r["variant"] == n)
-                for n, _ in variants}
+                for n, _, _ in variants}
         print(f"B={b}: " + ", ".join(f"{n} {v:.1f}" for n, v in best.items()) + " us (best of passes)")
 
 

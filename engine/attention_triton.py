@@ -4,6 +4,8 @@
     out = backend.forward(layer, q, k, v) # per layer: write_kv, then decode or prefill attention
     backend.rope_write_kv(layer, q, k, v, positions, cos_sin); out = backend.attend(layer, q)
                                           # the fused model path: the same, RoPE fused in
+    rope = backend.rope_kv_target(layer, k, v, positions, cos_sin); <QKV GEMV with rope=rope>;
+    out = backend.attend(layer, q)        # one-token steps: RoPE + KV write in the GEMV epilogue
 
 Decode-only steps (every sequence adds one token) use `paged_decode_attention` (GQA-packed,
 split-KV); everything else (prefill, chunked prefill, mixed batches) uses
@@ -83,6 +85,15 @@ class TritonPagedAttention:
         self.k.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, self.meta.slot_mapping,
                              k_scale, v_scale)
         self._new_kv = (layer, k, v)     # k is rotated in place
+
+    def rope_kv_target(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       cos_sin: torch.Tensor):
+        """What the QKV GEMV's epilogue needs to do `rope_write_kv`'s work for this layer
+        (kernels.RopeKV); k, v are the views of the QKV output it writes, rotated k."""
+        k_cache, v_cache, k_scale, v_scale = self.cache.layer(layer)
+        self._new_kv = (layer, k, v)
+        return self.k.RopeKV(positions, cos_sin, self.num_q_heads, k.shape[1], k_cache, v_cache,
+                             self.meta.slot_mapping, k_scale, v_scale)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of q over the layer's cache, this step's K/V already written -> [T, Hq, D]."""

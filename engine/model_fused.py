@@ -11,9 +11,10 @@ get RoPE fused with the paged KV write; any other backend gets RoPE in place and
 
 Steps of at most SMALL_BATCH_TOKENS tokens (decode at small batch, where a step is weight
 streaming plus ~2 us per small kernel) run the GEMV path instead (kernels/gemv.py):
-norm_linear(qkv) -> RoPE + KV write -> attention -> gemv_linear(o) -> norm_linear(gate_up,
-SiLU-mul) -> gemv_linear(down), 4 linear kernels and no separate norm, SiLU or split-K reduce
-kernels. The norms there cannot update the residual in place (every program of the GEMV
+norm_linear(qkv, RoPE + KV write in its epilogue) -> attention -> gemv_linear(o) ->
+norm_linear(gate_up, SiLU-mul) -> gemv_linear(down), 5 kernels per layer and no separate norm,
+RoPE, SiLU or split-K reduce kernels (backends without `rope_kv_target`, or
+`fuse_rope_epilogue = False`, keep the RoPE + KV-write kernel). The norms there cannot update the residual in place (every program of the GEMV
 reads it), so the stream ping-pongs between two buffers: each norm_linear reads `res` and
 writes res + x to the other one.
 """
@@ -31,6 +32,7 @@ class FusedForward:
         self.m = model
         self.k = kernels
         self.small_batch_tokens = SMALL_BATCH_TOKENS
+        self.fuse_rope_epilogue = True    # the GEMV path's QKV GEMV does RoPE + KV write
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
                 logits_indices: torch.Tensor | None = None, after_layer=None) -> torch.Tensor:
@@ -70,27 +72,41 @@ class FusedForward:
         o = torch.empty_like(x)
         act = torch.empty(t, a.intermediate_size, dtype=dt, device=dev)
         out = torch.empty_like(x)
+        q, kk, v = self._split(qkv)
+        fuse = self.fuse_rope_epilogue and hasattr(attn, "rope_kv_target")
         res = x                         # layer 0 norms the embedding itself: no residual add
         for i, lw in enumerate(m.layers):
+            rope = attn.rope_kv_target(i, kk, v, positions, m.cos_sin) if fuse else None
             if i == 0:
-                k.norm_linear(x, lw["ln1"], eps, lw["qkv"], bias=lw["qkv_bias"], out=qkv)
+                k.norm_linear(x, lw["ln1"], eps, lw["qkv"], bias=lw["qkv_bias"], out=qkv, rope=rope)
             else:
-                k.norm_linear(out, lw["ln1"], eps, lw["qkv"], res, other(res), bias=lw["qkv_bias"], out=qkv)
+                k.norm_linear(out, lw["ln1"], eps, lw["qkv"], res, other(res), bias=lw["qkv_bias"],
+                              out=qkv, rope=rope)
                 res = other(res)
-            k.gemv_linear(self._attention(i, qkv, positions, attn, after_layer), lw["o"], out=o)
+            if fuse:
+                if after_layer is not None:
+                    after_layer(i)
+                a_out = attn.attend(i, q).reshape(-1, a.q_size)
+            else:
+                a_out = self._attention(i, qkv, positions, attn, after_layer)
+            k.gemv_linear(a_out, lw["o"], out=o)
             k.norm_linear(o, lw["ln2"], eps, lw["gate_up"], res, other(res), silu=True, out=act)
             res = other(res)
             k.gemv_linear(act, lw["down"], out=out)
         return res, out
 
+    def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k and v [T, Hkv, D]: views of the fused qkv [T, q + 2 kv]."""
+        a = self.m.arch
+        q, kk, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        return (q.view(-1, a.num_heads, a.head_dim), kk.view(-1, a.num_kv_heads, a.head_dim),
+                v.view(-1, a.num_kv_heads, a.head_dim))
+
     def _attention(self, i: int, qkv: torch.Tensor, positions: torch.Tensor, attn,
                    after_layer) -> torch.Tensor:
         """RoPE, KV write and attention of layer i on the fused qkv [T, q + 2 kv]; -> [T, q_size]."""
         m, a = self.m, self.m.arch
-        q, kk, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-        q = q.view(-1, a.num_heads, a.head_dim)                               # [T, Hq, D]
-        kk = kk.view(-1, a.num_kv_heads, a.head_dim)                          # [T, Hkv, D]
-        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        q, kk, v = self._split(qkv)
         if hasattr(attn, "rope_write_kv"):
             attn.rope_write_kv(i, q, kk, v, positions, m.cos_sin)
             if after_layer is not None:

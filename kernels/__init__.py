@@ -32,8 +32,9 @@ The fused layer glue of the engine's GPU path (references in `reference_fused.py
     gemv_linear(x, weight, bias=None, out=None)
         F.linear for <= 32 tokens without a split-K reduce kernel (gemv.py).
     norm_linear(x, norm_weight, eps, weight, residual=None, residual_out=None, bias=None,
-                silu=False, out=None)
-        rms_norm(+residual, the sum written to residual_out) -> linear (-> silu_and_mul) in one.
+                silu=False, out=None, rope=None)
+        rms_norm(+residual, the sum written to residual_out) -> linear (-> silu_and_mul) in one;
+        with rope=RopeKV(...) the QKV projection followed by rope_write_kv (gemv_rope.py).
 
 Layouts and metadata are those of `reference.py`: caches [num_blocks, block_size,
 num_kv_heads, head_dim] (V pages token-major or token-minor, `token_minor_v`); FP8 caches
@@ -66,6 +67,7 @@ _LAZY = {
     "silu_and_mul": "silu_mul",
     "gemv_linear": "gemv",
     "norm_linear": "gemv",
+    "RopeKV": "gemv_rope",
 }
 
 
@@ -82,5 +84,5 @@ __all__ = [
     "rms_norm_ref", "rope_cos_sin_cache", "rope_ref",
     "rope_write_kv", "rope_write_kv_ref", "silu_and_mul", "silu_and_mul_ref", "write_kv",
     "write_kv_ref", "token_minor_v", "gemv_linear", "gemv_linear_ref", "norm_linear",
-    "norm_linear_ref",
+    "norm_linear_ref", "RopeKV",
 ]

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ._pdl import launch_kwargs, pdl_wait, use_pdl
+from .gemv_rope import RopeKV, check_rope, rope_kv_epilogue, rope_launch_args
 from ._rounding import round_to
 from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, check_last_contiguous,
                       interpreting, next_pow2)
@@ -150,11 +151,17 @@ def _mac(acc, w, x, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])   # one build for every M of a block size
 def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
                  M, N, K, stride_x, stride_r, stride_ro, stride_w, stride_o, eps,
+                 # ROPE epilogue (gemv_rope.py): positions, cos/sin, caches, slots, scales
+                 pos_ptr, cs_ptr, stride_cs, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
+                 s_kblk, s_koff, s_kh, s_vblk, s_voff, s_vh, s_vd, block_size,
+                 num_q_heads, num_kv_heads,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SILU: tl.constexpr, USE_DOT: tl.constexpr, EVEN: tl.constexpr,
                  NUM_STAGES: tl.constexpr, STATS_K: tl.constexpr, STATS_STAGES: tl.constexpr,
-                 NATIVE: tl.constexpr, PDL: tl.constexpr = False):
+                 NATIVE: tl.constexpr, ROPE: tl.constexpr = False, HALF: tl.constexpr = 1,
+                 FP8: tl.constexpr = False, FP8_MAX: tl.constexpr = 448.0,
+                 PDL: tl.constexpr = False):
     # (loading the first weight tile before this wait, to stream it in under the previous
     # kernel's tail, made the B=1 step 20-81 us slower: bench/results/pdl-ab-v2-2026-11-29.md)
     pdl_wait(PDL)              # before any load of x, residual or out
@@ -162,11 +169,15 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
     dt = w_ptr.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROPE:   # BLOCK_N rotate-half pairs of one head: rows offs_n and offs_n + HALF
+        offs_n = (pid * BLOCK_N) // HALF * (2 * HALF) + (pid * BLOCK_N) % HALF + tl.arange(0, BLOCK_N)
     if NORM:
         rstd = _inv_rms(x_ptr, res_ptr, res_out_ptr, M, K, stride_x, stride_r, stride_ro, eps,
                         pid == 0, BLOCK_M, STATS_K, STATS_STAGES, HAS_RES, NATIVE)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + tl.arange(0, BLOCK_K)[None, :]
-    up_ptrs = w_ptrs + N * stride_w        # SILU: the up half's matching rows
+    # the second row set: SILU the up half's matching rows, ROPE the pairs' second halves
+    up_ptrs = w_ptrs + (HALF if ROPE else N) * stride_w
+    PAIRED: tl.constexpr = SILU or ROPE
     if USE_DOT:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     elif BLOCK_M == 1:
@@ -188,7 +199,7 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
             acc = _mac(acc, tl.load(w_ptrs), x, USE_DOT, BLOCK_M)
         else:
             acc = _mac(acc, tl.load(w_ptrs, mask=wmask, other=0.0), x, USE_DOT, BLOCK_M)
-        if SILU:
+        if PAIRED:
             if EVEN:
                 acc_up = _mac(acc_up, tl.load(up_ptrs), x, USE_DOT, BLOCK_M)
             else:
@@ -205,13 +216,21 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
         acc_up = tl.sum(acc_up, axis=2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+        if ROPE:
+            acc_up += tl.load(b_ptr + offs_n + HALF).to(tl.float32)[:, None]
     y = _round(acc, dt, NATIVE)                             # [BLOCK_N, BLOCK_M]
-    if SILU:   # silu_mul.py on the rounded gate and up
-        g = y.to(tl.float32)
-        s = _round(tl.math.div_rn(g, 1.0 + tl.exp(-g)), dt, NATIVE).to(tl.float32)
-        y = _round(s * _round(acc_up, dt, NATIVE).to(tl.float32), dt, NATIVE)
-    tl.store(out_ptr + rows[None, :] * stride_o + offs_n[:, None], y,
-             mask=(offs_n[:, None] < N) & (rows[None, :] < M))
+    if ROPE:
+        rope_kv_epilogue(y, _round(acc_up, dt, NATIVE), offs_n, rows, M, out_ptr, stride_o,
+                         pos_ptr, cs_ptr, stride_cs, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
+                         s_kblk, s_koff, s_kh, s_vblk, s_voff, s_vh, s_vd, block_size,
+                         num_q_heads, num_kv_heads, HALF, FP8, FP8_MAX)
+    else:
+        if SILU:   # silu_mul.py on the rounded gate and up
+            g = y.to(tl.float32)
+            s = _round(tl.math.div_rn(g, 1.0 + tl.exp(-g)), dt, NATIVE).to(tl.float32)
+            y = _round(s * _round(acc_up, dt, NATIVE).to(tl.float32), dt, NATIVE)
+        tl.store(out_ptr + rows[None, :] * stride_o + offs_n[:, None], y,
+                 mask=(offs_n[:, None] < N) & (rows[None, :] < M))
 
 
 def _check_x(name: str, x: torch.Tensor) -> None:
@@ -223,23 +242,29 @@ def _check_x(name: str, x: torch.Tensor) -> None:
 
 
 def _launch(x, weight, out, *, tile, norm_weight=None, eps=0.0, residual=None, residual_out=None,
-            bias=None, silu=False) -> torch.Tensor:
+            bias=None, silu=False, rope: RopeKV | None = None) -> torch.Tensor:
     m, k = x.shape
     n = out.shape[1]
     if m == 0:
         return out
-    t = tile or tile_for(m, "silu" if silu else "norm" if norm_weight is not None else "plain")
+    paired = silu or rope is not None      # two row sets per program
+    t = tile or tile_for(m, "silu" if paired else "norm" if norm_weight is not None else "plain")
     check(t.block_n >= 16 or not t.use_dot, lambda: f"{t}: tl.dot needs block_n >= 16")
+    half = rope.cos_sin.shape[1] // 2 if rope is not None and rope.cos_sin.dim() == 2 else 1
+    if rope is not None and tile is None and t.block_n > half:   # a program's pairs in one head
+        t = t._replace(block_n=half, use_dot=t.use_dot and half >= 16)
+    fp8 = rope is not None and check_rope(rope, x, weight, t.block_n)
     block_m = max(16, next_pow2(m)) if t.use_dot else next_pow2(m)
     even = n % t.block_n == 0 and k % t.block_k == 0
+    programs = n // (2 * t.block_n) if rope is not None else triton.cdiv(n, t.block_n)
     stats_k = min(next_pow2(k), max(16, STATS_ELEMS // block_m))
     norm, res = norm_weight is not None, residual is not None
-    _gemv_kernel[(triton.cdiv(n, t.block_n),)](
+    _gemv_kernel[(programs,)](
         x, residual if res else x, residual_out if res else x, norm_weight if norm else weight,
         weight, bias if bias is not None else weight, out,
         m, n, k, x.stride(0), residual.stride(0) if res else 0,
         residual_out.stride(0) if res else 0, weight.stride(0), out.stride(0), eps,
-        BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, NORM=norm, HAS_RES=res,
+        *rope_launch_args(rope, x), ROPE=rope is not None, HALF=half, FP8=fp8, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, NORM=norm, HAS_RES=res,
         HAS_BIAS=bias is not None, SILU=silu, USE_DOT=t.use_dot, EVEN=even, NUM_STAGES=t.num_stages,
         STATS_K=stats_k, STATS_STAGES=1 if stats_k >= k else 3, NATIVE=not interpreting(),
         num_warps=t.num_warps, num_stages=t.num_stages, **launch_kwargs(use_pdl(x.device, m)))
@@ -286,16 +311,18 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                 residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, silu: bool = False, out: torch.Tensor | None = None,
-                tile: Tile | None = None) -> torch.Tensor:
+                tile: Tile | None = None, rope: RopeKV | None = None) -> torch.Tensor:
     """F.linear(rms_norm(x, norm_weight, eps, residual), weight, bias) in one kernel, with
-    silu=True followed by silu_and_mul; returns out [M, N] (silu: [M, N / 2]).
+    silu=True followed by silu_and_mul, with rope= (the QKV projection) followed by
+    rope_write_kv of its q, k, v views (gemv_rope.py); returns out [M, N] (silu: [M, N / 2]).
 
     x:            [M, K] fp16/bf16, last dim contiguous (M <= MAX_M)
     norm_weight:  [K] contiguous, x's dtype
     residual:     optional [M, K]: the sum residual + x (rounded) is normed and written to
                   residual_out ([M, K], required with residual, must not be residual itself);
                   residual is only read
-    weight:       [N, K], last dim contiguous; with silu the stacked [gate; up] rows
+    weight:       [N, K], last dim contiguous; with silu the stacked [gate; up] rows; with
+                  rope the stacked [q; k; v] rows, q and k rotated and k, v written to the cache
     No host sync: capturable in a CUDA graph.
     """
     _check_x("x", x)
@@ -312,8 +339,11 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
             check_last_contiguous(name, r)
         check(residual_out.data_ptr() != residual.data_ptr(),
               lambda: "residual_out must be a separate buffer: other programs still read residual")
+    check(not (silu and rope is not None), lambda: "silu and rope are two different epilogues")
     out = _check_weight(x, weight, bias, silu, out)
+    r = rope._asdict() if rope is not None else {}
     check_device("x", x, norm_weight=norm_weight, weight=weight, residual=residual,
-                 residual_out=residual_out, bias=bias, out=out)
+                 residual_out=residual_out, bias=bias, out=out,
+                 **{k: v for k, v in r.items() if isinstance(v, torch.Tensor)})
     return _launch(x, weight, out, tile=tile, norm_weight=norm_weight, eps=eps, residual=residual,
-                   residual_out=residual_out, bias=bias, silu=silu)
+                   residual_out=residual_out, bias=bias, silu=silu, rope=rope)
