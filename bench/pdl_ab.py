@@ -1,5 +1,6 @@
 """A/B of decode-step variants on the step's CUDA graphs: programmatic dependent launch
-(kernels/_pdl.py; --ab pdl) or RoPE + KV write in the QKV GEMV's epilogue (--ab rope).
+(kernels/_pdl.py; --ab pdl), RoPE + KV write in the QKV GEMV's epilogue (--ab rope) or the
+greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
 
 One engine (dummy Llama-3-8B on the GPU, bf16 or FP8 KV; tiny float16 under --smoke), its
 decode graphs captured under each variant in turn, twice, interleaved (a variant sets
@@ -30,14 +31,17 @@ BATCHES = (1, 2) if SMOKE else (1, 8, 32)
 # (name, environment): PDL off; PDL from two rows (the default); PDL at one row too. (Session 9
 # also timed a GEMV variant loading its first weight tile before the PDL wait: slower, removed;
 # bench/results/pdl-ab-v2-2026-11-29.md.)
-# (name, environment, FusedForward attributes)
+# (name, environment, attributes "fused.<name>" of the FusedForward / "runner.<name>" of the
+# DecodeGraphRunner)
 AB = {
     "pdl": [("off", {"SPLITSERVE_PDL": "0", "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
             ("pdl", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
             ("pdl1", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "1"}, {})],
     # the RoPE + KV-write kernel per layer vs the same work in the QKV GEMV's epilogue
-    "rope": [("rope-kernel", {}, {"fuse_rope_epilogue": False}),
-             ("rope-epilogue", {}, {"fuse_rope_epilogue": True})],
+    "rope": [("rope-kernel", {}, {"fused.fuse_rope_epilogue": False}),
+             ("rope-epilogue", {}, {"fused.fuse_rope_epilogue": True})],
+    "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
+               ("split-argmax", {}, {"runner.split_argmax": True})],
 }
 CONTEXT = 64 if SMOKE else 1024
 
@@ -76,12 +80,13 @@ def main() -> None:
     runner = eng.runner.decode_graphs
     rows, tokens = [], {}
     variants = AB[args.ab][:2] if SMOKE else AB[args.ab]
-    fused = eng.model._fused
+    objs = {"fused": eng.model._fused, "runner": runner}
     for trial in range(1 if SMOKE else 2):       # two passes, interleaved: drift shows
         for name, env, attrs in variants:
             os.environ.update(env)
             for k, v in attrs.items():
-                setattr(fused, k, v)
+                obj, attr = k.split(".")
+                setattr(objs[obj], attr, v)
             runner._graphs, runner._outputs = {}, {}
             runner.capture()
             for b in BATCHES:

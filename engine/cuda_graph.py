@@ -131,22 +131,31 @@ class DecodeGraphRunner:
         self.model, self.attn, self.width = model, attn, width
         self.buckets = tuple(sorted(buckets))
         self.use_graphs = use_graphs
+        # greedy tokens by kernels/argmax.py on CUDA (torch's took 28.6 us at batch 1), read at capture
+        self.split_argmax = model.device.type == "cuda"
         dev, top = model.device, self.buckets[-1]
         pin = dev.type == "cuda"
-        # rows: input ids, positions, slots, then the TokenGather's dst and src
-        self._i64 = torch.zeros(5, top, dtype=torch.int64, device=dev)
+        # One byte buffer per side holding, in order, int64 [5, top] (input ids, positions, slots,
+        # then the TokenGather's dst and src), int32 seq_lens [top] and int32 tables [top, width]:
+        # a step's inputs go over in one copy of its prefix (three copies cost ~10 us more of the
+        # device's time per step at batch 1: bench/results/engine-gpu.md v6)
+        self._nbytes = (5 * top * 8, top * 4, top * width * 4)
+        self._dev_bytes = torch.zeros(sum(self._nbytes), dtype=torch.uint8, device=dev)
+        self._host_bytes = torch.zeros(sum(self._nbytes), dtype=torch.uint8, pin_memory=pin)
+        self._i64, self._seq_lens, self._tables = self._views(self._dev_bytes, top, width)
+        self._h_i64, self._h_seq, self._h_tables = self._views(self._host_bytes, top, width)
         self._i64[2] = -1
-        self._seq_lens = torch.zeros(top, dtype=torch.int32, device=dev)
-        self._tables = torch.zeros(top, width, dtype=torch.int32, device=dev)
         self._qsl = torch.arange(top + 1, dtype=torch.int32, device=dev)
-        self._h_i64 = torch.zeros(5, top, dtype=torch.int64, pin_memory=pin)
-        self._h_seq = torch.zeros(top, dtype=torch.int32, pin_memory=pin)
-        self._h_tables = torch.zeros(top, width, dtype=torch.int32, pin_memory=pin)
         self._np_i64, self._np_seq = self._h_i64.numpy(), self._h_seq.numpy()   # views of the staging
         self._rows = BlockTableRows(self._h_tables.numpy())
         self._staged: torch.cuda.Event | None = None   # recorded behind the last copy out of the staging
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _views(self, buf: torch.Tensor, top: int, width: int):
+        a, b, _ = self._nbytes
+        return (buf[:a].view(torch.int64).view(5, top), buf[a:a + b].view(torch.int32),
+                buf[a + b:].view(torch.int32).view(top, width))
 
     @property
     def max_batch(self) -> int:
@@ -161,6 +170,9 @@ class DecodeGraphRunner:
 
     def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model.forward(self._i64[0, :b], self._i64[1, :b], self.attn)   # [b, V] f32
+        if self.split_argmax:
+            from ..kernels.argmax import argmax_rows
+            return logits, argmax_rows(logits)
         return logits, logits.argmax(dim=-1)
 
     @torch.inference_mode()
@@ -203,9 +215,8 @@ class DecodeGraphRunner:
         if b is None:
             raise ValueError(f"decode batch {n} exceeds the largest graph bucket {self.max_batch}")
         m = self.stage(inp, b)
-        self._i64.copy_(self._h_i64, non_blocking=True)
-        self._seq_lens[:b].copy_(self._h_seq[:b], non_blocking=True)
-        self._tables[:b].copy_(self._h_tables[:b], non_blocking=True)
+        used = self._nbytes[0] + self._nbytes[1] + b * self.width * 4    # through tables[:b]
+        self._dev_bytes[:used].copy_(self._host_bytes[:used], non_blocking=True)
         if self._i64.is_cuda:
             self._staged = torch.cuda.Event()
             self._staged.record()

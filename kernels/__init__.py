@@ -35,6 +35,8 @@ The fused layer glue of the engine's GPU path (references in `reference_fused.py
                 silu=False, out=None, rope=None)
         rms_norm(+residual, the sum written to residual_out) -> linear (-> silu_and_mul) in one;
         with rope=RopeKV(...) the QKV projection followed by rope_write_kv (gemv_rope.py).
+    argmax_rows(logits, out=None)
+        torch.argmax(logits, dim=-1) split across programs (greedy sampling, argmax.py).
 
 Layouts and metadata are those of `reference.py`: caches [num_blocks, block_size,
 num_kv_heads, head_dim] (V pages token-major or token-minor, `token_minor_v`); FP8 caches
@@ -68,6 +70,7 @@ _LAZY = {
     "gemv_linear": "gemv",
     "norm_linear": "gemv",
     "RopeKV": "gemv_rope",
+    "argmax_rows": "argmax",
 }
 
 
@@ -84,5 +87,5 @@ __all__ = [
     "rms_norm_ref", "rope_cos_sin_cache", "rope_ref",
     "rope_write_kv", "rope_write_kv_ref", "silu_and_mul", "silu_and_mul_ref", "write_kv",
     "write_kv_ref", "token_minor_v", "gemv_linear", "gemv_linear_ref", "norm_linear",
-    "norm_linear_ref", "RopeKV",
+    "norm_linear_ref", "RopeKV", "argmax_rows",
 ]
