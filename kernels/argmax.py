@@ -6,7 +6,10 @@ row per thread block: at batch 1 its kernel read 128k float32 logits in 28.6 us 
 attention), where the bytes take well under a microsecond. Here each row is cut into `splits`
 chunks, one program each (stage 1: the chunk's maximum and its first index), then one program
 per row picks the first chunk holding the row's maximum (stage 2). Two small launches, no host
-sync: capturable in a CUDA graph.
+sync: capturable in a CUDA graph. Past SPLIT_MAX_ROWS rows torch's one-block-per-row kernel
+is already spread over the GPU and faster (H200, vocab 128256, in a CUDA graph: torch 27.2 /
+33.1 / 39.7 / 40.6 / 49.1 us at 1 / 8 / 32 / 128 / 256 rows, this 3.8 / 5.0 / 18.2 / 58.6 /
+113.3 us; bench/argmax_bench.py), so `argmax_rows` hands those batches to torch.
 
 Ordering: values compare as their float32 bits mapped to ordered integers, so the result is
 torch's for every finite value and +-inf; a NaN (positive, as GPUs produce) ranks above +inf,
@@ -23,6 +26,7 @@ from ._common import check, check_device, check_dim
 BLOCK = 1024
 TARGET_PROGRAMS = 256      # stage 1 programs per launch (rows x splits), ~2 per H200 SM
 MAX_SPLITS = 64
+SPLIT_MAX_ROWS = 32        # more rows: torch.argmax (measured faster there)
 
 
 @triton.jit
@@ -84,6 +88,8 @@ def argmax_rows(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     check_device("logits", logits, out=out)
     if rows == 0:
         return out
+    if rows > SPLIT_MAX_ROWS:
+        return torch.argmax(logits, dim=-1, out=out)
     splits = plan_splits(rows, n)
     chunk = triton.cdiv(triton.cdiv(n, splits), BLOCK) * BLOCK
     splits = triton.cdiv(n, chunk)

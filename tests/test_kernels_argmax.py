@@ -16,7 +16,7 @@ from splitserve.kernels.testing import setup_kernel_tests  # noqa: E402
 
 DEVICE = setup_kernel_tests()
 
-from splitserve.kernels.argmax import BLOCK, argmax_rows, plan_splits  # noqa: E402
+from splitserve.kernels.argmax import BLOCK, SPLIT_MAX_ROWS, argmax_rows, plan_splits  # noqa: E402
 
 
 @pytest.mark.parametrize("rows,n", [(1, 1), (1, 5000), (3, 1000), (17, 3 * BLOCK + 5), (1, 70001)])
@@ -34,11 +34,11 @@ def test_argmax_matches_torch(rows, n, dtype):
 
 
 def test_argmax_ties_within_one_chunk():
-    """256 rows: one chunk per row, several blocks; the max again one block later (the same
-    lane of the next block) and in the same block: the first index wins."""
+    """One chunk per row, several blocks; the max again one block later (the same lane of the
+    next block) and in the same block: the first index wins."""
     gen = torch.Generator().manual_seed(3)
-    rows, n = 256, 2 * BLOCK + 3
-    assert plan_splits(rows, n) == 1
+    rows, n = 32, 18 * BLOCK + 3
+    assert -(-n // plan_splits(rows, n)) > BLOCK
     x = torch.randn(rows, n, generator=gen)
     j = torch.randint(0, BLOCK, (rows,), generator=gen)
     r = torch.arange(rows)
@@ -67,6 +67,12 @@ def test_argmax_rows_with_a_stride_and_out():
     assert argmax_rows(x.to(DEVICE), out=out) is out
     # .to(DEVICE) on CPU keeps the strided view: the kernel reads through the row stride
     assert torch.equal(out.cpu(), x.argmax(dim=-1))
+
+
+def test_many_rows_go_to_torch():
+    x = torch.randn(SPLIT_MAX_ROWS + 1, 500)
+    out = torch.empty(SPLIT_MAX_ROWS + 1, dtype=torch.int64, device=DEVICE)
+    assert argmax_rows(x.to(DEVICE), out=out) is out and torch.equal(out.cpu(), x.argmax(-1))
 
 
 def test_plan_splits_spreads_small_batches():
