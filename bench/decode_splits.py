@@ -40,7 +40,7 @@ def main() -> None:
         for L in (int(x) for x in args.lengths.split(",")):
             sets = max(1, (64 << 20) // (4096 * L))                  # >= 64 MiB: past the L2
             p = Paged(1, L, kv, sets=sets, seed=L)
-            ideal = p.kv_bytes / (bw / 2) / 1e6                       # us at the read rate
+            ideal = p.kv_bytes / bw / 1e6                             # us at the copy rate
             plans = {m: K.plan_decode_splits(1, 8, m, p.q.device, fp8=kv == "fp8") for m in (L, 8448)}
             print(f"{kv} L={L}: ideal {ideal:.1f} us; plan {plans[L]} splits for this length, "
                   f"{plans[8448]} for an 8448-token table", flush=True)

@@ -279,12 +279,18 @@ def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int,
     """KV splits per (seq, kv head group), from static shape information only.
 
     Enough programs to fill the GPU (PROGRAMS_PER_SM per SM), but no split shorter than
-    MIN_CHUNK tokens of the longest context the block table can hold.
+    MIN_CHUNK tokens of the longest context the block table can hold, and no more than the
+    decode launch merges itself (FUSED_MERGE_MAX_SPLITS): a second merge launch cost more
+    than the extra splits gained at every batch-1 length measured on the H200 but FP8 at 32k+
+    (bench/decode_splits.py, decode-splits-2026-11-29.md: bf16 8k 16.5 us at 16 splits vs
+    23.1 at 32; FP8 128k 127.0 vs 112.9). The plan sees the table's width, not the lengths, so
+    an engine with a long max_model_len got 33 splits and the second launch on every short
+    context too.
     """
     programs = max(1, num_seqs * num_kv_heads // launch_shape(num_seqs, num_kv_heads, fp8)[1])
     want = math.ceil(PROGRAMS_PER_SM * sm_count(device) / programs)
     most = max(1, math.ceil(max_context / MIN_CHUNK))
-    return max(1, min(want, most, MAX_SPLITS))
+    return max(1, min(want, most, MAX_SPLITS, FUSED_MERGE_MAX_SPLITS or MAX_SPLITS))
 
 
 def alloc_split_kv_scratch(num_seqs: int, num_q_heads: int, head_dim: int, num_splits: int,

@@ -184,6 +184,19 @@ def test_decode_default_tiles_and_planned_splits():
     run_case([1, 15, 16, 17, 300], 8, 2, 64, 16, "fp8-bf16", seed=3)
 
 
+def test_planned_splits_stay_within_the_fused_merge(monkeypatch):
+    """The planner never picks more splits than the decode launch merges itself (a second
+    merge launch measured slower on the H200), whatever the table's width; without the fused
+    merge it may split further. A fake device with 132 SMs (the H200's) makes it plan as there."""
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(decode_mod, "sm_count", lambda d: 132)
+    plan = lambda: decode_mod.plan_decode_splits(1, 8, 8448, dev)   # noqa: E731  (B=1, 8k table)
+    assert plan() == decode_mod.FUSED_MERGE_MAX_SPLITS == 16
+    monkeypatch.setattr(decode_mod, "FUSED_MERGE_MAX_SPLITS", 0)
+    assert plan() == 33                      # 2 programs per SM over 8 kv heads
+    assert decode_mod.plan_decode_splits(1, 8, 1024, dev) == 4      # MIN_CHUNK bounds short tables
+
+
 def test_decode_preallocated_scratch(small_tiles):
     run_case([33, 1, 70], 4, 2, 64, 16, "fp16", seed=4, num_splits=4, scratch=True)
 
