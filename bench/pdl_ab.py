@@ -1,7 +1,6 @@
 """A/B of decode-step variants on the step's CUDA graphs: programmatic dependent launch
 (kernels/_pdl.py; --ab pdl), RoPE + KV write in the QKV GEMV's epilogue (--ab rope) or the
-greedy argmax (torch's vs kernels/argmax.py; --ab argmax) or the L2 prefetch of the output
-projection's weights during attention (--ab l2).
+greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
 
 One engine (dummy Llama-3-8B on the GPU, bf16 or FP8 KV; tiny float16 under --smoke), its
 decode graphs captured under each variant in turn, twice, interleaved (a variant sets
@@ -43,9 +42,6 @@ AB = {
              ("rope-epilogue", {}, {"fused.fuse_rope_epilogue": True})],
     "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
                ("split-argmax", {}, {"runner.split_argmax": True})],
-    # the output projection's weights read into L2 on a side stream during the attention
-    "l2": [("no-prefetch", {}, {"fused.l2_prefetch_o": False}),
-           ("l2-prefetch-o", {}, {"fused.l2_prefetch_o": True})],
 }
 CONTEXT = 64 if SMOKE else 1024
 

@@ -33,11 +33,6 @@ class FusedForward:
         self.k = kernels
         self.small_batch_tokens = SMALL_BATCH_TOKENS
         self.fuse_rope_epilogue = True    # the GEMV path's QKV GEMV does RoPE + KV write
-        # on CUDA, read the output projection's weights into L2 on a side stream while the
-        # (latency-bound) attention runs: kernels/l2_prefetch.py
-        self.l2_prefetch_o = True
-        self._side: torch.cuda.Stream | None = None
-        self._pf_scratch: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
                 logits_indices: torch.Tensor | None = None, after_layer=None) -> torch.Tensor:
@@ -91,10 +86,7 @@ class FusedForward:
             if fuse:
                 if after_layer is not None:
                     after_layer(i)
-                joined = self._prefetch(lw["o"])
                 a_out = attn.attend(i, q).reshape(-1, a.q_size)
-                if joined is not None:
-                    joined()
             else:
                 a_out = self._attention(i, qkv, positions, attn, after_layer)
             k.gemv_linear(a_out, lw["o"], out=o)
@@ -102,20 +94,6 @@ class FusedForward:
             res = other(res)
             k.gemv_linear(act, lw["down"], out=out)
         return res, out
-
-    def _prefetch(self, w: torch.Tensor):
-        """Start reading w into L2 on the side stream; returns the join (or None: off, CPU)."""
-        if not self.l2_prefetch_o or w.device.type != "cuda":
-            return None
-        cur = torch.cuda.current_stream(w.device)
-        if self._side is None:
-            self._side = torch.cuda.Stream(w.device)
-            self._pf_scratch = torch.empty(256, dtype=torch.int32, device=w.device)
-        side = self._side
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
-            self.k.l2_prefetch(w, self._pf_scratch)
-        return lambda: cur.wait_stream(side)
 
     def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k and v [T, Hkv, D]: views of the fused qkv [T, q + 2 kv]."""

@@ -37,8 +37,6 @@ The fused layer glue of the engine's GPU path (references in `reference_fused.py
         with rope=RopeKV(...) the QKV projection followed by rope_write_kv (gemv_rope.py).
     argmax_rows(logits, out=None)
         torch.argmax(logits, dim=-1) split across programs (greedy sampling, argmax.py).
-    l2_prefetch(t, scratch=None)
-        read t through L2 (on a side stream, ahead of its use; l2_prefetch.py).
 
 Layouts and metadata are those of `reference.py`: caches [num_blocks, block_size,
 num_kv_heads, head_dim] (V pages token-major or token-minor, `token_minor_v`); FP8 caches
@@ -73,7 +71,6 @@ _LAZY = {
     "norm_linear": "gemv",
     "RopeKV": "gemv_rope",
     "argmax_rows": "argmax",
-    "l2_prefetch": "l2_prefetch",
 }
 
 
@@ -90,5 +87,5 @@ __all__ = [
     "rms_norm_ref", "rope_cos_sin_cache", "rope_ref",
     "rope_write_kv", "rope_write_kv_ref", "silu_and_mul", "silu_and_mul_ref", "write_kv",
     "write_kv_ref", "token_minor_v", "gemv_linear", "gemv_linear_ref", "norm_linear",
-    "norm_linear_ref", "RopeKV", "argmax_rows", "l2_prefetch",
+    "norm_linear_ref", "RopeKV", "argmax_rows",
 ]
