@@ -46,31 +46,6 @@ def split_steps(ev: list[dict], marker: str) -> list[list[dict]]:
     return steps
 
 
-def ab_io(eng, steps: int = 20) -> list[dict]:
-    """engine.step() with overlap on and off, kernel_io off / on, two interleaved passes."""
-    runner, out = eng.runner.decode_graphs, []
-    for rnd in range(2):
-        for kio in (False, True):
-            runner.kernel_io = kio
-            row = dict(round=rnd, kernel_io=kio)
-            for overlap in (True, False):
-                eng.pipeline.enabled = overlap
-                for _ in range(3):
-                    eng.step()
-                ts = []
-                for _ in range(steps):
-                    t = time.perf_counter()
-                    eng.step()
-                    ts.append(time.perf_counter() - t)
-                row["overlap_ms" if overlap else "sync_ms"] = statistics.median(ts) * 1e3
-            out.append(row)
-            print(f"kernel_io={kio!s:5} pass {rnd}: engine.step() {row['overlap_ms']:.3f} ms overlapped, "
-                  f"{row['sync_ms']:.3f} ms sync", flush=True)
-    eng.pipeline.enabled = eng.config.scheduler.overlap_decode
-    runner.kernel_io = True
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp")
@@ -79,17 +54,13 @@ def main() -> None:
     ap.add_argument("--kv", choices=["bf16", "fp8"], default="bf16")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--smoke", action="store_true", help="CPU dry run (no GPU activity to show)")
-    ap.add_argument("--ab-io", action="store_true",
-                    help="also A/B DecodeGraphRunner.kernel_io: engine.step() overlapped and sync, "
-                         "and the runner step, interleaved in this process")
     ap.add_argument("--marker", default="_tokens_out", help="substring of a step's last kernel's name")
     args = ap.parse_args()
-    extra = 8 * 3 * 20 + 40 if args.ab_io else 0           # the A/B's steps, after the trace's
-    eng = eb.make_engine("fp8_e4m3" if args.kv == "fp8" else "auto", args.ctx + extra + 256)
+    eng = eb.make_engine("fp8_e4m3" if args.kv == "fp8" else "auto", args.ctx + 256)
     eb.fill_cache_random(eng)
     rng = np.random.default_rng(0)
     n = 3 * args.steps + 10
-    params = SamplingParams(max_tokens=n + extra + 4, ignore_eos=True)
+    params = SamplingParams(max_tokens=n + 4, ignore_eos=True)
     for i in range(args.batch):
         rid = f"trace-{i}"
         eng.reserve_remote(rng.integers(2, eng.arch.vocab_size, args.ctx - n).tolist(), params, rid)
@@ -107,7 +78,6 @@ def main() -> None:
         for _ in range(args.steps):
             eng.step()
         sync()
-    ab = ab_io(eng) if args.ab_io else []
     ev = gpu_events(prof)
     steps = split_steps(ev, args.marker)[1:-1]      # whole steps only
     rows, others = [], {}
@@ -126,7 +96,7 @@ def main() -> None:
     per_step = {k: (len(v) / max(1, len(steps)), statistics.median(v)) for k, v in counts.items()}
     rare = {k: v for k, v in per_step.items() if v[0] <= 3}
     res = dict(batch=args.batch, ctx=args.ctx, kv=args.kv, wall_step_ms=statistics.median(walls) * 1e3,
-               steps=rows, per_step_rare_activities=rare, ab_io=ab)
+               steps=rows, per_step_rare_activities=rare)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"step-trace-b{args.batch}-{args.kv}.json").write_text(json.dumps(res, indent=1))
     print(f"engine.step() wall median {res['wall_step_ms']:.3f} ms (no profiler)")

@@ -144,9 +144,6 @@ class DecodeGraphRunner:
         self.use_graphs = use_graphs
         # greedy tokens by kernels/argmax.py on CUDA (torch's took 28.6 us at batch 1), read at capture
         self.split_argmax = model.device.type == "cuda"
-        # a step's inputs in and tokens out as kernels/step_io.py's two kernels on CUDA (else a
-        # copy, index_select + index_copy, a clone and a device-to-host copy)
-        self.kernel_io = model.device.type == "cuda"
         dev, top = model.device, self.buckets[-1]
         pin = dev.type == "cuda"
         # One byte buffer per side holding, in order, int64 [5, top] (input ids, positions, slots,
@@ -234,27 +231,24 @@ class DecodeGraphRunner:
         m = self.stage(inp, b)
         used = self._nbytes[0] + self._nbytes[1] + b * self.width * 4    # through tables[:b]
         cuda = self._i64.is_cuda
-        kio = cuda and self.kernel_io
-        if kio:    # one kernel: staging -> device over PCIe, and the ids gathered from prev
+        if cuda:   # one kernel: staging -> device over PCIe, and the ids gathered from prev
             from ..kernels.step_io import stage_inputs
             stage_inputs(self._host_bytes, self._dev_bytes, used, self.buckets[-1],
                          inp.prev.tokens if m else None, m)
-        else:
-            self._dev_bytes[:used].copy_(self._host_bytes[:used], non_blocking=cuda)
-        if cuda:
             self._staged = torch.cuda.Event()
             self._staged.record()
-        if m and not kio:   # ids the previous step sampled, straight from its output
-            self._i64[0].index_copy_(0, self._i64[3, :m], inp.prev.tokens.index_select(0, self._i64[4, :m]))
+        else:
+            self._dev_bytes[:used].copy_(self._host_bytes[:used])
+            if m:   # ids the previous step sampled, straight from its output
+                self._i64[0].index_copy_(0, self._i64[3, :m], inp.prev.tokens.index_select(0, self._i64[4, :m]))
         if b in self._graphs:
             self._graphs[b].replay()
             logits, tokens = self._outputs[b]
         else:
             self.attn.prepare(self._meta(b))
             logits, tokens = self._forward(b)
-        if not kio:
-            toks = tokens[:n].clone()
-            return StepOut(logits[:n], toks, HostCopy(toks) if cuda else None)
+        if not cuda:
+            return StepOut(logits[:n], tokens[:n].clone(), None)
         from ..kernels.step_io import tokens_out
         host = self._h_tokens[self._slot, :n]
         self._slot = (self._slot + 1) % HOST_TOKEN_SLOTS
