@@ -3,7 +3,7 @@
 Builds the bench/engine.py engine (dummy Llama-3-8B, bf16 or FP8 KV), puts B requests at ~ctx
 tokens of context, and runs LLMEngine.step() with overlapped decode under torch.profiler. From
 the GPU activity it prints, per step (one graph replay to the next): the graph's span, every
-activity outside it (copies, gathers, the token write-out) with its duration, and the idle gaps, so the
+activity outside it (copies, gathers, clones) with its duration, and the idle gaps, so the
 difference between the graph replay time and engine.step()'s is accounted for.
 
     python bench/step_trace.py --out $OUT [--batch 1] [--ctx 1024] [--kv bf16|fp8] [--steps 12]
@@ -54,7 +54,8 @@ def main() -> None:
     ap.add_argument("--kv", choices=["bf16", "fp8"], default="bf16")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--smoke", action="store_true", help="CPU dry run (no GPU activity to show)")
-    ap.add_argument("--marker", default="_tokens_out", help="substring of a step's last kernel's name")
+    ap.add_argument("--marker", default="_argmax_pick",
+                    help="substring of the graph's last kernel's name (batches > 32: ArgMax, torch's)")
     args = ap.parse_args()
     eng = eb.make_engine("fp8_e4m3" if args.kv == "fp8" else "auto", args.ctx + 256)
     eb.fill_cache_random(eng)

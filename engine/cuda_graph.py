@@ -29,12 +29,8 @@ import numpy as np
 import torch
 
 from .attention import AttentionMetadata
-from .sampler import HostCopy
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-HOST_TOKEN_SLOTS = 8
 
 
 def decode_buckets(max_num_seqs: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
@@ -63,13 +59,6 @@ class DecodeInputs(NamedTuple):
     seq_lens: list[int]            # context length including the new token
     block_tables: Sequence[Sequence[int]]   # per row; see BlockTableRows for what is rewritten
     prev: TokenGather | None = None
-
-
-class StepOut(NamedTuple):
-    """What DecodeGraphRunner.run returns for n sequences."""
-    logits: torch.Tensor          # float32 [n, V], a static output overwritten by the next run
-    tokens: torch.Tensor          # int64 [n] greedy tokens on the device, this step's own tensor
-    host: HostCopy | None         # the same tokens in pinned host memory (CUDA), else None
 
 
 class PaddedDecode(NamedTuple):
@@ -158,10 +147,6 @@ class DecodeGraphRunner:
         self._i64[2] = -1
         self._qsl = torch.arange(top + 1, dtype=torch.int32, device=dev)
         self._np_i64, self._np_seq = self._h_i64.numpy(), self._h_seq.numpy()   # views of the staging
-        # pinned rows the tokens_out kernel writes each step's tokens to, used round robin: the
-        # engine reads a step's tokens before launching the step after the next
-        self._h_tokens = torch.zeros(HOST_TOKEN_SLOTS, top, dtype=torch.int64, pin_memory=pin)
-        self._slot = 0
         self._rows = BlockTableRows(self._h_tables.numpy())
         self._staged: torch.cuda.Event | None = None   # recorded behind the last copy out of the staging
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -222,37 +207,25 @@ class DecodeGraphRunner:
         return m
 
     @torch.inference_mode()
-    def run(self, inp: DecodeInputs) -> StepOut:
-        """One decode step: float32 logits, greedy tokens on the device and (CUDA) on the host."""
+    def run(self, inp: DecodeInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step -> (float32 logits [n, V], greedy tokens int64 [n]) on the device.
+        The logits are a static output (overwritten by the next run); the tokens are a copy."""
         n = len(inp.input_ids)
         b = bucket_for(n, self.buckets)
         if b is None:
             raise ValueError(f"decode batch {n} exceeds the largest graph bucket {self.max_batch}")
         m = self.stage(inp, b)
         used = self._nbytes[0] + self._nbytes[1] + b * self.width * 4    # through tables[:b]
-        cuda = self._i64.is_cuda
-        if cuda:   # one kernel: staging -> device over PCIe, and the ids gathered from prev
-            from ..kernels.step_io import stage_inputs
-            stage_inputs(self._host_bytes, self._dev_bytes, used, self.buckets[-1],
-                         inp.prev.tokens if m else None, m)
+        self._dev_bytes[:used].copy_(self._host_bytes[:used], non_blocking=True)
+        if self._i64.is_cuda:
             self._staged = torch.cuda.Event()
             self._staged.record()
-        else:
-            self._dev_bytes[:used].copy_(self._host_bytes[:used])
-            if m:   # ids the previous step sampled, straight from its output
-                self._i64[0].index_copy_(0, self._i64[3, :m], inp.prev.tokens.index_select(0, self._i64[4, :m]))
+        if m:   # ids the previous step sampled, straight from its output on the device
+            self._i64[0].index_copy_(0, self._i64[3, :m], inp.prev.tokens.index_select(0, self._i64[4, :m]))
         if b in self._graphs:
             self._graphs[b].replay()
             logits, tokens = self._outputs[b]
         else:
             self.attn.prepare(self._meta(b))
             logits, tokens = self._forward(b)
-        if not cuda:
-            return StepOut(logits[:n], tokens[:n].clone(), None)
-        from ..kernels.step_io import tokens_out
-        host = self._h_tokens[self._slot, :n]
-        self._slot = (self._slot + 1) % HOST_TOKEN_SLOTS
-        toks = tokens_out(tokens[:n], host)
-        done = torch.cuda.Event()
-        done.record()
-        return StepOut(logits[:n], toks, HostCopy.written(host, done))
+        return logits[:n], tokens[:n].clone()

@@ -136,11 +136,11 @@ class ModelRunner:
         gather = token_gather(out, prev)
         g = self.decode_graphs
         if g is not None and after_layer is None and len(out.chunks) <= g.max_batch and is_single_token_step(out):
-            logits, greedy, host = g.run(build_decode_inputs(out, self.block_size, gather))
+            logits, greedy = g.run(build_decode_inputs(out, self.block_size, gather))
             rows = [i for i, c in enumerate(out.chunks) if c.samples]
             if len(rows) < len(out.chunks):
                 idx = torch.tensor(rows, device=logits.device)
-                logits, greedy, host = logits[idx], greedy[idx], None
+                logits, greedy = logits[idx], greedy[idx]
         else:
             inp = build_inputs(out, self.block_size, self.device)
             if gather is not None:
@@ -148,12 +148,9 @@ class ModelRunner:
                 inp.input_ids.index_copy_(0, dst, gather.tokens.index_select(0, src))
             self.attn.prepare(inp.meta)
             logits = self.model.forward(inp.input_ids, inp.positions, self.attn, inp.logits_indices, after_layer)
-            greedy, rows, host = logits.argmax(dim=-1), inp.sampling_rows, None
+            greedy, rows = logits.argmax(dim=-1), inp.sampling_rows
         reqs = [out.chunks[i].request for i in rows]
-        if all(r.params.greedy for r in reqs):
-            host = host if host is not None else HostCopy(greedy)   # graph steps: on the host already
-        else:
-            host = None
+        host = HostCopy(greedy) if all(r.params.greedy for r in reqs) else None
         return LaunchedStep(out, reqs, logits, greedy, host)
 
     def collect(self, step: LaunchedStep) -> dict[str, int]:

@@ -28,14 +28,6 @@ class HostCopy:
         else:
             self._host = t
 
-    @classmethod
-    def written(cls, host: torch.Tensor, event: "torch.cuda.Event") -> "HostCopy":
-        """A host tensor the device writes itself (kernels/step_io.py's tokens_out into pinned
-        memory), done when `event` is."""
-        obj = cls.__new__(cls)
-        obj._host, obj._event = host, event
-        return obj
-
     def wait(self) -> None:
         """Wait until the copy (and all work enqueued before it) is done, with the GIL released:
         a decode loop that blocked in a copy with the GIL held would starve the worker's other

@@ -37,9 +37,6 @@ The fused layer glue of the engine's GPU path (references in `reference_fused.py
         with rope=RopeKV(...) the QKV projection followed by rope_write_kv (gemv_rope.py).
     argmax_rows(logits, out=None)
         torch.argmax(logits, dim=-1) split across programs (greedy sampling, argmax.py).
-    stage_inputs(host, dev, nbytes, top, prev_tokens, m), tokens_out(tokens, host_out)
-        a decode step's inputs from pinned memory (+ the ids gathered from the previous step's
-        tokens) and its tokens out to the device and pinned memory, as kernels (step_io.py).
 
 Layouts and metadata are those of `reference.py`: caches [num_blocks, block_size,
 num_kv_heads, head_dim] (V pages token-major or token-minor, `token_minor_v`); FP8 caches
@@ -74,8 +71,6 @@ _LAZY = {
     "norm_linear": "gemv",
     "RopeKV": "gemv_rope",
     "argmax_rows": "argmax",
-    "stage_inputs": "step_io",
-    "tokens_out": "step_io",
 }
 
 
@@ -92,5 +87,5 @@ __all__ = [
     "rms_norm_ref", "rope_cos_sin_cache", "rope_ref",
     "rope_write_kv", "rope_write_kv_ref", "silu_and_mul", "silu_and_mul_ref", "write_kv",
     "write_kv_ref", "token_minor_v", "gemv_linear", "gemv_linear_ref", "norm_linear",
-    "norm_linear_ref", "RopeKV", "argmax_rows", "stage_inputs", "tokens_out",
+    "norm_linear_ref", "RopeKV", "argmax_rows",
 ]
