@@ -137,8 +137,9 @@ class DecodeGraphRunner:
         pin = dev.type == "cuda"
         # One byte buffer per side holding, in order, int64 [5, top] (input ids, positions, slots,
         # then the TokenGather's dst and src), int32 seq_lens [top] and int32 tables [top, width]:
-        # a step's inputs go over in one copy of its prefix (three copies cost ~10 us more of the
-        # device's time per step at batch 1: bench/results/engine-gpu.md v6)
+        # a step's inputs go over in one copy of its prefix (each copy-engine operation around
+        # the graph was followed by 3-9 us of device idle at batch 1: bench/step_trace.py,
+        # bench/results/engine-b1-2026-11-29-s10.md)
         self._nbytes = (5 * top * 8, top * 4, top * width * 4)
         self._dev_bytes = torch.zeros(sum(self._nbytes), dtype=torch.uint8, device=dev)
         self._host_bytes = torch.zeros(sum(self._nbytes), dtype=torch.uint8, pin_memory=pin)

@@ -14,9 +14,9 @@ streaming plus ~2 us per small kernel) run the GEMV path instead (kernels/gemv.p
 norm_linear(qkv, RoPE + KV write in its epilogue) -> attention -> gemv_linear(o) ->
 norm_linear(gate_up, SiLU-mul) -> gemv_linear(down), 5 kernels per layer and no separate norm,
 RoPE, SiLU or split-K reduce kernels (backends without `rope_kv_target`, or
-`fuse_rope_epilogue = False`, keep the RoPE + KV-write kernel). The norms there cannot update the residual in place (every program of the GEMV
-reads it), so the stream ping-pongs between two buffers: each norm_linear reads `res` and
-writes res + x to the other one.
+`fuse_rope_epilogue = False`, keep the RoPE + KV-write kernel). The norms there cannot update
+the residual in place (every program of the GEMV reads it), so the stream ping-pongs between
+two buffers: each norm_linear reads `res` and writes res + x to the other one.
 """
 from __future__ import annotations
 

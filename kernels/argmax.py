@@ -2,8 +2,8 @@
 
 Reference: `torch.argmax(logits, dim=-1)` (the first index of the maximum). torch reduces one
 row per thread block: at batch 1 its kernel read 128k float32 logits in 28.6 us on the H200
-(bench/results/engine-gpu.md, v6: a one-token step's third-largest kernel after the weights and
-attention), where the bytes take well under a microsecond. Here each row is cut into `splits`
+(bench/step_trace.py; bench/results/engine-b1-2026-11-29-s10.md: the step's largest kernel after
+the weights and attention), where the bytes take well under a microsecond. Here each row is cut into `splits`
 chunks, one program each (stage 1: the chunk's maximum and its first index), then one program
 per row picks the first chunk holding the row's maximum (stage 2). Two small launches, no host
 sync: capturable in a CUDA graph. Past SPLIT_MAX_ROWS rows torch's one-block-per-row kernel

@@ -282,8 +282,8 @@ def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int,
     MIN_CHUNK tokens of the longest context the block table can hold, and no more than the
     decode launch merges itself (FUSED_MERGE_MAX_SPLITS): a second merge launch cost more
     than the extra splits gained at every batch-1 length measured on the H200 but FP8 at 32k+
-    (bench/decode_splits.py, decode-splits-2026-11-29.md: bf16 8k 16.5 us at 16 splits vs
-    23.1 at 32; FP8 128k 127.0 vs 112.9). The plan sees the table's width, not the lengths, so
+    (bench/decode_splits.py; bench/results/engine-b1-2026-11-29-s10.md: bf16 8k 16.5 us at 16
+    splits vs 23.1 at 32; FP8 128k 127.0 vs 112.9). The plan sees the table's width, not the lengths, so
     an engine with a long max_model_len got 33 splits and the second launch on every short
     context too.
     """
