@@ -72,8 +72,8 @@ class FusedForward:
         o = torch.empty_like(x)
         act = torch.empty(t, a.intermediate_size, dtype=dt, device=dev)
         out = torch.empty_like(x)
-        q, kk, v = self._split(qkv)
         fuse = self.fuse_rope_epilogue and hasattr(attn, "rope_kv_target")
+        _, kk, v = self._split(qkv)     # what the QKV GEMV's RoPE epilogue writes (fuse)
         res = x                         # layer 0 norms the embedding itself: no residual add
         for i, lw in enumerate(m.layers):
             rope = attn.rope_kv_target(i, kk, v, positions, m.cos_sin) if fuse else None
@@ -83,13 +83,8 @@ class FusedForward:
                 k.norm_linear(out, lw["ln1"], eps, lw["qkv"], res, other(res), bias=lw["qkv_bias"],
                               out=qkv, rope=rope)
                 res = other(res)
-            if fuse:
-                if after_layer is not None:
-                    after_layer(i)
-                a_out = attn.attend(i, q).reshape(-1, a.q_size)
-            else:
-                a_out = self._attention(i, qkv, positions, attn, after_layer)
-            k.gemv_linear(a_out, lw["o"], out=o)
+            k.gemv_linear(self._attention(i, qkv, positions, attn, after_layer, written=fuse),
+                          lw["o"], out=o)
             k.norm_linear(o, lw["ln2"], eps, lw["gate_up"], res, other(res), silu=True, out=act)
             res = other(res)
             k.gemv_linear(act, lw["down"], out=out)
@@ -103,12 +98,14 @@ class FusedForward:
                 v.view(-1, a.num_kv_heads, a.head_dim))
 
     def _attention(self, i: int, qkv: torch.Tensor, positions: torch.Tensor, attn,
-                   after_layer) -> torch.Tensor:
-        """RoPE, KV write and attention of layer i on the fused qkv [T, q + 2 kv]; -> [T, q_size]."""
+                   after_layer, written: bool = False) -> torch.Tensor:
+        """RoPE, KV write and attention of layer i on the fused qkv [T, q + 2 kv]; -> [T, q_size].
+        written: the QKV GEMV's epilogue did RoPE and the KV write already (rope_kv_target)."""
         m, a = self.m, self.m.arch
         q, kk, v = self._split(qkv)
-        if hasattr(attn, "rope_write_kv"):
-            attn.rope_write_kv(i, q, kk, v, positions, m.cos_sin)
+        if written or hasattr(attn, "rope_write_kv"):
+            if not written:
+                attn.rope_write_kv(i, q, kk, v, positions, m.cos_sin)
             if after_layer is not None:
                 after_layer(i)
             o = attn.attend(i, q)

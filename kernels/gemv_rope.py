@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import check, check_head_dim, check_kv_cache
-from .kv_write import round_to_e4m3_grid
+from .kv_write import quantize_e4m3
 from .rope import _rotate
 
 
@@ -83,8 +83,7 @@ def _store_kv(p, scale_ptr, y, mask, FP8: tl.constexpr, FP8_MAX: tl.constexpr):
     """y [BLOCK_N, BLOCK_M] (activation dtype) into cache pointers p, quantized when FP8."""
     yf = y.to(tl.float32)
     if FP8:
-        sc = tl.load(scale_ptr)
-        yf = round_to_e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(yf, sc), -FP8_MAX), FP8_MAX))
+        yf = quantize_e4m3(yf, tl.load(scale_ptr), FP8_MAX)
     tl.store(p, yf.to(p.dtype.element_ty), mask=mask)
 
 

@@ -35,6 +35,13 @@ def round_to_e4m3_grid(x):
 
 
 @triton.jit
+def quantize_e4m3(x, scale, FP8_MAX: tl.constexpr):
+    """float32 x / scale (IEEE division like the reference; Triton's `/` is approximate in
+    fp32), saturated at +-FP8_MAX and rounded to the e4m3 grid: what an FP8 cache stores."""
+    return round_to_e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX))
+
+
+@triton.jit
 def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -57,13 +64,10 @@ def _write_kv_kernel(
     v = tl.load(v_ptr + tok * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :],
                 mask=mask, other=0.0).to(tl.float32)
     if FP8:
-        # div_rn: IEEE division like the reference (Triton's `/` is approximate in fp32)
         ks = tl.load(k_scale_ptr + offs_h, mask=offs_h < num_kv_heads, other=1.0)
         vs = tl.load(v_scale_ptr + offs_h, mask=offs_h < num_kv_heads, other=1.0)
-        k = tl.math.div_rn(k, ks[:, None])
-        v = tl.math.div_rn(v, vs[:, None])
-        k = round_to_e4m3_grid(tl.minimum(tl.maximum(k, -FP8_MAX), FP8_MAX))
-        v = round_to_e4m3_grid(tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX))
+        k = quantize_e4m3(k, ks[:, None], FP8_MAX)
+        v = quantize_e4m3(v, vs[:, None], FP8_MAX)
     kc = k_cache_ptr + blk * stride_kc_blk + off * stride_kc_off
     vc = v_cache_ptr + blk * stride_vc_blk + off * stride_vc_off
     tl.store(kc + offs_h[:, None] * stride_kc_h + offs_d[None, :],

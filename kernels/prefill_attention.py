@@ -39,7 +39,7 @@ from ._common import (check, check_attention_args, check_device, check_dim,
                       check_last_contiguous, check_out_like, check_query_start_loc,
                       check_seq_metadata, v_token_minor)
 from ._vpage import load_v_rows
-from .kv_write import round_to_e4m3_grid
+from .kv_write import quantize_e4m3
 
 # Tiles: swept on the H200, head_dim 128 (`bench/kernels.py --tune --only prefill`, 10 configs,
 # bench/results/kernels-prefill-2026-11-29.md): 128 x 128, 8 warps, 3 stages with TMA loads of
@@ -126,8 +126,7 @@ def _as_stored(x, scale):
     """A 16-bit K/V tile -> the e4m3 values write_kv would store (float32, on the e4m3 grid:
     IEEE division as write_kv does, saturation at FP8_MAX = 448)."""
     y = x.to(tl.float32)
-    y = tl.math.div_rn(y, tl.broadcast_to(scale, y.shape))
-    return round_to_e4m3_grid(tl.minimum(tl.maximum(y, -448.0), 448.0))
+    return quantize_e4m3(y, tl.broadcast_to(scale, y.shape), 448.0)
 
 
 @triton.jit

@@ -19,7 +19,7 @@ from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, c
                       check_kv_cache, check_last_contiguous, next_pow2)
 from ._pdl import launch_kwargs, pdl_wait, use_pdl
 from ._rounding import round_to
-from .kv_write import round_to_e4m3_grid
+from .kv_write import quantize_e4m3
 from .reference import FP8_MAX
 
 
@@ -39,8 +39,8 @@ def _store_kv(cache_ptr, scale_ptr, x1, x2, offs_h, offs_d, mask, head_mask, str
     y1, y2 = x1.to(tl.float32), x2.to(tl.float32)
     if FP8:
         sc = tl.load(scale_ptr + offs_h, mask=head_mask, other=1.0)   # [H, 1]
-        y1 = round_to_e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(y1, sc), -FP8_MAX), FP8_MAX))
-        y2 = round_to_e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(y2, sc), -FP8_MAX), FP8_MAX))
+        y1 = quantize_e4m3(y1, sc, FP8_MAX)
+        y2 = quantize_e4m3(y2, sc, FP8_MAX)
     p = cache_ptr + offs_h * stride_h + offs_d * stride_d
     tl.store(p, y1.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(p + HALF * stride_d, y2.to(cache_ptr.dtype.element_ty), mask=mask)
