@@ -8,7 +8,7 @@ environment variables, read at each launch, and attributes of the fused forward,
 capture); each capture's graph replay time per batch, back to back, timed by CUDA events, and
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
-    python bench/pdl_ab.py --out $OUT [--ab pdl|rope] [--kv bf16|fp8]
+    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|rope|argmax] [--kv bf16|fp8] [--batches 1,8,32]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from splitserve.engine.engine import LLMEngine  # noqa: E402
 from splitserve.engine.loader import load_dummy  # noqa: E402
 
 BATCHES = (1, 2) if SMOKE else (1, 8, 32)
-# (name, environment): PDL off; PDL from two rows (the default); PDL at one row too. (Session 9
+# pdl: PDL off; PDL from two rows (the default); PDL at one row too. (Session 9
 # also timed a GEMV variant loading its first weight tile before the PDL wait: slower, removed;
 # bench/results/pdl-ab-v2-2026-11-29.md.)
 # (name, environment, attributes "fused.<name>" of the FusedForward / "runner.<name>" of the
@@ -37,6 +37,17 @@ AB = {
     "pdl": [("off", {"SPLITSERVE_PDL": "0", "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
             ("pdl", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
             ("pdl1", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "1"}, {})],
+    # where a PDL kernel lets its successor launch: right after its wait, or after its main loop
+    "trigger": [("off", {"SPLITSERVE_PDL": "0", "SPLITSERVE_PDL_MIN_ROWS": "2",
+                         "SPLITSERVE_PDL_TRIGGER": "early"}, {}),
+                ("early-from2", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_TRIGGER": "early",
+                                 "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
+                ("early-from1", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_TRIGGER": "early",
+                                 "SPLITSERVE_PDL_MIN_ROWS": "1"}, {}),
+                ("late-from1", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_TRIGGER": "late",
+                                "SPLITSERVE_PDL_MIN_ROWS": "1"}, {}),
+                ("late-from2", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_TRIGGER": "late",
+                                "SPLITSERVE_PDL_MIN_ROWS": "2"}, {})],
     # the RoPE + KV-write kernel per layer vs the same work in the QKV GEMV's epilogue
     "rope": [("rope-kernel", {}, {"fused.fuse_rope_epilogue": False}),
              ("rope-epilogue", {}, {"fused.fuse_rope_epilogue": True})],
@@ -46,11 +57,11 @@ AB = {
 CONTEXT = 64 if SMOKE else 1024
 
 
-def build(kv_dtype: str) -> LLMEngine:
+def build(kv_dtype: str, batches) -> LLMEngine:
     cfg = Config().replace("model", model=f"dummy:{SHAPE}", device=DEV.type, dtype=DTYPE, seed=0)
     cfg = cfg.replace("cache", enable_prefix_caching=False, memory_fraction=0.5, kv_dtype=kv_dtype,
                       **({"num_blocks": 64} if SMOKE else {}))
-    cfg = cfg.replace("scheduler", max_num_seqs=max(BATCHES), max_model_len=CONTEXT + 64,
+    cfg = cfg.replace("scheduler", max_num_seqs=max(batches), max_model_len=CONTEXT + 64,
                       max_num_batched_tokens=256)
     return LLMEngine(cfg, load_dummy(SHAPE, getattr(torch, DTYPE), DEV.type, 0), DEV, attention="triton")
 
@@ -72,8 +83,10 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU dry run (no graphs, no timing)")
     ap.add_argument("--ab", choices=sorted(AB), default="pdl")
     ap.add_argument("--kv", choices=["bf16", "fp8"], default="bf16")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated")
     args = ap.parse_args()
-    eng = build("fp8_e4m3" if args.kv == "fp8" else "auto")
+    batches = [int(b) for b in args.batches.split(",")]
+    eng = build("fp8_e4m3" if args.kv == "fp8" else "auto", batches)
     kv = eng.kv_cache.kv
     for i in range(kv.shape[0]):          # random KV (FP8: normal values cast, scales 1)
         kv[i] = torch.randn(kv[i].shape, device=kv.device).to(kv.dtype)
@@ -89,7 +102,7 @@ def main() -> None:
                 setattr(objs[obj], attr, v)
             runner._graphs, runner._outputs = {}, {}
             runner.capture()
-            for b in BATCHES:
+            for b in batches:
                 logits, toks = runner.run(inputs(eng, b))
                 logits, toks = logits.float().cpu(), toks.tolist()
                 same = diff = None
@@ -115,7 +128,7 @@ def main() -> None:
                          f"max |logit diff| {diff:.5f}"), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"{args.ab}-ab-{args.kv}.json").write_text(json.dumps(rows, indent=1))
-    for b in BATCHES:
+    for b in batches:
         best = {n: min(r["replay_us"] for r in rows if r["batch"] == b and r["variant"] == n)
                 for n, _, _ in variants}
         print(f"B={b}: " + ", ".join(f"{n} {v:.1f}" for n, v in best.items()) + " us (best of passes)")

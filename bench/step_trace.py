@@ -46,6 +46,21 @@ def split_steps(ev: list[dict], marker: str) -> list[list[dict]]:
     return steps
 
 
+def kernel_table(steps: list[list[dict]]) -> list[dict]:
+    """Per kernel name: launches and GPU microseconds per step, largest first."""
+    if not steps:
+        return []
+    tot: dict = {}
+    for s in steps:
+        for r in s:
+            n, us = tot.get(r["name"], (0, 0.0))
+            tot[r["name"]] = (n + 1, us + r["end"] - r["start"])
+    busy = sum(us for _, us in tot.values())
+    rows = [dict(name=k, per_step=n / len(steps), us_each=us / n, us_per_step=us / len(steps),
+                 share=us / busy) for k, (n, us) in tot.items()]
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp")
@@ -96,8 +111,11 @@ def main() -> None:
             counts.setdefault(r["name"], []).append(r["end"] - r["start"])
     per_step = {k: (len(v) / max(1, len(steps)), statistics.median(v)) for k, v in counts.items()}
     rare = {k: v for k, v in per_step.items() if v[0] <= 3}
+    kernels = kernel_table(steps)
     res = dict(batch=args.batch, ctx=args.ctx, kv=args.kv, wall_step_ms=statistics.median(walls) * 1e3,
-               steps=rows, per_step_rare_activities=rare)
+               steps=rows, per_step_rare_activities=rare, kernels=kernels,
+               layer0=[(r["name"][:80], round(r["end"] - r["start"], 2)) for r in steps[0][:40]]
+               if steps else [])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"step-trace-b{args.batch}-{args.kv}.json").write_text(json.dumps(res, indent=1))
     print(f"engine.step() wall median {res['wall_step_ms']:.3f} ms (no profiler)")
@@ -105,6 +123,10 @@ def main() -> None:
         print(f"step span {r['span_us']:.1f} us, busy {r['busy_us']:.1f}, idle {r['idle_us']:.1f}, "
               f"{r['kernels']} activities; biggest gaps: "
               + "; ".join(f"{g:.1f} us {a} -> {b}" for g, a, b in r["biggest_gaps"][:4]))
+    print("GPU time per step by kernel name (count/step, us/step, share of busy):")
+    for k in kernels[:16]:
+        print(f"  {k['per_step']:5.1f} x {k['us_each']:7.2f} us = {k['us_per_step']:8.1f} us "
+              f"({k['share']:.1%})  {k['name'][:100]}")
     print("activities seen <= 3 times per step (count/step, median us):")
     for k, (c, d) in sorted(rare.items(), key=lambda kv: -kv[1][1] * kv[1][0]):
         print(f"  {c:4.1f} x {d:8.1f} us  {k[:110]}")

@@ -40,14 +40,38 @@ def use_pdl(device: torch.device, rows: int = 2) -> bool:
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
+EARLY, LATE = 1, 2      # where a PDL kernel lets its successor launch (PDL constexpr values)
+
+
+def trigger_mode() -> int:
+    """SPLITSERVE_PDL_TRIGGER: `early` (default: right after the wait) or `late` (after the
+    kernel's main loop, so the successor's waiting programs do not take SM slots while this
+    kernel still streams; bench/pdl_ab.py --ab trigger)."""
+    mode = os.environ.get("SPLITSERVE_PDL_TRIGGER", "early")
+    if mode not in ("early", "late"):
+        raise ValueError(f"SPLITSERVE_PDL_TRIGGER must be early or late, got {mode!r}")
+    return LATE if mode == "late" else EARLY
+
+
 def launch_kwargs(pdl: bool) -> dict:
-    """Extra launch arguments: the kernel's PDL constexpr and Triton's launch_pdl flag."""
-    return dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
+    """Extra launch arguments: the kernel's PDL constexpr (0 off, EARLY, LATE) and Triton's
+    launch_pdl flag."""
+    return dict(PDL=trigger_mode(), launch_pdl=True) if pdl else dict(PDL=0)
 
 
 @triton.jit
 def pdl_wait(PDL: tl.constexpr):
-    """Wait for the predecessor kernel (PDL launches only), then let the successor launch."""
+    """Wait for the predecessor kernel (PDL launches only); an EARLY kernel then lets its
+    successor launch at once."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+        if PDL == 1:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_trigger(PDL: tl.constexpr):
+    """A LATE kernel's point to let its successor launch (after its main loop). Only scheduling
+    moves: the successor's `pdl_wait` still waits for this whole grid and its writes."""
+    if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()

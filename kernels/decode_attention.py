@@ -46,7 +46,7 @@ import triton.language as tl
 
 from ._common import (check, check_attention_args, check_device, check_out_like,
                       check_seq_metadata, interpreting, next_pow2, sm_count, v_token_minor)
-from ._pdl import launch_kwargs, pdl_wait, use_pdl
+from ._pdl import launch_kwargs, pdl_trigger, pdl_wait, use_pdl
 from ._vpage import load_v_rows
 from .splitkv_reduce import splitkv_reduce
 
@@ -150,7 +150,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, HPP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr,
     FP8: tl.constexpr, FP16_COMPUTE: tl.constexpr, DIRECT_OUT: tl.constexpr,
-    V_TOKEN_MINOR: tl.constexpr = False, V_RUN: tl.constexpr = 1, PDL: tl.constexpr = False,
+    V_TOKEN_MINOR: tl.constexpr = False, V_RUN: tl.constexpr = 1, PDL: tl.constexpr = 0,
     FUSED_MERGE: tl.constexpr = False,
     MERGE_ROWS: tl.constexpr = 4, MERGE_S: tl.constexpr = 16,
 ):
@@ -212,6 +212,7 @@ def _decode_kernel(
                               same_head, bt_row, k_cache_ptr, v_cache_ptr, qk_scale_log2,
                               stride_kb, stride_ko, stride_vb, stride_vo, HEAD_DIM, PAGE, V_RUN,
                               HPP, V_TOKEN_MINOR, True)
+    pdl_trigger(PDL)
 
     has = l_i > 0.0                                         # false: empty split or seq_len 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]

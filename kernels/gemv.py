@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pdl import launch_kwargs, pdl_wait, use_pdl
+from ._pdl import launch_kwargs, pdl_trigger, pdl_wait, use_pdl
 from .gemv_rope import RopeKV, check_rope, rope_kv_epilogue, rope_launch_args
 from ._rounding import round_to
 from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, check_last_contiguous,
@@ -161,7 +161,7 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
                  NUM_STAGES: tl.constexpr, STATS_K: tl.constexpr, STATS_STAGES: tl.constexpr,
                  NATIVE: tl.constexpr, ROPE: tl.constexpr = False, HALF: tl.constexpr = 1,
                  FP8: tl.constexpr = False, FP8_MAX: tl.constexpr = 448.0,
-                 PDL: tl.constexpr = False):
+                 PDL: tl.constexpr = 0):
     # (loading the first weight tile before this wait, to stream it in under the previous
     # kernel's tail, made the B=1 step 20-81 us slower: bench/results/pdl-ab-v2-2026-11-29.md)
     pdl_wait(PDL)              # before any load of x, residual or out
@@ -206,6 +206,7 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
                 acc_up = _mac(acc_up, tl.load(up_ptrs, mask=wmask, other=0.0), x, USE_DOT, BLOCK_M)
         w_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
+    pdl_trigger(PDL)
     if USE_DOT:
         pass
     elif BLOCK_M == 1:

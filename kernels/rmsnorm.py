@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pdl import launch_kwargs, pdl_wait, use_pdl
+from ._pdl import launch_kwargs, pdl_trigger, pdl_wait, use_pdl
 from ._rounding import round_to
 from ._common import ACT_DTYPES, check, check_device, check_dim, check_dtype, check_last_contiguous, next_pow2
 
@@ -21,7 +21,7 @@ MAX_HIDDEN = 16384
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
-                     BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr = False):
+                     BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr = 0):
     pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -34,6 +34,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
         tl.store(res_ptr + row * stride_r + offs, x, mask=mask)
     xf = x.to(tl.float32)
     mean_sq = tl.sum(xf * xf, axis=0) / n_cols
+    pdl_trigger(PDL)
     y = round_to(xf * tl.math.rsqrt(mean_sq + eps), dt)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     tl.store(out_ptr + row * stride_o + offs, round_to(w.to(tl.float32) * y.to(tl.float32), dt),

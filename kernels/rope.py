@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, check_head_dim,
                       check_kv_cache, check_last_contiguous, next_pow2)
-from ._pdl import launch_kwargs, pdl_wait, use_pdl
+from ._pdl import launch_kwargs, pdl_trigger, pdl_wait, use_pdl
 from ._rounding import round_to
 from .kv_write import quantize_e4m3
 from .reference import FP8_MAX
@@ -53,7 +53,7 @@ def _rope_write_kv_kernel(
     stride_kc_blk, stride_kc_off, stride_kc_h, stride_vc_blk, stride_vc_off, stride_vc_h, stride_vc_d,
     num_q_heads, num_kv_heads, block_size,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-    WRITE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr = False,
+    WRITE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     pdl_wait(PDL)
     tok = tl.program_id(0).to(tl.int64)
@@ -77,6 +77,7 @@ def _rope_write_kv_kernel(
                      q_ptr.dtype.element_ty)
     tl.store(kp, k1, mask=mk)
     tl.store(kp + HALF, k2, mask=mk)
+    pdl_trigger(PDL)
     if WRITE:
         slot = tl.load(slot_ptr + tok).to(tl.int64)
         # padding tokens (slot < 0) store nothing: fold it into the mask, no early exit

@@ -146,7 +146,12 @@ def test_pdl_only_on_cuda_and_switchable(monkeypatch):
     from splitserve.kernels._pdl import launch_kwargs, use_pdl
     assert not use_pdl(torch.device("cpu"))
     assert not use_pdl(torch.device("cuda"), rows=1)      # measured slower at batch 1
-    assert launch_kwargs(False) == {"PDL": False}
-    assert launch_kwargs(True) == {"PDL": True, "launch_pdl": True}
+    assert launch_kwargs(False) == {"PDL": 0}
+    assert launch_kwargs(True) == {"PDL": 1, "launch_pdl": True}          # trigger early
+    monkeypatch.setenv("SPLITSERVE_PDL_TRIGGER", "late")
+    assert launch_kwargs(True) == {"PDL": 2, "launch_pdl": True}
+    monkeypatch.setenv("SPLITSERVE_PDL_TRIGGER", "soon")
+    with pytest.raises(ValueError, match="early or late"):
+        launch_kwargs(True)
     monkeypatch.setenv("SPLITSERVE_PDL", "0")
     assert not use_pdl(torch.device("cuda"))
