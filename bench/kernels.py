@@ -61,13 +61,13 @@ import triton  # noqa: E402  (after kbench: --smoke sets TRITON_INTERPRET first)
 class Paged:
     """B sequences of length L in a paged cache of `sets` disjoint copies (for L2 rotation)."""
 
-    def __init__(self, B: int, L: int, kv: str, sets: int = 1, seed: int = 0):
+    def __init__(self, B: int, L: int, kv: str, sets: int = 1, seed: int = 0, page: int = PAGE):
         """kv: bf16, fp8 (V pages token-minor, as the engine stores FP8), or fp8-tmaj (V pages
         token-major like K: the layout before token-minor V, kept as the same-run baseline)."""
         torch.manual_seed(seed)
-        nb = B * L // PAGE
+        nb = B * L // page
         self.B, self.L, self.kv, self.sets = B, L, kv, sets
-        shape = (nb * sets, PAGE, HKV, D)
+        shape = (nb * sets, page, HKV, D)
         if kv.startswith("fp8"):
             self.k_cache = self._fp8(shape)
             self.v_cache = self._fp8(shape)
@@ -80,7 +80,7 @@ class Paged:
             self.v_cache = torch.randn(shape, device=DEV, dtype=torch.bfloat16)
             self.k_scale = self.v_scale = None
         perm = torch.randperm(nb * sets, device=DEV).to(torch.int32)
-        self.tables = [perm[s * nb:(s + 1) * nb].view(B, L // PAGE).contiguous()
+        self.tables = [perm[s * nb:(s + 1) * nb].view(B, L // page).contiguous()
                        for s in range(sets)]
         self.seq_lens = torch.full((B,), L, dtype=torch.int32, device=DEV)
         self.q = torch.randn(B, HQ, D, device=DEV, dtype=torch.bfloat16)

@@ -47,7 +47,9 @@ AB = {
                 ("late-from1", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_TRIGGER": "late",
                                 "SPLITSERVE_PDL_MIN_ROWS": "1"}, {}),
                 ("late-from2", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_TRIGGER": "late",
-                                "SPLITSERVE_PDL_MIN_ROWS": "2"}, {})],
+                                "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
+                ("auto-from1", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_TRIGGER": "auto",
+                                "SPLITSERVE_PDL_MIN_ROWS": "1"}, {})],
     # the RoPE + KV-write kernel per layer vs the same work in the QKV GEMV's epilogue
     "rope": [("rope-kernel", {}, {"fused.fuse_rope_epilogue": False}),
              ("rope-epilogue", {}, {"fused.fuse_rope_epilogue": True})],
@@ -84,6 +86,7 @@ def main() -> None:
     ap.add_argument("--ab", choices=sorted(AB), default="pdl")
     ap.add_argument("--kv", choices=["bf16", "fp8"], default="bf16")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated")
+    ap.add_argument("--variants", default="", help="comma-separated subset of the A/B's variants")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     eng = build("fp8_e4m3" if args.kv == "fp8" else "auto", batches)
@@ -93,6 +96,12 @@ def main() -> None:
     runner = eng.runner.decode_graphs
     rows, tokens = [], {}
     variants = AB[args.ab][:2] if SMOKE else AB[args.ab]
+    if args.variants:
+        keep = args.variants.split(",")
+        unknown = set(keep) - {n for n, _, _ in AB[args.ab]}
+        if unknown:
+            ap.error(f"unknown variants {sorted(unknown)} for --ab {args.ab}")
+        variants = [v for v in AB[args.ab] if v[0] in keep]
     objs = {"fused": eng.model._fused, "runner": runner}
     for trial in range(1 if SMOKE else 2):       # two passes, interleaved: drift shows
         for name, env, attrs in variants:

@@ -4,15 +4,20 @@ A one-token decode step is a chain of ~200 small kernels (kernels/gemv.py's line
 write, decode attention per layer); between two of them the GPU idles for the next kernel's
 launch. Launched with PDL, a kernel may start while its predecessor finishes: its programs
 wait at `pdl_wait` (griddepcontrol.wait: the predecessor has completed and its writes are
-visible) before reading anything, then allow their own successor to launch. A kernel waits
-before its first load, so a predecessor that is not PDL-aware (cuBLAS, torch) only loses the
-overlap, never the ordering; every kernel launched with PDL must call `pdl_wait` first.
+visible) before reading anything. Where it lets its own successor launch is the trigger: at
+once after the wait (EARLY) or after its main loop (LATE), so the successor's waiting
+programs do not hold SM slots while this kernel still streams. A kernel waits before its first
+load, so a predecessor that is not PDL-aware (cuBLAS, torch) only loses the overlap, never the
+ordering; every kernel launched with PDL must call `pdl_wait` first. Ordering is transitive:
+a kernel triggers only after its own wait, so when it starts, everything before its
+predecessor has completed.
 
-Off under the Triton interpreter, on GPUs before sm_90, with SPLITSERVE_PDL=0, and for launches
-over a single row (token / sequence): measured on the H200 (bench/pdl_ab.py, 2026-11-29, two
-captures each), the Llama-3-8B decode step's graph replay with PDL took 4443 vs 4390 us at batch
-1 (worse), 4894 vs 5103 us at batch 8 and 5945 vs 6120 us at batch 32; again in session 9
-(pdl-ab-v2-2026-11-29.md): batch 1 with PDL 4376 vs 4334 us, batch 8 4818-4950 vs 5029 us.
+Off under the Triton interpreter, on GPUs before sm_90 and with SPLITSERVE_PDL=0. Measured on
+the H200 (Llama-3-8B decode step graphs): with the early trigger PDL made batch 1 slower (4443
+vs 4390 us, session 6; 4376 vs 4334, session 9) and batches 8 and 32 faster (4894 vs 5103, 5945
+vs 6120 us), so one-row launches ran without it; with the late trigger batch 1 gains
+(bench/results/pdl-trigger-2026-11-30.md: 4127 vs 4218 us without PDL), so every launch now
+uses PDL, late for one row and early for more (`trigger_mode`).
 """
 from __future__ import annotations
 
@@ -33,8 +38,9 @@ def _capable(index: int) -> bool:
 
 def use_pdl(device: torch.device, rows: int = 2) -> bool:
     """Whether a kernel over `rows` tokens / sequences on `device` launches with PDL (no sync).
-    SPLITSERVE_PDL_MIN_ROWS (default 2) is the fewest rows that do (bench/pdl_ab.py)."""
-    if (rows < int(os.environ.get("SPLITSERVE_PDL_MIN_ROWS", "2")) or device.type != "cuda"
+    SPLITSERVE_PDL_MIN_ROWS (default 1) is the fewest rows that do (bench/pdl_ab.py: one row
+    gains only with the late trigger)."""
+    if (rows < int(os.environ.get("SPLITSERVE_PDL_MIN_ROWS", "1")) or device.type != "cuda"
             or interpreting() or os.environ.get("SPLITSERVE_PDL", "1") == "0"):
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
@@ -43,20 +49,22 @@ def use_pdl(device: torch.device, rows: int = 2) -> bool:
 EARLY, LATE = 1, 2      # where a PDL kernel lets its successor launch (PDL constexpr values)
 
 
-def trigger_mode() -> int:
-    """SPLITSERVE_PDL_TRIGGER: `early` (default: right after the wait) or `late` (after the
-    kernel's main loop, so the successor's waiting programs do not take SM slots while this
-    kernel still streams; bench/pdl_ab.py --ab trigger)."""
-    mode = os.environ.get("SPLITSERVE_PDL_TRIGGER", "early")
-    if mode not in ("early", "late"):
-        raise ValueError(f"SPLITSERVE_PDL_TRIGGER must be early or late, got {mode!r}")
-    return LATE if mode == "late" else EARLY
+def trigger_mode(rows: int) -> int:
+    """SPLITSERVE_PDL_TRIGGER: `early` (right after the wait), `late` (after the kernel's main
+    loop) or `auto` (the default: late for one row, early for more). Measured on the H200
+    (bench/pdl_ab.py --ab trigger, bench/results/pdl-trigger-2026-11-30.md): the batch-1 step
+    replays 4127 us late vs 4304 early (4218 without PDL); at batches 8-128 early is as fast or
+    up to 20 us faster."""
+    mode = os.environ.get("SPLITSERVE_PDL_TRIGGER", "auto")
+    if mode not in ("early", "late", "auto"):
+        raise ValueError(f"SPLITSERVE_PDL_TRIGGER must be early, late or auto, got {mode!r}")
+    return LATE if mode == "late" or (mode == "auto" and rows <= 1) else EARLY
 
 
-def launch_kwargs(pdl: bool) -> dict:
-    """Extra launch arguments: the kernel's PDL constexpr (0 off, EARLY, LATE) and Triton's
-    launch_pdl flag."""
-    return dict(PDL=trigger_mode(), launch_pdl=True) if pdl else dict(PDL=0)
+def launch_kwargs(pdl: bool, rows: int = 2) -> dict:
+    """Extra launch arguments for a launch over `rows` tokens / sequences: the kernel's PDL
+    constexpr (0 off, EARLY, LATE) and Triton's launch_pdl flag."""
+    return dict(PDL=trigger_mode(rows), launch_pdl=True) if pdl else dict(PDL=0)
 
 
 @triton.jit

@@ -376,7 +376,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE, DIRECT_OUT=direct,
         FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
         V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, block_n),
-        num_warps=num_warps, num_stages=num_stages, **regs, **launch_kwargs(use_pdl(q.device, num_seqs)),
+        num_warps=num_warps, num_stages=num_stages, **regs,
+        **launch_kwargs(use_pdl(q.device, num_seqs), num_seqs),
     )
     if not direct and not fused:
         splitkv_reduce(part_out, part_lse, out, group, v_scale if fp8 else None)

@@ -268,7 +268,8 @@ def _launch(x, weight, out, *, tile, norm_weight=None, eps=0.0, residual=None, r
         *rope_launch_args(rope, x), ROPE=rope is not None, HALF=half, FP8=fp8, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, NORM=norm, HAS_RES=res,
         HAS_BIAS=bias is not None, SILU=silu, USE_DOT=t.use_dot, EVEN=even, NUM_STAGES=t.num_stages,
         STATS_K=stats_k, STATS_STAGES=1 if stats_k >= k else 3, NATIVE=not interpreting(),
-        num_warps=t.num_warps, num_stages=t.num_stages, **launch_kwargs(use_pdl(x.device, m)))
+        num_warps=t.num_warps, num_stages=t.num_stages,
+        **launch_kwargs(use_pdl(x.device, m), m))
     return out
 
 

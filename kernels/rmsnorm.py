@@ -77,6 +77,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         x, residual if residual is not None else x, weight, out,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), hidden, eps,
         BLOCK=block, HAS_RES=residual is not None, num_warps=min(16, max(1, block // 512)),
-        **launch_kwargs(use_pdl(x.device, n_rows)),
+        **launch_kwargs(use_pdl(x.device, n_rows), n_rows),
     )
     return out

@@ -171,5 +171,6 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, posi
         vc.stride(0), vc.stride(1), vc.stride(2) if write else 0, vc.stride(3) if write else 1,
         num_q_heads, k.shape[1], k_cache.shape[1] if write else 1,
         HALF=head_dim // 2, BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(k.shape[1]),
-        WRITE=write, FP8=fp8, FP8_MAX=FP8_MAX, num_warps=4, **launch_kwargs(use_pdl(q.device, num_tokens)),
+        WRITE=write, FP8=fp8, FP8_MAX=FP8_MAX, num_warps=4,
+        **launch_kwargs(use_pdl(q.device, num_tokens), num_tokens),
     )
