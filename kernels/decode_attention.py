@@ -286,10 +286,12 @@ def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int,
     (bench/decode_splits.py; bench/results/engine-b1-2026-11-29-s10.md: bf16 8k 16.5 us at 16
     splits vs 23.1 at 32; FP8 128k 127.0 vs 112.9). The plan sees the table's width, not the lengths, so
     an engine with a long max_model_len got 33 splits and the second launch on every short
-    context too.
+    context too. The count rounds down, never past one wave of PROGRAMS_PER_SM per SM: a grid
+    1.45 waves deep (B=32 FP8, 128 programs x 3 splits) ran its last programs alone, 190 us at
+    8k against 144 us at 2 splits (bench/results/decode-splits-b32-2026-11-30.md).
     """
     programs = max(1, num_seqs * num_kv_heads // launch_shape(num_seqs, num_kv_heads, fp8)[1])
-    want = math.ceil(PROGRAMS_PER_SM * sm_count(device) / programs)
+    want = max(1, PROGRAMS_PER_SM * sm_count(device) // programs)   # whole waves only
     most = max(1, math.ceil(max_context / MIN_CHUNK))
     return max(1, min(want, most, MAX_SPLITS, FUSED_MERGE_MAX_SPLITS or MAX_SPLITS))
 
