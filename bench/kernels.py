@@ -61,10 +61,11 @@ import triton  # noqa: E402  (after kbench: --smoke sets TRITON_INTERPRET first)
 class Paged:
     """B sequences of length L in a paged cache of `sets` disjoint copies (for L2 rotation)."""
 
-    def __init__(self, B: int, L: int, kv: str, sets: int = 1, seed: int = 0, page: int = PAGE):
+    def __init__(self, B: int, L: int, kv: str, sets: int = 1, seed: int = 0, page: int | None = None):
         """kv: bf16, fp8 (V pages token-minor, as the engine stores FP8), or fp8-tmaj (V pages
         token-major like K: the layout before token-minor V, kept as the same-run baseline)."""
         torch.manual_seed(seed)
+        page = page or PAGE          # the module's PAGE at call time (decode_sweep.py sets it)
         nb = B * L // page
         self.B, self.L, self.kv, self.sets = B, L, kv, sets
         shape = (nb * sets, page, HKV, D)
