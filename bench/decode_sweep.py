@@ -47,7 +47,7 @@ def configs(kv: str) -> list[tuple]:
 
 def apply(kv: str, cfg: tuple) -> None:
     hpp, tiles = cfg[0], tuple(cfg[1:])   # (BLOCK_N, stages, warps[, maxnreg])
-    DECODE.BATCH_TILES = ()          # the swept config for every batch size
+    DECODE.BATCH_TILES = DECODE.LARGE_BATCH_TILES = ()   # the swept config for every batch size
     if kv == "fp8":
         DECODE.HPP_FP8, DECODE.TILES_FP8 = hpp, tiles
     else:

@@ -66,6 +66,13 @@ HPP_FP8 = 2
 # above for every batch (tests do).
 BATCH_TILES = ((16, False, (128, 5, 4), 1),
                (16, True, (128, 5, 4), 1))
+# ... and for large grids (num_seqs * num_kv_heads >= min_programs), after BATCH_TILES:
+# (min_programs, fp8, tiles, HPP). Four kv heads per program (16 query rows, no MMA padding)
+# and short tiles, measured at B=128/256 x 1k (bench/results/decode-sweep-2026-11-30-s11.md):
+# FP8 (32-token pages) 83.6 / 151.7 us vs 88.9 / 162.4 with the defaults, bf16 137.3 / 257.5
+# vs 143.5 / 267.7; at B=32 both were slower than the defaults (FP8 29.5 vs 27.3 us).
+LARGE_BATCH_TILES = ((1024, False, (16, 5, 4), 4),
+                     (1024, True, (32, 5, 4), 4))
 FUSED_MERGE_MAX_SPLITS = 16  # split counts up to this merge in the decode launch (0: never)
 MERGE_MAX_ELEMENTS = 16384   # register bound of that merge: rows x splits x head_dim
 FP8_FP16_COMPUTE = True  # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather than bf16
@@ -256,9 +263,14 @@ class SplitKVScratch(NamedTuple):
 
 
 def launch_shape(num_seqs: int, num_kv_heads: int, fp8: bool) -> tuple[tuple, int]:
-    """((BLOCK_N, NUM_STAGES, NUM_WARPS), HPP) for a batch: BATCH_TILES, else the defaults."""
+    """((BLOCK_N, NUM_STAGES, NUM_WARPS), HPP) for a batch: BATCH_TILES, LARGE_BATCH_TILES,
+    else the defaults."""
+    grid = num_seqs * num_kv_heads
     for max_programs, for_fp8, tiles, hpp in BATCH_TILES:
-        if for_fp8 == fp8 and num_seqs * num_kv_heads <= max_programs:
+        if for_fp8 == fp8 and grid <= max_programs:
+            return tiles, _divisor(num_kv_heads, hpp)
+    for min_programs, for_fp8, tiles, hpp in LARGE_BATCH_TILES:
+        if for_fp8 == fp8 and grid >= min_programs:
             return tiles, _divisor(num_kv_heads, hpp)
     return (TILES_FP8 if fp8 else TILES_16BIT), heads_per_program(num_kv_heads, fp8)
 

@@ -81,6 +81,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(decode_mod, "TILES_FP8", (16, 2, 4))
     monkeypatch.setattr(decode_mod, "MIN_CHUNK", 16)
     monkeypatch.setattr(decode_mod, "BATCH_TILES", ())
+    monkeypatch.setattr(decode_mod, "LARGE_BATCH_TILES", ())
 
 
 @pytest.mark.parametrize("kv", list(KV))
@@ -151,6 +152,24 @@ def test_launch_shape_by_batch(monkeypatch):
     assert decode_mod.launch_shape(8, 8, True) == ((64, 5, 4), 2)
     assert decode_mod.launch_shape(8, 3, True) == ((64, 5, 4), 1)    # 2 does not divide 3
     assert decode_mod.launch_shape(64, 8, True) == (decode_mod.TILES_FP8, 1)
+    monkeypatch.setattr(decode_mod, "LARGE_BATCH_TILES", ((1024, False, (16, 5, 4), 4),
+                                                           (512, True, (32, 5, 4), 4)))
+    assert decode_mod.launch_shape(127, 8, False) == (decode_mod.TILES_16BIT, 1)
+    assert decode_mod.launch_shape(128, 8, False) == ((16, 5, 4), 4)
+    assert decode_mod.launch_shape(64, 8, True) == ((32, 5, 4), 4)
+    assert decode_mod.launch_shape(256, 6, True) == ((32, 5, 4), 3)   # 4 does not divide 6
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp8-bf16"])
+def test_decode_large_batch_tiles(kv, monkeypatch):
+    """The shipped large-grid tiles (four kv heads per program, short tiles), forced onto a
+    small case: equal to the reference across page edges and splits."""
+    monkeypatch.setattr(decode_mod, "MIN_CHUNK", 16)
+    monkeypatch.setattr(decode_mod, "BATCH_TILES", ())
+    monkeypatch.setattr(decode_mod, "LARGE_BATCH_TILES",
+                        tuple((1,) + t[1:] for t in decode_mod.LARGE_BATCH_TILES))
+    for splits in (1, 3):
+        run_case([1, 31, 32, 33, 70], 16, 4, 128, 32, kv, seed=11 + splits, num_splits=splits)
 
 
 @pytest.mark.parametrize("kv,hpp", [("bf16", 1), ("fp8-bf16", 1), ("fp8-fp16", 2)])
