@@ -32,7 +32,7 @@ BATCHES = (1, 2) if SMOKE else (1, 8, 32)
 # also timed a GEMV variant loading its first weight tile before the PDL wait: slower, removed;
 # bench/results/pdl-ab-v2-2026-11-29.md.)
 # (name, environment, attributes "fused.<name>" of the FusedForward / "runner.<name>" of the
-# DecodeGraphRunner)
+# DecodeGraphRunner / "decode.<name>" of kernels/decode_attention.py; "shipped": its value at import)
 AB = {
     "pdl": [("off", {"SPLITSERVE_PDL": "0", "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
             ("pdl", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
@@ -57,6 +57,9 @@ AB = {
     # the RoPE + KV-write kernel per layer vs the same work in the QKV GEMV's epilogue
     "rope": [("rope-kernel", {}, {"fused.fuse_rope_epilogue": False}),
              ("rope-epilogue", {}, {"fused.fuse_rope_epilogue": True})],
+    # the decode attention's large-grid tiles (kernels/decode_attention.py) vs the defaults
+    "largetiles": [("default-tiles", {}, {"decode.LARGE_BATCH_TILES": ()}),
+                   ("large-tiles", {}, {"decode.LARGE_BATCH_TILES": "shipped"})],
     "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
                ("split-argmax", {}, {"runner.split_argmax": True})],
 }
@@ -106,13 +109,15 @@ def main() -> None:
         if unknown:
             ap.error(f"unknown variants {sorted(unknown)} for --ab {args.ab}")
         variants = [v for v in AB[args.ab] if v[0] in keep]
-    objs = {"fused": eng.model._fused, "runner": runner}
+    from splitserve.kernels import decode_attention as decode_mod
+    objs = {"fused": eng.model._fused, "runner": runner, "decode": decode_mod}
+    shipped = {"decode.LARGE_BATCH_TILES": decode_mod.LARGE_BATCH_TILES}
     for trial in range(1 if SMOKE else 2):       # two passes, interleaved: drift shows
         for name, env, attrs in variants:
             os.environ.update(env)
             for k, v in attrs.items():
                 obj, attr = k.split(".")
-                setattr(objs[obj], attr, v)
+                setattr(objs[obj], attr, shipped[k] if v == "shipped" else v)
             runner._graphs, runner._outputs = {}, {}
             runner.capture()
             for b in batches:
