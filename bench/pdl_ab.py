@@ -8,7 +8,7 @@ environment variables, read at each launch, and attributes of the fused forward,
 capture); each capture's graph replay time per batch, back to back, timed by CUDA events, and
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
-    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|prefetch|rope|argmax] [--kv bf16|fp8] [--batches 1,8,32]
+    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|rope|argmax] [--kv bf16|fp8] [--batches 1,8,32]
 """
 from __future__ import annotations
 
@@ -50,10 +50,6 @@ AB = {
                                 "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
                 ("auto-from1", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_TRIGGER": "auto",
                                 "SPLITSERVE_PDL_MIN_ROWS": "1"}, {})],
-    # W tiles each one-token GEMV prefetches into L2 before its PDL wait (kernels/gemv.py)
-    "prefetch": [(f"prefetch{n}", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_TRIGGER": "auto",
-                                   "SPLITSERVE_PDL_MIN_ROWS": "1", "SPLITSERVE_GEMV_PREFETCH": str(n)}, {})
-                 for n in (0, 1, 2, 4)],
     # the RoPE + KV-write kernel per layer vs the same work in the QKV GEMV's epilogue
     "rope": [("rope-kernel", {}, {"fused.fuse_rope_epilogue": False}),
              ("rope-epilogue", {}, {"fused.fuse_rope_epilogue": True})],

@@ -148,25 +148,6 @@ def _mac(acc, w, x, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr):
     return acc
 
 
-@triton.jit
-def _prefetch_l2(ptrs):
-    """prefetch.global.L2 of each address (no registers filled, never faults)."""
-    return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                     dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_w(w_ptr, offs_n, N, K, stride_w, second, PAIRED: tl.constexpr, COLS: tl.constexpr):
-    """The program's W rows (and the paired rows `second` further) over the first COLS
-    columns, one prefetch per 128-byte line."""
-    STEP: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth
-    cols = tl.minimum(tl.arange(0, COLS // STEP) * STEP, K - 1)
-    r = tl.minimum(offs_n, N - 1).to(tl.int64)
-    _prefetch_l2(w_ptr + r[:, None] * stride_w + cols[None, :])
-    if PAIRED:
-        _prefetch_l2(w_ptr + (r + second)[:, None] * stride_w + cols[None, :])
-
-
 @triton.jit(do_not_specialize=["M"])   # one build for every M of a block size
 def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
                  M, N, K, stride_x, stride_r, stride_ro, stride_w, stride_o, eps,
@@ -180,17 +161,16 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
                  NUM_STAGES: tl.constexpr, STATS_K: tl.constexpr, STATS_STAGES: tl.constexpr,
                  NATIVE: tl.constexpr, ROPE: tl.constexpr = False, HALF: tl.constexpr = 1,
                  FP8: tl.constexpr = False, FP8_MAX: tl.constexpr = 448.0,
-                 PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0):
+                 PDL: tl.constexpr = 0):
+    # (loading the first weight tile before this wait, to stream it in under the previous
+    # kernel's tail, made the B=1 step 20-81 us slower: bench/results/pdl-ab-v2-2026-11-29.md)
+    pdl_wait(PDL)              # before any load of x, residual or out
     pid = tl.program_id(0)
+    dt = w_ptr.dtype.element_ty
+    rows = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     if ROPE:   # BLOCK_N rotate-half pairs of one head: rows offs_n and offs_n + HALF
         offs_n = (pid * BLOCK_N) // HALF * (2 * HALF) + (pid * BLOCK_N) % HALF + tl.arange(0, BLOCK_N)
-    if PREFETCH:   # W does not depend on the previous kernel: pull its first tiles into L2 now
-        _prefetch_w(w_ptr, offs_n, N, K, stride_w, HALF if ROPE else N, SILU or ROPE,
-                    PREFETCH * BLOCK_K)
-    pdl_wait(PDL)              # before any load of x, residual or out
-    dt = w_ptr.dtype.element_ty
-    rows = tl.arange(0, BLOCK_M)
     if NORM:
         rstd = _inv_rms(x_ptr, res_ptr, res_out_ptr, M, K, stride_x, stride_r, stride_ro, eps,
                         pid == 0, BLOCK_M, STATS_K, STATS_STAGES, HAS_RES, NATIVE)
@@ -254,15 +234,6 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
                  mask=(offs_n[:, None] < N) & (rows[None, :] < M))
 
 
-def prefetch_tiles(pdl: bool) -> int:
-    """W tiles a PDL launch prefetches into L2 before its wait (SPLITSERVE_GEMV_PREFETCH,
-    default 0; never without PDL, whose wait is what the prefetch hides behind)."""
-    n = int(os.environ.get("SPLITSERVE_GEMV_PREFETCH", "0"))
-    if n < 0 or n & (n - 1):
-        raise ValueError(f"SPLITSERVE_GEMV_PREFETCH must be 0 or a power of two, got {n}")
-    return n if pdl else 0
-
-
 def _check_x(name: str, x: torch.Tensor) -> None:
     check_dim(name, x, 2, "[num_tokens, in_features]")
     check_dtype(name, x, ACT_DTYPES)
@@ -289,7 +260,6 @@ def _launch(x, weight, out, *, tile, norm_weight=None, eps=0.0, residual=None, r
     programs = n // (2 * t.block_n) if rope is not None else triton.cdiv(n, t.block_n)
     stats_k = min(next_pow2(k), max(16, STATS_ELEMS // block_m))
     norm, res = norm_weight is not None, residual is not None
-    pdl = use_pdl(x.device, m)
     _gemv_kernel[(programs,)](
         x, residual if res else x, residual_out if res else x, norm_weight if norm else weight,
         weight, bias if bias is not None else weight, out,
@@ -298,8 +268,8 @@ def _launch(x, weight, out, *, tile, norm_weight=None, eps=0.0, residual=None, r
         *rope_launch_args(rope, x), ROPE=rope is not None, HALF=half, FP8=fp8, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, NORM=norm, HAS_RES=res,
         HAS_BIAS=bias is not None, SILU=silu, USE_DOT=t.use_dot, EVEN=even, NUM_STAGES=t.num_stages,
         STATS_K=stats_k, STATS_STAGES=1 if stats_k >= k else 3, NATIVE=not interpreting(),
-        num_warps=t.num_warps, num_stages=t.num_stages, PREFETCH=prefetch_tiles(pdl),
-        **launch_kwargs(pdl, m))
+        num_warps=t.num_warps, num_stages=t.num_stages,
+        **launch_kwargs(use_pdl(x.device, m), m))
     return out
 
 
