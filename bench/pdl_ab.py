@@ -1,5 +1,6 @@
 """A/B of decode-step variants on the step's CUDA graphs: programmatic dependent launch
-(kernels/_pdl.py; --ab pdl), RoPE + KV write in the QKV GEMV's epilogue (--ab rope) or the
+(kernels/_pdl.py; --ab pdl, and where it triggers: --ab trigger), the decode attention's large-grid
+tiles (--ab largetiles), RoPE + KV write in the QKV GEMV's epilogue (--ab rope) or the
 greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
 
 One engine (dummy Llama-3-8B on the GPU, bf16 or FP8 KV; tiny float16 under --smoke), its
@@ -8,7 +9,8 @@ environment variables, read at each launch, and attributes of the fused forward,
 capture); each capture's graph replay time per batch, back to back, timed by CUDA events, and
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
-    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|rope|argmax] [--kv bf16|fp8] [--batches 1,8,32]
+    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|rope|argmax] [--kv bf16|fp8]
+                           [--batches 1,8,32] [--variants a,b]
 """
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ from splitserve.engine.engine import LLMEngine  # noqa: E402
 from splitserve.engine.loader import load_dummy  # noqa: E402
 
 BATCHES = (1, 2) if SMOKE else (1, 8, 32)
-# pdl: PDL off; PDL from two rows (the default); PDL at one row too. (Session 9
-# also timed a GEMV variant loading its first weight tile before the PDL wait: slower, removed;
-# bench/results/pdl-ab-v2-2026-11-29.md.)
+# pdl: PDL off; PDL from two rows; PDL at one row too. (Sessions 9 and 11 also timed GEMVs
+# loading / L2-prefetching their first weight tiles before the PDL wait: slower or no gain,
+# removed; bench/results/pdl-ab-v2-2026-11-29.md, engine-2026-11-30-s11.md.)
 # (name, environment, attributes "fused.<name>" of the FusedForward / "runner.<name>" of the
 # DecodeGraphRunner / "decode.<name>" of kernels/decode_attention.py; "shipped": its value at import)
 AB = {
