@@ -16,7 +16,7 @@ Off under the Triton interpreter, on GPUs before sm_90 and with SPLITSERVE_PDL=0
 the H200 (Llama-3-8B decode step graphs): with the early trigger PDL made batch 1 slower (4443
 vs 4390 us, session 6; 4376 vs 4334, session 9) and batches 8 and 32 faster (4894 vs 5103, 5945
 vs 6120 us), so one-row launches ran without it; with the late trigger batch 1 gains
-(bench/results/pdl-trigger-2026-11-30.md: 4127 vs 4218 us without PDL), so every launch now
+(bench/results/engine-2026-11-30-s11.md: 4127 vs 4218 us without PDL), so every launch now
 uses PDL, late for one row and early for more (`trigger_mode`).
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ EARLY, LATE = 1, 2      # where a PDL kernel lets its successor launch (PDL cons
 def trigger_mode(rows: int) -> int:
     """SPLITSERVE_PDL_TRIGGER: `early` (right after the wait), `late` (after the kernel's main
     loop) or `auto` (the default: late for one row, early for more). Measured on the H200
-    (bench/pdl_ab.py --ab trigger, bench/results/pdl-trigger-2026-11-30.md): the batch-1 step
+    (bench/pdl_ab.py --ab trigger, bench/results/engine-2026-11-30-s11.md): the batch-1 step
     replays 4127 us late vs 4304 early (4218 without PDL); at batches 8-128 early is as fast or
     up to 20 us faster."""
     mode = os.environ.get("SPLITSERVE_PDL_TRIGGER", "auto")

@@ -68,8 +68,8 @@ BATCH_TILES = ((16, False, (128, 5, 4), 1),
                (16, True, (128, 5, 4), 1))
 # ... and for large grids (num_seqs * num_kv_heads >= min_programs), after BATCH_TILES:
 # (min_programs, fp8, tiles, HPP). Four kv heads per program (16 query rows, no MMA padding)
-# and short tiles, measured at B=128/256 x 1k (bench/results/decode-sweep-2026-11-30-s11.md):
-# FP8 (32-token pages) 83.6 / 151.7 us vs 88.9 / 162.4 with the defaults, bf16 137.3 / 257.5
+# and short tiles, measured at B=128/256 x 1k (bench/results/engine-2026-11-30-s11.md, sec. 4;
+# engine step -199 / -341 us FP8, -211 / -79 us bf16, same process): FP8 (32-token pages) 83.6 / 151.7 us vs 88.9 / 162.4 with the defaults, bf16 137.3 / 257.5
 # vs 143.5 / 267.7; at B=32 both were slower than the defaults (FP8 29.5 vs 27.3 us).
 LARGE_BATCH_TILES = ((1024, False, (16, 5, 4), 4),
                      (1024, True, (32, 5, 4), 4))
@@ -300,7 +300,7 @@ def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int,
     an engine with a long max_model_len got 33 splits and the second launch on every short
     context too. The count rounds down, never past one wave of PROGRAMS_PER_SM per SM: a grid
     1.45 waves deep (B=32 FP8, 128 programs x 3 splits) ran its last programs alone, 190 us at
-    8k against 144 us at 2 splits (bench/results/decode-splits-b32-2026-11-30.md).
+    8k against 144 us at 2 splits (bench/results/engine-2026-11-30-s11.md).
     """
     programs = max(1, num_seqs * num_kv_heads // launch_shape(num_seqs, num_kv_heads, fp8)[1])
     want = max(1, PROGRAMS_PER_SM * sm_count(device) // programs)   # whole waves only
