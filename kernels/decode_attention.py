@@ -69,8 +69,9 @@ BATCH_TILES = ((16, False, (128, 5, 4), 1),
 # ... and for large grids (num_seqs * num_kv_heads >= min_programs), after BATCH_TILES:
 # (min_programs, fp8, tiles, HPP). Four kv heads per program (16 query rows, no MMA padding)
 # and short tiles, measured at B=128/256 x 1k (bench/results/engine-2026-11-30-s11.md, sec. 4;
-# engine step -199 / -341 us FP8, -211 / -79 us bf16, same process): FP8 (32-token pages) 83.6 / 151.7 us vs 88.9 / 162.4 with the defaults, bf16 137.3 / 257.5
-# vs 143.5 / 267.7; at B=32 both were slower than the defaults (FP8 29.5 vs 27.3 us).
+# engine step -199 / -341 us FP8, -211 / -79 us bf16, same process): FP8 (32-token pages)
+# 83.6 / 151.7 us vs 88.9 / 162.4 with the defaults, bf16 137.3 / 257.5 vs 143.5 / 267.7; at
+# B=32 both were slower than the defaults (FP8 29.5 vs 27.3 us).
 LARGE_BATCH_TILES = ((1024, False, (16, 5, 4), 4),
                      (1024, True, (32, 5, 4), 4))
 FUSED_MERGE_MAX_SPLITS = 16  # split counts up to this merge in the decode launch (0: never)
