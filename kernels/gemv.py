@@ -163,7 +163,9 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, ln_ptr, w_ptr, b_ptr, out_ptr,
                  FP8: tl.constexpr = False, FP8_MAX: tl.constexpr = 448.0,
                  PDL: tl.constexpr = 0):
     # (loading the first weight tile before this wait, to stream it in under the previous
-    # kernel's tail, made the B=1 step 20-81 us slower: bench/results/pdl-ab-v2-2026-11-29.md)
+    # kernel's tail, made the B=1 step 20-81 us slower: bench/results/pdl-ab-v2-2026-11-29.md;
+    # an L2 prefetch of the first 1/2/4 tiles there, with the late trigger, gained 3-9 us at
+    # one tile and cost 40-180 us at more: engine-2026-11-30-s11.md, section 2)
     pdl_wait(PDL)              # before any load of x, residual or out
     pid = tl.program_id(0)
     dt = w_ptr.dtype.element_ty
