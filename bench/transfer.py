@@ -169,11 +169,13 @@ def main() -> None:
                   f"verified at {ov['phases_ms'].get('D ack_send', float('nan')):.2f} ms); forward "
                   f"{ov['compute_only_s'] * 1e3:.1f} ms alone vs {ov['forward_with_transfer_s'] * 1e3:.1f} ms "
                   f"with transfer; {ov['state']}", flush=True)
+        if not runs:                # --overlap-reps 0
+            continue
         runs.sort(key=lambda r: r["exposed_s"])
         for r in runs[:len(runs) // 2] + runs[len(runs) // 2 + 1:]:
             r.pop("timeline_ms")   # the median run's timeline is kept (results stay small)
         overlaps[kind] = runs
-    ov = overlaps[args.overlap_layers.split(",")[0]]
+    ov = overlaps.get(args.overlap_layers.split(",")[0]) or [None]   # --overlap-reps 0: none
     ov = ov[len(ov) // 2]   # the median run of the first kind: the phase table's row
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
@@ -261,8 +263,8 @@ def write(rep: dict, out: Path) -> None:
         lines.append(f"| {r['blocks']} | {r['pattern']} | {r['bytes'] / MIB:.0f} | "
                      f"{r['paged_s'] * 1e3:.2f} | {r['paged_gbps']:.2f} | {r['raw_s'] * 1e3:.2f} | "
                      f"{r['raw_gbps']:.2f} | {r['ratio']:.2f}x | {cp} |")
-    ov = rep["overlap"]
-    lines += ["", f"Layer-wise overlap ({ov['blocks']} blocks {ov.get('pattern', 'scattered')}, {ov['tokens']} tokens, "
+    ov = rep["overlap"] or {}
+    lines += [] if not ov else ["", f"Layer-wise overlap ({ov['blocks']} blocks {ov.get('pattern', 'scattered')}, {ov['tokens']} tokens, "
               f"matmuls {ov['hidden']}x{ov['ffn']}): one layer {ov['layer_s'] * 1e3:.2f} ms, "
               f"exposed transfer after the last layer {ov['exposed_s'] * 1e3:.2f} ms "
               f"= {ov['exposed_s'] / ov['layer_s']:.2f} layers (target <= 1; the decode side had verified "

@@ -10,10 +10,10 @@ On the agent's loop: connect (cached endpoint, compatibility checked at first co
 `begin` and, without waiting for the decode side's `ready`, per pushed layer: wait until the
 layer's KV is written (a CUDA event recorded by push_layer), gather the staged regions into a
 staging buffer (at most `staging_layers` in flight), post all tag sends of that layer without
-waiting for the previous ones, and fold the layer's checksum. Data posted before the decode side
-has posted its receives waits in UCX's tag matching (unexpected queue / pending rendezvous) until
-it does; a refused `begin` tombstones the tag key there, so such data is drained, never landed.
-Once `ready` arrived and every layer's checksum is known: `complete` with the per-layer
+waiting for the previous ones, and compute the layer's checksum while its data moves. Data
+posted before the decode side has posted its receives waits in UCX's tag matching (unexpected
+queue / pending rendezvous) until it does; a refused `begin` tombstones the tag key there, so
+such data is drained, never landed. Once `ready` arrived and every layer's checksum is known: `complete` with the per-layer
 checksums, sent while the last sends may still be in flight (the decode side verifies only
 after all its receives ended), then Success on the decode side's `ack`. So the critical path of a
 handoff is its data plus one verification and one ack, not begin -> ready -> data -> complete ->
@@ -67,6 +67,7 @@ class KVSender:
         self._pushed: set[int] = set()
         self._events: dict[int, torch.cuda.Event | None] = {}
         self._layer_ready: dict[int, asyncio.Event] = {}
+        self._sum_futs: list[asyncio.Future] = []   # per batch: its checksums, while data moves
         self.reply: asyncio.Future | None = None    # set by the agent's control loop
         self.cancel_ack: asyncio.Future | None = None
         self.bytes_sent = 0
@@ -201,7 +202,7 @@ class KVSender:
             await begin
             sends, sum_batches = await data
             self._t("posted")
-            sums = [int(x) for batch in sum_batches for x in batch]
+            sums = [int(x) for batch in await asyncio.gather(*sum_batches) for x in batch]
             self.reply = loop.create_future()
             completion = {"xid": self.xid, "lease": h.lease_id, "epoch": h.epoch, "checksums": sums}
             if self.complete_hook is not None:
@@ -216,8 +217,8 @@ class KVSender:
             await asyncio.gather(*sends)   # acked => every receive matched; this is bookkeeping
             self._t("sends_done")
         finally:
-            for task in (data, begin):   # on a refusal or failure: stop, and consume any error
-                if not task.done():
+            for task in (data, begin, *self._sum_futs):   # on a refusal or failure: stop, and
+                if not task.done():                          # consume any error
                     task.cancel()
                 elif not task.cancelled():
                     task.exception()
@@ -227,14 +228,16 @@ class KVSender:
     async def _send_layers(self, peer):
         """Post every layer's sends as soon as it is pushed, unit by unit: a unit is one staged
         bundle's layers (plan.bundles(); one layer when nothing is staged). Per batch of units
-        that are ready together, one step waits for their KV (CUDA event), gathers each
-        bundle's staged regions into a pooled buffer (one kernel per bundle) and sums the
-        layers' checksums (staged regions from the gathered buffer, a contiguous read), read back
-        behind the same work; then the sends are posted. On CUDA the step is queued from this
-        loop and its read-back polled (`_prepare_on_loop`); on CPU it runs on the executor.
-        Summing in the same step costs a few kernels before the sends; a second hop after them
-        cost 0.6-1.5 ms of host time on a busy process (v11 traces), and `complete` waits for
-        the last sums."""
+        that are ready together, one step waits for their KV (CUDA event) and gathers each
+        bundle's staged regions into a pooled buffer (one kernel per bundle); then the sends are
+        posted, and the layers' checksums (staged regions from the gathered buffer, a contiguous
+        read) are computed while the data moves: only `complete` waits for them. On CUDA the
+        gathers and the sums are queued together from this loop, the sends wait for the
+        gathers' event and the sums' read-back is polled behind them (`_prepare_on_loop`; a
+        separate hop for the sums cost 0.6-1.5 ms of host time on a busy process, v11 traces);
+        on CPU the gathers run on the executor, then the sums there while UCX sends
+        (session 11: the sums of a 32 MiB transfer took ~20 ms before any byte moved).
+        Returns (send futures, checksum futures per batch)."""
         kv, plan, loop = self.agent.kv, self.plan, asyncio.get_running_loop()
         with self.agent.setup_stream():   # not behind the forward on the default stream
             src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
@@ -245,12 +248,15 @@ class KVSender:
         win = plan.staging_window(cfg.staging_layers, cfg.staging_budget_kib << 10)
         window = asyncio.Semaphore(win)
         sends: list = []
-        sum_batches: list[list[int]] = []
+        sum_batches = self._sum_futs
         u = 0
         while u < len(units):
             await self._units_ready(units[u])
             batch = [units[u]]
-            while (len(batch) < win and u + len(batch) < len(units)
+            # CPU gathers are long (numpy, ~1-2 GB/s): one bundle per step, so each bundle's
+            # send starts as soon as it is gathered and overlaps the next gather
+            most = win if kv.is_cuda or not plan.staged_idx else 1
+            while (len(batch) < most and u + len(batch) < len(units)
                    and self._is_computed(units[u + len(batch)])):
                 batch.append(units[u + len(batch)])
             stagings = []
@@ -268,11 +274,15 @@ class KVSender:
             if kv.is_cuda:
                 sums = await self._prepare_on_loop(batch, src_staged, stagings, layers, per_layer)
             else:
-                sums = await loop.run_in_executor(self.agent.executor, self._prepare_layers, batch,
-                                                  src_staged, stagings, layers, per_layer)
+                await loop.run_in_executor(self.agent.executor, self._queue_gathers, batch,
+                                           src_staged, stagings)
+                sums = loop.run_in_executor(self.agent.executor, self._sums.layers, layers, per_layer)
             self.prep_s += time.perf_counter() - t0
             self._t(f"prepped {first}-{last}")
             sum_batches.append(sums)
+            # CPU: the checksums read the staging buffers while they are sent; a buffer goes back
+            # to the pool only after both (CUDA: both are ordered on the side stream already)
+            read_by = None if kv.is_cuda else sums
             for l in layers:
                 for m, d in enumerate(plan.direct):
                     sends.append(self._send(peer, pool.direct_view(kv, l, d.kv, d.run.src0, d.run.n),
@@ -283,7 +293,7 @@ class KVSender:
             for (l0, _), staging in zip(batch, stagings):
                 if staging is not None:
                     sends.append(self._send(peer, pool.as_buffer(staging), l0, plan.staged_msg,
-                                            window, staging))
+                                            window, staging, read_by))
             u += len(batch)
         return sends, sum_batches
 
@@ -334,26 +344,26 @@ class KVSender:
         return runnable
 
     async def _prepare_on_loop(self, units: list[tuple[int, int]], staged_idx: torch.Tensor,
-                               stagings: list, layers: list[int], per_layer: list) -> list[int]:
+                               stagings: list, layers: list[int], per_layer: list) -> asyncio.Future:
         """CUDA: the gathers and the layers' checksums queued from the loop thread (nothing here
-        blocks), then their read-back event polled while the work is runnable, else waited for
-        on the executor (the forward has not reached those layers yet). Returns the checksums."""
+        blocks), then the gathers' event polled while the work is runnable, else waited for on
+        the executor (the forward has not reached those layers yet). Returns a future of the
+        checksums (their read-back, polled on this loop)."""
         with self.agent.side_stream():
             runnable = self._queue_gathers(units, staged_idx, stagings)
+            gathered = pool.Readback()
             rb = pool.Readback(self._sums.layers_dev(layers, per_layer))
         self._t(f"queued {units[0][0]}{'' if runnable else ' (waits for the forward)'}")
         spin = self.agent.config.spin_us * 1e-6 if runnable else 0.0
-        await pool.wait_gpu(rb.event, self.agent.executor, spin)
-        return rb.values()
+        await pool.wait_gpu(gathered.event, self.agent.executor, spin)
 
-    def _prepare_layers(self, units: list[tuple[int, int]], staged_idx: torch.Tensor, stagings: list,
-                        layers: list[int], per_layer: list) -> list[int]:
-        """CPU, on the executor: the gathers and the layers' checksums (numpy, synchronous)."""
-        self._queue_gathers(units, staged_idx, stagings)
-        return self._sums.layers(layers, per_layer)
+        async def read_back() -> list[int]:
+            await pool.wait_gpu(rb.event, self.agent.executor, spin)
+            return rb.values()
+        return asyncio.ensure_future(read_back())
 
     def _send(self, peer, buf, layer: int, msg: int, window: asyncio.Semaphore | None,
-              staging: torch.Tensor | None = None):
+              staging: torch.Tensor | None = None, read_by: asyncio.Future | None = None):
         t0 = time.perf_counter()
         arr = Array(buf)
         self.agent.top_up_futures()
@@ -369,13 +379,25 @@ class KVSender:
                 self._t(f"sent {layer}.{msg}")
                 self.bytes_sent += arr.nbytes
             finally:
-                # the buffer's checksums were read before the send was posted: it goes back to
-                # the pool once UCX is done with it (a failed/cancelled send's is not reused)
+                # the buffer goes back to the pool once UCX and the checksums (`read_by`) are
+                # done with it; a failed/cancelled send's, or a failed sum's, is not reused
                 if staging is not None and ok:
-                    self.agent.staging.put(staging)
-                if window is not None:
+                    self._release_after(staging, window, read_by)
+                elif window is not None:
                     window.release()
         return asyncio.ensure_future(done())
+
+    def _release_after(self, staging: torch.Tensor, window: asyncio.Semaphore | None,
+                       read_by: asyncio.Future | None) -> None:
+        def release(f=None) -> None:
+            if f is None or (not f.cancelled() and f.exception() is None):
+                self.agent.staging.put(staging)
+            if window is not None:
+                window.release()
+        if read_by is None or read_by.done():
+            release(read_by)
+        else:
+            read_by.add_done_callback(release)
 
     async def _cancel(self) -> bool:
         if self.fsm.poll().done:
