@@ -10,14 +10,15 @@ On the agent's loop: connect (cached endpoint, compatibility checked at first co
 `begin` and, without waiting for the decode side's `ready`, per pushed layer: wait until the
 layer's KV is written (a CUDA event recorded by push_layer), gather the staged regions into a
 staging buffer (at most `staging_layers` in flight), post all tag sends of that layer without
-waiting for the previous ones, and compute the layer's checksum while its data moves. Data
-posted before the decode side has posted its receives waits in UCX's tag matching (unexpected
-queue / pending rendezvous) until it does; a refused `begin` tombstones the tag key there, so
-such data is drained, never landed. Once `ready` arrived and every layer's checksum is known: `complete` with the per-layer
+waiting for the previous ones, and compute the layer's checksum (on CPU while its data moves,
+on CUDA just before; both measured, see `_send_layers`). Data posted before the decode side has
+posted its receives waits in UCX's tag matching (unexpected queue / pending rendezvous) until
+it does; a refused `begin` tombstones the tag key there, so such data is drained, never landed.
+Once `ready` arrived and every layer's checksum is known: `complete` with the per-layer
 checksums, sent while the last sends may still be in flight (the decode side verifies only
-after all its receives ended), then Success on the decode side's `ack`. So the critical path of a
-handoff is its data plus one verification and one ack, not begin -> ready -> data -> complete ->
-ack. Any refusal, a dead peer or the lease's deadline ends in Failed; `on_done` (release of the
+after all its receives ended), then Success on the decode side's `ack`. So the critical path of
+a handoff is its data plus one verification and one ack, not begin -> ready -> data -> complete
+-> ack. Any refusal, a dead peer or the lease's deadline ends in Failed; `on_done` (release of the
 source blocks) runs exactly once.
 """
 from __future__ import annotations
@@ -229,15 +230,18 @@ class KVSender:
         """Post every layer's sends as soon as it is pushed, unit by unit: a unit is one staged
         bundle's layers (plan.bundles(); one layer when nothing is staged). Per batch of units
         that are ready together, one step waits for their KV (CUDA event) and gathers each
-        bundle's staged regions into a pooled buffer (one kernel per bundle); then the sends are
-        posted, and the layers' checksums (staged regions from the gathered buffer, a contiguous
-        read) are computed while the data moves: only `complete` waits for them. On CUDA the
-        gathers and the sums are queued together from this loop, the sends wait for the
-        gathers' event and the sums' read-back is polled behind them (`_prepare_on_loop`; a
-        separate hop for the sums cost 0.6-1.5 ms of host time on a busy process, v11 traces);
-        on CPU the gathers run on the executor, then the sums there while UCX sends
-        (session 11: the sums of a 32 MiB transfer took ~20 ms before any byte moved).
-        Returns (send futures, checksum futures per batch)."""
+        bundle's staged regions into a pooled buffer (one kernel per bundle), and the layers'
+        checksums are computed (staged regions from the gathered buffer, a contiguous read).
+        On CUDA the gathers and the sums are one step queued from this loop, its read-back
+        polled (`_prepare_on_loop`), then the sends are posted: a second hop for the sums cost
+        0.6-1.5 ms of host time on a busy process (v11 traces), and with the sums running while
+        the data moved (session 11, same-call A/B on one H200,
+        bench/results/transfer-2026-11-30-s11.md) 8 GiB contiguous took 21.8-23.3 ms against
+        19.5-20.3, the sums' HBM reads slowing the copies. On CPU the sends go first: the
+        gathers run on the executor one bundle per step, the sends are posted, and the sums
+        run there while UCX sends (512 MiB over TCP loopback: contiguous 395-486 ms in 5 runs vs
+        491-541 in 3, scattered 547-552 in 2 vs 697-764 in 3). Returns (send futures, checksum
+        futures per batch)."""
         kv, plan, loop = self.agent.kv, self.plan, asyncio.get_running_loop()
         with self.agent.setup_stream():   # not behind the forward on the default stream
             src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
@@ -271,8 +275,10 @@ class KVSender:
             layers = list(range(first, last + 1))
             per_layer = [None if st is None else st[x] for st, (_, k) in zip(stagings, batch) for x in range(k)]
             t0 = time.perf_counter()
-            if kv.is_cuda:
-                sums = await self._prepare_on_loop(batch, src_staged, stagings, layers, per_layer)
+            if kv.is_cuda:   # sums before sends (see the docstring)
+                sums = loop.create_future()
+                sums.set_result(await self._prepare_on_loop(batch, src_staged, stagings, layers,
+                                                            per_layer))
             else:
                 await loop.run_in_executor(self.agent.executor, self._queue_gathers, batch,
                                            src_staged, stagings)
@@ -281,7 +287,7 @@ class KVSender:
             self._t(f"prepped {first}-{last}")
             sum_batches.append(sums)
             # CPU: the checksums read the staging buffers while they are sent; a buffer goes back
-            # to the pool only after both (CUDA: both are ordered on the side stream already)
+            # to the pool only after both (CUDA: summed before the sends)
             read_by = None if kv.is_cuda else sums
             for l in layers:
                 for m, d in enumerate(plan.direct):
@@ -344,23 +350,17 @@ class KVSender:
         return runnable
 
     async def _prepare_on_loop(self, units: list[tuple[int, int]], staged_idx: torch.Tensor,
-                               stagings: list, layers: list[int], per_layer: list) -> asyncio.Future:
+                               stagings: list, layers: list[int], per_layer: list) -> list[int]:
         """CUDA: the gathers and the layers' checksums queued from the loop thread (nothing here
-        blocks), then the gathers' event polled while the work is runnable, else waited for on
-        the executor (the forward has not reached those layers yet). Returns a future of the
-        checksums (their read-back, polled on this loop)."""
+        blocks), then their read-back event polled while the work is runnable, else waited for
+        on the executor (the forward has not reached those layers yet). Returns the checksums."""
         with self.agent.side_stream():
             runnable = self._queue_gathers(units, staged_idx, stagings)
-            gathered = pool.Readback()
             rb = pool.Readback(self._sums.layers_dev(layers, per_layer))
         self._t(f"queued {units[0][0]}{'' if runnable else ' (waits for the forward)'}")
         spin = self.agent.config.spin_us * 1e-6 if runnable else 0.0
-        await pool.wait_gpu(gathered.event, self.agent.executor, spin)
-
-        async def read_back() -> list[int]:
-            await pool.wait_gpu(rb.event, self.agent.executor, spin)
-            return rb.values()
-        return asyncio.ensure_future(read_back())
+        await pool.wait_gpu(rb.event, self.agent.executor, spin)
+        return rb.values()
 
     def _send(self, peer, buf, layer: int, msg: int, window: asyncio.Semaphore | None,
               staging: torch.Tensor | None = None, read_by: asyncio.Future | None = None):
