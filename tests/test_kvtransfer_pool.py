@@ -141,3 +141,34 @@ def test_buffer_pool_reuses_and_caps():
     for t in (b, c, d):
         bp.put(t)
     assert bp._idle <= bp.cap
+
+
+def test_cpu_staging_buffer_waits_for_its_checksums():
+    """On CPU the sender sums a staged bundle while it is being sent: the buffer (and its
+    staging-window slot) goes back only once the send *and* the sums are done, never to a
+    later gather while the sums still read it; a failed sum keeps the buffer out of the pool."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from splitserve.kvtransfer.sender import KVSender
+
+    async def run(outcome: str):
+        returned: list = []
+        me = SimpleNamespace(agent=SimpleNamespace(staging=SimpleNamespace(put=returned.append)))
+        window = asyncio.Semaphore(0)
+        sums = asyncio.get_running_loop().create_future()
+        buf = torch.zeros(4)
+        KVSender._release_after(me, buf, window, sums)     # the send has completed
+        await asyncio.sleep(0)
+        assert returned == [] and window.locked()          # the sums still read it
+        if outcome == "ok":
+            sums.set_result([1, 2])
+        else:
+            sums.set_exception(RuntimeError("sum failed"))
+            sums.exception()
+        await asyncio.sleep(0)
+        assert not window.locked()                         # the slot is free either way
+        return returned
+
+    assert [b.shape for b in asyncio.run(run("ok"))] == [torch.Size([4])]
+    assert asyncio.run(run("failed")) == []
