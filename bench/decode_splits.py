@@ -7,7 +7,7 @@ is a second launch. This times B=1 Llama-3-8B heads (32 q / 8 kv, d=128, 16-toke
 several context lengths for every split count, against the bytes/bandwidth ideal, and prints
 what plan_decode_splits picks for the context itself and for an 8k-token table.
 
-    python bench/decode_splits.py --out $OUT        # writes decode-splits.json
+    python bench/decode_splits.py --out $OUT        # writes decode-splits-b1-p16.json
     python bench/decode_splits.py --out $OUT --batch 32 --page 32 --lengths 1024  # engine FP8
 """
 from __future__ import annotations
@@ -46,8 +46,8 @@ def main() -> None:
             p = Paged(B, L, kv, sets=sets, seed=L, page=args.page)
             ideal = p.kv_bytes / bw / 1e6                             # us at the copy rate
             plans = {m: K.plan_decode_splits(B, 8, m, p.q.device, fp8=kv == "fp8") for m in (L, 8448)}
-            print(f"{kv} B={B} page={args.page} L={L}: ideal {ideal:.1f} us; plan {plans[L]} splits for this length, "
-                  f"{plans[8448]} for an 8448-token table", flush=True)
+            print(f"{kv} B={B} page={args.page} L={L}: ideal {ideal:.1f} us; plan {plans[L]} "
+                  f"splits for this length, {plans[8448]} for an 8448-token table", flush=True)
             for s in SPLITS:
                 if s > 1 and (L // s) < 64:
                     continue
@@ -62,14 +62,16 @@ def main() -> None:
                 err = p.check(outs[0])
                 us = bench_graph([lambda i=i: run(i) for i in range(sets)])
                 fused = s <= DECODE.FUSED_MERGE_MAX_SPLITS
-                rows.append(dict(kv=kv, B=B, page=args.page, L=L, splits=s, us=us, ideal_us=ideal, x_ideal=us / ideal,
-                                 fused_merge=fused, rel_err=err, plan_len=plans[L], plan_8448=plans[8448]))
+                rows.append(dict(kv=kv, B=B, page=args.page, L=L, splits=s, us=us, ideal_us=ideal,
+                                 x_ideal=us / ideal, fused_merge=fused, rel_err=err,
+                                 plan_len=plans[L], plan_8448=plans[8448]))
                 print(f"  splits {s:>3} ({'fused' if fused else 'separate'} merge): {us:7.1f} us "
                       f"({us / ideal:.2f}x ideal), rel err {err:.1e}", flush=True)
             del p
             torch.cuda.empty_cache()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"decode-splits-b{B}-p{args.page}.json").write_text(json.dumps(dict(copy_TBps=bw, rows=rows), indent=1))
+    (Path(args.out) / f"decode-splits-b{B}-p{args.page}.json").write_text(
+        json.dumps(dict(copy_TBps=bw, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

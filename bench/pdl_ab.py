@@ -28,13 +28,14 @@ import torch  # noqa: E402  (after engine_common: --smoke sets TRITON_INTERPRET 
 from splitserve.config import Config  # noqa: E402
 from splitserve.engine.engine import LLMEngine  # noqa: E402
 from splitserve.engine.loader import load_dummy  # noqa: E402
+from splitserve.kernels import decode_attention as decode_mod  # noqa: E402
 
 BATCHES = (1, 2) if SMOKE else (1, 8, 32)
 # pdl: PDL off; PDL from two rows; PDL at one row too. (Sessions 9 and 11 also timed GEMVs
 # loading / L2-prefetching their first weight tiles before the PDL wait: slower or no gain,
 # removed; bench/results/pdl-ab-v2-2026-11-29.md, engine-2026-11-30-s11.md.)
 # (name, environment, attributes "fused.<name>" of the FusedForward / "runner.<name>" of the
-# DecodeGraphRunner / "decode.<name>" of kernels/decode_attention.py; "shipped": its value at import)
+# DecodeGraphRunner / "decode.<name>" of kernels/decode_attention.py)
 AB = {
     "pdl": [("off", {"SPLITSERVE_PDL": "0", "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
             ("pdl", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
@@ -57,7 +58,7 @@ AB = {
              ("rope-epilogue", {}, {"fused.fuse_rope_epilogue": True})],
     # the decode attention's large-grid tiles (kernels/decode_attention.py) vs the defaults
     "largetiles": [("default-tiles", {}, {"decode.LARGE_BATCH_TILES": ()}),
-                   ("large-tiles", {}, {"decode.LARGE_BATCH_TILES": "shipped"})],
+                   ("large-tiles", {}, {"decode.LARGE_BATCH_TILES": decode_mod.LARGE_BATCH_TILES})],
     "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
                ("split-argmax", {}, {"runner.split_argmax": True})],
 }
@@ -107,15 +108,13 @@ def main() -> None:
         if unknown:
             ap.error(f"unknown variants {sorted(unknown)} for --ab {args.ab}")
         variants = [v for v in AB[args.ab] if v[0] in keep]
-    from splitserve.kernels import decode_attention as decode_mod
     objs = {"fused": eng.model._fused, "runner": runner, "decode": decode_mod}
-    shipped = {"decode.LARGE_BATCH_TILES": decode_mod.LARGE_BATCH_TILES}
     for trial in range(1 if SMOKE else 2):       # two passes, interleaved: drift shows
         for name, env, attrs in variants:
             os.environ.update(env)
             for k, v in attrs.items():
                 obj, attr = k.split(".")
-                setattr(objs[obj], attr, shipped[k] if v == "shipped" else v)
+                setattr(objs[obj], attr, v)
             runner._graphs, runner._outputs = {}, {}
             runner.capture()
             for b in batches:

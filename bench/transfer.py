@@ -263,13 +263,16 @@ def write(rep: dict, out: Path) -> None:
         lines.append(f"| {r['blocks']} | {r['pattern']} | {r['bytes'] / MIB:.0f} | "
                      f"{r['paged_s'] * 1e3:.2f} | {r['paged_gbps']:.2f} | {r['raw_s'] * 1e3:.2f} | "
                      f"{r['raw_gbps']:.2f} | {r['ratio']:.2f}x | {cp} |")
-    ov = rep["overlap"] or {}
-    lines += [] if not ov else ["", f"Layer-wise overlap ({ov['blocks']} blocks {ov.get('pattern', 'scattered')}, {ov['tokens']} tokens, "
-              f"matmuls {ov['hidden']}x{ov['ffn']}): one layer {ov['layer_s'] * 1e3:.2f} ms, "
-              f"exposed transfer after the last layer {ov['exposed_s'] * 1e3:.2f} ms "
-              f"= {ov['exposed_s'] / ov['layer_s']:.2f} layers (target <= 1; the decode side had verified "
-              f"the KV at {ov.get('phases_ms', {}).get('D ack_send', float('nan')):.2f} ms); forward alone "
-              f"{ov['compute_only_s'] * 1e3:.1f} ms, with transfer {ov['forward_with_transfer_s'] * 1e3:.1f} ms."]
+    ov = rep["overlap"] or {}      # none with --overlap-reps 0
+    if ov:
+        lines += ["", f"Layer-wise overlap ({ov['blocks']} blocks {ov.get('pattern', 'scattered')}, "
+                  f"{ov['tokens']} tokens, matmuls {ov['hidden']}x{ov['ffn']}): one layer "
+                  f"{ov['layer_s'] * 1e3:.2f} ms, exposed transfer after the last layer "
+                  f"{ov['exposed_s'] * 1e3:.2f} ms = {ov['exposed_s'] / ov['layer_s']:.2f} layers "
+                  f"(target <= 1; the decode side had verified the KV at "
+                  f"{ov.get('phases_ms', {}).get('D ack_send', float('nan')):.2f} ms); forward alone "
+                  f"{ov['compute_only_s'] * 1e3:.1f} ms, with transfer "
+                  f"{ov['forward_with_transfer_s'] * 1e3:.1f} ms."]
     for kind, runs in rep.get("overlaps", {}).items():
         lay = statistics.median(r["layer_s"] for r in runs)
         ex = [r["exposed_s"] for r in runs]

@@ -61,10 +61,12 @@ def trigger_mode(rows: int) -> int:
     return LATE if mode == "late" or (mode == "auto" and rows <= 1) else EARLY
 
 
-def launch_kwargs(pdl: bool, rows: int = 2) -> dict:
-    """Extra launch arguments for a launch over `rows` tokens / sequences: the kernel's PDL
-    constexpr (0 off, EARLY, LATE) and Triton's launch_pdl flag."""
-    return dict(PDL=trigger_mode(rows), launch_pdl=True) if pdl else dict(PDL=0)
+def launch_kwargs(device: torch.device, rows: int) -> dict:
+    """Extra launch arguments for a launch over `rows` tokens / sequences on `device`: the
+    kernel's PDL constexpr (0 off, EARLY, LATE) and Triton's launch_pdl flag."""
+    if not use_pdl(device, rows):
+        return dict(PDL=0)
+    return dict(PDL=trigger_mode(rows), launch_pdl=True)
 
 
 @triton.jit

@@ -46,7 +46,7 @@ import triton.language as tl
 
 from ._common import (check, check_attention_args, check_device, check_out_like,
                       check_seq_metadata, interpreting, next_pow2, sm_count, v_token_minor)
-from ._pdl import launch_kwargs, pdl_trigger, pdl_wait, use_pdl
+from ._pdl import launch_kwargs, pdl_trigger, pdl_wait
 from ._vpage import load_v_rows
 from .splitkv_reduce import splitkv_reduce
 
@@ -392,7 +392,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
         V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, block_n),
         num_warps=num_warps, num_stages=num_stages, **regs,
-        **launch_kwargs(use_pdl(q.device, num_seqs), num_seqs),
+        **launch_kwargs(q.device, num_seqs),
     )
     if not direct and not fused:
         splitkv_reduce(part_out, part_lse, out, group, v_scale if fp8 else None)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pdl import launch_kwargs, pdl_trigger, pdl_wait, use_pdl
+from ._pdl import launch_kwargs, pdl_trigger, pdl_wait
 from .gemv_rope import RopeKV, check_rope, rope_kv_epilogue, rope_launch_args
 from ._rounding import round_to
 from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, check_last_contiguous,
@@ -271,7 +271,7 @@ def _launch(x, weight, out, *, tile, norm_weight=None, eps=0.0, residual=None, r
         HAS_BIAS=bias is not None, SILU=silu, USE_DOT=t.use_dot, EVEN=even, NUM_STAGES=t.num_stages,
         STATS_K=stats_k, STATS_STAGES=1 if stats_k >= k else 3, NATIVE=not interpreting(),
         num_warps=t.num_warps, num_stages=t.num_stages,
-        **launch_kwargs(use_pdl(x.device, m), m))
+        **launch_kwargs(x.device, m))
     return out
 
 

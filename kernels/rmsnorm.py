@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pdl import launch_kwargs, pdl_trigger, pdl_wait, use_pdl
+from ._pdl import launch_kwargs, pdl_trigger, pdl_wait
 from ._rounding import round_to
 from ._common import ACT_DTYPES, check, check_device, check_dim, check_dtype, check_last_contiguous, next_pow2
 
@@ -77,6 +77,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         x, residual if residual is not None else x, weight, out,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), hidden, eps,
         BLOCK=block, HAS_RES=residual is not None, num_warps=min(16, max(1, block // 512)),
-        **launch_kwargs(use_pdl(x.device, n_rows), n_rows),
+        **launch_kwargs(x.device, n_rows),
     )
     return out

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ._common import (ACT_DTYPES, check, check_device, check_dim, check_dtype, check_head_dim,
                       check_kv_cache, check_last_contiguous, next_pow2)
-from ._pdl import launch_kwargs, pdl_trigger, pdl_wait, use_pdl
+from ._pdl import launch_kwargs, pdl_trigger, pdl_wait
 from ._rounding import round_to
 from .kv_write import quantize_e4m3
 from .reference import FP8_MAX
@@ -172,5 +172,5 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, posi
         num_q_heads, k.shape[1], k_cache.shape[1] if write else 1,
         HALF=head_dim // 2, BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(k.shape[1]),
         WRITE=write, FP8=fp8, FP8_MAX=FP8_MAX, num_warps=4,
-        **launch_kwargs(use_pdl(q.device, num_tokens), num_tokens),
+        **launch_kwargs(q.device, num_tokens),
     )

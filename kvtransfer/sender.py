@@ -234,14 +234,12 @@ class KVSender:
         checksums are computed (staged regions from the gathered buffer, a contiguous read).
         On CUDA the gathers and the sums are one step queued from this loop, its read-back
         polled (`_prepare_on_loop`), then the sends are posted: a second hop for the sums cost
-        0.6-1.5 ms of host time on a busy process (v11 traces), and with the sums running while
-        the data moved (session 11, same-call A/B on one H200,
-        bench/results/transfer-2026-11-30-s11.md) 8 GiB contiguous took 21.8-23.3 ms against
-        19.5-20.3, the sums' HBM reads slowing the copies. On CPU the sends go first: the
-        gathers run on the executor one bundle per step, the sends are posted, and the sums
-        run there while UCX sends (512 MiB over TCP loopback: contiguous 395-486 ms in 5 runs vs
-        491-541 in 3, scattered 547-552 in 2 vs 697-764 in 3). Returns (send futures, checksum
-        futures per batch)."""
+        0.6-1.5 ms of host time on a busy process (v11 traces), and sums running beside the
+        copies made 8 GiB contiguous 10-15% slower on one H200 (their HBM reads). On CPU the
+        sends go first: one bundle's gather per executor step, its sends posted, the sums run
+        on the executor while UCX sends (512 MiB over TCP loopback: -15% contiguous, -25%
+        scattered). Both A/Bs: bench/results/transfer-2026-11-30-s11.md. Returns (send
+        futures, checksum futures per batch)."""
         kv, plan, loop = self.agent.kv, self.plan, asyncio.get_running_loop()
         with self.agent.setup_stream():   # not behind the forward on the default stream
             src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
@@ -252,7 +250,6 @@ class KVSender:
         win = plan.staging_window(cfg.staging_layers, cfg.staging_budget_kib << 10)
         window = asyncio.Semaphore(win)
         sends: list = []
-        sum_batches = self._sum_futs
         u = 0
         while u < len(units):
             await self._units_ready(units[u])
@@ -285,7 +282,7 @@ class KVSender:
                 sums = loop.run_in_executor(self.agent.executor, self._sums.layers, layers, per_layer)
             self.prep_s += time.perf_counter() - t0
             self._t(f"prepped {first}-{last}")
-            sum_batches.append(sums)
+            self._sum_futs.append(sums)
             # CPU: the checksums read the staging buffers while they are sent; a buffer goes back
             # to the pool only after both (CUDA: summed before the sends)
             read_by = None if kv.is_cuda else sums
@@ -301,7 +298,7 @@ class KVSender:
                     sends.append(self._send(peer, pool.as_buffer(staging), l0, plan.staged_msg,
                                             window, staging, read_by))
             u += len(batch)
-        return sends, sum_batches
+        return sends, self._sum_futs
 
     def _is_computed(self, unit: tuple[int, int]) -> bool:
         """Pushed *and* already computed on the GPU (its event has fired). The host runs ahead of
@@ -389,6 +386,8 @@ class KVSender:
 
     def _release_after(self, staging: torch.Tensor, window: asyncio.Semaphore | None,
                        read_by: asyncio.Future | None) -> None:
+        """Return a sent staging buffer (and its window slot) once `read_by` (the checksums
+        reading it) is done; the slot only, if they failed."""
         def release(f=None) -> None:
             if f is None or (not f.cancelled() and f.exception() is None):
                 self.agent.staging.put(staging)

@@ -144,18 +144,17 @@ def test_write_kv_errors(case, fp8_case):
 def test_pdl_only_on_cuda_and_switchable(monkeypatch):
     """Programmatic dependent launch: never on CPU or under the interpreter, off by env; the
     successor's launch triggered late for one row and early for more unless the env says."""
-    from splitserve.kernels._pdl import EARLY, LATE, launch_kwargs, use_pdl
+    from splitserve.kernels._pdl import EARLY, LATE, launch_kwargs, trigger_mode, use_pdl
     assert not use_pdl(torch.device("cpu"))
+    assert launch_kwargs(torch.device("cpu"), 1) == {"PDL": 0}
     monkeypatch.delenv("SPLITSERVE_PDL_TRIGGER", raising=False)
-    assert launch_kwargs(False) == {"PDL": 0}
-    assert launch_kwargs(True, rows=1) == {"PDL": LATE, "launch_pdl": True}
-    assert launch_kwargs(True, rows=2) == {"PDL": EARLY, "launch_pdl": True}
+    assert (trigger_mode(1), trigger_mode(2)) == (LATE, EARLY)
     monkeypatch.setenv("SPLITSERVE_PDL_TRIGGER", "late")
-    assert launch_kwargs(True, rows=8) == {"PDL": LATE, "launch_pdl": True}
+    assert trigger_mode(8) == LATE
     monkeypatch.setenv("SPLITSERVE_PDL_TRIGGER", "early")
-    assert launch_kwargs(True, rows=1) == {"PDL": EARLY, "launch_pdl": True}
+    assert trigger_mode(1) == EARLY
     monkeypatch.setenv("SPLITSERVE_PDL_TRIGGER", "soon")
     with pytest.raises(ValueError, match="early, late or auto"):
-        launch_kwargs(True)
+        trigger_mode(1)
     monkeypatch.setenv("SPLITSERVE_PDL", "0")
     assert not use_pdl(torch.device("cuda"))
