@@ -80,6 +80,11 @@ FP8_FP16_COMPUTE = True  # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather t
 MIN_CHUNK = 256          # fewest KV tokens worth giving one split
 PROGRAMS_PER_SM = 2      # split until the grid has about this many programs per SM
 MAX_SPLITS = 128
+# L2 prefetch of each split's K/V before the PDL wait, for grids of at most this many sequences
+# (0: never). With it a PDL launch reads seq_lens and block_tables *before* waiting for the
+# previous kernel, so those two must not be written by the kernel launched just before it (the
+# engine writes them by a host copy before the step's graph); q and the cache may be.
+KV_PREFETCH_MAX_SEQS = 0
 
 
 @triton.jit
@@ -109,6 +114,37 @@ def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, v_scale_ptr, seq, kvh0, n
         o = o * tl.load(v_scale_ptr + kvh0 + tl.minimum(r // GROUP, HPP - 1))[:, None]
     tl.store(out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """prefetch.global.L2 of each address: no registers filled, never faults. L2 is the GPU's
+    point of coherence, so a line prefetched before its writer's store still reads new after."""
+    return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_split(start, end, col_tok, col_kvh, bt_row, k_cache_ptr, v_cache_ptr, stride_kb,
+                    stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+                    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    LINE: tl.constexpr, V_TOKEN_MINOR: tl.constexpr):
+    """One L2 prefetch per 128-byte line (LINE elements) of this split's K and V rows."""
+    lines = tl.arange(0, HEAD_DIM // LINE) * LINE
+    head_k = col_kvh.to(tl.int64) * stride_kh
+    head_v = col_kvh.to(tl.int64) * stride_vh
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + col_tok
+        blk = tl.load(bt_row + pos // PAGE, mask=pos < end, other=0).to(tl.int64)
+        in_page = (pos % PAGE).to(tl.int64)
+        _prefetch_l2(k_cache_ptr + (blk * stride_kb + in_page * stride_ko + head_k)[:, None]
+                     + lines[None, :])
+        if V_TOKEN_MINOR:   # a page's bytes of one head are [HEAD_DIM, PAGE]: a line per token
+            _prefetch_l2(v_cache_ptr + blk * stride_vb + head_v
+                         + tl.minimum(in_page * LINE, HEAD_DIM * PAGE - 1))
+        else:
+            _prefetch_l2(v_cache_ptr + (blk * stride_vb + in_page * stride_vo + head_v)[:, None]
+                         + lines[None, :])
 
 
 @triton.jit
@@ -160,9 +196,10 @@ def _decode_kernel(
     FP8: tl.constexpr, FP16_COMPUTE: tl.constexpr, DIRECT_OUT: tl.constexpr,
     V_TOKEN_MINOR: tl.constexpr = False, V_RUN: tl.constexpr = 1, PDL: tl.constexpr = 0,
     FUSED_MERGE: tl.constexpr = False,
-    MERGE_ROWS: tl.constexpr = 4, MERGE_S: tl.constexpr = 16,
+    MERGE_ROWS: tl.constexpr = 4, MERGE_S: tl.constexpr = 16, PREFETCH_LINE: tl.constexpr = 0,
 ):
-    pdl_wait(PDL)
+    if not PREFETCH_LINE:
+        pdl_wait(PDL)
     seq = tl.program_id(0)
     kvh0 = tl.program_id(1) * HPP                           # first kv head of this program
     split = tl.program_id(2)
@@ -173,6 +210,25 @@ def _decode_kernel(
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
+    # columns: BLOCK_N tokens x HPP kv heads, token-major, so one token's HPP head rows
+    # (adjacent in the cache) are adjacent in the tile; head-major for token-minor V pages,
+    # so a page's tokens of one head are adjacent
+    offs_c = tl.arange(0, BLOCK_N * HPP)
+    if V_TOKEN_MINOR:
+        col_tok = offs_c % BLOCK_N
+        col_kvh = kvh0 + offs_c // BLOCK_N
+    else:
+        col_tok = offs_c // HPP
+        col_kvh = kvh0 + offs_c % HPP
+    v_head_off = col_kvh.to(tl.int64) * stride_vh
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    if PREFETCH_LINE:
+        # PDL launches: seq_lens and block tables come from before the previous kernel (see
+        # KV_PREFETCH), so this split's K/V lines stream into L2 while that kernel finishes
+        _prefetch_split(start, end, col_tok, col_kvh, bt_row, k_cache_ptr, v_cache_ptr, stride_kb,
+                        stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, HEAD_DIM, PAGE,
+                        BLOCK_N, PREFETCH_LINE, V_TOKEN_MINOR)
+        pdl_wait(PDL)                                       # before q and the new token's K/V
     # rows: the HPP * GROUP query heads of kv heads kvh0 .. kvh0 + HPP - 1, in head order
     offs_r = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -189,23 +245,10 @@ def _decode_kernel(
             # bf16 -> fp16 is exact within fp16's range (8 mantissa bits into 11): the
             # scale is not folded into q, whose rounding would cost accuracy
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-
-    # columns: BLOCK_N tokens x HPP kv heads, token-major, so one token's HPP head rows
-    # (adjacent in the cache) are adjacent in the tile; head-major for token-minor V pages,
-    # so a page's tokens of one head are adjacent
-    offs_c = tl.arange(0, BLOCK_N * HPP)
-    if V_TOKEN_MINOR:
-        col_tok = offs_c % BLOCK_N
-        col_kvh = kvh0 + offs_c // BLOCK_N
-    else:
-        col_tok = offs_c // HPP
-        col_kvh = kvh0 + offs_c % HPP
-    v_head_off = col_kvh.to(tl.int64) * stride_vh
     same_head = row_kvh[:, None] == col_kvh[None, :]        # [BLOCK_H, BLOCK_N * HPP]
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
-    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     col_off = col_kvh.to(tl.int64)[:, None] * stride_kh + offs_d[None, :]
     # whole tiles without masks (so the FP8 -> compute-dtype conversion of V stays next to
     # the MMA and V streams straight from shared memory), then the ragged last tile masked
@@ -375,6 +418,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_n, num_stages, num_warps = tiles[:3]
     regs = {} if len(tiles) < 4 or interpreting() else dict(maxnreg=tiles[3])  # register cap
     merge_rows, merge_s = max(2, next_pow2(group * hpp)), max(2, next_pow2(num_splits))
+    pdl = launch_kwargs(q.device, num_seqs)
+    prefetch = bool(pdl["PDL"]) and num_seqs <= KV_PREFETCH_MAX_SEQS
     fused = (not direct and counters is not None and num_splits <= FUSED_MERGE_MAX_SPLITS
              and merge_rows * merge_s * head_dim <= MERGE_MAX_ELEMENTS)
     _decode_kernel[(num_seqs, num_kv_heads // hpp, num_splits)](
@@ -391,8 +436,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE, DIRECT_OUT=direct,
         FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
         V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, block_n),
-        num_warps=num_warps, num_stages=num_stages, **regs,
-        **launch_kwargs(q.device, num_seqs),
+        PREFETCH_LINE=min(128 // k_cache.element_size(), head_dim) if prefetch else 0,
+        num_warps=num_warps, num_stages=num_stages, **regs, **pdl,
     )
     if not direct and not fused:
         splitkv_reduce(part_out, part_lse, out, group, v_scale if fp8 else None)
