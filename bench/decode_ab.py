@@ -25,10 +25,10 @@ import torch  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """'name:ATTR=value,ATTR=value' (values as Python literals) -> (name, {attr: value})."""
+    """'name:ATTR=value;ATTR=value' (values as Python literals) -> (name, {attr: value})."""
     name, _, sets = text.partition(":")
     attrs = {}
-    for item in filter(None, sets.split(",")):
+    for item in filter(None, sets.split(";")):
         key, _, value = item.partition("=")
         if not hasattr(DECODE, key):
             raise SystemExit(f"kernels/decode_attention.py has no setting {key!r}")

@@ -95,10 +95,19 @@ class Paged:
                                * 40).clamp(-448, 448).to(K.FP8_DTYPE)
         return out
 
-    def decode(self, s: int = 0, out=None):
+    def decode(self, s: int = 0, out=None, scratch=None):
+        """scratch: a preallocated split-KV scratch (as the engine keeps one), else per call."""
+        splits = None if scratch is None else scratch.part_lse.shape[-1]
         return K.paged_decode_attention(self.q, self.k_cache, self.v_cache, self.tables[s],
                                         self.seq_lens, D ** -0.5, self.k_scale, self.v_scale,
-                                        out=out)
+                                        out=out, num_splits=splits, scratch=scratch)
+
+    def scratches(self) -> list:
+        """One split-KV scratch per cache copy for the planned split count (None: one split)."""
+        splits = K.plan_decode_splits(self.B, HKV, self.L, self.q.device,
+                                      fp8=self.kv.startswith("fp8"))
+        return [K.alloc_split_kv_scratch(self.B, HQ, D, splits, self.q.device) if splits > 1
+                else None for _ in range(self.sets)]
 
     def contiguous(self, s: int = 0):
         """The same K/V as [B, HKV, L, D] bf16 (dequantized for FP8), for SDPA."""
@@ -144,7 +153,7 @@ def decode_case(B: int, L: int, kv: str, copy_bw: float, graph: bool):
     assert err < 1e-2, f"decode B={B} L={L} {kv}: rel err {err:.2e} vs reference"
     us = bench(lambda: p.decode(0, out))
     row = dict(B=B, L=L, kv=kv, us=us, TBps=p.kv_bytes / us / 1e6, rel_err=err,
-               num_splits=DECODE.plan_decode_splits(B, HKV, L, p.q.device))
+               num_splits=DECODE.plan_decode_splits(B, HKV, L, p.q.device, fp8=kv.startswith("fp8")))
     k, v = p.contiguous(0)
     sd = sdpa_decode(p.q, k, v)
     row["sdpa_vs_ours_rel_err"] = TESTING.rel_err(out, sd)
@@ -161,7 +170,8 @@ def decode_case(B: int, L: int, kv: str, copy_bw: float, graph: bool):
     print("decode", row, flush=True)
     if graph:
         outs = [torch.empty_like(p.q) for _ in range(sets)]
-        g_us = bench_graph([lambda s=s: p.decode(s, outs[s]) for s in range(sets)])
+        scr = p.scratches()     # preallocated as in the engine: no scratch memset in the graph
+        g_us = bench_graph([lambda s=s: p.decode(s, outs[s], scr[s]) for s in range(sets)])
         ideal = p.kv_bytes / (copy_bw * 1e6)
         grow = dict(B=B, L=L, kv=kv, graph_us=g_us, ideal_us=ideal, x_ideal=g_us / ideal,
                     TBps=p.kv_bytes / g_us / 1e6, rotation_sets=sets)

@@ -1,6 +1,7 @@
 """A/B of decode-step variants on the step's CUDA graphs: programmatic dependent launch
 (kernels/_pdl.py; --ab pdl, and where it triggers: --ab trigger), the decode attention's large-grid
-tiles (--ab largetiles), its K/V L2 prefetch and split length (--ab kvprefetch), RoPE + KV write in the QKV GEMV's epilogue (--ab rope) or the
+tiles (--ab largetiles), its K/V L2 prefetch and split length (--ab kvprefetch), lm_head's
+float32 output (--ab lmhead), RoPE + KV write in the QKV GEMV's epilogue (--ab rope) or the
 greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
 
 One engine (dummy Llama-3-8B on the GPU, bf16 or FP8 KV; tiny float16 under --smoke), its
@@ -9,7 +10,7 @@ environment variables, read at each launch, and attributes of the fused forward,
 capture); each capture's graph replay time per batch, back to back, timed by CUDA events, and
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
-    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|rope|argmax] [--kv bf16|fp8]
+    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|lmhead|rope|argmax] [--kv bf16|fp8]
                            [--batches 1,8,32] [--variants a,b]
 """
 from __future__ import annotations
@@ -60,14 +61,20 @@ AB = {
     "largetiles": [("default-tiles", {}, {"decode.LARGE_BATCH_TILES": ()}),
                    ("large-tiles", {}, {"decode.LARGE_BATCH_TILES": decode_mod.LARGE_BATCH_TILES})],
     # the decode attention's L2 prefetch of its K/V before the PDL wait, and shorter splits
-    # (every variant sets both: a pass runs them in turn and attributes persist)
-    "kvprefetch": [("no-prefetch", {}, {"decode.KV_PREFETCH_MAX_SEQS": 0,
-                                        "decode.MIN_CHUNK": decode_mod.MIN_CHUNK}),
-                   ("prefetch", {}, {"decode.KV_PREFETCH_MAX_SEQS": 256,
-                                     "decode.MIN_CHUNK": decode_mod.MIN_CHUNK}),
-                   ("chunk128", {}, {"decode.KV_PREFETCH_MAX_SEQS": 0, "decode.MIN_CHUNK": 128}),
-                   ("chunk128-prefetch", {}, {"decode.KV_PREFETCH_MAX_SEQS": 256,
-                                              "decode.MIN_CHUNK": 128})],
+    # (every variant sets all three: a pass runs them in turn and attributes persist)
+    "kvprefetch": [(name, {}, {"decode.KV_PREFETCH_MAX_SEQS": pf, "decode.MIN_CHUNK": chunk,
+                               "decode.BATCH_TILES": tiles})
+                   for name, pf, chunk, tiles in (
+                       ("no-prefetch", 0, 256, decode_mod.BATCH_TILES),   # before session 12
+                       ("prefetch", 1, 256, decode_mod.BATCH_TILES),
+                       ("chunk128", 0, 128, decode_mod.BATCH_TILES),
+                       ("chunk128-prefetch", 1, 128, decode_mod.BATCH_TILES),   # the default
+                       ("chunk64", 0, 64, tuple((m, f, (64,) + t[1:], h)
+                                                for m, f, t, h in decode_mod.BATCH_TILES)),
+                       ("chunk64-prefetch", 1, 64, tuple((m, f, (64,) + t[1:], h)
+                                                         for m, f, t, h in decode_mod.BATCH_TILES)))],
+    "lmhead": [("bf16-then-cast", {}, {"fused.lm_head_fp32": False}),
+               ("fp32-out", {}, {"fused.lm_head_fp32": True})],
     "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
                ("split-argmax", {}, {"runner.split_argmax": True})],
 }

@@ -77,14 +77,17 @@ LARGE_BATCH_TILES = ((1024, False, (16, 5, 4), 4),
 FUSED_MERGE_MAX_SPLITS = 16  # split counts up to this merge in the decode launch (0: never)
 MERGE_MAX_ELEMENTS = 16384   # register bound of that merge: rows x splits x head_dim
 FP8_FP16_COMPUTE = True  # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather than bf16
-MIN_CHUNK = 256          # fewest KV tokens worth giving one split
+MIN_CHUNK = 128          # fewest KV tokens worth giving one split (256 until session 12: batch-1
+#                          1k in the engine's 8448-token table 8.80 -> 7.34 us, step -11 us)
 PROGRAMS_PER_SM = 2      # split until the grid has about this many programs per SM
 MAX_SPLITS = 128
 # L2 prefetch of each split's K/V before the PDL wait, for grids of at most this many sequences
 # (0: never). With it a PDL launch reads seq_lens and block_tables *before* waiting for the
 # previous kernel, so those two must not be written by the kernel launched just before it (the
 # engine writes them by a host copy before the step's graph); q and the cache may be.
-KV_PREFETCH_MAX_SEQS = 0
+# Measured (bench/decode_ab.py, bench/pdl_ab.py --ab kvprefetch; bench/results/engine-2026-11-30-s12.md):
+# batch-1 step -19 us; B=1 x 4k 11.19 -> 10.71 us; at B=8 the same or up to 1.5 us slower.
+KV_PREFETCH_MAX_SEQS = 1
 
 
 @triton.jit
@@ -127,24 +130,23 @@ def _prefetch_l2(ptrs):
 @triton.jit
 def _prefetch_split(start, end, col_tok, col_kvh, bt_row, k_cache_ptr, v_cache_ptr, stride_kb,
                     stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
-                    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                    LINE: tl.constexpr, V_TOKEN_MINOR: tl.constexpr):
-    """One L2 prefetch per 128-byte line (LINE elements) of this split's K and V rows."""
+                    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, LINE: tl.constexpr,
+                    V_TOKEN_MINOR: tl.constexpr):
+    """One L2 prefetch per 128-byte line (LINE elements) of the K and V rows of this split's
+    first tile (all of it prefetched measured slower at long contexts: L2 churn)."""
     lines = tl.arange(0, HEAD_DIM // LINE) * LINE
-    head_k = col_kvh.to(tl.int64) * stride_kh
+    pos = start + col_tok
+    blk = tl.load(bt_row + pos // PAGE, mask=pos < end, other=0).to(tl.int64)
+    in_page = (pos % PAGE).to(tl.int64)
+    _prefetch_l2(k_cache_ptr + (blk * stride_kb + in_page * stride_ko
+                                + col_kvh.to(tl.int64) * stride_kh)[:, None] + lines[None, :])
     head_v = col_kvh.to(tl.int64) * stride_vh
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + col_tok
-        blk = tl.load(bt_row + pos // PAGE, mask=pos < end, other=0).to(tl.int64)
-        in_page = (pos % PAGE).to(tl.int64)
-        _prefetch_l2(k_cache_ptr + (blk * stride_kb + in_page * stride_ko + head_k)[:, None]
+    if V_TOKEN_MINOR:   # a page's bytes of one head are [HEAD_DIM, PAGE]: a line per token
+        _prefetch_l2(v_cache_ptr + blk * stride_vb + head_v
+                     + tl.minimum(in_page * LINE, HEAD_DIM * PAGE - 1))
+    else:
+        _prefetch_l2(v_cache_ptr + (blk * stride_vb + in_page * stride_vo + head_v)[:, None]
                      + lines[None, :])
-        if V_TOKEN_MINOR:   # a page's bytes of one head are [HEAD_DIM, PAGE]: a line per token
-            _prefetch_l2(v_cache_ptr + blk * stride_vb + head_v
-                         + tl.minimum(in_page * LINE, HEAD_DIM * PAGE - 1))
-        else:
-            _prefetch_l2(v_cache_ptr + (blk * stride_vb + in_page * stride_vo + head_v)[:, None]
-                         + lines[None, :])
 
 
 @triton.jit
@@ -224,10 +226,11 @@ def _decode_kernel(
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     if PREFETCH_LINE:
         # PDL launches: seq_lens and block tables come from before the previous kernel (see
-        # KV_PREFETCH), so this split's K/V lines stream into L2 while that kernel finishes
+        # KV_PREFETCH_MAX_SEQS), so this split's first K/V lines stream into L2 while that
+        # kernel finishes
         _prefetch_split(start, end, col_tok, col_kvh, bt_row, k_cache_ptr, v_cache_ptr, stride_kb,
                         stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, HEAD_DIM, PAGE,
-                        BLOCK_N, PREFETCH_LINE, V_TOKEN_MINOR)
+                        PREFETCH_LINE, V_TOKEN_MINOR)
         pdl_wait(PDL)                                       # before q and the new token's K/V
     # rows: the HPP * GROUP query heads of kv heads kvh0 .. kvh0 + HPP - 1, in head order
     offs_r = tl.arange(0, BLOCK_H)
