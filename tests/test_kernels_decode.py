@@ -213,7 +213,7 @@ def test_planned_splits_stay_within_the_fused_merge(monkeypatch):
     assert plan() == decode_mod.FUSED_MERGE_MAX_SPLITS == 16
     monkeypatch.setattr(decode_mod, "FUSED_MERGE_MAX_SPLITS", 0)
     assert plan() == 33                      # 2 programs per SM over 8 kv heads
-    assert decode_mod.plan_decode_splits(1, 8, 1024, dev) == 4      # MIN_CHUNK bounds short tables
+    assert decode_mod.plan_decode_splits(1, 8, 1024, dev) == 1024 // decode_mod.MIN_CHUNK  # short
 
 
 def test_planned_splits_fill_whole_waves(monkeypatch):
