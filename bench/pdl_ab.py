@@ -1,7 +1,7 @@
 """A/B of decode-step variants on the step's CUDA graphs: programmatic dependent launch
 (kernels/_pdl.py; --ab pdl, and where it triggers: --ab trigger), the decode attention's large-grid
-tiles (--ab largetiles), its K/V L2 prefetch and split length (--ab kvprefetch), lm_head's
-float32 output (--ab lmhead), RoPE + KV write in the QKV GEMV's epilogue (--ab rope) or the
+tiles (--ab largetiles), its K/V L2 prefetch and split length (--ab kvprefetch), RoPE + KV
+write in the QKV GEMV's epilogue (--ab rope) or the
 greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
 
 One engine (dummy Llama-3-8B on the GPU, bf16 or FP8 KV; tiny float16 under --smoke), its
@@ -10,7 +10,7 @@ environment variables, read at each launch, and attributes of the fused forward,
 capture); each capture's graph replay time per batch, back to back, timed by CUDA events, and
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
-    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|lmhead|rope|argmax] [--kv bf16|fp8]
+    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|rope|argmax] [--kv bf16|fp8]
                            [--batches 1,8,32] [--variants a,b]
 """
 from __future__ import annotations
@@ -34,7 +34,9 @@ from splitserve.kernels import decode_attention as decode_mod  # noqa: E402
 BATCHES = (1, 2) if SMOKE else (1, 8, 32)
 # pdl: PDL off; PDL from two rows; PDL at one row too. (Sessions 9 and 11 also timed GEMVs
 # loading / L2-prefetching their first weight tiles before the PDL wait: slower or no gain,
-# removed; bench/results/pdl-ab-v2-2026-11-29.md, engine-2026-11-30-s11.md.)
+# removed; bench/results/pdl-ab-v2-2026-11-29.md, engine-2026-11-30-s11.md. Session 12 timed
+# lm_head writing float32 logits itself (torch.mm out_dtype) instead of a cast kernel: 4147 vs
+# 4145 us at batch 1, removed; engine-2026-11-30-s12.md.)
 # (name, environment, attributes "fused.<name>" of the FusedForward / "runner.<name>" of the
 # DecodeGraphRunner / "decode.<name>" of kernels/decode_attention.py)
 AB = {
@@ -73,8 +75,6 @@ AB = {
                                                 for m, f, t, h in decode_mod.BATCH_TILES)),
                        ("chunk64-prefetch", 1, 64, tuple((m, f, (64,) + t[1:], h)
                                                          for m, f, t, h in decode_mod.BATCH_TILES)))],
-    "lmhead": [("bf16-then-cast", {}, {"fused.lm_head_fp32": False}),
-               ("fp32-out", {}, {"fused.lm_head_fp32": True})],
     "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
                ("split-argmax", {}, {"runner.split_argmax": True})],
 }

@@ -33,9 +33,6 @@ class FusedForward:
         self.k = kernels
         self.small_batch_tokens = SMALL_BATCH_TOKENS
         self.fuse_rope_epilogue = True    # the GEMV path's QKV GEMV does RoPE + KV write
-        # lm_head writes float32 logits itself (torch.mm out_dtype, CUDA only) instead of bf16
-        # logits and a cast kernel (3.7 us at batch 1: bench/step_trace.py)
-        self.lm_head_fp32 = hasattr(torch.ops.aten.mm, "dtype")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
                 logits_indices: torch.Tensor | None = None, after_layer=None) -> torch.Tensor:
@@ -46,8 +43,6 @@ class FusedForward:
         if logits_indices is not None:       # the final add + norm only on the rows that sample
             res, out = res[logits_indices], out[logits_indices]
         h = self.k.rms_norm(out, self.m.w["model.norm.weight"], self.m.arch.rms_norm_eps, residual=res)
-        if self.lm_head_fp32 and h.is_cuda:    # float32 logits from the GEMM: no cast kernel
-            return torch.mm(h, self.m.lm_head.t(), out_dtype=torch.float32)
         return F.linear(h, self.m.lm_head).float()
 
     def _layers(self, input_ids, positions, attn, after_layer) -> tuple[torch.Tensor, torch.Tensor]:
