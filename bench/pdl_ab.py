@@ -1,7 +1,7 @@
 """A/B of decode-step variants on the step's CUDA graphs: programmatic dependent launch
 (kernels/_pdl.py; --ab pdl, and where it triggers: --ab trigger), the decode attention's large-grid
 tiles (--ab largetiles), its K/V L2 prefetch and split length (--ab kvprefetch), RoPE + KV
-write in the QKV GEMV's epilogue (--ab rope) or the
+write in the QKV GEMV's epilogue (--ab rope), the RoPE kernel's load order (--ab ropeloads) or the
 greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
 
 One engine (dummy Llama-3-8B on the GPU, bf16 or FP8 KV; tiny float16 under --smoke), its
@@ -10,7 +10,7 @@ environment variables, read at each launch, and attributes of the fused forward,
 capture); each capture's graph replay time per batch, back to back, timed by CUDA events, and
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
-    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|rope|argmax] [--kv bf16|fp8]
+    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|rope|ropeloads|argmax] [--kv bf16|fp8]
                            [--batches 1,8,32] [--variants a,b]
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ from splitserve.config import Config  # noqa: E402
 from splitserve.engine.engine import LLMEngine  # noqa: E402
 from splitserve.engine.loader import load_dummy  # noqa: E402
 from splitserve.kernels import decode_attention as decode_mod  # noqa: E402
+from splitserve.kernels import rope as rope_mod  # noqa: E402
 
 BATCHES = (1, 2) if SMOKE else (1, 8, 32)
 # pdl: PDL off; PDL from two rows; PDL at one row too. (Sessions 9 and 11 also timed GEMVs
@@ -75,6 +76,9 @@ AB = {
                                                 for m, f, t, h in decode_mod.BATCH_TILES)),
                        ("chunk64-prefetch", 1, 64, tuple((m, f, (64,) + t[1:], h)
                                                          for m, f, t, h in decode_mod.BATCH_TILES)))],
+    # kernels/rope.py's slot and v loads at the top or after the rotation (batches >= 2)
+    "ropeloads": [("v-late", {}, {"rope.ROPE_EARLY_V": False}),
+                  ("v-early", {}, {"rope.ROPE_EARLY_V": True})],
     "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
                ("split-argmax", {}, {"runner.split_argmax": True})],
 }
@@ -124,7 +128,7 @@ def main() -> None:
         if unknown:
             ap.error(f"unknown variants {sorted(unknown)} for --ab {args.ab}")
         variants = [v for v in AB[args.ab] if v[0] in keep]
-    objs = {"fused": eng.model._fused, "runner": runner, "decode": decode_mod}
+    objs = {"fused": eng.model._fused, "runner": runner, "decode": decode_mod, "rope": rope_mod}
     for trial in range(1 if SMOKE else 2):       # two passes, interleaved: drift shows
         for name, env, attrs in variants:
             os.environ.update(env)

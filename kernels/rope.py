@@ -22,6 +22,10 @@ from ._rounding import round_to
 from .kv_write import quantize_e4m3
 from .reference import FP8_MAX
 
+# Load each token's slot and v rows at the top, beside its position, q and k, rather than after
+# the rotation (the PDL trigger between them orders the loads): one dependent round trip less.
+ROPE_EARLY_V = False
+
 
 @triton.jit
 def _rotate(x1, x2, c, s, DT: tl.constexpr):
@@ -54,11 +58,19 @@ def _rope_write_kv_kernel(
     num_q_heads, num_kv_heads, block_size,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     WRITE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr = 0,
+    EARLY_V: tl.constexpr = False,
 ):
     pdl_wait(PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     offs_d = tl.arange(0, HALF)[None, :]
+    offs_hk = tl.arange(0, BLOCK_HK)[:, None]
+    mk = (offs_hk < num_kv_heads) & (offs_d < HALF)
+    if WRITE and EARLY_V:   # the slot and v loads in flight with the others (see ROPE_EARLY_V)
+        slot = tl.load(slot_ptr + tok).to(tl.int64)
+        vp = v_ptr + tok * stride_vt + offs_hk * stride_vh + offs_d
+        v1 = tl.load(vp, mask=mk, other=0.0)
+        v2 = tl.load(vp + HALF, mask=mk, other=0.0)
     c = tl.load(cs_ptr + pos * stride_cs + offs_d).to(tl.float32)            # [1, HALF]
     s = tl.load(cs_ptr + pos * stride_cs + HALF + offs_d).to(tl.float32)
     # q heads, in place
@@ -70,8 +82,6 @@ def _rope_write_kv_kernel(
     tl.store(qp, q1, mask=mq)
     tl.store(qp + HALF, q2, mask=mq)
     # k heads, in place
-    offs_hk = tl.arange(0, BLOCK_HK)[:, None]
-    mk = (offs_hk < num_kv_heads) & (offs_d < HALF)
     kp = k_ptr + tok * stride_kt + offs_hk * stride_kh + offs_d
     k1, k2 = _rotate(tl.load(kp, mask=mk, other=0.0), tl.load(kp + HALF, mask=mk, other=0.0), c, s,
                      q_ptr.dtype.element_ty)
@@ -79,14 +89,15 @@ def _rope_write_kv_kernel(
     tl.store(kp + HALF, k2, mask=mk)
     pdl_trigger(PDL)
     if WRITE:
-        slot = tl.load(slot_ptr + tok).to(tl.int64)
+        if not EARLY_V:
+            slot = tl.load(slot_ptr + tok).to(tl.int64)
+            vp = v_ptr + tok * stride_vt + offs_hk * stride_vh + offs_d
+            v1 = tl.load(vp, mask=mk, other=0.0)
+            v2 = tl.load(vp + HALF, mask=mk, other=0.0)
         # padding tokens (slot < 0) store nothing: fold it into the mask, no early exit
         mw = mk & ((tl.zeros([BLOCK_HK, HALF], tl.int64) + slot) >= 0)
         blk = slot // block_size
         off = slot % block_size
-        vp = v_ptr + tok * stride_vt + offs_hk * stride_vh + offs_d
-        v1 = tl.load(vp, mask=mw, other=0.0)
-        v2 = tl.load(vp + HALF, mask=mw, other=0.0)
         _store_kv(k_cache_ptr + blk * stride_kc_blk + off * stride_kc_off, k_scale_ptr, k1, k2,
                   offs_hk, offs_d, mw, offs_hk < num_kv_heads, stride_kc_h, 1, HALF, FP8, FP8_MAX)
         _store_kv(v_cache_ptr + blk * stride_vc_blk + off * stride_vc_off, v_scale_ptr, v1, v2,
@@ -171,6 +182,6 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, posi
         vc.stride(0), vc.stride(1), vc.stride(2) if write else 0, vc.stride(3) if write else 1,
         num_q_heads, k.shape[1], k_cache.shape[1] if write else 1,
         HALF=head_dim // 2, BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(k.shape[1]),
-        WRITE=write, FP8=fp8, FP8_MAX=FP8_MAX, num_warps=4,
+        WRITE=write, FP8=fp8, FP8_MAX=FP8_MAX, num_warps=4, EARLY_V=ROPE_EARLY_V,
         **launch_kwargs(q.device, num_tokens),
     )
