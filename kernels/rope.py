@@ -24,7 +24,9 @@ from .reference import FP8_MAX
 
 # Load each token's slot and v rows at the top, beside its position, q and k, rather than after
 # the rotation (the PDL trigger between them orders the loads): one dependent round trip less.
-ROPE_EARLY_V = False
+# Measured (bench/pdl_ab.py --ab ropeloads --kv fp8, same process): decode step -13.6 / -6.5 /
+# -7.1 us at batch 8 / 32 / 128 (bench/results/engine-2026-11-30-s12.md).
+ROPE_EARLY_V = True
 
 
 @triton.jit
