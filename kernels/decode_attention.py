@@ -29,6 +29,11 @@ chunk length is computed on the GPU from its own seq_len, so the launch never re
 values: no host sync, capturable in a CUDA graph. With one split the kernel writes the final
 output directly.
 
+Batch-1 PDL launches (KV_PREFETCH_MAX_SEQS) read seq_len and the block table before waiting
+for the previous kernel and issue an L2 prefetch of their split's first K/V tile, so those
+lines stream in during the QKV kernel's tail; q and every K/V load still come after the wait
+(a prefetch never makes a stale value visible: L2 is where the new token's stores land).
+
 FP8 (e4m3) caches are converted in registers (to fp16 by default: one hardware conversion per
 pair on sm_89+, exact, and q's bf16 -> fp16 is exact in range); the K scale is folded into the
 softmax scale and the V scale is applied once to the output row. Addressing is int64
