@@ -10,8 +10,8 @@ environment variables, read at each launch, and attributes of the fused forward,
 capture); each capture's graph replay time per batch, back to back, timed by CUDA events, and
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
-    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|rope|ropeloads|argmax] [--kv bf16|fp8]
-                           [--batches 1,8,32] [--variants a,b]
+    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|fp8splits|rope|ropeloads|argmax] [--kv bf16|fp8]
+                           [--batches 1,8,32] [--variants a,b] [--context 1024]
 """
 from __future__ import annotations
 
@@ -76,6 +76,10 @@ AB = {
                                                 for m, f, t, h in decode_mod.BATCH_TILES)),
                        ("chunk64-prefetch", 1, 64, tuple((m, f, (64,) + t[1:], h)
                                                          for m, f, t, h in decode_mod.BATCH_TILES)))],
+    # FP8 batch-1 decode: up to 32 splits merged in the launch (bench/decode_ab.py: 4k 10.3 ->
+    # 9.7 us, 8k 15.7 -> 14.9) vs the 16 of bf16
+    "fp8splits": [("merge16", {}, {"decode.FUSED_MERGE_MAX_SPLITS_FP8": 16}),
+                  ("merge32", {}, {"decode.FUSED_MERGE_MAX_SPLITS_FP8": 32})],
     # kernels/rope.py's slot and v loads at the top or after the rotation (batches >= 2)
     "ropeloads": [("v-late", {}, {"rope.ROPE_EARLY_V": False}),
                   ("v-early", {}, {"rope.ROPE_EARLY_V": True})],
@@ -106,6 +110,7 @@ def inputs(eng, b: int):
 
 
 def main() -> None:
+    global CONTEXT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run (no graphs, no timing)")
@@ -113,7 +118,9 @@ def main() -> None:
     ap.add_argument("--kv", choices=["bf16", "fp8"], default="bf16")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated")
     ap.add_argument("--variants", default="", help="comma-separated subset of the A/B's variants")
+    ap.add_argument("--context", type=int, default=CONTEXT, help="tokens of context per sequence")
     args = ap.parse_args()
+    CONTEXT = args.context
     batches = [int(b) for b in args.batches.split(",")]
     eng = build("fp8_e4m3" if args.kv == "fp8" else "auto", batches)
     kv = eng.kv_cache.kv

@@ -80,6 +80,7 @@ BATCH_TILES = ((16, False, (128, 5, 4), 1),
 LARGE_BATCH_TILES = ((1024, False, (16, 5, 4), 4),
                      (1024, True, (32, 5, 4), 4))
 FUSED_MERGE_MAX_SPLITS = 16  # split counts up to this merge in the decode launch (0: never)
+FUSED_MERGE_MAX_SPLITS_FP8 = 16   # the same for FP8 caches, whose tiles fit two programs per SM
 MERGE_MAX_ELEMENTS = 16384   # register bound of that merge: rows x splits x head_dim
 FP8_FP16_COMPUTE = True  # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather than bf16
 MIN_CHUNK = 128          # fewest KV tokens worth giving one split (256 until session 12: batch-1
@@ -357,7 +358,11 @@ def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int,
     programs = max(1, num_seqs * num_kv_heads // launch_shape(num_seqs, num_kv_heads, fp8)[1])
     want = max(1, PROGRAMS_PER_SM * sm_count(device) // programs)   # whole waves only
     most = max(1, math.ceil(max_context / MIN_CHUNK))
-    return max(1, min(want, most, MAX_SPLITS, FUSED_MERGE_MAX_SPLITS or MAX_SPLITS))
+    return max(1, min(want, most, MAX_SPLITS, _merge_cap(fp8) or MAX_SPLITS))
+
+
+def _merge_cap(fp8: bool) -> int:
+    return FUSED_MERGE_MAX_SPLITS_FP8 if fp8 else FUSED_MERGE_MAX_SPLITS
 
 
 def alloc_split_kv_scratch(num_seqs: int, num_q_heads: int, head_dim: int, num_splits: int,
@@ -428,7 +433,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     merge_rows, merge_s = max(2, next_pow2(group * hpp)), max(2, next_pow2(num_splits))
     pdl = launch_kwargs(q.device, num_seqs)
     prefetch = bool(pdl["PDL"]) and num_seqs <= KV_PREFETCH_MAX_SEQS
-    fused = (not direct and counters is not None and num_splits <= FUSED_MERGE_MAX_SPLITS
+    fused = (not direct and counters is not None and num_splits <= _merge_cap(fp8)
              and merge_rows * merge_s * head_dim <= MERGE_MAX_ELEMENTS)
     _decode_kernel[(num_seqs, num_kv_heads // hpp, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, k_scale if fp8 else q,
