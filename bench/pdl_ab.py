@@ -10,8 +10,8 @@ environment variables, read at each launch, and attributes of the fused forward,
 capture); each capture's graph replay time per batch, back to back, timed by CUDA events, and
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
-    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|fp8splits|rope|ropeloads|argmax] [--kv bf16|fp8]
-                           [--batches 1,8,32] [--variants a,b] [--context 1024]
+    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|fp8splits|emptysplits|rope|ropeloads|argmax] [--kv bf16|fp8]
+                           [--batches 1,8,32] [--variants a,b] [--context 1024] [--table-tokens 8448]
 """
 from __future__ import annotations
 
@@ -80,6 +80,9 @@ AB = {
     # 9.7 us, 8k 15.7 -> 14.9) vs the 16 of bf16
     "fp8splits": [("merge16", {}, {"decode.FUSED_MERGE_MAX_SPLITS_FP8": 16}),
                   ("merge32", {}, {"decode.FUSED_MERGE_MAX_SPLITS_FP8": 32})],
+    # with the fused merge, splits past a sequence's end exit at once (vs storing and counting)
+    "emptysplits": [("all-count", {}, {"decode.SKIP_EMPTY_SPLITS": False}),
+                    ("skip-empty", {}, {"decode.SKIP_EMPTY_SPLITS": True})],
     # kernels/rope.py's slot and v loads at the top or after the rotation (batches >= 2)
     "ropeloads": [("v-late", {}, {"rope.ROPE_EARLY_V": False}),
                   ("v-early", {}, {"rope.ROPE_EARLY_V": True})],
@@ -89,11 +92,12 @@ AB = {
 CONTEXT = 64 if SMOKE else 1024
 
 
-def build(kv_dtype: str, batches) -> LLMEngine:
+def build(kv_dtype: str, batches, table_tokens: int = 0) -> LLMEngine:
     cfg = Config().replace("model", model=f"dummy:{SHAPE}", device=DEV.type, dtype=DTYPE, seed=0)
     cfg = cfg.replace("cache", enable_prefix_caching=False, memory_fraction=0.5, kv_dtype=kv_dtype,
                       **({"num_blocks": 64} if SMOKE else {}))
-    cfg = cfg.replace("scheduler", max_num_seqs=max(batches), max_model_len=CONTEXT + 64,
+    cfg = cfg.replace("scheduler", max_num_seqs=max(batches),
+                      max_model_len=max(CONTEXT + 64, table_tokens),
                       max_num_batched_tokens=256)
     return LLMEngine(cfg, load_dummy(SHAPE, getattr(torch, DTYPE), DEV.type, 0), DEV, attention="triton")
 
@@ -119,10 +123,12 @@ def main() -> None:
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated")
     ap.add_argument("--variants", default="", help="comma-separated subset of the A/B's variants")
     ap.add_argument("--context", type=int, default=CONTEXT, help="tokens of context per sequence")
+    ap.add_argument("--table-tokens", type=int, default=0,
+                    help="max_model_len at least this (the split plan follows the table's width)")
     args = ap.parse_args()
     CONTEXT = args.context
     batches = [int(b) for b in args.batches.split(",")]
-    eng = build("fp8_e4m3" if args.kv == "fp8" else "auto", batches)
+    eng = build("fp8_e4m3" if args.kv == "fp8" else "auto", batches, args.table_tokens)
     kv = eng.kv_cache.kv
     for i in range(kv.shape[0]):          # random KV (FP8: normal values cast, scales 1)
         kv[i] = torch.randn(kv[i].shape, device=kv.device).to(kv.dtype)

@@ -81,6 +81,7 @@ LARGE_BATCH_TILES = ((1024, False, (16, 5, 4), 4),
                      (1024, True, (32, 5, 4), 4))
 FUSED_MERGE_MAX_SPLITS = 16  # split counts up to this merge in the decode launch (0: never)
 FUSED_MERGE_MAX_SPLITS_FP8 = 16   # the same for FP8 caches, whose tiles fit two programs per SM
+SKIP_EMPTY_SPLITS = True     # with the fused merge, splits past a sequence's end exit at once
 MERGE_MAX_ELEMENTS = 16384   # register bound of that merge: rows x splits x head_dim
 FP8_FP16_COMPUTE = True  # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather than bf16
 MIN_CHUNK = 128          # fewest KV tokens worth giving one split (256 until session 12: batch-1
@@ -98,17 +99,18 @@ KV_PREFETCH_MAX_SEQS = 1
 
 @triton.jit
 def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, v_scale_ptr, seq, kvh0, num_q_heads,
-                  num_splits, stride_ob, stride_oh, GROUP: tl.constexpr, HPP: tl.constexpr,
+                  num_splits, n_work, stride_ob, stride_oh, GROUP: tl.constexpr, HPP: tl.constexpr,
                   HEAD_DIM: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_S: tl.constexpr,
                   FP8: tl.constexpr):
-    """Split merge of one program's query heads, all splits in one load (as splitkv_reduce)."""
+    """Split merge of one program's query heads, the first n_work splits (those with tokens)
+    in one load (as splitkv_reduce)."""
     r = tl.arange(0, MERGE_ROWS)
     sp = tl.arange(0, MERGE_S)
     d = tl.arange(0, HEAD_DIM)
     rmask = r < GROUP * HPP
     heads = kvh0 * GROUP + r
     rows = (seq.to(tl.int64) * num_q_heads + heads) * num_splits            # [R]
-    m2 = rmask[:, None] & (sp < num_splits)[None, :]
+    m2 = rmask[:, None] & (sp < n_work)[None, :]
     lse = tl.load(part_lse_ptr + rows[:, None] + sp[None, :], mask=m2, other=float("-inf"),
                   cache_modifier=".cg")                                     # [R, S]
     po = tl.load(part_out_ptr + (rows[:, None, None] + sp[None, :, None]) * HEAD_DIM
@@ -205,6 +207,7 @@ def _decode_kernel(
     V_TOKEN_MINOR: tl.constexpr = False, V_RUN: tl.constexpr = 1, PDL: tl.constexpr = 0,
     FUSED_MERGE: tl.constexpr = False,
     MERGE_ROWS: tl.constexpr = 4, MERGE_S: tl.constexpr = 16, PREFETCH_LINE: tl.constexpr = 0,
+    SKIP_EMPTY: tl.constexpr = True,
 ):
     if not PREFETCH_LINE:
         pdl_wait(PDL)
@@ -285,21 +288,39 @@ def _decode_kernel(
     else:
         # scratch: part_out [num_seqs, num_q_heads, num_splits, D], part_lse [.., num_splits]
         rows = (seq.to(tl.int64) * num_q_heads + heads) * num_splits
-        tl.store(part_out_ptr + (rows + split)[:, None] * HEAD_DIM + offs_d[None, :], o,
-                 mask=hmask[:, None])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + rows + split, lse, mask=hmask)
         if FUSED_MERGE:
-            # the last split of this (seq, head group) to finish merges all of them: every
-            # thread's stores precede the barrier, the acq_rel atomic publishes them (and,
-            # in the last program, makes the others' visible); it re-arms the counter
-            tl.debug_barrier()
-            counter = counters_ptr + seq * tl.num_programs(1) + tl.program_id(1)
-            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
-                _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, v_scale_ptr,
-                              seq, kvh0, num_q_heads, num_splits, stride_ob, stride_oh,
-                              GROUP, HPP, HEAD_DIM, MERGE_ROWS, MERGE_S, FP8)
-                tl.atomic_xchg(counter, 0)
+            # only the splits with tokens (at least split 0) take part: a short context in a
+            # wide table leaves the rest empty, and they neither store nor count. The last of
+            # them to finish merges: every thread's stores precede the barrier, the acq_rel
+            # atomic publishes them (and, in the last program, makes the others' visible);
+            # it re-arms the counter
+            if SKIP_EMPTY:
+                n_work = tl.maximum(tl.cdiv(seq_len, chunk), 1)
+            else:
+                n_work = num_splits
+            if split < n_work:
+                _store_partial(part_out_ptr, part_lse_ptr, rows, split, o, lse, offs_d, hmask,
+                               HEAD_DIM)
+                tl.debug_barrier()
+                counter = counters_ptr + seq * tl.num_programs(1) + tl.program_id(1)
+                if tl.atomic_add(counter, 1, sem="acq_rel") == n_work - 1:
+                    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, v_scale_ptr,
+                                  seq, kvh0, num_q_heads, num_splits, n_work, stride_ob,
+                                  stride_oh, GROUP, HPP, HEAD_DIM, MERGE_ROWS, MERGE_S, FP8)
+                    tl.atomic_xchg(counter, 0)
+        else:   # splitkv_reduce reads every split's partial
+            _store_partial(part_out_ptr, part_lse_ptr, rows, split, o, lse, offs_d, hmask,
+                           HEAD_DIM)
+
+
+@triton.jit
+def _store_partial(part_out_ptr, part_lse_ptr, rows, split, o, lse, offs_d, hmask,
+                   HEAD_DIM: tl.constexpr):
+    """One split's normalized output rows and their log2-sum-exp into the scratch."""
+    tl.store(part_out_ptr + (rows + split)[:, None] * HEAD_DIM + offs_d[None, :], o,
+             mask=hmask[:, None])
+    tl.store(part_lse_ptr + rows + split, lse, mask=hmask)
 
 
 class SplitKVScratch(NamedTuple):
@@ -447,7 +468,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, HPP=hpp, BLOCK_H=max(16, next_pow2(group * hpp)), HEAD_DIM=head_dim, PAGE=page,
         BLOCK_N=block_n, MIN_CHUNK=max(MIN_CHUNK, block_n), FP8=fp8,
         FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE, DIRECT_OUT=direct,
-        FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
+        FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s, SKIP_EMPTY=SKIP_EMPTY_SPLITS,
         V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, block_n),
         PREFETCH_LINE=min(128 // k_cache.element_size(), head_dim) if prefetch else 0,
         num_warps=num_warps, num_stages=num_stages, **regs, **pdl,
