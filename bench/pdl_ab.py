@@ -10,7 +10,7 @@ environment variables, read at each launch, and attributes of the fused forward,
 capture); each capture's graph replay time per batch, back to back, timed by CUDA events, and
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
-    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|fp8splits|emptysplits|rope|ropeloads|argmax] [--kv bf16|fp8]
+    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|fp8splits|rope|ropeloads|argmax] [--kv bf16|fp8]
                            [--batches 1,8,32] [--variants a,b] [--context 1024] [--table-tokens 8448]
 """
 from __future__ import annotations
@@ -37,7 +37,8 @@ BATCHES = (1, 2) if SMOKE else (1, 8, 32)
 # loading / L2-prefetching their first weight tiles before the PDL wait: slower or no gain,
 # removed; bench/results/pdl-ab-v2-2026-11-29.md, engine-2026-11-30-s11.md. Session 12 timed
 # lm_head writing float32 logits itself (torch.mm out_dtype) instead of a cast kernel: 4147 vs
-# 4145 us at batch 1, removed; engine-2026-11-30-s12.md.)
+# 4145 us at batch 1, removed; and splits past a short sequence's end skipping the fused
+# merge's stores and count: 4120 vs 4124 us, removed; engine-2026-11-30-s12.md.)
 # (name, environment, attributes "fused.<name>" of the FusedForward / "runner.<name>" of the
 # DecodeGraphRunner / "decode.<name>" of kernels/decode_attention.py)
 AB = {
@@ -80,9 +81,6 @@ AB = {
     # 9.7 us, 8k 15.7 -> 14.9) vs the 16 of bf16
     "fp8splits": [("merge16", {}, {"decode.FUSED_MERGE_MAX_SPLITS_FP8": 16}),
                   ("merge32", {}, {"decode.FUSED_MERGE_MAX_SPLITS_FP8": 32})],
-    # with the fused merge, splits past a sequence's end exit at once (vs storing and counting)
-    "emptysplits": [("all-count", {}, {"decode.SKIP_EMPTY_SPLITS": False}),
-                    ("skip-empty", {}, {"decode.SKIP_EMPTY_SPLITS": True})],
     # kernels/rope.py's slot and v loads at the top or after the rotation (batches >= 2)
     "ropeloads": [("v-late", {}, {"rope.ROPE_EARLY_V": False}),
                   ("v-early", {}, {"rope.ROPE_EARLY_V": True})],

@@ -80,8 +80,12 @@ BATCH_TILES = ((16, False, (128, 5, 4), 1),
 LARGE_BATCH_TILES = ((1024, False, (16, 5, 4), 4),
                      (1024, True, (32, 5, 4), 4))
 FUSED_MERGE_MAX_SPLITS = 16  # split counts up to this merge in the decode launch (0: never)
-FUSED_MERGE_MAX_SPLITS_FP8 = 16   # the same for FP8 caches, whose tiles fit two programs per SM
-SKIP_EMPTY_SPLITS = True     # with the fused merge, splits past a sequence's end exit at once
+# the same for FP8 caches launched one kv head per program, whose 128-token tiles fit two
+# programs per SM (bf16's one): at batch 1 in an 8448-token table, 32 splits made the engine
+# step 60 us faster at 8k and 28 us slower at 1k (bench/results/engine-2026-11-30-s12.md,
+# section 8). (With 8 query heads per kv head, 32 splits exceed MERGE_MAX_ELEMENTS and merge
+# in the second launch: correct, slower.)
+FUSED_MERGE_MAX_SPLITS_FP8 = 32
 MERGE_MAX_ELEMENTS = 16384   # register bound of that merge: rows x splits x head_dim
 FP8_FP16_COMPUTE = True  # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather than bf16
 MIN_CHUNK = 128          # fewest KV tokens worth giving one split (256 until session 12: batch-1
@@ -99,18 +103,17 @@ KV_PREFETCH_MAX_SEQS = 1
 
 @triton.jit
 def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, v_scale_ptr, seq, kvh0, num_q_heads,
-                  num_splits, n_work, stride_ob, stride_oh, GROUP: tl.constexpr, HPP: tl.constexpr,
+                  num_splits, stride_ob, stride_oh, GROUP: tl.constexpr, HPP: tl.constexpr,
                   HEAD_DIM: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_S: tl.constexpr,
                   FP8: tl.constexpr):
-    """Split merge of one program's query heads, the first n_work splits (those with tokens)
-    in one load (as splitkv_reduce)."""
+    """Split merge of one program's query heads, all splits in one load (as splitkv_reduce)."""
     r = tl.arange(0, MERGE_ROWS)
     sp = tl.arange(0, MERGE_S)
     d = tl.arange(0, HEAD_DIM)
     rmask = r < GROUP * HPP
     heads = kvh0 * GROUP + r
     rows = (seq.to(tl.int64) * num_q_heads + heads) * num_splits            # [R]
-    m2 = rmask[:, None] & (sp < n_work)[None, :]
+    m2 = rmask[:, None] & (sp < num_splits)[None, :]
     lse = tl.load(part_lse_ptr + rows[:, None] + sp[None, :], mask=m2, other=float("-inf"),
                   cache_modifier=".cg")                                     # [R, S]
     po = tl.load(part_out_ptr + (rows[:, None, None] + sp[None, :, None]) * HEAD_DIM
@@ -207,7 +210,6 @@ def _decode_kernel(
     V_TOKEN_MINOR: tl.constexpr = False, V_RUN: tl.constexpr = 1, PDL: tl.constexpr = 0,
     FUSED_MERGE: tl.constexpr = False,
     MERGE_ROWS: tl.constexpr = 4, MERGE_S: tl.constexpr = 16, PREFETCH_LINE: tl.constexpr = 0,
-    SKIP_EMPTY: tl.constexpr = True,
 ):
     if not PREFETCH_LINE:
         pdl_wait(PDL)
@@ -289,38 +291,22 @@ def _decode_kernel(
         # scratch: part_out [num_seqs, num_q_heads, num_splits, D], part_lse [.., num_splits]
         rows = (seq.to(tl.int64) * num_q_heads + heads) * num_splits
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(part_out_ptr + (rows + split)[:, None] * HEAD_DIM + offs_d[None, :], o,
+                 mask=hmask[:, None])
+        tl.store(part_lse_ptr + rows + split, lse, mask=hmask)
         if FUSED_MERGE:
-            # only the splits with tokens (at least split 0) take part: a short context in a
-            # wide table leaves the rest empty, and they neither store nor count. The last of
-            # them to finish merges: every thread's stores precede the barrier, the acq_rel
-            # atomic publishes them (and, in the last program, makes the others' visible);
-            # it re-arms the counter
-            if SKIP_EMPTY:
-                n_work = tl.maximum(tl.cdiv(seq_len, chunk), 1)
-            else:
-                n_work = num_splits
-            if split < n_work:
-                _store_partial(part_out_ptr, part_lse_ptr, rows, split, o, lse, offs_d, hmask,
-                               HEAD_DIM)
-                tl.debug_barrier()
-                counter = counters_ptr + seq * tl.num_programs(1) + tl.program_id(1)
-                if tl.atomic_add(counter, 1, sem="acq_rel") == n_work - 1:
-                    _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, v_scale_ptr,
-                                  seq, kvh0, num_q_heads, num_splits, n_work, stride_ob,
-                                  stride_oh, GROUP, HPP, HEAD_DIM, MERGE_ROWS, MERGE_S, FP8)
-                    tl.atomic_xchg(counter, 0)
-        else:   # splitkv_reduce reads every split's partial
-            _store_partial(part_out_ptr, part_lse_ptr, rows, split, o, lse, offs_d, hmask,
-                           HEAD_DIM)
-
-
-@triton.jit
-def _store_partial(part_out_ptr, part_lse_ptr, rows, split, o, lse, offs_d, hmask,
-                   HEAD_DIM: tl.constexpr):
-    """One split's normalized output rows and their log2-sum-exp into the scratch."""
-    tl.store(part_out_ptr + (rows + split)[:, None] * HEAD_DIM + offs_d[None, :], o,
-             mask=hmask[:, None])
-    tl.store(part_lse_ptr + rows + split, lse, mask=hmask)
+            # the last split of this (seq, head group) to finish merges all of them: every
+            # thread's stores precede the barrier, the acq_rel atomic publishes them (and,
+            # in the last program, makes the others' visible); it re-arms the counter.
+            # (Letting the splits past a short sequence's end skip the stores and the count
+            # measured the same: bench/results/engine-2026-11-30-s12.md, section 8.)
+            tl.debug_barrier()
+            counter = counters_ptr + seq * tl.num_programs(1) + tl.program_id(1)
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+                _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, v_scale_ptr,
+                              seq, kvh0, num_q_heads, num_splits, stride_ob, stride_oh,
+                              GROUP, HPP, HEAD_DIM, MERGE_ROWS, MERGE_S, FP8)
+                tl.atomic_xchg(counter, 0)
 
 
 class SplitKVScratch(NamedTuple):
@@ -376,14 +362,15 @@ def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int,
     1.45 waves deep (B=32 FP8, 128 programs x 3 splits) ran its last programs alone, 190 us at
     8k against 144 us at 2 splits (bench/results/engine-2026-11-30-s11.md).
     """
-    programs = max(1, num_seqs * num_kv_heads // launch_shape(num_seqs, num_kv_heads, fp8)[1])
+    hpp = launch_shape(num_seqs, num_kv_heads, fp8)[1]
+    programs = max(1, num_seqs * num_kv_heads // hpp)
     want = max(1, PROGRAMS_PER_SM * sm_count(device) // programs)   # whole waves only
     most = max(1, math.ceil(max_context / MIN_CHUNK))
-    return max(1, min(want, most, MAX_SPLITS, _merge_cap(fp8) or MAX_SPLITS))
+    return max(1, min(want, most, MAX_SPLITS, _merge_cap(fp8, hpp) or MAX_SPLITS))
 
 
-def _merge_cap(fp8: bool) -> int:
-    return FUSED_MERGE_MAX_SPLITS_FP8 if fp8 else FUSED_MERGE_MAX_SPLITS
+def _merge_cap(fp8: bool, hpp: int) -> int:
+    return FUSED_MERGE_MAX_SPLITS_FP8 if fp8 and hpp == 1 else FUSED_MERGE_MAX_SPLITS
 
 
 def alloc_split_kv_scratch(num_seqs: int, num_q_heads: int, head_dim: int, num_splits: int,
@@ -454,7 +441,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     merge_rows, merge_s = max(2, next_pow2(group * hpp)), max(2, next_pow2(num_splits))
     pdl = launch_kwargs(q.device, num_seqs)
     prefetch = bool(pdl["PDL"]) and num_seqs <= KV_PREFETCH_MAX_SEQS
-    fused = (not direct and counters is not None and num_splits <= _merge_cap(fp8)
+    fused = (not direct and counters is not None and num_splits <= _merge_cap(fp8, hpp)
              and merge_rows * merge_s * head_dim <= MERGE_MAX_ELEMENTS)
     _decode_kernel[(num_seqs, num_kv_heads // hpp, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, k_scale if fp8 else q,
@@ -468,7 +455,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, HPP=hpp, BLOCK_H=max(16, next_pow2(group * hpp)), HEAD_DIM=head_dim, PAGE=page,
         BLOCK_N=block_n, MIN_CHUNK=max(MIN_CHUNK, block_n), FP8=fp8,
         FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE, DIRECT_OUT=direct,
-        FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s, SKIP_EMPTY=SKIP_EMPTY_SPLITS,
+        FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
         V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, block_n),
         PREFETCH_LINE=min(128 // k_cache.element_size(), head_dim) if prefetch else 0,
         num_warps=num_warps, num_stages=num_stages, **regs, **pdl,

@@ -211,6 +211,10 @@ def test_planned_splits_stay_within_the_fused_merge(monkeypatch):
     monkeypatch.setattr(decode_mod, "sm_count", lambda d: 132)
     plan = lambda: decode_mod.plan_decode_splits(1, 8, 8448, dev)   # noqa: E731  (B=1, 8k table)
     assert plan() == decode_mod.FUSED_MERGE_MAX_SPLITS == 16
+    # FP8 one kv head per program (batch 1): up to 32, merged in the launch for 4 q heads per kv
+    # head (4 x 32 x 128 = MERGE_MAX_ELEMENTS); two heads per program (batch 3-16) stay at 16
+    assert decode_mod.plan_decode_splits(1, 8, 8448, dev, fp8=True) == 32
+    assert decode_mod.plan_decode_splits(3, 8, 8448, dev, fp8=True) == 16
     monkeypatch.setattr(decode_mod, "FUSED_MERGE_MAX_SPLITS", 0)
     assert plan() == 33                      # 2 programs per SM over 8 kv heads
     assert decode_mod.plan_decode_splits(1, 8, 1024, dev) == 1024 // decode_mod.MIN_CHUNK  # short
