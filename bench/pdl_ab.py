@@ -10,8 +10,9 @@ environment variables, read at each launch, and attributes of the fused forward,
 capture); each capture's graph replay time per batch, back to back, timed by CUDA events, and
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
-    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|fp8splits|rope|ropeloads|argmax] [--kv bf16|fp8]
-                           [--batches 1,8,32] [--variants a,b] [--context 1024] [--table-tokens 8448]
+    python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|fp8splits|rope|
+                                         ropeloads|argmax] [--kv bf16|fp8] [--batches 1,8,32]
+                           [--variants a,b] [--context 1024] [--table-tokens 8448]
 """
 from __future__ import annotations
 

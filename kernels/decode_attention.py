@@ -96,8 +96,8 @@ MAX_SPLITS = 128
 # (0: never). With it a PDL launch reads seq_lens and block_tables *before* waiting for the
 # previous kernel, so those two must not be written by the kernel launched just before it (the
 # engine writes them by a host copy before the step's graph); q and the cache may be.
-# Measured (bench/decode_ab.py, bench/pdl_ab.py --ab kvprefetch; bench/results/engine-2026-11-30-s12.md):
-# batch-1 step -19 us; B=1 x 4k 11.19 -> 10.71 us; at B=8 the same or up to 1.5 us slower.
+# Measured (bench/decode_ab.py, bench/pdl_ab.py --ab kvprefetch;
+# bench/results/engine-2026-11-30-s12.md): batch-1 step -19 us; B=1 x 4k 11.19 -> 10.71 us; at B=8 the same or up to 1.5 us slower.
 KV_PREFETCH_MAX_SEQS = 1
 
 
@@ -290,9 +290,9 @@ def _decode_kernel(
     else:
         # scratch: part_out [num_seqs, num_q_heads, num_splits, D], part_lse [.., num_splits]
         rows = (seq.to(tl.int64) * num_q_heads + heads) * num_splits
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_out_ptr + (rows + split)[:, None] * HEAD_DIM + offs_d[None, :], o,
                  mask=hmask[:, None])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + rows + split, lse, mask=hmask)
         if FUSED_MERGE:
             # the last split of this (seq, head group) to finish merges all of them: every
