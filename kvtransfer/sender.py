@@ -129,10 +129,14 @@ class KVSender:
     def _puts_pay(self) -> bool:
         """Put-based only for few runs: each (layer, K|V, run) is one put, ~11.5 us of host time
         on an H200 (bench/results/transfer-rma-2026-11-29.md: 256 scattered blocks took 0.19 s),
-        while the tag path gathers short runs into one message per bundle. data_path rma: always."""
-        if self.agent.config.data_path == "rma":
+        while the tag path gathers short runs into one message per bundle; and, with
+        transfer.rma_min_kib, only for transfers at least that big. data_path rma: always."""
+        cfg = self.agent.config
+        if cfg.data_path == "rma":
             return True
-        return len(coalesce(self.src_ids, list(self.handoff.block_ids))) <= self.agent.config.rma_max_runs
+        if len(self.src_ids) * self.agent.layout.block_bytes < cfg.rma_min_kib * 1024:
+            return False
+        return len(coalesce(self.src_ids, list(self.handoff.block_ids))) <= cfg.rma_max_runs
 
     def fence(self, reason: str) -> None:
         """Loop side, put-based transfers: post no more puts (agent._on_fence flushes)."""

@@ -118,6 +118,9 @@ class TransferConfig:
                         "pools, else tag")
     rma_max_runs: int = _f(4, "auto: a transfer is put-based only if its blocks form at most this many runs "
                            "(consecutive on both sides; one put per layer, K|V and run), else tag messages")
+    rma_min_kib: int = _f(0, "auto: puts only for transfers of at least this many KiB (0: any size); puts wait a "
+                          "`ready` round trip before the first write, which costs small transfers 3-4 ms on "
+                          "CPU loopback (bench/results/transfer-2026-11-30-s12.md)")
     rma_fence_grace_s: float = _f(1.0, "rma: after a dead sender's endpoint breaks, wait this long for copies it had "
                                   "queued before its lease's blocks are freed")
     rma_fence_timeout_s: float = _f(5.0, "rma: how long an abort waits for the sender's `fenced` before returning "
@@ -143,6 +146,7 @@ class TransferConfig:
         _require(self.data_path in ("tag", "rma", "auto"), "transfer.data_path",
                  f"got {self.data_path!r}; use tag, rma or auto")
         _require(self.rma_max_runs >= 1, "transfer.rma_max_runs", "must be >= 1")
+        _require(self.rma_min_kib >= 0, "transfer.rma_min_kib", "must be >= 0")
         _require(self.rma_fence_grace_s >= 0, "transfer.rma_fence_grace_s", "must be >= 0")
         _require(self.rma_fence_timeout_s > 0, "transfer.rma_fence_timeout_s", "must be > 0")
         _require(self.progress_mode in ("thread", "thread-polling"), "transfer.progress_mode",

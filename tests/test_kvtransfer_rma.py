@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from splitserve.config import TransferConfig
+from splitserve.kvtransfer.layout import KVLayout
 from splitserve.kvtransfer.testing import spawn_worker
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
@@ -107,15 +108,21 @@ def test_data_path_is_validated():
         TransferConfig(data_path="rdma")
     with pytest.raises(ValueError, match="rma_fence_timeout_s"):
         TransferConfig(rma_fence_timeout_s=0)
+    with pytest.raises(ValueError, match="rma_min_kib"):
+        TransferConfig(rma_min_kib=-1)
 
 
 def test_auto_puts_few_runs_and_tags_scattered_blocks():
     """data_path auto: one put per (layer, K|V, run), so long runs go by puts and scattered
-    blocks by tag messages (gathered into bundles); both verified byte for byte."""
+    blocks by tag messages (gathered into bundles), and transfers under rma_min_kib by tag
+    messages too; all verified byte for byte."""
+    block_bytes = KVLayout(**LAYOUT).block_bytes
     d = spawn_worker(LAYOUT, seed=1, config_kw={"data_path": "auto"})
-    p = spawn_worker(LAYOUT, seed=2, config_kw={"data_path": "auto", "rma_max_runs": 2})
+    p = spawn_worker(LAYOUT, seed=2, config_kw={"data_path": "auto", "rma_max_runs": 2,
+                                                "rma_min_kib": 20 * block_bytes // 1024})
     try:
         for dst, src, path in [(list(range(10, 40)), list(range(100, 130)), "rma"),
+                               (list(range(50, 60)), list(range(140, 150)), "tag"),  # small
                                ([3, 7, 50, 90, 91], [1, 9, 30, 31, 60], "tag")]:
             d.call("poison", dst)
             h = d.call("reserve", ids=dst)
