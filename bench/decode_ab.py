@@ -1,6 +1,6 @@
 """Same-process A/B of the paged decode kernel's module settings, in CUDA graphs (issues 3/4).
 
-Each variant sets attributes of kernels/decode_attention.py (read at launch), is checked
+Each variant sets attributes of kernels/decode_plan.py (read at launch), is checked
 against the float32 reference, and is timed as a CUDA graph of one decode call per cache copy
 (enough copies to defeat the L2, preallocated scratch as in the engine). Variants alternate,
 `--passes` times over; the table keeps each variant's best pass and every pass is in the JSON.
@@ -31,7 +31,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
     for item in filter(None, sets.split(";")):
         key, _, value = item.partition("=")
         if not hasattr(DECODE, key):
-            raise SystemExit(f"kernels/decode_attention.py has no setting {key!r}")
+            raise SystemExit(f"kernels/decode_plan.py has no setting {key!r}")
         attrs[key] = ast.literal_eval(value)
     return name, attrs
 

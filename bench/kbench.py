@@ -31,7 +31,7 @@ def import_kernels():
         pkg.__path__ = [str(REPO / "splitserve"), str(REPO)]   # kernels/ -> splitserve.kernels
         sys.modules["splitserve"] = pkg
     import splitserve.kernels as kernels
-    import splitserve.kernels.decode_attention as decode_mod
+    import splitserve.kernels.decode_plan as decode_mod   # the decode launch policy (tiles, splits)
     import splitserve.kernels.extend_attention as extend_mod
     import splitserve.kernels.prefill_attention as prefill_mod
     import splitserve.kernels.testing as testing

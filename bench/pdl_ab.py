@@ -1,7 +1,7 @@
 """A/B of decode-step variants on the step's CUDA graphs: programmatic dependent launch
 (kernels/_pdl.py; --ab pdl, and where it triggers: --ab trigger), the decode attention's large-grid
 tiles (--ab largetiles), its K/V L2 prefetch and split length (--ab kvprefetch), RoPE + KV
-write in the QKV GEMV's epilogue (--ab rope), the RoPE kernel's load order (--ab ropeloads) or the
+write in the QKV GEMV's epilogue (--ab rope) or the
 greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
 
 One engine (dummy Llama-3-8B on the GPU, bf16 or FP8 KV; tiny float16 under --smoke), its
@@ -11,7 +11,7 @@ capture); each capture's graph replay time per batch, back to back, timed by CUD
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
     python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|fp8splits|rope|
-                                         ropeloads|argmax] [--kv bf16|fp8] [--batches 1,8,32]
+                                         argmax] [--kv bf16|fp8] [--batches 1,8,32]
                            [--variants a,b] [--context 1024] [--table-tokens 8448]
 """
 from __future__ import annotations
@@ -30,8 +30,7 @@ import torch  # noqa: E402  (after engine_common: --smoke sets TRITON_INTERPRET 
 from splitserve.config import Config  # noqa: E402
 from splitserve.engine.engine import LLMEngine  # noqa: E402
 from splitserve.engine.loader import load_dummy  # noqa: E402
-from splitserve.kernels import decode_attention as decode_mod  # noqa: E402
-from splitserve.kernels import rope as rope_mod  # noqa: E402
+from splitserve.kernels import decode_plan  # noqa: E402
 
 BATCHES = (1, 2) if SMOKE else (1, 8, 32)
 # pdl: PDL off; PDL from two rows; PDL at one row too. (Sessions 9 and 11 also timed GEMVs
@@ -39,9 +38,11 @@ BATCHES = (1, 2) if SMOKE else (1, 8, 32)
 # removed; bench/results/pdl-ab-v2-2026-11-29.md, engine-2026-11-30-s11.md. Session 12 timed
 # lm_head writing float32 logits itself (torch.mm out_dtype) instead of a cast kernel: 4147 vs
 # 4145 us at batch 1, removed; and splits past a short sequence's end skipping the fused
-# merge's stores and count: 4120 vs 4124 us, removed; engine-2026-11-30-s12.md.)
+# merge's stores and count: 4120 vs 4124 us, removed; engine-2026-11-30-s12.md. The RoPE
+# kernel's slot/v loads before vs after its rotation, --ab ropeloads at 6893ee0, decided for
+# "before", its switch removed.)
 # (name, environment, attributes "fused.<name>" of the FusedForward / "runner.<name>" of the
-# DecodeGraphRunner / "decode.<name>" of kernels/decode_attention.py)
+# DecodeGraphRunner / "decode.<name>" of kernels/decode_plan.py)
 AB = {
     "pdl": [("off", {"SPLITSERVE_PDL": "0", "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
             ("pdl", {"SPLITSERVE_PDL": "1", "SPLITSERVE_PDL_MIN_ROWS": "2"}, {}),
@@ -62,29 +63,26 @@ AB = {
     # the RoPE + KV-write kernel per layer vs the same work in the QKV GEMV's epilogue
     "rope": [("rope-kernel", {}, {"fused.fuse_rope_epilogue": False}),
              ("rope-epilogue", {}, {"fused.fuse_rope_epilogue": True})],
-    # the decode attention's large-grid tiles (kernels/decode_attention.py) vs the defaults
+    # the decode attention's large-grid tiles (kernels/decode_plan.py) vs the defaults
     "largetiles": [("default-tiles", {}, {"decode.LARGE_BATCH_TILES": ()}),
-                   ("large-tiles", {}, {"decode.LARGE_BATCH_TILES": decode_mod.LARGE_BATCH_TILES})],
+                   ("large-tiles", {}, {"decode.LARGE_BATCH_TILES": decode_plan.LARGE_BATCH_TILES})],
     # the decode attention's L2 prefetch of its K/V before the PDL wait, and shorter splits
     # (every variant sets all three: a pass runs them in turn and attributes persist)
     "kvprefetch": [(name, {}, {"decode.KV_PREFETCH_MAX_SEQS": pf, "decode.MIN_CHUNK": chunk,
                                "decode.BATCH_TILES": tiles})
                    for name, pf, chunk, tiles in (
-                       ("no-prefetch", 0, 256, decode_mod.BATCH_TILES),   # before session 12
-                       ("prefetch", 1, 256, decode_mod.BATCH_TILES),
-                       ("chunk128", 0, 128, decode_mod.BATCH_TILES),
-                       ("chunk128-prefetch", 1, 128, decode_mod.BATCH_TILES),   # the default
+                       ("no-prefetch", 0, 256, decode_plan.BATCH_TILES),   # before session 12
+                       ("prefetch", 1, 256, decode_plan.BATCH_TILES),
+                       ("chunk128", 0, 128, decode_plan.BATCH_TILES),
+                       ("chunk128-prefetch", 1, 128, decode_plan.BATCH_TILES),   # the default
                        ("chunk64", 0, 64, tuple((m, f, (64,) + t[1:], h)
-                                                for m, f, t, h in decode_mod.BATCH_TILES)),
+                                                for m, f, t, h in decode_plan.BATCH_TILES)),
                        ("chunk64-prefetch", 1, 64, tuple((m, f, (64,) + t[1:], h)
-                                                         for m, f, t, h in decode_mod.BATCH_TILES)))],
+                                                         for m, f, t, h in decode_plan.BATCH_TILES)))],
     # FP8 batch-1 decode: up to 32 splits merged in the launch (bench/decode_ab.py: 4k 10.3 ->
     # 9.7 us, 8k 15.7 -> 14.9) vs the 16 of bf16
     "fp8splits": [("merge16", {}, {"decode.FUSED_MERGE_MAX_SPLITS_FP8": 16}),
                   ("merge32", {}, {"decode.FUSED_MERGE_MAX_SPLITS_FP8": 32})],
-    # kernels/rope.py's slot and v loads at the top or after the rotation (batches >= 2)
-    "ropeloads": [("v-late", {}, {"rope.ROPE_EARLY_V": False}),
-                  ("v-early", {}, {"rope.ROPE_EARLY_V": True})],
     "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
                ("split-argmax", {}, {"runner.split_argmax": True})],
 }
@@ -140,7 +138,7 @@ def main() -> None:
         if unknown:
             ap.error(f"unknown variants {sorted(unknown)} for --ab {args.ab}")
         variants = [v for v in AB[args.ab] if v[0] in keep]
-    objs = {"fused": eng.model._fused, "runner": runner, "decode": decode_mod, "rope": rope_mod}
+    objs = {"fused": eng.model._fused, "runner": runner, "decode": decode_plan}
     for trial in range(1 if SMOKE else 2):       # two passes, interleaved: drift shows
         for name, env, attrs in variants:
             os.environ.update(env)

@@ -59,7 +59,7 @@ from .reference_fused import (gemv_linear_ref, norm_linear_ref, rms_norm_ref, ro
 _LAZY = {
     "write_kv": "kv_write",
     "paged_decode_attention": "decode_attention",
-    "plan_decode_splits": "decode_attention",
+    "plan_decode_splits": "decode_plan",
     "alloc_split_kv_scratch": "decode_attention",
     "SplitKVScratch": "decode_attention",
     "paged_extend_attention": "extend_attention",

@@ -12,8 +12,10 @@ only sees the columns of its own kv head (the others are masked to -inf before t
 so the tensor-core work per useful score is the same as with padded rows (measured: FP8 B=8 x
 4k 33.3 vs 40.3 us, equal at B=64; FP8 uses two, except at batch 1 via BATCH_TILES). With
 token-minor V pages (FP8 caches, `_vpage.py`) the columns are head-major instead, so a page's
-tokens of one head are adjacent. Whole tiles run unmasked; only each split's ragged last tile is masked (a select on
-V between load and MMA forced V back through registers: 259 vs 189 us, FP8 B=64 x 4k).
+tokens of one head are adjacent. Whole tiles run unmasked; only each split's ragged last tile
+is masked (a select on V between load and MMA forced V back through registers: 259 vs 189 us,
+FP8 B=64 x 4k). The tile shapes, kv heads per program and split counts are chosen per launch by
+`decode_plan.py` (tuned constants, shapes only).
 
 Split-KV: a long context is cut into `num_splits` chunks processed by separate programs, which
 write a normalized partial output and its log-sum-exp (base 2) to scratch. The merge runs in
@@ -42,7 +44,6 @@ A sequence of length 0 (graph padding) produces a zero output row, not NaN.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -50,56 +51,11 @@ import triton
 import triton.language as tl
 
 from ._common import (check, check_attention_args, check_device, check_out_like,
-                      check_seq_metadata, interpreting, next_pow2, sm_count, v_token_minor)
+                      check_seq_metadata, interpreting, next_pow2, v_token_minor)
 from ._pdl import launch_kwargs, pdl_trigger, pdl_wait
 from ._vpage import load_v_rows
+from . import decode_plan as plan
 from .splitkv_reduce import splitkv_reduce
-
-# Tuning (H200, Llama-3-8B heads; bench/decode_sweep.py, bench/results/decode-sweep-*.md).
-# (BLOCK_N: KV tokens per inner-loop tile, NUM_STAGES: pipelining depth of the K/V loads,
-#  NUM_WARPS[, MAXNREG: a register cap per thread]), one set for 16-bit caches and one for FP8.
-TILES_16BIT = (128, 4, 4)
-TILES_FP8 = (64, 5, 4)
-# kv heads per program (HPP): a program packs the query heads of HPP kv heads into its rows and
-# reads those heads' K/V rows of each token together (adjacent in the cache); see the docstring
-HPP_16BIT = 1
-HPP_FP8 = 2
-# Overrides by grid size before splitting (num_seqs * num_kv_heads <= max_programs), first
-# match wins: (max_programs, fp8, (BLOCK_N, NUM_STAGES, NUM_WARPS), HPP). Measured: B=1 x 4k
-# 16-bit in a graph 11.9 us with 128-token tiles vs 14.2; FP8 B=8 x 4k 33.7 us with two heads
-# per program vs 39.8, but FP8 B=1 12.0 us with one vs 16.5. Empty it to use the defaults
-# above for every batch (tests do).
-BATCH_TILES = ((16, False, (128, 5, 4), 1),
-               (16, True, (128, 5, 4), 1))
-# ... and for large grids (num_seqs * num_kv_heads >= min_programs), after BATCH_TILES:
-# (min_programs, fp8, tiles, HPP). Four kv heads per program (16 query rows, no MMA padding)
-# and short tiles, measured at B=128/256 x 1k (bench/results/engine-2026-11-30-s11.md, sec. 4;
-# engine step -199 / -341 us FP8, -211 / -79 us bf16, same process): FP8 (32-token pages)
-# 83.6 / 151.7 us vs 88.9 / 162.4 with the defaults, bf16 137.3 / 257.5 vs 143.5 / 267.7; at
-# B=32 both were slower than the defaults (FP8 29.5 vs 27.3 us).
-LARGE_BATCH_TILES = ((1024, False, (16, 5, 4), 4),
-                     (1024, True, (32, 5, 4), 4))
-FUSED_MERGE_MAX_SPLITS = 16  # split counts up to this merge in the decode launch (0: never)
-# the same for FP8 caches launched one kv head per program, whose 128-token tiles fit two
-# programs per SM (bf16's one): at batch 1 in an 8448-token table, 32 splits made the engine
-# step 60 us faster at 8k and 28 us slower at 1k (bench/results/engine-2026-11-30-s12.md,
-# section 8). (With 8 query heads per kv head, 32 splits exceed MERGE_MAX_ELEMENTS and merge
-# in the second launch: correct, slower.)
-FUSED_MERGE_MAX_SPLITS_FP8 = 32
-MERGE_MAX_ELEMENTS = 16384   # register bound of that merge: rows x splits x head_dim
-FP8_FP16_COMPUTE = True  # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather than bf16
-MIN_CHUNK = 128          # fewest KV tokens worth giving one split (256 until session 12: batch-1
-#                          1k in the engine's 8448-token table 8.80 -> 7.34 us, step -11 us)
-PROGRAMS_PER_SM = 2      # split until the grid has about this many programs per SM
-MAX_SPLITS = 128
-# L2 prefetch of each split's K/V before the PDL wait, for grids of at most this many sequences
-# (0: never). With it a PDL launch reads seq_lens and block_tables *before* waiting for the
-# previous kernel, so those two must not be written by the kernel launched just before it (the
-# engine writes them by a host copy before the step's graph); q and the cache may be.
-# Measured (bench/decode_ab.py, bench/pdl_ab.py --ab kvprefetch;
-# bench/results/engine-2026-11-30-s12.md): batch-1 step -19 us; B=1 x 4k 11.19 -> 10.71 us; at B=8 the same or up to 1.5 us slower.
-KV_PREFETCH_MAX_SEQS = 1
-
 
 @triton.jit
 def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, v_scale_ptr, seq, kvh0, num_q_heads,
@@ -322,57 +278,6 @@ class SplitKVScratch(NamedTuple):
     #                                        merge's finished-split counts, left at zero
 
 
-def launch_shape(num_seqs: int, num_kv_heads: int, fp8: bool) -> tuple[tuple, int]:
-    """((BLOCK_N, NUM_STAGES, NUM_WARPS), HPP) for a batch: BATCH_TILES, LARGE_BATCH_TILES,
-    else the defaults."""
-    grid = num_seqs * num_kv_heads
-    for max_programs, for_fp8, tiles, hpp in BATCH_TILES:
-        if for_fp8 == fp8 and grid <= max_programs:
-            return tiles, _divisor(num_kv_heads, hpp)
-    for min_programs, for_fp8, tiles, hpp in LARGE_BATCH_TILES:
-        if for_fp8 == fp8 and grid >= min_programs:
-            return tiles, _divisor(num_kv_heads, hpp)
-    return (TILES_FP8 if fp8 else TILES_16BIT), heads_per_program(num_kv_heads, fp8)
-
-
-def heads_per_program(num_kv_heads: int, fp8: bool) -> int:
-    """The tuned kv heads per program, lowered until it divides num_kv_heads."""
-    return _divisor(num_kv_heads, HPP_FP8 if fp8 else HPP_16BIT)
-
-
-def _divisor(num_kv_heads: int, hpp: int) -> int:
-    hpp = max(1, hpp)
-    while num_kv_heads % hpp:
-        hpp -= 1
-    return hpp
-
-
-def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int,
-                       device: torch.device, fp8: bool = False) -> int:
-    """KV splits per (seq, kv head group), from static shape information only.
-
-    Enough programs to fill the GPU (PROGRAMS_PER_SM per SM), but no split shorter than
-    MIN_CHUNK tokens of the longest context the block table can hold, and no more than the
-    decode launch merges itself (FUSED_MERGE_MAX_SPLITS): a second merge launch cost more
-    than the extra splits gained at every batch-1 length measured on the H200 but FP8 at 32k+
-    (bench/decode_splits.py; bench/results/engine-b1-2026-11-29-s10.md: bf16 8k 16.5 us at 16
-    splits vs 23.1 at 32; FP8 128k 127.0 vs 112.9). The plan sees the table's width, not the lengths, so
-    an engine with a long max_model_len got 33 splits and the second launch on every short
-    context too. The count rounds down, never past one wave of PROGRAMS_PER_SM per SM: a grid
-    1.45 waves deep (B=32 FP8, 128 programs x 3 splits) ran its last programs alone, 190 us at
-    8k against 144 us at 2 splits (bench/results/engine-2026-11-30-s11.md).
-    """
-    hpp = launch_shape(num_seqs, num_kv_heads, fp8)[1]
-    programs = max(1, num_seqs * num_kv_heads // hpp)
-    want = max(1, PROGRAMS_PER_SM * sm_count(device) // programs)   # whole waves only
-    most = max(1, math.ceil(max_context / MIN_CHUNK))
-    return max(1, min(want, most, MAX_SPLITS, _merge_cap(fp8, hpp) or MAX_SPLITS))
-
-
-def _merge_cap(fp8: bool, hpp: int) -> int:
-    return FUSED_MERGE_MAX_SPLITS_FP8 if fp8 and hpp == 1 else FUSED_MERGE_MAX_SPLITS
-
-
 def alloc_split_kv_scratch(num_seqs: int, num_q_heads: int, head_dim: int, num_splits: int,
                            device: torch.device) -> SplitKVScratch:
     return SplitKVScratch(
@@ -410,7 +315,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     scale:        softmax scale (usually head_dim ** -0.5)
     k_scale, v_scale: float32 [num_kv_heads], required for (and only for) an FP8 cache
     out:          optional preallocated [num_seqs, num_q_heads, head_dim] in q's dtype
-    num_splits:   override the split-KV count (default: `plan_decode_splits`)
+    num_splits:   override the split-KV count (default: `decode_plan.plan_decode_splits`)
     scratch:      optional preallocated `SplitKVScratch` for exactly num_splits splits
     Returns out. No host sync and no value-dependent allocation: capturable in a CUDA graph.
     """
@@ -423,7 +328,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_seqs == 0:
         return out
     if num_splits is None:
-        num_splits = plan_decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * page,
+        num_splits = plan.plan_decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * page,
                                         q.device, fp8)
     check(num_splits >= 1, lambda: f"num_splits must be >= 1, got {num_splits}")
     direct = num_splits == 1
@@ -435,14 +340,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_out, part_lse, counters = scratch
     else:
         part_out = part_lse = counters = out          # unused when DIRECT_OUT
-    tiles, hpp = launch_shape(num_seqs, num_kv_heads, fp8)
+    tiles, hpp = plan.launch_shape(num_seqs, num_kv_heads, fp8)
     block_n, num_stages, num_warps = tiles[:3]
     regs = {} if len(tiles) < 4 or interpreting() else dict(maxnreg=tiles[3])  # register cap
     merge_rows, merge_s = max(2, next_pow2(group * hpp)), max(2, next_pow2(num_splits))
     pdl = launch_kwargs(q.device, num_seqs)
-    prefetch = bool(pdl["PDL"]) and num_seqs <= KV_PREFETCH_MAX_SEQS
-    fused = (not direct and counters is not None and num_splits <= _merge_cap(fp8, hpp)
-             and merge_rows * merge_s * head_dim <= MERGE_MAX_ELEMENTS)
+    prefetch = bool(pdl["PDL"]) and num_seqs <= plan.KV_PREFETCH_MAX_SEQS
+    fused = (not direct and counters is not None and num_splits <= plan.merge_cap(fp8, hpp)
+             and merge_rows * merge_s * head_dim <= plan.MERGE_MAX_ELEMENTS)
     _decode_kernel[(num_seqs, num_kv_heads // hpp, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, k_scale if fp8 else q,
         v_scale if fp8 else q, out, part_out, part_lse, counters,
@@ -453,8 +358,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0), out.stride(0), out.stride(1),
         num_splits, num_q_heads,
         GROUP=group, HPP=hpp, BLOCK_H=max(16, next_pow2(group * hpp)), HEAD_DIM=head_dim, PAGE=page,
-        BLOCK_N=block_n, MIN_CHUNK=max(MIN_CHUNK, block_n), FP8=fp8,
-        FP16_COMPUTE=fp8 and FP8_FP16_COMPUTE, DIRECT_OUT=direct,
+        BLOCK_N=block_n, MIN_CHUNK=max(plan.MIN_CHUNK, block_n), FP8=fp8,
+        FP16_COMPUTE=fp8 and plan.FP8_FP16_COMPUTE, DIRECT_OUT=direct,
         FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
         V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, block_n),
         PREFETCH_LINE=min(128 // k_cache.element_size(), head_dim) if prefetch else 0,

@@ -22,12 +22,6 @@ from ._rounding import round_to
 from .kv_write import quantize_e4m3
 from .reference import FP8_MAX
 
-# Load each token's slot and v rows at the top, beside its position, q and k, rather than after
-# the rotation (the PDL trigger between them orders the loads): one dependent round trip less.
-# Measured (bench/pdl_ab.py --ab ropeloads --kv fp8, same process): decode step -13.6 / -6.5 /
-# -7.1 us at batch 8 / 32 / 128 (bench/results/engine-2026-11-30-s12.md).
-ROPE_EARLY_V = True
-
 
 @triton.jit
 def _rotate(x1, x2, c, s, DT: tl.constexpr):
@@ -60,7 +54,6 @@ def _rope_write_kv_kernel(
     num_q_heads, num_kv_heads, block_size,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     WRITE: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr = 0,
-    EARLY_V: tl.constexpr = False,
 ):
     pdl_wait(PDL)
     tok = tl.program_id(0).to(tl.int64)
@@ -68,7 +61,10 @@ def _rope_write_kv_kernel(
     offs_d = tl.arange(0, HALF)[None, :]
     offs_hk = tl.arange(0, BLOCK_HK)[:, None]
     mk = (offs_hk < num_kv_heads) & (offs_d < HALF)
-    if WRITE and EARLY_V:   # the slot and v loads in flight with the others (see ROPE_EARLY_V)
+    if WRITE:
+        # the slot and v loads go out here, beside the others, not after the rotation (the PDL
+        # trigger between would order them): one dependent round trip less, decode step -14 /
+        # -7 / -7 us at batch 8 / 32 / 128 (bench/results/engine-2026-11-30-s12.md, section 5)
         slot = tl.load(slot_ptr + tok).to(tl.int64)
         vp = v_ptr + tok * stride_vt + offs_hk * stride_vh + offs_d
         v1 = tl.load(vp, mask=mk, other=0.0)
@@ -91,11 +87,6 @@ def _rope_write_kv_kernel(
     tl.store(kp + HALF, k2, mask=mk)
     pdl_trigger(PDL)
     if WRITE:
-        if not EARLY_V:
-            slot = tl.load(slot_ptr + tok).to(tl.int64)
-            vp = v_ptr + tok * stride_vt + offs_hk * stride_vh + offs_d
-            v1 = tl.load(vp, mask=mk, other=0.0)
-            v2 = tl.load(vp + HALF, mask=mk, other=0.0)
         # padding tokens (slot < 0) store nothing: fold it into the mask, no early exit
         mw = mk & ((tl.zeros([BLOCK_HK, HALF], tl.int64) + slot) >= 0)
         blk = slot // block_size
@@ -184,6 +175,6 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, posi
         vc.stride(0), vc.stride(1), vc.stride(2) if write else 0, vc.stride(3) if write else 1,
         num_q_heads, k.shape[1], k_cache.shape[1] if write else 1,
         HALF=head_dim // 2, BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(k.shape[1]),
-        WRITE=write, FP8=fp8, FP8_MAX=FP8_MAX, num_warps=4, EARLY_V=ROPE_EARLY_V,
+        WRITE=write, FP8=fp8, FP8_MAX=FP8_MAX, num_warps=4,
         **launch_kwargs(q.device, num_tokens),
     )

@@ -27,7 +27,7 @@ from splitserve.kernels.testing import make_paged_case, rel_err, setup_kernel_te
 
 DEVICE = setup_kernel_tests()
 
-import splitserve.kernels.decode_attention as decode_mod  # noqa: E402
+import splitserve.kernels.decode_plan as decode_plan  # noqa: E402
 from splitserve.kernels import (FP8_DTYPE, alloc_split_kv_scratch, decode_attention_ref,  # noqa: E402
                                 paged_decode_attention)
 
@@ -77,11 +77,11 @@ def run_case(seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, kv, seed
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 16 tokens and splits as short as 16 so tiny CPU cases cross every edge."""
-    monkeypatch.setattr(decode_mod, "TILES_16BIT", (16, 2, 4))
-    monkeypatch.setattr(decode_mod, "TILES_FP8", (16, 2, 4))
-    monkeypatch.setattr(decode_mod, "MIN_CHUNK", 16)
-    monkeypatch.setattr(decode_mod, "BATCH_TILES", ())
-    monkeypatch.setattr(decode_mod, "LARGE_BATCH_TILES", ())
+    monkeypatch.setattr(decode_plan, "TILES_16BIT", (16, 2, 4))
+    monkeypatch.setattr(decode_plan, "TILES_FP8", (16, 2, 4))
+    monkeypatch.setattr(decode_plan, "MIN_CHUNK", 16)
+    monkeypatch.setattr(decode_plan, "BATCH_TILES", ())
+    monkeypatch.setattr(decode_plan, "LARGE_BATCH_TILES", ())
 
 
 @pytest.mark.parametrize("kv", list(KV))
@@ -103,7 +103,7 @@ def test_decode_head_dims_block_sizes_splits(head_dim, block_size, num_splits, s
 @pytest.mark.parametrize("fp16_compute", [True, False])
 def test_decode_fp8_compute_variants(fp16_compute, small_tiles, monkeypatch):
     """Both FP8 compute dtypes: fp16 (the default) and q's dtype."""
-    monkeypatch.setattr(decode_mod, "FP8_FP16_COMPUTE", fp16_compute)
+    monkeypatch.setattr(decode_plan, "FP8_FP16_COMPUTE", fp16_compute)
     run_case(lengths(16), 8, 2, 64, 16, "fp8-bf16", seed=12, num_splits=4)
 
 
@@ -115,8 +115,8 @@ def test_decode_several_kv_heads_per_program(hpp, kv, num_q_heads, num_kv_heads,
     """HPP kv heads per program (rows = their query heads, a row masked to its own head's
     columns): GQA 4 (16 rows, no padding at HPP 4), GQA 1, GQA 3; FP8 with a distinct scale
     per kv head, so a row reading another head's scale or keys fails."""
-    monkeypatch.setattr(decode_mod, "HPP_16BIT", hpp)
-    monkeypatch.setattr(decode_mod, "HPP_FP8", hpp)
+    monkeypatch.setattr(decode_plan, "HPP_16BIT", hpp)
+    monkeypatch.setattr(decode_plan, "HPP_FP8", hpp)
     for num_splits in (1, 3):
         run_case(lengths(16), num_q_heads, num_kv_heads, 64, 16, kv,
                  seed=hpp * 100 + num_q_heads + num_splits, num_splits=num_splits)
@@ -130,44 +130,44 @@ def test_decode_both_v_page_layouts(kv, v_token_minor, hpp, block_size, small_ti
     """Either V page layout with either cache dtype (FP8 defaults to token-minor, 16-bit to
     token-major): a page of 32 tokens is longer than the 16-token tile; with HPP > 1 the tile's
     columns are head-major for token-minor pages."""
-    monkeypatch.setattr(decode_mod, "HPP_16BIT", hpp)
-    monkeypatch.setattr(decode_mod, "HPP_FP8", hpp)
+    monkeypatch.setattr(decode_plan, "HPP_16BIT", hpp)
+    monkeypatch.setattr(decode_plan, "HPP_FP8", hpp)
     for num_splits in (1, 3):
         run_case(lengths(block_size), 4 * 4, 4, 64, block_size, kv, seed=hpp + block_size + num_splits,
                  num_splits=num_splits, v_token_minor=v_token_minor)
 
 
 def test_heads_per_program_divides_kv_heads(monkeypatch):
-    monkeypatch.setattr(decode_mod, "HPP_FP8", 4)
-    assert [decode_mod.heads_per_program(n, True) for n in (1, 2, 3, 6, 8)] == [1, 2, 3, 3, 4]
-    assert decode_mod.heads_per_program(8, False) == decode_mod.HPP_16BIT
+    monkeypatch.setattr(decode_plan, "HPP_FP8", 4)
+    assert [decode_plan.heads_per_program(n, True) for n in (1, 2, 3, 6, 8)] == [1, 2, 3, 3, 4]
+    assert decode_plan.heads_per_program(8, False) == decode_plan.HPP_16BIT
 
 
 def test_launch_shape_by_batch(monkeypatch):
-    monkeypatch.setattr(decode_mod, "HPP_FP8", 1)
-    monkeypatch.setattr(decode_mod, "BATCH_TILES", ((16, False, (128, 5, 4), 1),
+    monkeypatch.setattr(decode_plan, "HPP_FP8", 1)
+    monkeypatch.setattr(decode_plan, "BATCH_TILES", ((16, False, (128, 5, 4), 1),
                                                      (128, True, (64, 5, 4), 2)))
-    assert decode_mod.launch_shape(1, 8, False) == ((128, 5, 4), 1)
-    assert decode_mod.launch_shape(64, 8, False) == (decode_mod.TILES_16BIT, 1)
-    assert decode_mod.launch_shape(8, 8, True) == ((64, 5, 4), 2)
-    assert decode_mod.launch_shape(8, 3, True) == ((64, 5, 4), 1)    # 2 does not divide 3
-    assert decode_mod.launch_shape(64, 8, True) == (decode_mod.TILES_FP8, 1)
-    monkeypatch.setattr(decode_mod, "LARGE_BATCH_TILES", ((1024, False, (16, 5, 4), 4),
+    assert decode_plan.launch_shape(1, 8, False) == ((128, 5, 4), 1)
+    assert decode_plan.launch_shape(64, 8, False) == (decode_plan.TILES_16BIT, 1)
+    assert decode_plan.launch_shape(8, 8, True) == ((64, 5, 4), 2)
+    assert decode_plan.launch_shape(8, 3, True) == ((64, 5, 4), 1)    # 2 does not divide 3
+    assert decode_plan.launch_shape(64, 8, True) == (decode_plan.TILES_FP8, 1)
+    monkeypatch.setattr(decode_plan, "LARGE_BATCH_TILES", ((1024, False, (16, 5, 4), 4),
                                                            (512, True, (32, 5, 4), 4)))
-    assert decode_mod.launch_shape(127, 8, False) == (decode_mod.TILES_16BIT, 1)
-    assert decode_mod.launch_shape(128, 8, False) == ((16, 5, 4), 4)
-    assert decode_mod.launch_shape(64, 8, True) == ((32, 5, 4), 4)
-    assert decode_mod.launch_shape(256, 6, True) == ((32, 5, 4), 3)   # 4 does not divide 6
+    assert decode_plan.launch_shape(127, 8, False) == (decode_plan.TILES_16BIT, 1)
+    assert decode_plan.launch_shape(128, 8, False) == ((16, 5, 4), 4)
+    assert decode_plan.launch_shape(64, 8, True) == ((32, 5, 4), 4)
+    assert decode_plan.launch_shape(256, 6, True) == ((32, 5, 4), 3)   # 4 does not divide 6
 
 
 @pytest.mark.parametrize("kv", ["bf16", "fp8-bf16"])
 def test_decode_large_batch_tiles(kv, monkeypatch):
     """The shipped large-grid tiles (four kv heads per program, short tiles), forced onto a
     small case: equal to the reference across page edges and splits."""
-    monkeypatch.setattr(decode_mod, "MIN_CHUNK", 16)
-    monkeypatch.setattr(decode_mod, "BATCH_TILES", ())
-    monkeypatch.setattr(decode_mod, "LARGE_BATCH_TILES",
-                        tuple((1,) + t[1:] for t in decode_mod.LARGE_BATCH_TILES))
+    monkeypatch.setattr(decode_plan, "MIN_CHUNK", 16)
+    monkeypatch.setattr(decode_plan, "BATCH_TILES", ())
+    monkeypatch.setattr(decode_plan, "LARGE_BATCH_TILES",
+                        tuple((1,) + t[1:] for t in decode_plan.LARGE_BATCH_TILES))
     for splits in (1, 3):
         run_case([1, 31, 32, 33, 70], 16, 4, 128, 32, kv, seed=11 + splits, num_splits=splits)
 
@@ -177,9 +177,9 @@ def test_decode_fused_split_merge(kv, hpp, small_tiles, monkeypatch):
     """The last split merges in the decode launch: equal to the reference for several split
     counts, calls in a row through one scratch (its counters must come back to zero), and
     rows with empty splits (short sequences beside long ones)."""
-    monkeypatch.setattr(decode_mod, "FUSED_MERGE_MAX_SPLITS", 64)
-    monkeypatch.setattr(decode_mod, "HPP_16BIT", hpp)
-    monkeypatch.setattr(decode_mod, "HPP_FP8", hpp)
+    monkeypatch.setattr(decode_plan, "FUSED_MERGE_MAX_SPLITS", 64)
+    monkeypatch.setattr(decode_plan, "HPP_16BIT", hpp)
+    monkeypatch.setattr(decode_plan, "HPP_FP8", hpp)
     dtype, kv_dtype = KV[kv]
     seq_lens = [1, 15, 16, 17, 90, 200]
     for num_splits in (2, 5, 13):
@@ -208,16 +208,16 @@ def test_planned_splits_stay_within_the_fused_merge(monkeypatch):
     merge launch measured slower on the H200), whatever the table's width; without the fused
     merge it may split further. A fake device with 132 SMs (the H200's) makes it plan as there."""
     dev = torch.device("cuda", 0)
-    monkeypatch.setattr(decode_mod, "sm_count", lambda d: 132)
-    plan = lambda: decode_mod.plan_decode_splits(1, 8, 8448, dev)   # noqa: E731  (B=1, 8k table)
-    assert plan() == decode_mod.FUSED_MERGE_MAX_SPLITS == 16
+    monkeypatch.setattr(decode_plan, "sm_count", lambda d: 132)
+    plan = lambda: decode_plan.plan_decode_splits(1, 8, 8448, dev)   # noqa: E731  (B=1, 8k table)
+    assert plan() == decode_plan.FUSED_MERGE_MAX_SPLITS == 16
     # FP8 one kv head per program (batch 1): up to 32, merged in the launch for 4 q heads per kv
     # head (4 x 32 x 128 = MERGE_MAX_ELEMENTS); two heads per program (batch 3-16) stay at 16
-    assert decode_mod.plan_decode_splits(1, 8, 8448, dev, fp8=True) == 32
-    assert decode_mod.plan_decode_splits(3, 8, 8448, dev, fp8=True) == 16
-    monkeypatch.setattr(decode_mod, "FUSED_MERGE_MAX_SPLITS", 0)
+    assert decode_plan.plan_decode_splits(1, 8, 8448, dev, fp8=True) == 32
+    assert decode_plan.plan_decode_splits(3, 8, 8448, dev, fp8=True) == 16
+    monkeypatch.setattr(decode_plan, "FUSED_MERGE_MAX_SPLITS", 0)
     assert plan() == 33                      # 2 programs per SM over 8 kv heads
-    assert decode_mod.plan_decode_splits(1, 8, 1024, dev) == 1024 // decode_mod.MIN_CHUNK  # short
+    assert decode_plan.plan_decode_splits(1, 8, 1024, dev) == 1024 // decode_plan.MIN_CHUNK  # short
 
 
 def test_planned_splits_fill_whole_waves(monkeypatch):
@@ -225,14 +225,14 @@ def test_planned_splits_fill_whole_waves(monkeypatch):
     one and a half waves deep runs its last programs alone (B=32 FP8 on the H200: 3 splits
     190 us vs 2 splits 144 us at 8k)."""
     dev = torch.device("cuda", 0)
-    monkeypatch.setattr(decode_mod, "sm_count", lambda d: 132)
-    slots = decode_mod.PROGRAMS_PER_SM * 132
+    monkeypatch.setattr(decode_plan, "sm_count", lambda d: 132)
+    slots = decode_plan.PROGRAMS_PER_SM * 132
     for seqs, fp8 in ((32, True), (32, False), (8, False), (8, True), (128, True), (3, False)):
-        splits = decode_mod.plan_decode_splits(seqs, 8, 65536, dev, fp8=fp8)
-        programs = seqs * 8 // decode_mod.launch_shape(seqs, 8, fp8)[1]
+        splits = decode_plan.plan_decode_splits(seqs, 8, 65536, dev, fp8=fp8)
+        programs = seqs * 8 // decode_plan.launch_shape(seqs, 8, fp8)[1]
         assert programs * splits <= max(slots, programs), (seqs, fp8, splits)
         assert splits == 1 or programs * (splits + 1) > slots, (seqs, fp8, splits)
-    assert decode_mod.plan_decode_splits(32, 8, 8192, dev, fp8=True) == 2
+    assert decode_plan.plan_decode_splits(32, 8, 8192, dev, fp8=True) == 2
 
 
 def test_decode_preallocated_scratch(small_tiles):
@@ -257,10 +257,10 @@ def test_decode_zero_length_rows_are_zero(small_tiles):
 def test_decode_random_batches(seq_lens, num_splits, kv):
     """Random lengths (0 = padding row) and split counts under the small tiles."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(decode_mod, "TILES_16BIT", (16, 2, 4))
-        mp.setattr(decode_mod, "TILES_FP8", (16, 2, 4))
-        mp.setattr(decode_mod, "MIN_CHUNK", 16)
-        mp.setattr(decode_mod, "BATCH_TILES", ())
+        mp.setattr(decode_plan, "TILES_16BIT", (16, 2, 4))
+        mp.setattr(decode_plan, "TILES_FP8", (16, 2, 4))
+        mp.setattr(decode_plan, "MIN_CHUNK", 16)
+        mp.setattr(decode_plan, "BATCH_TILES", ())
         dtype, kv_dtype = KV[kv]
         c = make_paged_case(seq_lens, [1] * len(seq_lens), 4, 2, 64, 16, dtype, kv_dtype,
                             device=DEVICE, seed=sum(seq_lens) + num_splits)
@@ -296,7 +296,7 @@ def test_decode_and_write_kv_capture_in_a_cuda_graph():
     v_new = torch.randn(3, 2, 128, device=DEVICE).to(torch.bfloat16)
     slots = torch.full((3,), -1, dtype=torch.int64, device=DEVICE)
     out = torch.empty_like(c.q)
-    num_splits = decode_mod.plan_decode_splits(3, 2, c.block_tables.shape[1] * 16, c.q.device)
+    num_splits = decode_plan.plan_decode_splits(3, 2, c.block_tables.shape[1] * 16, c.q.device)
     scratch = alloc_split_kv_scratch(3, 8, 128, num_splits, c.q.device)
 
     def step():
