@@ -1,7 +1,7 @@
 """A/B of decode-step variants on the step's CUDA graphs: programmatic dependent launch
 (kernels/_pdl.py; --ab pdl, and where it triggers: --ab trigger), the decode attention's large-grid
 tiles (--ab largetiles), its K/V L2 prefetch and split length (--ab kvprefetch), RoPE + KV
-write in the QKV GEMV's epilogue (--ab rope) or the
+write in the QKV GEMV's epilogue (--ab rope), the GEMMs' BLAS library (--ab blas) or the
 greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
 
 One engine (dummy Llama-3-8B on the GPU, bf16 or FP8 KV; tiny float16 under --smoke), its
@@ -11,7 +11,7 @@ capture); each capture's graph replay time per batch, back to back, timed by CUD
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
     python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|fp8splits|rope|
-                                         argmax] [--kv bf16|fp8] [--batches 1,8,32]
+                                         blas|argmax] [--kv bf16|fp8] [--batches 1,8,32]
                            [--variants a,b] [--context 1024] [--table-tokens 8448]
 """
 from __future__ import annotations
@@ -83,6 +83,9 @@ AB = {
     # 9.7 us, 8k 15.7 -> 14.9) vs the 16 of bf16
     "fp8splits": [("merge16", {}, {"decode.FUSED_MERGE_MAX_SPLITS_FP8": 16}),
                   ("merge32", {}, {"decode.FUSED_MERGE_MAX_SPLITS_FP8": 32})],
+    # the GEMMs' BLAS library (torch.backends.cuda.preferred_blas_library, set before capture)
+    "blas": [("cublas", {"SPLITSERVE_BLAS": "cublas"}, {}),
+             ("cublaslt", {"SPLITSERVE_BLAS": "cublaslt"}, {})],
     "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
                ("split-argmax", {}, {"runner.split_argmax": True})],
 }
@@ -145,6 +148,8 @@ def main() -> None:
             for k, v in attrs.items():
                 obj, attr = k.split(".")
                 setattr(objs[obj], attr, v)
+            if "SPLITSERVE_BLAS" in env:
+                torch.backends.cuda.preferred_blas_library(env["SPLITSERVE_BLAS"])
             runner._graphs, runner._outputs = {}, {}
             runner.capture()
             for b in batches:
