@@ -77,7 +77,7 @@ def main() -> None:
         for p in (128, 256, 512, 1024):
             row[f"stream_{p}"] = TESTING.graph_time_us([lambda x=x, p=p: stream(x, part, p) for x in xs])
         row["torch_sum"] = TESTING.graph_time_us(
-            [lambda x=x, s=s: torch.sum(x, dtype=torch.float32, out=s) for x, s in zip(xs, sums)])
+            [lambda x=x, s=s: torch.sum(x, 0, dtype=torch.float32, out=s) for x, s in zip(xs, sums)])
         row["copy"] = TESTING.graph_time_us([lambda x=x, y=y: y.copy_(x) for x, y in zip(xs, ys)])
         del xs, ys
         torch.cuda.empty_cache()
