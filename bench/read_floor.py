@@ -86,7 +86,7 @@ def main() -> None:
         best = min(v for k, v in row.items() if k.startswith("stream_"))
         print(f"{name:>11} {row['MB']:7.1f} MB  ideal {row['ideal_us_at_4.25']:6.1f} us  best stream "
               f"{best:6.1f} us ({best / row['ideal_us_at_4.25']:.2f}x ideal)  "
-              + "  ".join(f"{k} {v:.1f}" for k, v in row.items() if k.startswith(("stream", "torch", "copy"))),
+              + "  ".join(f"{k} {v:.1f}" for k, v in row.items() if k.startswith(("stream", "torch", "copy")))
               + f"  decode {row['decode_bf16']:.1f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
