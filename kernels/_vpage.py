@@ -20,13 +20,12 @@ import triton.language as tl
 @triton.jit
 def load_v_rows(v_cache_ptr, blk, pos, head_off, valid, stride_vb, stride_vo,
                 HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, RUN: tl.constexpr, DT: tl.constexpr,
-                TOKEN_MINOR: tl.constexpr, MASKED: tl.constexpr, D0: tl.constexpr = 0):
+                TOKEN_MINOR: tl.constexpr, MASKED: tl.constexpr):
     """V rows [N, HEAD_DIM] in dtype DT for tokens at positions pos [N] of blocks blk [N]
-    (int64), kv head offset head_off ([N] or scalar: head * stride_vh), columns D0 ..
-    D0 + HEAD_DIM - 1 of the head. Rows where `valid` [N] is false (only when MASKED) are zero.
-    RUN: tokens per contiguous run of `pos` that stay in one page and start page-aligned
-    (min(PAGE, tile rows), tiles page-aligned)."""
-    offs_d = D0 + tl.arange(0, HEAD_DIM)[None, :]
+    (int64), kv head offset head_off ([N] or scalar: head * stride_vh). Rows where `valid` [N]
+    is false (only when MASKED) are zero. RUN: tokens per contiguous run of `pos` that stay in
+    one page and start page-aligned (min(PAGE, tile rows), tiles page-aligned)."""
+    offs_d = tl.arange(0, HEAD_DIM)[None, :]
     if TOKEN_MINOR:
         off = (blk * stride_vb + head_off + (pos % PAGE))[:, None] + offs_d * PAGE
         off = tl.max_contiguous(tl.multiple_of(off, [RUN, 1]), [RUN, 1])

@@ -117,13 +117,12 @@ def _prefetch_split(start, end, col_tok, col_kvh, bt_row, k_cache_ptr, v_cache_p
 
 
 @triton.jit
-def _tile(q, q1, m_i, l_i, acc, acc1, n0, end, col_tok, col_off, v_head_off, same_head, bt_row,
+def _tile(q, m_i, l_i, acc, n0, end, col_tok, col_off, v_head_off, same_head, bt_row,
           k_cache_ptr, v_cache_ptr, qk_scale_log2, stride_kb, stride_ko, stride_vb, stride_vo,
-          DH: tl.constexpr, PAGE: tl.constexpr, V_RUN: tl.constexpr, HPP: tl.constexpr,
-          V_TOKEN_MINOR: tl.constexpr, MASKED: tl.constexpr, D_SPLIT: tl.constexpr):
+          HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, V_RUN: tl.constexpr, HPP: tl.constexpr,
+          V_TOKEN_MINOR: tl.constexpr, MASKED: tl.constexpr):
     """One online-softmax step over the tile of columns at n0 + col_tok (MASKED: some may be
-    at or past `end`). D_SPLIT 2: head_dim in two halves of DH (q / q1, acc / acc1; col_off
-    addresses the first half), each half's K and V converted right before its own MMA."""
+    at or past `end`)."""
     pos = n0 + col_tok
     nmask = pos < end
     if MASKED:
@@ -133,19 +132,12 @@ def _tile(q, q1, m_i, l_i, acc, acc1, n0, end, col_tok, col_off, v_head_off, sam
     k_ptrs = k_cache_ptr + blk[:, None] * stride_kb \
         + (pos % PAGE).to(tl.int64)[:, None] * stride_ko + col_off
     if MASKED:
-        k = tl.load(k_ptrs, mask=nmask[:, None], other=0.0)   # [BLOCK_N * HPP, DH]
+        k = tl.load(k_ptrs, mask=nmask[:, None], other=0.0)   # [BLOCK_N * HPP, D]
     else:
         k = tl.load(k_ptrs)
     v = load_v_rows(v_cache_ptr, blk, pos, v_head_off, nmask, stride_vb, stride_vo,
-                    DH, PAGE, V_RUN, q.dtype, V_TOKEN_MINOR, MASKED)
-    s = tl.dot(q, tl.trans(k.to(q.dtype)))
-    if D_SPLIT == 2:
-        if MASKED:
-            k1 = tl.load(k_ptrs + DH, mask=nmask[:, None], other=0.0)
-        else:
-            k1 = tl.load(k_ptrs + DH)
-        s = tl.dot(q1, tl.trans(k1.to(q.dtype)), acc=s)
-    s = s * qk_scale_log2[:, None]
+                    HEAD_DIM, PAGE, V_RUN, q.dtype, V_TOKEN_MINOR, MASKED)
+    s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2[:, None]
     if MASKED:
         s = tl.where(same_head & nmask[None, :], s, float("-inf"))
     elif HPP > 1:
@@ -155,11 +147,7 @@ def _tile(q, q1, m_i, l_i, acc, acc1, n0, end, col_tok, col_off, v_head_off, sam
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
-    if D_SPLIT == 2:
-        v1 = load_v_rows(v_cache_ptr, blk, pos, v_head_off, nmask, stride_vb, stride_vo,
-                         DH, PAGE, V_RUN, q.dtype, V_TOKEN_MINOR, MASKED, DH)
-        acc1 = acc1 * alpha[:, None] + tl.dot(p.to(q.dtype), v1)
-    return m_new, l_i, acc, acc1
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -178,7 +166,6 @@ def _decode_kernel(
     V_TOKEN_MINOR: tl.constexpr = False, V_RUN: tl.constexpr = 1, PDL: tl.constexpr = 0,
     FUSED_MERGE: tl.constexpr = False,
     MERGE_ROWS: tl.constexpr = 4, MERGE_S: tl.constexpr = 16, PREFETCH_LINE: tl.constexpr = 0,
-    D_SPLIT: tl.constexpr = 1, DH: tl.constexpr = 128,
 ):
     if not PREFETCH_LINE:
         pdl_wait(PDL)
@@ -214,15 +201,12 @@ def _decode_kernel(
         pdl_wait(PDL)                                       # before q and the new token's K/V
     # rows: the HPP * GROUP query heads of kv heads kvh0 .. kvh0 + HPP - 1, in head order
     offs_r = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, DH)                               # one head_dim part
+    offs_d = tl.arange(0, HEAD_DIM)
     heads = kvh0 * GROUP + offs_r
     hmask = offs_r < GROUP * HPP
     row_kvh = kvh0 + tl.minimum(offs_r // GROUP, HPP - 1)   # each row's kv head
-    q_ptrs = q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=hmask[:, None], other=0.0)     # [BLOCK_H, DH]
-    q1 = q
-    if D_SPLIT == 2:
-        q1 = tl.load(q_ptrs + DH, mask=hmask[:, None], other=0.0)
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+                + offs_d[None, :], mask=hmask[:, None], other=0.0)   # [BLOCK_H, D]
     # scores in log2 units: s = (q . k_stored) * qk_scale_log2 (per row: its kv head's scale)
     qk_scale_log2 = tl.full([BLOCK_H], sm_scale * 1.4426950408889634, tl.float32)
     if FP8:
@@ -231,49 +215,39 @@ def _decode_kernel(
             # bf16 -> fp16 is exact within fp16's range (8 mantissa bits into 11): the
             # scale is not folded into q, whose rounding would cost accuracy
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-            q1 = tl.minimum(tl.maximum(q1.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     same_head = row_kvh[:, None] == col_kvh[None, :]        # [BLOCK_H, BLOCK_N * HPP]
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, DH], tl.float32)
-    acc1 = tl.zeros([BLOCK_H, DH if D_SPLIT == 2 else 1], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     col_off = col_kvh.to(tl.int64)[:, None] * stride_kh + offs_d[None, :]
     # whole tiles without masks (so the FP8 -> compute-dtype conversion of V stays next to
     # the MMA and V streams straight from shared memory), then the ragged last tile masked
     full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
     for n0 in range(start, full_end, BLOCK_N):
-        m_i, l_i, acc, acc1 = _tile(q, q1, m_i, l_i, acc, acc1, n0, end, col_tok, col_off,
-                                    v_head_off, same_head, bt_row, k_cache_ptr, v_cache_ptr,
-                                    qk_scale_log2, stride_kb, stride_ko, stride_vb, stride_vo,
-                                    DH, PAGE, V_RUN, HPP, V_TOKEN_MINOR, False, D_SPLIT)
+        m_i, l_i, acc = _tile(q, m_i, l_i, acc, n0, end, col_tok, col_off, v_head_off, same_head,
+                              bt_row, k_cache_ptr, v_cache_ptr, qk_scale_log2, stride_kb,
+                              stride_ko, stride_vb, stride_vo, HEAD_DIM, PAGE, V_RUN, HPP,
+                              V_TOKEN_MINOR, False)
     if full_end < end:
-        m_i, l_i, acc, acc1 = _tile(q, q1, m_i, l_i, acc, acc1, full_end, end, col_tok, col_off,
-                                    v_head_off, same_head, bt_row, k_cache_ptr, v_cache_ptr,
-                                    qk_scale_log2, stride_kb, stride_ko, stride_vb, stride_vo,
-                                    DH, PAGE, V_RUN, HPP, V_TOKEN_MINOR, True, D_SPLIT)
+        m_i, l_i, acc = _tile(q, m_i, l_i, acc, full_end, end, col_tok, col_off, v_head_off,
+                              same_head, bt_row, k_cache_ptr, v_cache_ptr, qk_scale_log2,
+                              stride_kb, stride_ko, stride_vb, stride_vo, HEAD_DIM, PAGE, V_RUN,
+                              HPP, V_TOKEN_MINOR, True)
     pdl_trigger(PDL)
 
     has = l_i > 0.0                                         # false: empty split or seq_len 0
-    den = tl.where(has, l_i, 1.0)[:, None]
-    o = acc / den
-    o1 = acc1 / den
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh \
+        + offs_d[None, :]
     if DIRECT_OUT:
-        out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh \
-            + offs_d[None, :]
         if FP8:
-            vs = tl.load(v_scale_ptr + row_kvh)[:, None]
-            o = o * vs
-            o1 = o1 * vs
+            o = o * tl.load(v_scale_ptr + row_kvh)[:, None]
         tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
-        if D_SPLIT == 2:
-            tl.store(out_ptrs + DH, o1.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
     else:
         # scratch: part_out [num_seqs, num_q_heads, num_splits, D], part_lse [.., num_splits]
         rows = (seq.to(tl.int64) * num_q_heads + heads) * num_splits
-        part_ptrs = part_out_ptr + (rows + split)[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(part_ptrs, o, mask=hmask[:, None])
-        if D_SPLIT == 2:
-            tl.store(part_ptrs + DH, o1, mask=hmask[:, None])
+        tl.store(part_out_ptr + (rows + split)[:, None] * HEAD_DIM + offs_d[None, :], o,
+                 mask=hmask[:, None])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + rows + split, lse, mask=hmask)
         if FUSED_MERGE:
@@ -367,7 +341,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         part_out = part_lse = counters = out          # unused when DIRECT_OUT
     tiles, hpp = plan.launch_shape(num_seqs, num_kv_heads, fp8)
-    d_split = plan.head_dim_parts(head_dim, fp8)
     block_n, num_stages, num_warps = tiles[:3]
     regs = {} if len(tiles) < 4 or interpreting() else dict(maxnreg=tiles[3])  # register cap
     merge_rows, merge_s = max(2, next_pow2(group * hpp)), max(2, next_pow2(num_splits))
@@ -390,7 +363,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
         V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, block_n),
         PREFETCH_LINE=min(128 // k_cache.element_size(), head_dim) if prefetch else 0,
-        D_SPLIT=d_split, DH=head_dim // d_split, num_warps=num_warps, num_stages=num_stages, **regs, **pdl,
+        num_warps=num_warps, num_stages=num_stages, **regs, **pdl,
     )
     if not direct and not fused:
         splitkv_reduce(part_out, part_lse, out, group, v_scale if fp8 else None)

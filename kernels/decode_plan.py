@@ -47,10 +47,6 @@ FUSED_MERGE_MAX_SPLITS = 16  # split counts up to this merge in the decode launc
 # in the second launch: correct, slower.)
 FUSED_MERGE_MAX_SPLITS_FP8 = 32
 MERGE_MAX_ELEMENTS = 16384   # register bound of that merge: rows x splits x head_dim
-# head_dim in two halves per tile (each half's K and V converted right before its own MMA, so
-# half as many converted registers are live): 1 or 2, per cache dtype
-HEAD_DIM_PARTS_FP8 = 1
-HEAD_DIM_PARTS_16BIT = 1
 FP8_FP16_COMPUTE = True  # FP8 K/V -> fp16 (one cvt per pair on sm_89+) rather than bf16
 MIN_CHUNK = 128          # fewest KV tokens worth giving one split (256 until session 12: batch-1
 #                          1k in the engine's 8448-token table 8.80 -> 7.34 us, step -11 us)
@@ -116,9 +112,3 @@ def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_context: int,
 def merge_cap(fp8: bool, hpp: int) -> int:
     """Most splits the decode launch merges itself for this dtype and kv heads per program."""
     return FUSED_MERGE_MAX_SPLITS_FP8 if fp8 and hpp == 1 else FUSED_MERGE_MAX_SPLITS
-
-
-def head_dim_parts(head_dim: int, fp8: bool) -> int:
-    """1, or 2 when the kernel takes head_dim in two halves (HEAD_DIM_PARTS_FP8 / _16BIT)."""
-    parts = HEAD_DIM_PARTS_FP8 if fp8 else HEAD_DIM_PARTS_16BIT
-    return parts if parts == 2 and head_dim % 32 == 0 else 1

@@ -137,23 +137,6 @@ def test_decode_both_v_page_layouts(kv, v_token_minor, hpp, block_size, small_ti
                  num_splits=num_splits, v_token_minor=v_token_minor)
 
 
-@pytest.mark.parametrize("kv,v_token_minor,hpp,head_dim", [
-    ("bf16", False, 1, 128), ("fp8-fp16", True, 2, 64), ("fp8-bf16", True, 1, 128),
-    ("fp16", True, 4, 64), ("fp8-bf16", False, 2, 128)])
-def test_decode_head_dim_in_halves(kv, v_token_minor, hpp, head_dim, small_tiles, monkeypatch):
-    """head_dim taken in two halves per tile (HEAD_DIM_PARTS_*: q, K, V and the output in
-    halves): either V layout, FP8 and 16-bit, several kv heads per program, direct output and
-    split partials, ragged lengths. A half read from the wrong columns fails here."""
-    monkeypatch.setattr(decode_plan, "HEAD_DIM_PARTS_16BIT", 2)
-    monkeypatch.setattr(decode_plan, "HEAD_DIM_PARTS_FP8", 2)
-    monkeypatch.setattr(decode_plan, "HPP_16BIT", hpp)
-    monkeypatch.setattr(decode_plan, "HPP_FP8", hpp)
-    assert decode_plan.head_dim_parts(head_dim, kv.startswith("fp8")) == 2
-    for num_splits in (1, 3):
-        run_case(lengths(32), 4 * 4, 4, head_dim, 32, kv, seed=hpp + head_dim + num_splits,
-                 num_splits=num_splits, v_token_minor=v_token_minor)
-
-
 def test_heads_per_program_divides_kv_heads(monkeypatch):
     monkeypatch.setattr(decode_plan, "HPP_FP8", 4)
     assert [decode_plan.heads_per_program(n, True) for n in (1, 2, 3, 6, 8)] == [1, 2, 3, 3, 4]
