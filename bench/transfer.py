@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--data-path", default="", choices=["", "tag", "rma", "auto"],
                     help="transfer.data_path of both agents (empty: the config default)")
     ap.add_argument("--rma-min-kib", type=int, default=0, help="transfer.rma_min_kib (0: the config default)")
+    ap.add_argument("--staged-path", default="", choices=["", "auto", "buffer", "iov"],
+                    help="transfer.staged_path of both agents (empty: the config default)")
     args = ap.parse_args()
     from splitserve.kvtransfer.testing import spawn_worker
 
@@ -88,7 +90,7 @@ def main() -> None:
            "staging_layers": 8 if args.device == "cuda" else 4}   # CPU: 2 x 8 GiB pools in 23 GiB
     cfg.update({k: v for k, v in (("direct_min_blocks", args.direct_min_blocks), ("bundle_kib", args.bundle_kib),
                                   ("data_path", args.data_path), ("progress_mode", args.progress_mode),
-                                  ("rma_min_kib", args.rma_min_kib)) if v})
+                                  ("rma_min_kib", args.rma_min_kib), ("staged_path", args.staged_path)) if v})
     t0 = time.time()
     gp, gd = (args.gpus.split(",") + [""])[:2] if args.gpus else ("", "")
     def env(own: str, other: str):

@@ -63,7 +63,14 @@ class TransferAgent(DecodeSide):
                  free_blocks: Callable[[list[int]], None] | None = None,
                  scales: torch.Tensor | None = None) -> None:
         pool.check_pool(kv, layout, scales)
+        if config.staged_path == "iov" and kv.is_cuda:
+            raise ValueError("transfer.staged_path iov is for host pools; a CUDA pool gathers its "
+                             "staged regions on the GPU (use buffer or auto)")
         self.kv, self.layout, self.config, self.scales = kv, layout, config, scales
+        # staged bundles sent / received in place as descriptor lists (iov.py), or through a
+        # staging buffer; a local choice (the wire bytes are the same)
+        self.staged_iov = config.staged_path == "iov" or (config.staged_path == "auto"
+                                                          and not kv.is_cuda)
         self.compat = layout.compat_record(model)
         self.leases = LeaseTable(free_blocks or (lambda ids: None), config.lease_timeout_s)
         self.peers: dict[tuple[str, int], Peer] = {}
@@ -146,6 +153,12 @@ class TransferAgent(DecodeSide):
                         "will be slow (initialise ucxx after creating the TransferAgent)")
         self._worker = ucxx.core._get_ctx().worker
         self.top_up_futures()
+        if self.staged_iov:
+            try:   # descriptor-list messages are posted from this loop, beside UCX's progress thread
+                rma.check_worker(self._worker.handle)
+            except Exception as e:
+                log.warning("kvtransfer: staged bundles through staging buffers (%s)", e)
+                self.staged_iov = False
         self._setup_rma()
         self._listener = ucxx.create_listener(self._accept, port=self.config.listen_port or None)
         host = self.config.listen_host

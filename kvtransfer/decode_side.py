@@ -125,7 +125,8 @@ class DecodeSide:
         if why is None:
             try:
                 plan = TransferPlan.build(self.layout, msg["src"], lease.block_ids,
-                                          self.config.direct_min_blocks, self.config.bundle_kib << 10)
+                                          self.config.direct_min_blocks, self.config.bundle_kib << 10,
+                                          staged_iov=self.staged_iov)
             except ValueError as e:
                 why = str(e)
         if why is not None:

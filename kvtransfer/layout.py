@@ -7,8 +7,8 @@ bytes. An FP8 pool may carry scales: [num_layers, 2, num_kv_heads] float32, whic
 
 A transfer moves the regions of n source blocks into n destination blocks (src_ids[i] ->
 dst_ids[i]) for every layer. `TransferPlan` turns that into tag messages, identically on both
-sides (it is a pure function of the ids, `direct_min_blocks` and `bundle_bytes`, which the decode
-side chooses and the handoff record carries):
+sides (it is a pure function of the ids, `direct_min_blocks`, `bundle_bytes` and `staged_iov`,
+which the decode side chooses and the handoff record carries):
   * maximal runs where src and dst ids both step by +1 are coalesced; a run of at least
     `direct_min_blocks` blocks is sent *direct*: one message per (layer, k|v, run), read from the
     source pool and received straight into the destination blocks (zero copies);
@@ -17,7 +17,10 @@ side chooses and the handoff record carries):
     and the receiver scatters it into its blocks. A bundle spans as many layers as fit in
     BUNDLE_BYTES: a UCX send costs ~50-100 us of host time whatever its size, so a small transfer
     goes in one or two messages instead of one per layer, while a big one still streams layer by
-    layer (a layer's bundle is sent as soon as its layers are written).
+    layer (a layer's bundle is sent as soon as its layers are written). With `staged_iov` (host
+    pools) the same bundle travels as a descriptor list of the regions in place (iov.py): the
+    same bytes in the same order, read from the source blocks and landing in the destination
+    blocks, with no staging buffer on either side.
 Per layer the message order is: direct K runs, direct V runs, the staged bundle (on the first
 layer of each bundle), the scales.
 """
@@ -130,10 +133,12 @@ class TransferPlan:
     src_ids: tuple[int, ...]
     dst_ids: tuple[int, ...]
     bundle_bytes: int = BUNDLE_BYTES
+    staged_iov: bool = False        # staged bundles travel as descriptor lists (no staging copy)
 
     @classmethod
     def build(cls, layout: KVLayout, src_ids: Sequence[int], dst_ids: Sequence[int],
-              direct_min_blocks: int, bundle_bytes: int = BUNDLE_BYTES) -> "TransferPlan":
+              direct_min_blocks: int, bundle_bytes: int = BUNDLE_BYTES,
+              staged_iov: bool = False) -> "TransferPlan":
         if len(src_ids) != len(dst_ids) or not dst_ids:
             raise ValueError(f"transfer needs equal, non-empty block lists "
                              f"(src {len(src_ids)}, dst {len(dst_ids)})")
@@ -143,7 +148,8 @@ class TransferPlan:
         direct_runs = [r for r in runs if r.n >= direct_min_blocks]
         staged = [i for r in runs if r.n < direct_min_blocks for i in range(r.i0, r.i0 + r.n)]
         direct = tuple(DirectMsg(kv, r) for kv in (0, 1) for r in direct_runs)
-        plan = cls(layout, direct, tuple(staged), tuple(src_ids), tuple(dst_ids), bundle_bytes)
+        plan = cls(layout, direct, tuple(staged), tuple(src_ids), tuple(dst_ids), bundle_bytes,
+                   staged_iov)
         if plan.msgs_per_layer > MAX_MSGS_PER_LAYER:
             raise ValueError("too many messages per layer for the tag field")
         return plan
@@ -178,6 +184,25 @@ class TransferPlan:
         L, k = self.layout.num_layers, self.layers_per_bundle
         return [(l0, min(k, L - l0)) for l0 in range(0, L, k)]
 
+    def staged_regions(self, l0: int, k: int, ids: Sequence[int],
+                       num_blocks: int) -> list[tuple[int, int]]:
+        """(byte offset in a pool of `num_blocks` blocks, bytes) of the staged regions of layers
+        l0 .. l0 + k - 1 in message order -- per layer K then V, the staged positions in order,
+        each at its block in `ids` (this side's ids) -- with adjacent regions merged: the
+        descriptor list of a staged bundle sent or received in place (`staged_iov`)."""
+        rb = self.layout.region_bytes
+        out: list[tuple[int, int]] = []
+        for layer in range(l0, l0 + k):
+            for kv in (0, 1):
+                base = (layer * 2 + kv) * num_blocks
+                for i in self.staged_idx:
+                    off = (base + ids[i]) * rb
+                    if out and out[-1][0] + out[-1][1] == off:
+                        out[-1] = (out[-1][0], out[-1][1] + rb)
+                    else:
+                        out.append((off, rb))
+        return out
+
     def staging_window(self, staging_layers: int, budget: int = STAGING_BUDGET) -> int:
         """Staged bundles in flight (sender buffers, receiver ring): enough for `staging_layers`
         layers, or more while they fit in `budget` bytes (small transfers then post every receive
@@ -187,6 +212,8 @@ class TransferPlan:
             return self.layout.num_layers
         k = self.layers_per_bundle
         n = -(-self.layout.num_layers // k)
+        if self.staged_iov:   # nothing is staged in a buffer: every bundle in flight at once
+            return n
         return min(n, max(-(-staging_layers // k), budget // (k * self.staged_bytes), 1))
 
     @property

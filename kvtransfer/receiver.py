@@ -3,7 +3,8 @@
 Life of an attempt (one per lease epoch):
   begin     -> every direct message gets a tag receive posted on its destination blocks, the
                first staged bundles (plan.staging_window; a bundle spans plan.layers_per_bundle
-               layers) get receives into a lease-owned ring;
+               layers) get receives into a lease-owned ring -- or, with plan.staged_iov (host
+               pools), every bundle a receive whose descriptor list is its destination regions;
                each posted receive is one admitted write on the lease (LeaseTable.begin_write)
   landing   -> a finished staged receive is scattered into the blocks (only while the lease is
                live), then its ring slot is re-posted for the bundle a ring's length ahead
@@ -28,7 +29,7 @@ import torch
 from ucxx._lib.arr import Array
 from ucxx.types import Tag, TagMaskFull
 
-from . import pool
+from . import iov, pool
 from .layout import TransferPlan
 from .lease import LeaseTable
 from .state import TransferFSM, TransferState
@@ -63,10 +64,12 @@ class RecvAttempt:
 
     def _make_buffers(self, agent: "TransferAgent", plan: TransferPlan) -> None:
         kv = agent.kv
-        self.dst_idx = pool.index_tensor([plan.dst_ids[i] for i in plan.staged_idx], kv.device)
-        w = plan.staging_window(agent.config.staging_layers, agent.config.staging_budget_kib << 10)
-        self.ring = [agent.staging.get(len(plan.staged_idx), plan.layers_per_bundle)
-                     for _ in range(min(w, len(self.bundles)))]
+        self.ring = []   # staged bundles received in place (plan.staged_iov) need none
+        if not plan.staged_iov:
+            self.dst_idx = pool.index_tensor([plan.dst_ids[i] for i in plan.staged_idx], kv.device)
+            w = plan.staging_window(agent.config.staging_layers, agent.config.staging_budget_kib << 10)
+            self.ring = [agent.staging.get(len(plan.staged_idx), plan.layers_per_bundle)
+                         for _ in range(min(w, len(self.bundles)))]
         self.rx_scales = (torch.empty_like(agent.scales) if agent.scales is not None else None)
         # per-layer checksums, computed as soon as all of a layer's messages have landed, while
         # later layers are still in flight: from the landed ring slot when the staged bundle is
@@ -102,10 +105,57 @@ class RecvAttempt:
             if self.rx_scales is not None:
                 if not self._post(layer, self.plan.scales_msg, pool.as_buffer(self.rx_scales[layer]), None):
                     return False
+        if self.plan.staged_iov:
+            return all(self._post_iov(b) for b in range(len(self.bundles)))
         for b in range(len(self.ring)):
             if not self._post_staged(b):
                 return False
         return True
+
+    def _post_iov(self, b: int) -> bool:
+        """Post staged bundle b's receive as a descriptor list of its destination regions
+        (iov.py): the bytes land in the blocks themselves, in the plan's order."""
+        if self.aborted or not self.leases.begin_write(self.lease_id, self.epoch):
+            return False
+        l0, k = self.bundles[b]
+        kv = self.agent.kv
+        regions = self.plan.staged_regions(l0, k, self.plan.dst_ids, kv.shape[2])
+        desc = iov.Descriptors((kv.data_ptr() + off, n) for off, n in regions)
+        tag = data_tag(self.tag_key, l0, self.plan.staged_msg, self.nonce)
+        landed = iov.recv(self.agent._worker.handle, desc, tag, keep=kv)
+        fut = asyncio.ensure_future(self._finish_iov(tag, l0, k, landed, desc.nbytes))
+        self.pending[tag] = fut
+        self.tasks.append(fut)
+        return True
+
+    async def _finish_iov(self, tag: int, l0: int, k: int, landed: asyncio.Future,
+                          nbytes: int) -> None:
+        """A staged bundle received in place: its layers' checksums from the blocks, taken
+        inside this receive's admitted write (so the lease cannot free the blocks meanwhile)."""
+        try:
+            got = await landed
+            self.trace.append((f"recv {tag & 0x3FFFFFFF:#x}", time.perf_counter()))
+            if not self.aborted:
+                if got != nbytes:
+                    raise RuntimeError(f"staged bundle of layers {l0}-{l0 + k - 1} carried {got} "
+                                       f"bytes, expected {nbytes}")
+                self.bytes += nbytes
+                done = []
+                for layer in range(l0, l0 + k):
+                    self.left[layer] -= 1
+                    if self.left[layer] == 0:
+                        done.append(layer)
+                sums = await asyncio.gather(*(self._work("sum", layer) for layer in done))
+                for layer, v in zip(done, sums):
+                    self.layer_sums[layer] = v
+        except Exception as e:   # cancelled by UCX (peer died), plugged after abort, short
+            if not self.aborted:
+                self.errors.append(f"receive {tag:#x} failed: {e!r}")
+        finally:
+            self.pending.pop(tag, None)
+            self.leases.end_write(self.lease_id)
+            if self.aborted and not self.pending:
+                self.drained.set()
 
     def _post_staged(self, b: int) -> bool:
         """Post the receive of staged bundle b into its ring slot (the last bundle may hold
@@ -177,9 +227,9 @@ class RecvAttempt:
 
     def _prewarm(self) -> None:
         try:
-            if self.plan.staged_idx:
+            if self.plan.staged_idx and not self.plan.staged_iov:
                 self._checksummer(True)
-            if self.plan.direct:
+            if self.plan.direct or self.plan.staged_iov:
                 self._checksummer(False)
         except Exception as e:   # surfaces again where the checksum is needed
             self.errors.append(f"checksum setup failed: {e!r}")

@@ -34,7 +34,7 @@ import torch
 from ucxx._lib.arr import Array
 from ucxx.types import Tag
 
-from . import pool, rma_sender
+from . import iov, pool, rma_sender
 from .layout import NONCE_BITS, TransferPlan, coalesce, ids_digest
 from .state import TransferFSM, TransferState, TransferStatus
 from .wire import HandoffRecord, data_tag, encode
@@ -56,7 +56,8 @@ class KVSender:
         self.agent, self.handoff = agent, handoff
         self.src_ids = [int(b) for b in src_block_ids]
         self.plan = TransferPlan.build(agent.layout, self.src_ids, list(handoff.block_ids),
-                                       handoff.direct_min_blocks, handoff.bundle_bytes)
+                                       handoff.direct_min_blocks, handoff.bundle_bytes,
+                                       staged_iov=agent.staged_iov)
         self.fsm = TransferFSM()
         self.xid = next(_XIDS)   # names this transfer in every control message and reply
         # in its data tags (wire.data_tag): two senders of one process never share it, two of
@@ -245,6 +246,8 @@ class KVSender:
         scattered). Both A/Bs: bench/results/transfer-2026-11-30-s11.md. Returns (send
         futures, checksum futures per batch)."""
         kv, plan, loop = self.agent.kv, self.plan, asyncio.get_running_loop()
+        if plan.staged_iov and plan.staged_idx:
+            return await self._send_layers_iov(peer)
         with self.agent.setup_stream():   # not behind the forward on the default stream
             src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
             self._sums = pool.Checksummer(kv, self.src_ids, self.agent.scales, plan.staged_idx)
@@ -290,19 +293,56 @@ class KVSender:
             # CPU: the checksums read the staging buffers while they are sent; a buffer goes back
             # to the pool only after both (CUDA: summed before the sends)
             read_by = None if kv.is_cuda else sums
-            for l in layers:
-                for m, d in enumerate(plan.direct):
-                    sends.append(self._send(peer, pool.direct_view(kv, l, d.kv, d.run.src0, d.run.n),
-                                            l, m, None))
-                if self.agent.scales is not None:
-                    sends.append(self._send(peer, pool.as_buffer(self.agent.scales[l]), l,
-                                            plan.scales_msg, None))
+            self._post_direct(peer, layers, sends)
             for (l0, _), staging in zip(batch, stagings):
                 if staging is not None:
                     sends.append(self._send(peer, pool.as_buffer(staging), l0, plan.staged_msg,
                                             window, staging, read_by))
             u += len(batch)
         return sends, self._sum_futs
+
+    def _post_direct(self, peer, layers: list[int], sends: list) -> None:
+        """The direct runs' and the FP8 scales' messages of these layers."""
+        kv, plan = self.agent.kv, self.plan
+        for l in layers:
+            for m, d in enumerate(plan.direct):
+                sends.append(self._send(peer, pool.direct_view(kv, l, d.kv, d.run.src0, d.run.n),
+                                        l, m, None))
+            if self.agent.scales is not None:
+                sends.append(self._send(peer, pool.as_buffer(self.agent.scales[l]), l,
+                                        plan.scales_msg, None))
+
+    async def _send_layers_iov(self, peer):
+        """Host pools (`plan.staged_iov`): each staged bundle leaves as a descriptor list of its
+        regions in the pool (iov.py) as soon as its layers are pushed: no gather, no staging
+        buffer. The checksums (from the blocks) run on the executor while UCX sends."""
+        kv, plan, loop = self.agent.kv, self.plan, asyncio.get_running_loop()
+        self._sums = pool.Checksummer(kv, self.src_ids, self.agent.scales)
+        self._t("setup")
+        sends: list = []
+        for l0, k in plan.bundles():
+            await self._units_ready((l0, k))
+            layers = list(range(l0, l0 + k))
+            self._post_direct(peer, layers, sends)
+            regions = plan.staged_regions(l0, k, self.src_ids, kv.shape[2])
+            sends.append(self._send_iov(peer, regions, l0))
+            self._sum_futs.append(loop.run_in_executor(self.agent.executor, self._sums.layers,
+                                                       layers))
+            self._t(f"prepped {l0}-{l0 + k - 1}")
+        return sends, self._sum_futs
+
+    def _send_iov(self, peer, regions: list[tuple[int, int]], layer: int):
+        base = self.agent.kv.data_ptr()
+        desc = iov.Descriptors((base + off, n) for off, n in regions)
+        tag = data_tag(self.handoff.tag_key, layer, self.plan.staged_msg, self.nonce)
+        fut = iov.send(peer.ep._ep.handle, desc, tag, keep=self.agent.kv)
+        self.msgs_posted += 1
+
+        async def done():
+            await fut
+            self._t(f"sent {layer}.{self.plan.staged_msg}")
+            self.bytes_sent += desc.nbytes
+        return asyncio.ensure_future(done())
 
     def _is_computed(self, unit: tuple[int, int]) -> bool:
         """Pushed *and* already computed on the GPU (its event has fired). The host runs ahead of

@@ -109,6 +109,10 @@ class TransferConfig:
     staging_layers: int = _f(8, "staged layers in flight per transfer (bounds staging memory)")
     staging_budget_kib: int = _f(262144, "staged bytes a transfer may keep in flight per side (KiB); more layers than "
                                  "staging_layers while they fit")
+    staged_path: str = _f("auto", "how this side moves staged bundles: buffer (gathered into / scattered out of a "
+                          "staging buffer), iov (a descriptor list of the regions in place: no copy; host pools "
+                          "only) or auto (iov for host pools, buffer for CUDA pools, whose gather is one kernel); "
+                          "a local choice, the bytes on the wire are the same")
     sweep_interval_s: float = _f(0.05, "how often leases are checked for expiry and stray writes drained")
     spin_us: int = _f(2000, "CUDA: how long the agent's loop polls the GPU work of a step it just queued "
                       "(gather, scatter, checksums) before waiting for it on a thread (0 = always a thread)")
@@ -141,6 +145,8 @@ class TransferConfig:
         _require(self.staging_layers >= 1, "transfer.staging_layers", "must be >= 1")
         _require(self.bundle_kib >= 1, "transfer.bundle_kib", "must be >= 1")
         _require(self.staging_budget_kib >= 1, "transfer.staging_budget_kib", "must be >= 1")
+        _require(self.staged_path in ("auto", "buffer", "iov"), "transfer.staged_path",
+                 f"got {self.staged_path!r}; use auto, buffer or iov")
         _require(0 < self.sweep_interval_s <= 1.0, "transfer.sweep_interval_s", "must be in (0, 1]")
         _require(0 <= self.spin_us <= 1_000_000, "transfer.spin_us", "must be in [0, 1000000]")
         _require(self.data_path in ("tag", "rma", "auto"), "transfer.data_path",

@@ -22,13 +22,15 @@ LAYOUT = dict(num_layers=4, num_blocks=512, block_size=4, num_kv_heads=2, head_d
               dtype="bfloat16")
 
 
-@pytest.fixture(scope="module", params=["tag", "rma"])
+@pytest.fixture(scope="module", params=["tag", "tag-buffer", "rma"])
 def pair(request):
-    """Both data paths: tag messages (receives posted by the decode side) and puts (rma)."""
-    path = request.param
-    d = spawn_worker(LAYOUT, seed=1, config_kw={"self_test": True, "direct_min_blocks": 4,
-                                                "data_path": path})
-    p = spawn_worker(LAYOUT, seed=2, config_kw={"data_path": path})
+    """Both data paths: tag messages (receives posted by the decode side) and puts (rma); tag
+    messages with staged bundles as descriptor lists in place (host pools' default) and through
+    staging buffers (gather, ring, scatter: a CUDA pool's way, here on host memory)."""
+    path, _, staged = request.param.partition("-")
+    kw = {"data_path": path, "staged_path": staged or "auto"}
+    d = spawn_worker(LAYOUT, seed=1, config_kw={"self_test": True, "direct_min_blocks": 4, **kw})
+    p = spawn_worker(LAYOUT, seed=2, config_kw=kw)
     d.data_path = p.data_path = path
     yield d, p
     d.close()
@@ -226,6 +228,28 @@ def test_multi_layer_bundles_stream_through_a_one_slot_ring():
         dst = r.sample(range(300), 50) + list(range(450, 460))
         h, sent, got = transfer(d, p, dst, src, layer_delay_s=0.05)
         assert h["bundle_bytes"] == 38 << 10
+        assert sent == ("success", "") and got == ("success", "")
+        assert same_bytes(p, src, d, dst)
+        d.call("release_completed", dst)
+        assert d.call("integrity")["live"] == 0
+    finally:
+        d.close()
+        p.close()
+
+
+@pytest.mark.parametrize("d_path,p_path", [("buffer", "iov"), ("iov", "buffer")])
+def test_staged_paths_mix(d_path, p_path):
+    """The staged path is each side's own choice: a descriptor list in place on one side and a
+    staging buffer on the other carry the same bytes (multi-layer bundles, a direct run beside
+    them, layer-by-layer pushes)."""
+    d = spawn_worker(LAYOUT, seed=5, config_kw={"staged_path": d_path, "bundle_kib": 38,
+                                                "direct_min_blocks": 8})
+    p = spawn_worker(LAYOUT, seed=6, config_kw={"staged_path": p_path})
+    try:
+        r = random.Random(13)
+        src = r.sample(range(400), 50) + list(range(400, 410))
+        dst = r.sample(range(300), 50) + list(range(450, 460))
+        h, sent, got = transfer(d, p, dst, src, layer_delay_s=0.01)
         assert sent == ("success", "") and got == ("success", "")
         assert same_bytes(p, src, d, dst)
         d.call("release_completed", dst)

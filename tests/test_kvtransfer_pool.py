@@ -172,3 +172,36 @@ def test_cpu_staging_buffer_waits_for_its_checksums():
 
     assert [b.shape for b in asyncio.run(run("ok"))] == [torch.Size([4])]
     assert asyncio.run(run("failed")) == []
+
+
+def test_staged_regions_are_the_gathered_bundle_in_place():
+    """A descriptor list (plan.staged_regions, sent / received in place on host pools) carries
+    exactly the bytes of the gathered staging buffer, in its order, from the source blocks, and
+    lands them where the scatter would: so either side may use either path. Adjacent regions
+    (consecutive ids, short runs below direct_min_blocks) merge into one descriptor."""
+    kv, r = _kv(11), random.Random(11)
+    src = r.sample(range(64), 6) + [40, 41, 42]        # a short run: staged, one region per layer/kv
+    dst = r.sample(range(20, 64), 6) + [10, 11, 12]
+    plan = TransferPlan.build(LAYOUT, src, dst, 4, bundle_bytes=2 * 2 * 9 * LAYOUT.region_bytes)
+    assert plan.bundles()[0][1] == 2 and len(plan.staged_idx) == 9
+    flat = kv.reshape(-1).view(torch.uint8)
+    out = torch.zeros_like(kv)
+    oflat = out.reshape(-1).view(torch.uint8)
+    for l0, k in plan.bundles():
+        buf = pool.staging_tensor(kv, len(plan.staged_idx), layers=k)
+        pool.gather_staged(kv, l0, pool.index_tensor(src, kv.device), buf)
+        regions = plan.staged_regions(l0, k, src, LAYOUT.num_blocks)
+        assert len(regions) == k * 2 * 7                  # 6 lone blocks + the merged run of 3
+        sent = torch.cat([flat[off:off + n] for off, n in regions])
+        assert torch.equal(sent, buf.reshape(-1).view(torch.uint8))
+        pos = 0
+        for off, n in plan.staged_regions(l0, k, dst, LAYOUT.num_blocks):
+            oflat[off:off + n] = sent[pos:pos + n]
+            pos += n
+        assert pos == sent.numel()
+    want = torch.zeros_like(kv)
+    for l0, k in plan.bundles():
+        buf = pool.staging_tensor(kv, len(plan.staged_idx), layers=k)
+        pool.gather_staged(kv, l0, pool.index_tensor(src, kv.device), buf)
+        pool.scatter_staged(want, l0, pool.index_tensor(dst, kv.device), buf)
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
