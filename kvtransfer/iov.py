@@ -20,8 +20,14 @@ import asyncio
 import ctypes
 import itertools
 import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from . import rma
+
+if TYPE_CHECKING:
+    from .layout import TransferPlan
 
 _VP = ctypes.c_void_p
 # ucp_request_param_t (rma.py: 72 bytes): op_attr_mask@0 cb@16 datatype@24 user_data@32
@@ -51,15 +57,31 @@ def _lib():
 class Descriptors:
     """A ucp_dt_iov_t array of (address, nbytes) pairs; alive until its message completes."""
 
-    def __init__(self, regions) -> None:
-        regions = [(int(p), int(n)) for p, n in regions if n]
-        if not regions:
+    def __init__(self, pairs: np.ndarray) -> None:
+        pairs = np.ascontiguousarray(pairs, dtype=np.uint64).reshape(-1, 2)
+        pairs = pairs[pairs[:, 1] > 0]
+        if not len(pairs):
             raise IovError("a descriptor list needs at least one non-empty region")
-        self.count = len(regions)
-        self.nbytes = sum(n for _, n in regions)
-        self.array = (ctypes.c_uint64 * (2 * self.count))()
-        for i, (p, n) in enumerate(regions):
-            self.array[2 * i], self.array[2 * i + 1] = p, n
+        self.pairs = np.ascontiguousarray(pairs)
+        self.count = len(pairs)
+        self.nbytes = int(pairs[:, 1].sum())
+        self.array = self.pairs.ctypes.data
+
+    @classmethod
+    def bundle(cls, plan: "TransferPlan", l0: int, k: int, ids, num_blocks: int,
+               base: int) -> "Descriptors":
+        """`plan.staged_regions(l0, k, ids, num_blocks)` at `base`, built with numpy (a 256-block
+        scattered bundle is ~500 regions per layer: ~2-3 us each in a Python loop)."""
+        rb = plan.layout.region_bytes
+        staged = np.asarray([ids[i] for i in plan.staged_idx], dtype=np.int64)
+        slabs = np.arange(2 * l0, 2 * (l0 + k), dtype=np.int64) * num_blocks   # (layer, k|v)
+        off = ((slabs[:, None] + staged[None, :]) * rb).reshape(-1)
+        starts = np.flatnonzero(np.r_[True, off[1:] != off[:-1] + rb])          # merge adjacent
+        lens = np.diff(np.r_[starts, off.size]) * rb
+        pairs = np.empty((starts.size, 2), dtype=np.uint64)
+        pairs[:, 0] = off[starts].astype(np.uint64) + np.uint64(base)
+        pairs[:, 1] = lens.astype(np.uint64)
+        return cls(pairs)
 
 
 _pending: dict[int, tuple] = {}     # id -> (loop, future, keep-alive objects)

@@ -119,8 +119,8 @@ class RecvAttempt:
             return False
         l0, k = self.bundles[b]
         kv = self.agent.kv
-        regions = self.plan.staged_regions(l0, k, self.plan.dst_ids, kv.shape[2])
-        desc = iov.Descriptors((kv.data_ptr() + off, n) for off, n in regions)
+        desc = iov.Descriptors.bundle(self.plan, l0, k, self.plan.dst_ids, kv.shape[2],
+                                      kv.data_ptr())
         tag = data_tag(self.tag_key, l0, self.plan.staged_msg, self.nonce)
         landed = iov.recv(self.agent._worker.handle, desc, tag, keep=kv)
         fut = asyncio.ensure_future(self._finish_iov(tag, l0, k, landed, desc.nbytes))

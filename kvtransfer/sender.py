@@ -324,16 +324,14 @@ class KVSender:
             await self._units_ready((l0, k))
             layers = list(range(l0, l0 + k))
             self._post_direct(peer, layers, sends)
-            regions = plan.staged_regions(l0, k, self.src_ids, kv.shape[2])
-            sends.append(self._send_iov(peer, regions, l0))
+            desc = iov.Descriptors.bundle(plan, l0, k, self.src_ids, kv.shape[2], kv.data_ptr())
+            sends.append(self._send_iov(peer, desc, l0))
             self._sum_futs.append(loop.run_in_executor(self.agent.executor, self._sums.layers,
                                                        layers))
             self._t(f"prepped {l0}-{l0 + k - 1}")
         return sends, self._sum_futs
 
-    def _send_iov(self, peer, regions: list[tuple[int, int]], layer: int):
-        base = self.agent.kv.data_ptr()
-        desc = iov.Descriptors((base + off, n) for off, n in regions)
+    def _send_iov(self, peer, desc: "iov.Descriptors", layer: int):
         tag = data_tag(self.handoff.tag_key, layer, self.plan.staged_msg, self.nonce)
         fut = iov.send(peer.ep._ep.handle, desc, tag, keep=self.agent.kv)
         self.msgs_posted += 1

@@ -205,3 +205,20 @@ def test_staged_regions_are_the_gathered_bundle_in_place():
         pool.gather_staged(kv, l0, pool.index_tensor(src, kv.device), buf)
         pool.scatter_staged(want, l0, pool.index_tensor(dst, kv.device), buf)
     assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+
+
+def test_bundle_descriptors_match_the_plan():
+    """iov.Descriptors.bundle (numpy) lists exactly plan.staged_regions (the definition), at the
+    pool's base address, for scattered, partly consecutive and single-block bundles."""
+    from splitserve.kvtransfer import iov
+    r = random.Random(5)
+    big = KVLayout(num_layers=6, num_blocks=300, block_size=4, num_kv_heads=2, head_dim=8)
+    for src in (r.sample(range(300), 40), list(range(10, 13)) + r.sample(range(20, 300), 9), [7]):
+        dst = r.sample(range(300), len(src))
+        plan = TransferPlan.build(big, src, dst, 4, bundle_bytes=3 * big.region_bytes * 2 * len(src))
+        for ids in (src, dst):
+            for l0, k in plan.bundles():
+                want = [(1000 + off, n) for off, n in plan.staged_regions(l0, k, ids, 300)]
+                desc = iov.Descriptors.bundle(plan, l0, k, ids, 300, 1000)
+                assert [tuple(int(x) for x in row) for row in desc.pairs] == want
+                assert desc.count == len(want) and desc.nbytes == sum(n for _, n in want)
