@@ -258,7 +258,7 @@ class RecvAttempt:
                                             self.agent.config.spin_us * 1e-6)
                         res = self._finish_batch(out, wanted, rb.values())
                     else:
-                        res = await loop.run_in_executor(self.agent.executor, self._run_batch, batch)
+                        res = await self._run_batch_cpu(loop, batch)
                 except Exception as e:
                     res = [e] * len(batch)
                 for (_, _, fut), r in zip(batch, res):
@@ -270,6 +270,18 @@ class RecvAttempt:
                         fut.set_result(r)
         finally:
             self._draining = False
+
+    async def _run_batch_cpu(self, loop, batch) -> list:
+        """CPU: a batch of checksums only (descriptor-list bundles) is split across two executor
+        threads (numpy releases the GIL in its loops): the last bundle's sums are the tail of a
+        transfer. A batch with scatters runs whole, in order (a sum may read what they wrote)."""
+        ex = self.agent.executor
+        if len(batch) < 2 or any(kind != "sum" for kind, _, _ in batch):
+            return await loop.run_in_executor(ex, self._run_batch, batch)
+        half = (len(batch) + 1) // 2
+        a, b = await asyncio.gather(loop.run_in_executor(ex, self._run_batch, batch[:half]),
+                                    loop.run_in_executor(ex, self._run_batch, batch[half:]))
+        return a + b
 
     def _run_batch(self, batch) -> list:
         """CPU, on the executor: `_queue_batch` then `_finish_batch` (numpy work is synchronous)."""
