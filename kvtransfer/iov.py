@@ -95,18 +95,8 @@ def _resolve(uid: int, status: int, length: int | None) -> None:
     if entry is None:
         return
     loop, fut, _ = entry
-
-    def settle():
-        if fut.done():
-            return
-        if status == 0:
-            fut.set_result(length)
-        else:
-            fut.set_exception(IovError(f"UCX IOV message failed: {rma._status_text(status)} ({status})"))
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:     # the loop closed first (agent shutdown): nobody is waiting
-        pass
+    rma.settle_threadsafe(loop, fut, status, length,
+                          lambda why: IovError(f"UCX IOV message failed: {why}"))
 
 
 @_SEND_CB

@@ -122,40 +122,21 @@ class RecvAttempt:
         desc = iov.Descriptors.bundle(self.plan, l0, k, self.plan.dst_ids, kv.shape[2],
                                       kv.data_ptr())
         tag = data_tag(self.tag_key, l0, self.plan.staged_msg, self.nonce)
-        landed = iov.recv(self.agent._worker.handle, desc, tag, keep=kv)
-        fut = asyncio.ensure_future(self._finish_iov(tag, l0, k, landed, desc.nbytes))
-        self.pending[tag] = fut
-        self.tasks.append(fut)
+        landing = iov.recv(self.agent._worker.handle, desc, tag, keep=kv)
+        self._track(tag, landing, desc.nbytes, lambda: self._landed_in_place(l0, k))
         return True
 
-    async def _finish_iov(self, tag: int, l0: int, k: int, landed: asyncio.Future,
-                          nbytes: int) -> None:
-        """A staged bundle received in place: its layers' checksums from the blocks, taken
-        inside this receive's admitted write (so the lease cannot free the blocks meanwhile)."""
-        try:
-            got = await landed
-            self.trace.append((f"recv {tag & 0x3FFFFFFF:#x}", time.perf_counter()))
-            if not self.aborted:
-                if got != nbytes:
-                    raise RuntimeError(f"staged bundle of layers {l0}-{l0 + k - 1} carried {got} "
-                                       f"bytes, expected {nbytes}")
-                self.bytes += nbytes
-                done = []
-                for layer in range(l0, l0 + k):
-                    self.left[layer] -= 1
-                    if self.left[layer] == 0:
-                        done.append(layer)
-                sums = await asyncio.gather(*(self._work("sum", layer) for layer in done))
-                for layer, v in zip(done, sums):
-                    self.layer_sums[layer] = v
-        except Exception as e:   # cancelled by UCX (peer died), plugged after abort, short
-            if not self.aborted:
-                self.errors.append(f"receive {tag:#x} failed: {e!r}")
-        finally:
-            self.pending.pop(tag, None)
-            self.leases.end_write(self.lease_id)
-            if self.aborted and not self.pending:
-                self.drained.set()
+    async def _landed_in_place(self, l0: int, k: int) -> None:
+        """A bundle received in place landed: checksum, from the blocks, every layer of it whose
+        messages have now all landed (one batch)."""
+        done = []
+        for layer in range(l0, l0 + k):
+            self.left[layer] -= 1
+            if self.left[layer] == 0:
+                done.append(layer)
+        sums = await asyncio.gather(*(self._work("sum", layer) for layer in done))
+        for layer, v in zip(done, sums):
+            self.layer_sums[layer] = v
 
     def _post_staged(self, b: int) -> bool:
         """Post the receive of staged bundle b into its ring slot (the last bundle may hold
@@ -171,24 +152,28 @@ class RecvAttempt:
         arr = buf if isinstance(buf, Array) else Array(buf)
         self.agent.top_up_futures()
         req = self.ep._ep.tag_recv(arr, Tag(tag), TagMaskFull)
-        fut = asyncio.ensure_future(self._finish(tag, layer, req, arr.nbytes, staged))
-        self.pending[tag] = fut
-        self.tasks.append(fut)
+        then = ((lambda: self._landed_bundle(*staged)) if staged is not None
+                else (lambda: self._landed_layer(layer)))
+        self._track(tag, req.wait(), arr.nbytes, then)
         return True
 
-    async def _finish(self, tag: int, layer: int, req, nbytes: int, staged: tuple | None) -> None:
+    def _track(self, tag: int, landing, nbytes: int, then) -> None:
+        fut = asyncio.ensure_future(self._finish(tag, landing, nbytes, then))
+        self.pending[tag] = fut
+        self.tasks.append(fut)
+
+    async def _finish(self, tag: int, landing, nbytes: int, then) -> None:
+        """One posted receive: await its landing (a byte count, or None when UCX checked the
+        size), then `then()` -- still inside the receive's admitted write -- and end the write."""
         try:
-            await req.wait()
+            got = await landing
             self.trace.append((f"recv {tag & 0x3FFFFFFF:#x}", time.perf_counter()))
             if not self.aborted:
+                if got is not None and got != nbytes:
+                    raise RuntimeError(f"carried {got} bytes, expected {nbytes}")
                 self.bytes += nbytes
-                if staged is not None:   # still inside this receive's admitted write
-                    await self._landed_bundle(*staged)
-                else:
-                    self.left[layer] -= 1
-                    if self.left[layer] == 0:
-                        self.layer_sums[layer] = await self._work("sum", layer)
-        except Exception as e:   # cancelled by UCX (peer died) or plugged after abort
+                await then()
+        except Exception as e:   # cancelled by UCX (peer died), plugged after abort, short
             if not self.aborted:
                 self.errors.append(f"receive {tag:#x} failed: {e!r}")
         finally:
@@ -196,6 +181,12 @@ class RecvAttempt:
             self.leases.end_write(self.lease_id)
             if self.aborted and not self.pending:
                 self.drained.set()
+
+    async def _landed_layer(self, layer: int) -> None:
+        """A direct run's or the scales' message landed: checksum the layer once it is whole."""
+        self.left[layer] -= 1
+        if self.left[layer] == 0:
+            self.layer_sums[layer] = await self._work("sum", layer)
 
     async def _landed_bundle(self, b: int, slot: torch.Tensor) -> None:
         """Bundle b landed: scatter its layers (checksumming those whose other messages all

@@ -197,15 +197,24 @@ def _flush_done(request, status, user_data):   # on UCX's progress thread
     if entry is None:
         return
     loop, fut = entry
+    settle_threadsafe(loop, fut, status, None, lambda why: RmaError(f"ucp_ep_flush_nbx failed: {why}"))
 
-    def resolve():
+
+def settle_threadsafe(loop, fut, status: int, result, error) -> None:
+    """From UCX's progress thread: resolve `fut` on its loop with `result` (status UCS_OK) or
+    the exception `error("<status text> (<status>)")`; nothing if the loop has closed first
+    (agent shutdown: nobody is waiting)."""
+    def settle():
         if fut.done():
             return
         if status == 0:
-            fut.set_result(None)
+            fut.set_result(result)
         else:
-            fut.set_exception(RmaError(f"ucp_ep_flush_nbx failed: {_status_text(status)} ({status})"))
-    loop.call_soon_threadsafe(resolve)
+            fut.set_exception(error(f"{_status_text(status)} ({status})"))
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:
+        pass
 
 
 def flush(ep_handle: int) -> asyncio.Future:

@@ -218,20 +218,29 @@ def test_multi_layer_bundles_stream_through_a_one_slot_ring():
     """Staged bundles spanning several layers (here 3 + 1 of 4 layers: the decode side's
     bundle_kib carried in the handoff), a receive ring of one slot (a tiny staging budget: each
     bundle's receive is re-posted only after the previous one landed), the sender pushing layer
-    by layer with a delay, and a cancelled send path not involved: bytes verified end to end."""
-    d = spawn_worker(LAYOUT, seed=3, config_kw={"bundle_kib": 38, "staging_budget_kib": 1, "staging_layers": 1,
-                                                "direct_min_blocks": 8})
-    p = spawn_worker(LAYOUT, seed=4, config_kw={"staging_budget_kib": 1, "staging_layers": 1})
+    by layer with a delay, and a cancelled send path not involved: bytes verified end to end.
+    Staging buffers on both sides (host pools default to descriptor lists, which have no ring)."""
+    ring = {"staged_path": "buffer", "staging_budget_kib": 1, "staging_layers": 1}
+    h = bundled_transfer({**ring, "bundle_kib": 38, "direct_min_blocks": 8}, ring, seed=3,
+                         layer_delay_s=0.05)
+    assert h["bundle_bytes"] == 38 << 10
+
+
+def bundled_transfer(d_cfg: dict, p_cfg: dict, seed: int, layer_delay_s: float) -> dict:
+    """A fresh pair: 50 staged blocks and one direct run of 10, pushed layer by layer, bytes
+    verified end to end and the lease released; returns the handoff record."""
+    d = spawn_worker(LAYOUT, seed=seed, config_kw=d_cfg)
+    p = spawn_worker(LAYOUT, seed=seed + 1, config_kw=p_cfg)
     try:
-        r = random.Random(9)
-        src = r.sample(range(512), 50) + list(range(400, 410))   # 50 staged + one direct run
+        r = random.Random(seed)
+        src = r.sample(range(400), 50) + list(range(400, 410))
         dst = r.sample(range(300), 50) + list(range(450, 460))
-        h, sent, got = transfer(d, p, dst, src, layer_delay_s=0.05)
-        assert h["bundle_bytes"] == 38 << 10
+        h, sent, got = transfer(d, p, dst, src, layer_delay_s=layer_delay_s)
         assert sent == ("success", "") and got == ("success", "")
         assert same_bytes(p, src, d, dst)
         d.call("release_completed", dst)
         assert d.call("integrity")["live"] == 0
+        return h
     finally:
         d.close()
         p.close()
@@ -242,18 +251,5 @@ def test_staged_paths_mix(d_path, p_path):
     """The staged path is each side's own choice: a descriptor list in place on one side and a
     staging buffer on the other carry the same bytes (multi-layer bundles, a direct run beside
     them, layer-by-layer pushes)."""
-    d = spawn_worker(LAYOUT, seed=5, config_kw={"staged_path": d_path, "bundle_kib": 38,
-                                                "direct_min_blocks": 8})
-    p = spawn_worker(LAYOUT, seed=6, config_kw={"staged_path": p_path})
-    try:
-        r = random.Random(13)
-        src = r.sample(range(400), 50) + list(range(400, 410))
-        dst = r.sample(range(300), 50) + list(range(450, 460))
-        h, sent, got = transfer(d, p, dst, src, layer_delay_s=0.01)
-        assert sent == ("success", "") and got == ("success", "")
-        assert same_bytes(p, src, d, dst)
-        d.call("release_completed", dst)
-        assert d.call("integrity")["live"] == 0
-    finally:
-        d.close()
-        p.close()
+    bundled_transfer({"staged_path": d_path, "bundle_kib": 38, "direct_min_blocks": 8},
+                     {"staged_path": p_path}, seed=5, layer_delay_s=0.01)

@@ -30,13 +30,20 @@ def wait_for(pred, timeout: float, every: float = 0.1):
     return pred()
 
 
-PATHS = pytest.mark.parametrize("path", ["tag", "rma"])
+# tag messages with staged bundles as descriptor lists (host pools' default) or through staging
+# buffers, and puts
+PATHS = pytest.mark.parametrize("path", ["tag", "tag-buffer", "rma"])
+
+
+def paths(path: str, **kw) -> dict:
+    data_path, _, staged = path.partition("-")
+    return {"data_path": data_path, "staged_path": staged or "auto", **kw}
 
 
 @PATHS
 def test_receiver_killed_mid_transfer(path):
-    d = spawn_worker(LAYOUT, seed=1, config_kw={"data_path": path})
-    p = spawn_worker(LAYOUT, seed=2, config_kw={"data_path": path})
+    d = spawn_worker(LAYOUT, seed=1, config_kw=paths(path))
+    p = spawn_worker(LAYOUT, seed=2, config_kw=paths(path))
     try:
         h = d.call("reserve", ids=list(range(32)))
         p.call("send", h, list(range(100, 132)), layer_delay_s=0.25, wait=False)
@@ -58,8 +65,8 @@ def test_receiver_killed_mid_transfer(path):
 def test_sender_killed_mid_transfer(path):
     """rma: the dead sender cannot answer the fence; its endpoint's loss (plus the grace period)
     ends its write, then the expired lease frees the blocks once."""
-    d = spawn_worker(LAYOUT, seed=1, config_kw={"lease_timeout_s": 3.0, "data_path": path})
-    p = spawn_worker(LAYOUT, seed=2, config_kw={"data_path": path})
+    d = spawn_worker(LAYOUT, seed=1, config_kw=paths(path, lease_timeout_s=3.0))
+    p = spawn_worker(LAYOUT, seed=2, config_kw=paths(path))
     try:
         total = d.call("integrity")["free"]
         ids = random.Random(5).sample(range(512), 40)
@@ -74,11 +81,11 @@ def test_sender_killed_mid_transfer(path):
             d.call("integrity")), 10)
         assert info and info["free_calls"] == 1 and info["freed_count"] == 1, info
         # the pool is whole and reusable: a fresh transfer into the same blocks works
-        p2 = spawn_worker(LAYOUT, seed=3, config_kw={"data_path": path})
+        p2 = spawn_worker(LAYOUT, seed=3, config_kw=paths(path))
         try:
             h2 = d.call("reserve", ids=ids)
             assert p2.call("send", h2, list(range(40))) == ("success", "")
-            assert p2.call("sender_path", h2) == path
+            assert p2.call("sender_path", h2) == paths(path)["data_path"]
             a = p2.call("blocks", list(range(40))).view(torch.int16)
             assert torch.equal(a, d.call("blocks", ids).view(torch.int16))
         finally:
@@ -92,7 +99,7 @@ def test_sender_killed_mid_transfer(path):
 @PATHS
 def test_100_concurrent_transfers_two_pairs(path):
     small = {**LAYOUT, "num_layers": 4}
-    cfg = {"data_path": path}
+    cfg = paths(path)
     ds = [spawn_worker(small, seed=10 + i, config_kw=cfg) for i in range(2)]
     ps = [spawn_worker(small, seed=20 + i, config_kw=cfg) for i in range(2)]
     try:
@@ -109,7 +116,7 @@ def test_100_concurrent_transfers_two_pairs(path):
             p.call("send", h, src, wait=False)
         for d, p, h, src in jobs:
             assert p.call("sender_status", h, 60) == ("success", ""), h["lease_id"]
-            assert p.call("sender_path", h) == path
+            assert p.call("sender_path", h) == paths(path)["data_path"]
             assert d.call("wait_lease", h["lease_id"], 30) == ("success", "")
             a = p.call("blocks", src).view(torch.int16)
             assert torch.equal(a, d.call("blocks", h["block_ids"]).view(torch.int16))
