@@ -1,8 +1,8 @@
 """A/B of decode-step variants on the step's CUDA graphs: programmatic dependent launch
 (kernels/_pdl.py; --ab pdl, and where it triggers: --ab trigger), the decode attention's large-grid
 tiles (--ab largetiles), its K/V L2 prefetch and split length (--ab kvprefetch), RoPE + KV
-write in the QKV GEMV's epilogue (--ab rope), the GEMMs' BLAS library (--ab blas) or the
-greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
+write in the QKV GEMV's epilogue (--ab rope), the GEMMs' BLAS library (--ab blas), L2
+prefetch of the next weights (--ab l2w) or the greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
 
 One engine (dummy Llama-3-8B on the GPU, bf16 or FP8 KV; tiny float16 under --smoke), its
 decode graphs captured under each variant in turn, twice, interleaved (a variant sets
@@ -11,7 +11,7 @@ capture); each capture's graph replay time per batch, back to back, timed by CUD
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
     python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|fp8splits|rope|
-                                         blas|argmax] [--kv bf16|fp8] [--batches 1,8,32]
+                                         blas|l2w|argmax] [--kv bf16|fp8] [--batches 1,8,32]
                            [--variants a,b] [--context 1024] [--table-tokens 8448]
 """
 from __future__ import annotations
@@ -86,6 +86,17 @@ AB = {
     # the GEMMs' BLAS library (torch.backends.cuda.preferred_blas_library, set before capture)
     "blas": [("cublas", {"SPLITSERVE_BLAS": "cublas"}, {}),
              ("cublaslt", {"SPLITSERVE_BLAS": "cublaslt"}, {})],
+    # L2 prefetch of weights (kernels/l2_prefetch.py): the o weight before attention, the next
+    # layer's qkv weight (row heads) before the down GEMM; mode evict_last / normal / bulk
+    "l2w": [(name, {}, {"fused.prefetch_o": po, "fused.prefetch_next_qkv": pq, "fused.prefetch_mode": mode})
+            for name, po, pq, mode in (
+                ("off", 0.0, 0.0, "evict_last"),
+                ("o-last", 1.0, 0.0, "evict_last"),
+                ("o-normal", 1.0, 0.0, "normal"),
+                ("o-bulk", 1.0, 0.0, "bulk"),
+                ("o-half-last", 0.5, 0.0, "evict_last"),
+                ("qkv-half-last", 0.0, 0.5, "evict_last"),
+                ("o+qkv-last", 1.0, 0.5, "evict_last"))],
     "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
                ("split-argmax", {}, {"runner.split_argmax": True})],
 }

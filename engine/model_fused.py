@@ -33,6 +33,12 @@ class FusedForward:
         self.k = kernels
         self.small_batch_tokens = SMALL_BATCH_TOKENS
         self.fuse_rope_epilogue = True    # the GEMV path's QKV GEMV does RoPE + KV write
+        # L2 prefetch (kernels/l2_prefetch.py), read at capture: the fraction of the o weight's
+        # rows issued to L2 right before attention, of the next layer's qkv weight right before
+        # the down GEMM, and the prefetch mode. 0 = off.
+        self.prefetch_o = 0.0
+        self.prefetch_next_qkv = 0.0
+        self.prefetch_mode = "evict_last"
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
                 logits_indices: torch.Tensor | None = None, after_layer=None) -> torch.Tensor:
@@ -52,11 +58,19 @@ class FusedForward:
         out = None                                                           # last sublayer output
         for i, lw in enumerate(m.layers):
             h = k.rms_norm(res, lw["ln1"], eps) if out is None else k.rms_norm(out, lw["ln1"], eps, residual=res)
-            o = self._attention(i, F.linear(h, lw["qkv"], lw["qkv_bias"]), positions, attn, after_layer)
-            o = F.linear(o, lw["o"])
+            qkv = F.linear(h, lw["qkv"], lw["qkv_bias"])
+            self._prefetch(lw["o"], self.prefetch_o)
+            o = F.linear(self._attention(i, qkv, positions, attn, after_layer), lw["o"])
             h = k.rms_norm(o, lw["ln2"], eps, residual=res)
-            out = F.linear(k.silu_and_mul(F.linear(h, lw["gate_up"])), lw["down"])
+            act = k.silu_and_mul(F.linear(h, lw["gate_up"]))
+            if i + 1 < len(m.layers):
+                self._prefetch(m.layers[i + 1]["qkv"], self.prefetch_next_qkv)
+            out = F.linear(act, lw["down"])
         return res, out
+
+    def _prefetch(self, w: torch.Tensor, fraction: float) -> None:
+        if fraction > 0.0 and w.is_cuda:
+            self.k.l2_prefetch(w, fraction, self.prefetch_mode)
 
     def _layers_gemv(self, input_ids, positions, attn, after_layer) -> tuple[torch.Tensor, torch.Tensor]:
         """The same layers for few tokens with the GEMV kernels; outputs reuse one buffer each."""
@@ -83,10 +97,13 @@ class FusedForward:
                 k.norm_linear(out, lw["ln1"], eps, lw["qkv"], res, other(res), bias=lw["qkv_bias"],
                               out=qkv, rope=rope)
                 res = other(res)
+            self._prefetch(lw["o"], self.prefetch_o)
             k.gemv_linear(self._attention(i, qkv, positions, attn, after_layer, written=fuse),
                           lw["o"], out=o)
             k.norm_linear(o, lw["ln2"], eps, lw["gate_up"], res, other(res), silu=True, out=act)
             res = other(res)
+            if i + 1 < len(m.layers):
+                self._prefetch(m.layers[i + 1]["qkv"], self.prefetch_next_qkv)
             k.gemv_linear(act, lw["down"], out=out)
         return res, out
 

@@ -37,6 +37,8 @@ The fused layer glue of the engine's GPU path (references in `reference_fused.py
         with rope=RopeKV(...) the QKV projection followed by rope_write_kv (gemv_rope.py).
     argmax_rows(logits, out=None)
         torch.argmax(logits, dim=-1) split across programs (greedy sampling, argmax.py).
+    l2_prefetch(w, fraction=1.0, mode="evict_last")
+        issue the head of every row of a 2-D weight to L2 (a hint; no-op off the GPU).
 
 Layouts and metadata are those of `reference.py`: caches [num_blocks, block_size,
 num_kv_heads, head_dim] (V pages token-major or token-minor, `token_minor_v`); FP8 caches
@@ -71,6 +73,7 @@ _LAZY = {
     "norm_linear": "gemv",
     "RopeKV": "gemv_rope",
     "argmax_rows": "argmax",
+    "l2_prefetch": "l2_prefetch",
 }
 
 
@@ -87,5 +90,5 @@ __all__ = [
     "rms_norm_ref", "rope_cos_sin_cache", "rope_ref",
     "rope_write_kv", "rope_write_kv_ref", "silu_and_mul", "silu_and_mul_ref", "write_kv",
     "write_kv_ref", "token_minor_v", "gemv_linear", "gemv_linear_ref", "norm_linear",
-    "norm_linear_ref", "RopeKV", "argmax_rows",
+    "norm_linear_ref", "RopeKV", "argmax_rows", "l2_prefetch",
 ]
