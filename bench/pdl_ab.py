@@ -86,7 +86,7 @@ AB = {
     # the GEMMs' BLAS library (torch.backends.cuda.preferred_blas_library, set before capture)
     "blas": [("cublas", {"SPLITSERVE_BLAS": "cublas"}, {}),
              ("cublaslt", {"SPLITSERVE_BLAS": "cublaslt"}, {})],
-    # L2 prefetch of weights (kernels/l2_prefetch.py): the o weight before attention, the next
+    # L2 prefetch of weights (kernels/prefetch.py): the o weight before attention, the next
     # layer's qkv weight (row heads) before the down GEMM; mode evict_last / normal / bulk
     "l2w": [(name, {}, {"fused.prefetch_o": po, "fused.prefetch_next_qkv": pq, "fused.prefetch_mode": mode})
             for name, po, pq, mode in (

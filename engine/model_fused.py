@@ -33,7 +33,7 @@ class FusedForward:
         self.k = kernels
         self.small_batch_tokens = SMALL_BATCH_TOKENS
         self.fuse_rope_epilogue = True    # the GEMV path's QKV GEMV does RoPE + KV write
-        # L2 prefetch (kernels/l2_prefetch.py), read at capture: the fraction of the o weight's
+        # L2 prefetch (kernels/prefetch.py), read at capture: the fraction of the o weight's
         # rows issued to L2 right before attention, of the next layer's qkv weight right before
         # the down GEMM, and the prefetch mode. 0 = off.
         self.prefetch_o = 0.0

@@ -73,7 +73,7 @@ _LAZY = {
     "norm_linear": "gemv",
     "RopeKV": "gemv_rope",
     "argmax_rows": "argmax",
-    "l2_prefetch": "l2_prefetch",
+    "l2_prefetch": "prefetch",
 }
 
 

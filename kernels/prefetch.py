@@ -15,7 +15,7 @@ kernel ends when its prefetches are issued, not when they land. Modes:
 - "normal": `prefetch.global.L2::evict_normal`;
 - "bulk": `cp.async.bulk.prefetch.L2` of 4 KiB pieces (the TMA unit issues them).
 A hint only: results never depend on it. Under the Triton interpreter (and on CPU) it is a no-op,
-so there is no torch reference; tests/test_l2_prefetch.py checks the arguments on CPU and, on a
+so there is no torch reference; tests/test_kernels_prefetch.py checks the arguments on CPU and, on a
 GPU, that every mode runs (also inside a CUDA graph) and leaves the data unchanged. Whether it
 pays is measured by `bench/pdl_ab.py --ab l2w` on whole decode steps.
 """

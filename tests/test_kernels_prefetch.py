@@ -1,4 +1,4 @@
-"""kernels/l2_prefetch.py: argument checks everywhere; on a GPU, every mode runs (eagerly and in
+"""kernels/prefetch.py: argument checks everywhere; on a GPU, every mode runs (eagerly and in
 a CUDA graph) and leaves the weight and a GEMM on it unchanged. It is a hint with no output, so
 there is no reference to compare against; what it buys is measured by bench/pdl_ab.py --ab l2w."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitserve.kernels.l2_prefetch import MODES, l2_prefetch
+from splitserve.kernels.prefetch import MODES, l2_prefetch
 
 CUDA = torch.cuda.is_available()
 
