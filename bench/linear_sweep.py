@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""kernels/linear.py's tiles against cuBLAS on the engine's bf16 linears (Llama-3-8B shapes).
+
+    python3 bench/linear_sweep.py --out DIR [--m 32,128,256] [--shapes qkv,o,gate_up,down]
+
+Issue 4: at batch 32-256 the decode step's GEMMs read the weights at 2.3-3.4 TB/s under every
+BLAS path (bench/gemm_ab.py). For each weight shape and M, one process times F.linear's cuBLAS
+call and every candidate tile of the Triton kernel, each in its own CUDA graph that calls the op
+once per weight copy (copies exceed the L2 several times; median of 20 replays, us per call),
+and checks each output against cuBLAS's (same math, float32 accumulation: max relative error
+~1e-2 of one bf16 rounding). Writes DIR/linear-sweep.json (every row) and DIR/linear-tiles.json
+({shape: {M: [block_n, block_k, warps, stages, split]}} where the best tile beat cuBLAS by 3%+).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kbench import TESTING  # noqa: E402
+from gemm_ab import SHAPES  # noqa: E402
+
+from splitserve.kernels.linear import LinearTile, linear  # noqa: E402
+
+SMEM = 227 * 1024
+
+
+def candidates(n: int, k: int, m: int) -> list[LinearTile]:
+    """Tiles that fit in shared memory, with K splits giving 64-1100 programs."""
+    bm = max(16, 1 << (m - 1).bit_length())
+    out = []
+    for bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (3, 4, 5)):
+        if warps == 8 and bm < 128 or bn == 64 and m > 128:
+            continue
+        if stages * (bn * bk + bm * bk) * 2 > SMEM:
+            continue
+        tiles = math.ceil(n / bn)
+        for split in (1, 2, 4, 8):
+            if 64 <= tiles * split <= 1100 and k // split >= 2 * bk:
+                out.append(LinearTile(bn, bk, warps, stages, split))
+    return out
+
+
+def case(shape: str, m: int, verbose: bool) -> dict:
+    n, k = SHAPES[shape]
+    nbytes = n * k * 2
+    copies = max(2, math.ceil(240e6 / nbytes))
+    g = torch.Generator(device="cuda").manual_seed(m * 7 + n)
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(copies)]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    cublas = TESTING.graph_time_us([lambda i=i: torch.mm(x, ws[i].t(), out=outs[i]) for i in range(copies)])
+    ref = outs[0].float().clone()
+    row = {"shape": shape, "M": m, "N": n, "K": k, "weight_MB": nbytes / 1e6, "copies": copies,
+           "cublas_us": cublas, "tiles": []}
+    for tile in candidates(n, k, m):
+        try:
+            us = TESTING.graph_time_us([lambda i=i: linear(x, ws[i], tile, out=outs[i]) for i in range(copies)])
+        except Exception as e:   # out of resources on this GPU: recorded, not fatal
+            row["tiles"].append({"tile": list(tile), "error": str(e)[:200]})
+            continue
+        err = ((outs[0].float() - ref).abs().max() / ref.abs().max()).item()
+        row["tiles"].append({"tile": list(tile), "us": us, "TBps": nbytes / us / 1e6, "max_rel_err": err})
+        if verbose:
+            print(f"  {shape} M={m} {tuple(tile)}: {us:.1f} us (cuBLAS {cublas:.1f}) err {err:.1e}", flush=True)
+    ok = [t for t in row["tiles"] if "us" in t and t["max_rel_err"] < 2e-2]
+    row["best"] = min(ok, key=lambda t: t["us"]) if ok else None
+    del ws, outs
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--m", default="32,128,256")
+    ap.add_argument("--shapes", default="qkv,o,gate_up,down")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    rows, t0 = [], time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:   # after every case: a run cut short keeps what it measured
+        (out / "linear-sweep.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+             "commit": os.environ.get("GIT_COMMIT", ""), "seconds": time.time() - t0, "rows": rows},
+            indent=1))
+    for m in (int(v) for v in args.m.split(",")):
+        for shape in args.shapes.split(","):
+            r = case(shape, m, args.verbose)
+            rows.append(r)
+            save()
+            b = r["best"]
+            print(f"{shape:>8} M={m:<4} cuBLAS {r['cublas_us']:7.1f} us  best "
+                  + (f"{b['us']:7.1f} us {tuple(b['tile'])} ({r['cublas_us'] / b['us']:.2f}x)" if b else "none")
+                  + f"  [{len(r['tiles'])} tiles, {time.time() - t0:.0f} s]", flush=True)
+    tiles: dict = {}
+    for r in rows:
+        if r["best"] and r["best"]["us"] < 0.97 * r["cublas_us"]:
+            tiles.setdefault(r["shape"], {})[str(r["M"])] = r["best"]["tile"]
+    print("\nper layer (qkv+o+gate_up+down), us: cuBLAS vs best of cuBLAS and Triton")
+    for m in sorted({r["M"] for r in rows}):
+        sel = [r for r in rows if r["M"] == m]
+        if len(sel) == 4:
+            mixed = sum(min(r["cublas_us"], r["best"]["us"] if r["best"] else math.inf) for r in sel)
+            print(f"  M={m}: {sum(r['cublas_us'] for r in sel):.1f} vs {mixed:.1f}")
+    (out / "linear-tiles.json").write_text(json.dumps(tiles, indent=1))
+
+
+if __name__ == "__main__":
+    main()

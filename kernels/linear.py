@@ -1,0 +1,146 @@
+"""Skinny tensor-core linear layers for decode batches (M = 17..256 tokens): y = x @ W.T (+ bias).
+
+Reference: `reference_fused.gemv_linear_ref` (float32 math, one rounding). A decode step's GEMMs
+stream the weights once per step; at M = 32-256 cuBLAS reads them at 2.3-3.4 TB/s of the H200's
+~4.4 (bench/gemm_ab.py: the down projection's 32 column tiles leave most SMs idle without a
+K split, gate_up's 224 tiles take 1.7 waves). Here the MMA runs "swap AB": W's rows are the
+MMA's M side (BLOCK_N = 64/128 rows per program, what wgmma needs), the tokens its N side
+(BLOCK_M = M rounded up to a power of two >= 16). A program owns BLOCK_N output columns for all
+tokens, so every weight byte is read once.
+
+K can be split SPLIT ways (grid cdiv(N, BLOCK_N) x SPLIT) to give the SMs enough programs: each
+split program writes its float32 partial tile to a scratch [SPLIT, N, BLOCK_M], then bumps its
+column tile's counter (a CTA barrier, then an acq_rel atomic by one thread, which publishes the
+program's stores); the last one sums the partials in split order (deterministic), writes y and
+re-arms the counter. The scratch is allocated once per device and size and reused by every call
+(calls on one stream only; no host sync: CUDA-graph capturable).
+
+TILES picks (BLOCK_N, BLOCK_K, warps, stages, SPLIT) per weight shape and M class; they are the
+fastest of `bench/linear_sweep.py` on the H200. Where cuBLAS was as fast or faster, the shape's
+entry is absent and `use_linear` says so: the engine then calls F.linear.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._rounding import round_to
+from ._common import ACT_DTYPES, check, check_device, check_dim, check_dtype, check_last_contiguous, next_pow2
+
+MAX_M = 256
+
+
+class LinearTile(NamedTuple):
+    block_n: int      # W rows (output columns) per program: 64 or 128 (the wgmma M side)
+    block_k: int      # K elements per load
+    num_warps: int
+    num_stages: int
+    split: int        # K split (1: no partials, no counter)
+
+
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn,
+                   stride_ym, k_len, SPLIT, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, EVEN: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    nmask = rn < N
+    mmask = rm < M
+    k0 = pid_s * k_len
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (k0 + rk)[None, :]
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in tl.range(0, k_len, BLOCK_K, num_stages=STAGES):
+        if EVEN:     # N % BLOCK_N == 0 and the splits tile K exactly: W loads unmasked
+            w = tl.load(w_ptrs + k)
+            x = tl.load(x_ptrs + k, mask=mmask[:, None], other=0.0)
+        else:
+            kmask = (k0 + k + rk) < K
+            w = tl.load(w_ptrs + k, mask=nmask[:, None] & kmask[None, :], other=0.0)
+            x = tl.load(x_ptrs + k, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(w, tl.trans(x), acc)
+    y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+    ymask = nmask[:, None] & mmask[None, :]
+    if not SPLIT_K:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptrs, round_to(acc, y_ptr.dtype.element_ty), mask=ymask)
+    else:
+        tile = (rn[:, None] * BLOCK_M + rm[None, :]).to(tl.int64)
+        tl.store(part_ptr + pid_s * N * BLOCK_M + tile, acc, mask=nmask[:, None])
+        # every thread's stores precede the barrier; the acq_rel atomic publishes them (and, in
+        # the last program, makes the other splits' visible); the last one re-arms the counter
+        tl.debug_barrier()
+        if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel") == SPLIT - 1:
+            tot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(SPLIT):
+                tot += tl.load(part_ptr + s * N * BLOCK_M + tile, mask=nmask[:, None], other=0.0,
+                               cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptrs, round_to(tot, y_ptr.dtype.element_ty), mask=ymask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch(device: torch.device, part_elems: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 partials and int32 counters (zeros) per device and size, never freed: a captured
+    CUDA graph keeps their addresses."""
+    key = (device.type, device.index, part_elems, tiles)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = (torch.empty(part_elems, dtype=torch.float32, device=device),
+                         torch.zeros(tiles, dtype=torch.int32, device=device))
+    return _SCRATCH[key]
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, tile: LinearTile, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of `gemv_linear_ref` for 1..MAX_M tokens; returns out [M, N].
+
+    x:    [M, K] fp16/bf16, last dim contiguous
+    w:    [N, K] x's dtype, last dim contiguous
+    tile: LinearTile (see TILES / `pick_tile`)
+    bias: optional [N]
+    """
+    check_dim("x", x, 2, "[num_tokens, in_features]")
+    check_dim("w", w, 2, "[out_features, in_features]")
+    check_dtype("x", x, ACT_DTYPES)
+    check(w.dtype == x.dtype, lambda: f"w dtype {w.dtype} != x dtype {x.dtype}")
+    check_last_contiguous("x", x)
+    check_last_contiguous("w", w)
+    m, k = x.shape
+    n = w.shape[0]
+    check(w.shape[1] == k, lambda: f"w is [{n}, {w.shape[1]}], x has {k} features")
+    check(1 <= m <= MAX_M, lambda: f"{m} tokens: this kernel takes 1..{MAX_M}")
+    check(tile.block_n in (16, 32, 64, 128) and tile.block_k in (16, 32, 64, 128, 256) and tile.split >= 1,
+          lambda: f"bad tile {tile}")
+    if bias is not None:
+        check(bias.shape == (n,) and bias.dtype == x.dtype and bias.stride(0) == 1,
+              lambda: f"bias must be contiguous [{n}] {x.dtype}")
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    check(out.shape == (m, n) and out.dtype == x.dtype and out.stride(1) == 1,
+          lambda: f"out must be [{m}, {n}] {x.dtype} with contiguous rows")
+    check_device("x", x, w=w, bias=bias, out=out)
+    block_m = max(16, next_pow2(m))
+    tiles = triton.cdiv(n, tile.block_n)
+    split = tile.split
+    k_len = triton.cdiv(triton.cdiv(k, split), tile.block_k) * tile.block_k
+    split = triton.cdiv(k, k_len)             # no empty split
+    part, cnt = (_scratch(x.device, split * n * block_m, tiles) if split > 1 else (out, out))
+    _linear_kernel[(tiles, split)](
+        x, w, bias if bias is not None else out, out, part, cnt, m, n, k, x.stride(0), w.stride(0),
+        out.stride(0), k_len, split, SPLIT_K=split > 1, BLOCK_N=tile.block_n, BLOCK_M=block_m,
+        BLOCK_K=tile.block_k, STAGES=tile.num_stages, HAS_BIAS=bias is not None,
+        EVEN=n % tile.block_n == 0 and k_len * split == k,
+        num_warps=tile.num_warps)
+    return out
