@@ -9,7 +9,7 @@ call and every candidate tile of the Triton kernel, each in its own CUDA graph t
 once per weight copy (copies exceed the L2 several times; median of 20 replays, us per call),
 and checks each output against cuBLAS's (same math, float32 accumulation: max relative error
 ~1e-2 of one bf16 rounding). Writes DIR/linear-sweep.json (every row) and DIR/linear-tiles.json
-({shape: {M: [block_n, block_k, warps, stages, split]}} where the best tile beat cuBLAS by 3%+).
+({shape: {M: [block_n, block_k, warps, stages, split, tma]}} where the best tile beat cuBLAS by 3%+).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from gemm_ab import SHAPES  # noqa: E402
 from splitserve.kernels.linear import LinearTile, linear  # noqa: E402
 
 SMEM = 227 * 1024
+TMA = (False, True)
 
 
 def candidates(n: int, k: int, m: int) -> list[LinearTile]:
@@ -43,9 +44,9 @@ def candidates(n: int, k: int, m: int) -> list[LinearTile]:
         if stages * (bn * bk + bm * bk) * 2 > SMEM:
             continue
         tiles = math.ceil(n / bn)
-        for split in (1, 2, 4, 8):
+        for split, tma in itertools.product((1, 2, 4, 8), TMA):
             if 64 <= tiles * split <= 1100 and k // split >= 2 * bk:
-                out.append(LinearTile(bn, bk, warps, stages, split))
+                out.append(LinearTile(bn, bk, warps, stages, split, tma))
     return out
 
 
@@ -84,7 +85,10 @@ def main() -> None:
     ap.add_argument("--m", default="32,128,256")
     ap.add_argument("--shapes", default="qkv,o,gate_up,down")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--tma", choices=["both", "on", "off"], default="both")
     args = ap.parse_args()
+    global TMA
+    TMA = {"both": (False, True), "on": (True,), "off": (False,)}[args.tma]
     rows, t0 = [], time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._rounding import round_to
 from ._common import ACT_DTYPES, check, check_device, check_dim, check_dtype, check_last_contiguous, next_pow2
@@ -39,6 +40,7 @@ class LinearTile(NamedTuple):
     num_warps: int
     num_stages: int
     split: int        # K split (1: no partials, no counter)
+    tma: bool = False  # W and x tiles through TMA descriptors (16-byte aligned rows needed)
 
 
 @triton.jit
@@ -66,6 +68,20 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, strid
             w = tl.load(w_ptrs + k, mask=nmask[:, None] & kmask[None, :], other=0.0)
             x = tl.load(x_ptrs + k, mask=mmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(w, tl.trans(x), acc)
+    _epilogue(acc, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, stride_ym, SPLIT, pid_n, pid_s, SPLIT_K,
+              BLOCK_N, BLOCK_M, HAS_BIAS)
+
+
+@triton.jit
+def _epilogue(acc, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, stride_ym, SPLIT, pid_n, pid_s,
+              SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+              HAS_BIAS: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] = y^T tile: bias, one rounding, store; or, with a K split, the
+    partial to scratch and, in the split that finishes last, the sum of all in split order."""
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    nmask = rn < N
+    mmask = rm < M
     y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
     ymask = nmask[:, None] & mmask[None, :]
     if not SPLIT_K:
@@ -87,6 +103,25 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, strid
                 tot += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
             tl.store(y_ptrs, round_to(tot, y_ptr.dtype.element_ty), mask=ymask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
+def _linear_tma_kernel(x_desc, w_desc, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, stride_ym, k_len, SPLIT,
+                       SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_K: tl.constexpr, STAGES: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """_linear_kernel with W and x tiles loaded by TMA (tensor descriptors): one thread issues a
+    tile, no per-element addresses; out-of-range rows and K columns arrive as zeros."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    k0 = pid_s * k_len
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in tl.range(0, k_len, BLOCK_K, num_stages=STAGES):
+        w = w_desc.load([n0, k0 + k])
+        x = x_desc.load([0, k0 + k])
+        acc = tl.dot(w, x.T, acc)
+    _epilogue(acc, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, stride_ym, SPLIT, pid_n, pid_s, SPLIT_K,
+              BLOCK_N, BLOCK_M, HAS_BIAS)
 
 
 _SCRATCH: dict = {}
@@ -137,6 +172,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, tile: LinearTile, bias: torch.Tenso
     k_len = triton.cdiv(triton.cdiv(k, split), tile.block_k) * tile.block_k
     split = triton.cdiv(k, k_len)             # no empty split
     part, cnt = (_scratch(x.device, split * n * block_m, tiles) if split > 1 else (out, out))
+    if tile.tma:
+        check(all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in (x, w)),
+              lambda: "a TMA tile needs x and w with 16-byte aligned rows")
+        _linear_tma_kernel[(tiles, split)](
+            TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, tile.block_k]),
+            TensorDescriptor(w, [n, k], [w.stride(0), 1], [tile.block_n, tile.block_k]),
+            bias if bias is not None else out, out, part, cnt, m, n, out.stride(0), k_len, split,
+            SPLIT_K=split > 1, BLOCK_N=tile.block_n, BLOCK_M=block_m, BLOCK_K=tile.block_k,
+            STAGES=tile.num_stages, HAS_BIAS=bias is not None, num_warps=tile.num_warps)
+        return out
     _linear_kernel[(tiles, split)](
         x, w, bias if bias is not None else out, out, part, cnt, m, n, k, x.stride(0), w.stride(0),
         out.stride(0), k_len, split, SPLIT_K=split > 1, BLOCK_N=tile.block_n, BLOCK_M=block_m,

@@ -52,6 +52,8 @@ def _check(got, want, dtype):
     (17, 96, 256, LinearTile(64, 32, 4, 2, 3)),       # N not a multiple of BLOCK_N, uneven split
     (32, 64, 320, LinearTile(32, 64, 4, 2, 1)),       # K not a multiple of BLOCK_K
     (33, 64, 192, LinearTile(64, 64, 4, 2, 4)),       # BLOCK_M 64, splits past K's end dropped
+    (5, 128, 256, LinearTile(64, 64, 4, 2, 1, True)),     # TMA tiles
+    (17, 96, 320, LinearTile(64, 64, 4, 2, 2, True)),     # TMA: N and the last split's K past the end
 ])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_reference(dt, m, n, k, tile, bias):
