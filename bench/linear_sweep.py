@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""kernels/linear.py's tiles against cuBLAS on the engine's bf16 linears (Llama-3-8B shapes).
+"""kernels/skinny_gemm.py's tiles against cuBLAS on the engine's bf16 linears (Llama-3-8B shapes).
 
     python3 bench/linear_sweep.py --out DIR [--m 32,128,256] [--shapes qkv,o,gate_up,down]
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kbench import TESTING  # noqa: E402
 from gemm_ab import SHAPES  # noqa: E402
 
-from splitserve.kernels.linear import LinearTile, linear  # noqa: E402
+from splitserve.kernels.skinny_gemm import LinearTile, skinny_linear as linear  # noqa: E402
 
 SMEM = 227 * 1024
 TMA = (False, True)

@@ -2,7 +2,7 @@
 (kernels/_pdl.py; --ab pdl, and where it triggers: --ab trigger), the decode attention's large-grid
 tiles (--ab largetiles), its K/V L2 prefetch and split length (--ab kvprefetch), RoPE + KV
 write in the QKV GEMV's epilogue (--ab rope), the GEMMs' BLAS library (--ab blas), L2
-prefetch of the next weights (--ab l2w) or the greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
+prefetch of the next weights (--ab l2w), the skinny Triton GEMM (--ab skinny) or the greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
 
 One engine (dummy Llama-3-8B on the GPU, bf16 or FP8 KV; tiny float16 under --smoke), its
 decode graphs captured under each variant in turn, twice, interleaved (a variant sets
@@ -11,7 +11,7 @@ capture); each capture's graph replay time per batch, back to back, timed by CUD
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
     python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|fp8splits|rope|
-                                         blas|l2w|argmax] [--kv bf16|fp8] [--batches 1,8,32]
+                                         blas|l2w|skinny|argmax] [--kv bf16|fp8] [--batches 1,8,32]
                            [--variants a,b] [--context 1024] [--table-tokens 8448]
 """
 from __future__ import annotations
@@ -97,6 +97,9 @@ AB = {
                 ("o-half-last", 0.5, 0.0, "evict_last"),
                 ("qkv-half-last", 0.0, 0.5, "evict_last"),
                 ("o+qkv-last", 1.0, 0.5, "evict_last"))],
+    # the GEMMs: cuBLAS everywhere vs the skinny Triton GEMM where its table has a tile
+    "skinny": [("cublas", {}, {"fused.skinny_gemm": False}),
+               ("skinny", {}, {"fused.skinny_gemm": True})],
     "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
                ("split-argmax", {}, {"runner.split_argmax": True})],
 }

@@ -9,6 +9,9 @@ is updated in place by each norm (res <- res + sublayer output, rounded to the m
 get RoPE fused with the paged KV write; any other backend gets RoPE in place and its usual
 `forward(layer, q, k, v)`.
 
+The GEMMs are cuBLAS (F.linear) except where kernels/skinny_gemm.py's table, measured on the
+H200 for the weight shape and token count, has a faster Triton tile (`skinny_gemm`).
+
 Steps of at most SMALL_BATCH_TOKENS tokens (decode at small batch, where a step is weight
 streaming plus ~2 us per small kernel) run the GEMV path instead (kernels/gemv.py):
 norm_linear(qkv, RoPE + KV write in its epilogue) -> attention -> gemv_linear(o) ->
@@ -39,6 +42,9 @@ class FusedForward:
         self.prefetch_o = 0.0
         self.prefetch_next_qkv = 0.0
         self.prefetch_mode = "evict_last"
+        # the Triton skinny GEMM (kernels/skinny_gemm.py) where its table says it beats cuBLAS
+        # for the weight shape and token count (read at capture); False: cuBLAS everywhere
+        self.skinny_gemm = True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
                 logits_indices: torch.Tensor | None = None, after_layer=None) -> torch.Tensor:
@@ -58,15 +64,23 @@ class FusedForward:
         out = None                                                           # last sublayer output
         for i, lw in enumerate(m.layers):
             h = k.rms_norm(res, lw["ln1"], eps) if out is None else k.rms_norm(out, lw["ln1"], eps, residual=res)
-            qkv = F.linear(h, lw["qkv"], lw["qkv_bias"])
+            qkv = self._linear(h, lw["qkv"], lw["qkv_bias"])
             self._prefetch(lw["o"], self.prefetch_o)
-            o = F.linear(self._attention(i, qkv, positions, attn, after_layer), lw["o"])
+            o = self._linear(self._attention(i, qkv, positions, attn, after_layer), lw["o"])
             h = k.rms_norm(o, lw["ln2"], eps, residual=res)
-            act = k.silu_and_mul(F.linear(h, lw["gate_up"]))
+            act = k.silu_and_mul(self._linear(h, lw["gate_up"]))
             if i + 1 < len(m.layers):
                 self._prefetch(m.layers[i + 1]["qkv"], self.prefetch_next_qkv)
-            out = F.linear(act, lw["down"])
+            out = self._linear(act, lw["down"])
         return res, out
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """F.linear, or the skinny Triton GEMM where its table has a tile for this shape and M."""
+        if self.skinny_gemm:
+            tile = self.k.skinny_tile(w.shape[0], w.shape[1], x.shape[0])
+            if tile is not None:
+                return self.k.skinny_linear(x, w, tile, bias=bias)
+        return F.linear(x, w, bias)
 
     def _prefetch(self, w: torch.Tensor, fraction: float) -> None:
         if fraction > 0.0 and w.is_cuda:

@@ -37,6 +37,9 @@ The fused layer glue of the engine's GPU path (references in `reference_fused.py
         with rope=RopeKV(...) the QKV projection followed by rope_write_kv (gemv_rope.py).
     argmax_rows(logits, out=None)
         torch.argmax(logits, dim=-1) split across programs (greedy sampling, argmax.py).
+    skinny_linear(x, w, tile, bias=None, out=None), skinny_tile(n, k, m)
+        skinny tensor-core y = x @ w.T for 1..256 tokens (K split merged in the launch), and
+        the measured tile for a weight shape and token count (None: cuBLAS is faster).
     l2_prefetch(w, fraction=1.0, mode="evict_last")
         issue the head of every row of a 2-D weight to L2 (a hint; no-op off the GPU).
 
@@ -74,6 +77,8 @@ _LAZY = {
     "RopeKV": "gemv_rope",
     "argmax_rows": "argmax",
     "l2_prefetch": "prefetch",
+    "skinny_linear": "skinny_gemm",
+    "skinny_tile": "skinny_gemm",
 }
 
 
@@ -91,4 +96,5 @@ __all__ = [
     "rope_write_kv", "rope_write_kv_ref", "silu_and_mul", "silu_and_mul_ref", "write_kv",
     "write_kv_ref", "token_minor_v", "gemv_linear", "gemv_linear_ref", "norm_linear",
     "norm_linear_ref", "RopeKV", "argmax_rows", "l2_prefetch",
+    "skinny_linear", "skinny_tile",
 ]

@@ -132,7 +132,7 @@ def patch_interpreter_bf16_dot() -> bool:
 
 
 KERNEL_MODULES = ("_rounding", "kv_write", "splitkv_reduce", "decode_attention", "extend_attention",
-                  "rmsnorm", "rope", "silu_mul", "linear")
+                  "rmsnorm", "rope", "silu_mul", "skinny_gemm")
 
 
 def setup_kernel_tests() -> str:

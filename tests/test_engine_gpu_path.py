@@ -195,3 +195,33 @@ def test_gemv_path_matches_gemm_path():
         sizes.append(inp.input_ids.shape[0])
     assert min(sizes) <= SMALL_BATCH_TOKENS < max(sizes), sizes    # both paths ran
     torch.testing.assert_close(b.kv_cache.kv, a.kv_cache.kv, rtol=2e-2, atol=2e-2)
+
+
+def test_skinny_gemm_path_matches_cublas_path(monkeypatch):
+    """kernels/skinny_gemm.py in the engine's GEMM path. Its table only has Llama-3-8B shapes, so
+    here it is given tiles for every linear of dummy:tiny and every M class (plain, K split with
+    the in-launch merge, TMA), and the same steps run through the fused forward with and without
+    it: logits agree to fp16 rounding (float32 accumulation on both sides, only the summation
+    order differs), greedy tokens are equal, and the skinny kernel really ran."""
+    from splitserve.engine.request import SamplingParams
+    from splitserve.kernels import skinny_gemm
+    a, b = _engine("triton", "auto", "float16"), _engine("triton", "auto", "float16")
+    a.model._fused.skinny_gemm = False
+    assert b.model._fused.skinny_gemm
+    shapes = {tuple(w.shape) for lw in b.model.layers for name, w in lw.items()
+              if name in ("qkv", "o", "gate_up", "down")}
+    tiles = [skinny_gemm.LinearTile(32, 32, 4, 2, 1), skinny_gemm.LinearTile(64, 32, 4, 2, 2),
+             skinny_gemm.LinearTile(32, 64, 4, 2, 1, True), skinny_gemm.LinearTile(64, 32, 4, 2, 3, True)]
+    monkeypatch.setattr(skinny_gemm, "TILES", {s: {c: tiles[(i + j) % len(tiles)]
+                                                   for j, c in enumerate(skinny_gemm.M_CLASSES)}
+                                               for i, s in enumerate(sorted(shapes))})
+    used = []
+    run = skinny_gemm.skinny_linear
+    monkeypatch.setattr(skinny_gemm, "skinny_linear", lambda x, w, t, **kw: used.append(t) or run(x, w, t, **kw))
+    for p in PROMPTS:
+        a.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True))
+    for inp, la, lb in _lockstep(a, b):
+        torch.testing.assert_close(lb, la, rtol=2e-2, atol=2e-2)
+        assert lb.argmax(-1).tolist() == la.argmax(-1).tolist()
+    assert len(shapes) == 4 and {t.split > 1 for t in used} == {False, True} and any(t.tma for t in used)
+    torch.testing.assert_close(b.kv_cache.kv, a.kv_cache.kv, rtol=2e-2, atol=2e-2)

@@ -1,4 +1,4 @@
-"""kernels/linear.py (skinny tensor-core linear, optional K split) against gemv_linear_ref.
+"""kernels/skinny_gemm.py (skinny tensor-core linear, optional K split) against gemv_linear_ref.
 
 Tolerances as in test_kernels_gemv.py: both sides accumulate products of fp16/bf16 values (exact
 in float32) in float32, so they differ only by the summation order -- a K split adds its partials
@@ -23,7 +23,7 @@ from splitserve.kernels.testing import setup_kernel_tests  # noqa: E402
 DEVICE = setup_kernel_tests()
 
 from splitserve.kernels import gemv_linear_ref  # noqa: E402
-from splitserve.kernels.linear import LinearTile, linear  # noqa: E402
+from splitserve.kernels.skinny_gemm import LinearTile, skinny_linear as linear  # noqa: E402
 
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -15,12 +15,14 @@ program's stores); the last one sums the partials in split order (deterministic)
 re-arms the counter. The scratch is allocated once per device and size and reused by every call
 (calls on one stream only; no host sync: CUDA-graph capturable).
 
-TILES picks (BLOCK_N, BLOCK_K, warps, stages, SPLIT) per weight shape and M class; they are the
-fastest of `bench/linear_sweep.py` on the H200. Where cuBLAS was as fast or faster, the shape's
-entry is absent and `use_linear` says so: the engine then calls F.linear.
+TILES picks (BLOCK_N, BLOCK_K, warps, stages, SPLIT, TMA) per weight shape and M class; they are
+the fastest of `bench/linear_sweep.py` on the H200. Where cuBLAS was as fast or faster the entry
+is absent, `skinny_tile` returns None and the engine calls F.linear.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import NamedTuple
 
 import torch
@@ -124,6 +126,35 @@ def _linear_tma_kernel(x_desc, w_desc, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, st
               BLOCK_N, BLOCK_M, HAS_BIAS)
 
 
+# (N, K) of the weight -> {M class: tile}, for the classes where the fastest tile beat cuBLAS by
+# 3% or more on the H200 in two sweeps on two machines (`bench/linear_sweep.py --m 32,8,64,128`,
+# bench/results/engine-2026-11-30-s14.md); a step of M tokens uses the class >= M. Llama-3-8B
+# shapes only: other shapes and classes keep cuBLAS. $SPLITSERVE_LINEAR_TILES names a JSON file
+# ({"NxK": {"M": [block_n, block_k, warps, stages, split, tma]}}, what the sweep writes as
+# linear-tiles.json keyed by shape name, rekeyed) that replaces the table at import.
+M_CLASSES = (8, 32, 64, 128)
+TILES: dict[tuple[int, int], dict[int, LinearTile]] = {
+    (4096, 4096): {8: LinearTile(64, 128, 4, 5, 1), 32: LinearTile(64, 128, 4, 5, 1, True)},        # o
+    (6144, 4096): {64: LinearTile(64, 128, 4, 5, 1, True)},                                          # qkv
+    (28672, 4096): {8: LinearTile(128, 64, 4, 5, 1, True), 32: LinearTile(64, 64, 4, 3, 1),
+                    64: LinearTile(128, 64, 4, 3, 1, True), 128: LinearTile(128, 64, 8, 3, 1, True)},  # gate_up
+    (4096, 14336): {32: LinearTile(64, 128, 4, 5, 2), 64: LinearTile(64, 128, 4, 5, 2)},            # down
+}
+if os.environ.get("SPLITSERVE_LINEAR_TILES"):
+    with open(os.environ["SPLITSERVE_LINEAR_TILES"]) as f:
+        TILES = {tuple(int(v) for v in nk.split("x")): {int(m): LinearTile(*t) for m, t in per.items()}
+                 for nk, per in json.load(f).items()}
+
+
+def skinny_tile(n: int, k: int, m: int) -> LinearTile | None:
+    """The tile for an [m, k] x [n, k]^T linear, or None where cuBLAS is the faster choice."""
+    per = TILES.get((n, k))
+    if not per:
+        return None
+    cls = next((c for c in M_CLASSES if m <= c), None)
+    return per.get(cls) if cls is not None else None
+
+
 _SCRATCH: dict = {}
 
 
@@ -137,13 +168,13 @@ def _scratch(device: torch.device, part_elems: int, tiles: int) -> tuple[torch.T
     return _SCRATCH[key]
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, tile: LinearTile, bias: torch.Tensor | None = None,
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, tile: LinearTile, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of `gemv_linear_ref` for 1..MAX_M tokens; returns out [M, N].
 
     x:    [M, K] fp16/bf16, last dim contiguous
     w:    [N, K] x's dtype, last dim contiguous
-    tile: LinearTile (see TILES / `pick_tile`)
+    tile: LinearTile (see TILES / `skinny_tile`)
     bias: optional [N]
     """
     check_dim("x", x, 2, "[num_tokens, in_features]")
