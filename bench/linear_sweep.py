@@ -22,29 +22,37 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("SPLITSERVE_PDL", "0")   # cuBLAS does not overlap its neighbours either
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kbench import TESTING  # noqa: E402
 from gemm_ab import SHAPES  # noqa: E402
 
+from splitserve.kernels import silu_and_mul  # noqa: E402
 from splitserve.kernels.skinny_gemm import LinearTile, skinny_linear as linear  # noqa: E402
+
+SHAPES = dict(SHAPES, gate_up_silu=SHAPES["gate_up"])   # gate_up + silu_and_mul, fused or not
 
 SMEM = 227 * 1024
 TMA = (False, True)
 
 
-def candidates(n: int, k: int, m: int) -> list[LinearTile]:
-    """Tiles that fit in shared memory, with K splits giving 64-1100 programs."""
+def candidates(n: int, k: int, m: int, silu: bool = False) -> list[LinearTile]:
+    """Tiles that fit in shared memory, with K splits giving 64-1100 programs (silu: no split,
+    two W tiles per stage, n/2 output columns)."""
     bm = max(16, 1 << (m - 1).bit_length())
     out = []
+    rows = 2 if silu else 1
+    n = n // rows
     for bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (3, 4, 5)):
         if warps == 8 and bm < 128 or bn == 64 and m > 128:
             continue
-        if stages * (bn * bk + bm * bk) * 2 > SMEM:
+        if stages * (rows * bn * bk + bm * bk) * 2 > SMEM:
             continue
         tiles = math.ceil(n / bn)
-        for split, tma in itertools.product((1, 2, 4, 8), TMA):
+        for split, tma in itertools.product((1,) if silu else (1, 2, 4, 8), TMA):
             if 64 <= tiles * split <= 1100 and k // split >= 2 * bk:
                 out.append(LinearTile(bn, bk, warps, stages, split, tma))
     return out
@@ -57,24 +65,31 @@ def case(shape: str, m: int, verbose: bool) -> dict:
     g = torch.Generator(device="cuda").manual_seed(m * 7 + n)
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(copies)]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    silu = shape.endswith("_silu")
     outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-    cublas = TESTING.graph_time_us([lambda i=i: torch.mm(x, ws[i].t(), out=outs[i]) for i in range(copies)])
-    ref = outs[0].float().clone()
+    acts = [torch.empty(m, n // 2, device="cuda", dtype=torch.bfloat16) for _ in range(copies)] if silu else outs
+    if silu:   # the unfused pair: cuBLAS, then the silu_and_mul kernel
+        cublas = TESTING.graph_time_us([lambda i=i: silu_and_mul(torch.mm(x, ws[i].t(), out=outs[i]), out=acts[i])
+                                        for i in range(copies)])
+    else:
+        cublas = TESTING.graph_time_us([lambda i=i: torch.mm(x, ws[i].t(), out=outs[i]) for i in range(copies)])
+    ref = acts[0].float().clone()
     row = {"shape": shape, "M": m, "N": n, "K": k, "weight_MB": nbytes / 1e6, "copies": copies,
            "cublas_us": cublas, "tiles": []}
-    for tile in candidates(n, k, m):
+    for tile in candidates(n, k, m, silu):
         try:
-            us = TESTING.graph_time_us([lambda i=i: linear(x, ws[i], tile, out=outs[i]) for i in range(copies)])
+            us = TESTING.graph_time_us([lambda i=i: linear(x, ws[i], tile, out=acts[i], silu=silu)
+                                        for i in range(copies)])
         except Exception as e:   # out of resources on this GPU: recorded, not fatal
             row["tiles"].append({"tile": list(tile), "error": str(e)[:200]})
             continue
-        err = ((outs[0].float() - ref).abs().max() / ref.abs().max()).item()
+        err = ((acts[0].float() - ref).abs().max() / ref.abs().max()).item()
         row["tiles"].append({"tile": list(tile), "us": us, "TBps": nbytes / us / 1e6, "max_rel_err": err})
         if verbose:
             print(f"  {shape} M={m} {tuple(tile)}: {us:.1f} us (cuBLAS {cublas:.1f}) err {err:.1e}", flush=True)
     ok = [t for t in row["tiles"] if "us" in t and t["max_rel_err"] < 2e-2]
     row["best"] = min(ok, key=lambda t: t["us"]) if ok else None
-    del ws, outs
+    del ws, outs, acts
     torch.cuda.empty_cache()
     return row
 
@@ -114,7 +129,7 @@ def main() -> None:
     print("\nper layer (qkv+o+gate_up+down), us: cuBLAS vs best of cuBLAS and Triton")
     for m in sorted({r["M"] for r in rows}):
         sel = [r for r in rows if r["M"] == m]
-        if len(sel) == 4:
+        if len(sel) == 4 and all(r["shape"] in ("qkv", "o", "gate_up", "down") for r in sel):
             mixed = sum(min(r["cublas_us"], r["best"]["us"] if r["best"] else math.inf) for r in sel)
             print(f"  M={m}: {sum(r['cublas_us'] for r in sel):.1f} vs {mixed:.1f}")
     (out / "linear-tiles.json").write_text(json.dumps(tiles, indent=1))

@@ -98,8 +98,10 @@ AB = {
                 ("qkv-half-last", 0.0, 0.5, "evict_last"),
                 ("o+qkv-last", 1.0, 0.5, "evict_last"))],
     # the GEMMs: cuBLAS everywhere vs the skinny Triton GEMM where its table has a tile
-    "skinny": [("cublas", {}, {"fused.skinny_gemm": False}),
-               ("skinny", {}, {"fused.skinny_gemm": True})],
+    # (skinny-silu: gate_up's SiLU fused too, with the tiles of --silu-tiles FILE, {M: tile})
+    "skinny": [("cublas", {}, {"fused.skinny_gemm": False, "skinny.SILU_TILES": {}}),
+               ("skinny", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": {}}),
+               ("skinny-silu", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": "--silu-tiles"})],
     "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
                ("split-argmax", {}, {"runner.split_argmax": True})],
 }
@@ -147,6 +149,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=CONTEXT, help="tokens of context per sequence")
     ap.add_argument("--table-tokens", type=int, default=0,
                     help="max_model_len at least this (the split plan follows the table's width)")
+    ap.add_argument("--silu-tiles", default="", help="JSON {M: tile} for gate_up + SiLU (--ab skinny)")
     args = ap.parse_args()
     CONTEXT = args.context
     batches = [int(b) for b in args.batches.split(",")]
@@ -163,17 +166,38 @@ def main() -> None:
         if unknown:
             ap.error(f"unknown variants {sorted(unknown)} for --ab {args.ab}")
         variants = [v for v in AB[args.ab] if v[0] in keep]
-    objs = {"fused": eng.model._fused, "runner": runner, "decode": decode_plan}
+    from splitserve.kernels import skinny_gemm
+    objs = {"fused": eng.model._fused, "runner": runner, "decode": decode_plan, "skinny": skinny_gemm}
+    launches = {"n": 0, "silu": 0}     # skinny GEMM launches per capture: proof the path ran
+    plain_skinny = skinny_gemm.skinny_linear
+
+    def counted(*a, **kw):
+        launches["n"] += 1
+        launches["silu"] += bool(kw.get("silu"))
+        return plain_skinny(*a, **kw)
+    skinny_gemm.skinny_linear = counted
+    if args.silu_tiles:
+        per = json.loads(Path(args.silu_tiles).read_text())
+        w = eng.model.layers[0]["gate_up"]
+        silu_tiles = {tuple(w.shape): {int(m): skinny_gemm.LinearTile(*t) for m, t in per.items()}}
+    elif args.ab == "skinny":
+        variants = [v for v in variants if v[0] != "skinny-silu"]
     for trial in range(1 if SMOKE else 2):       # two passes, interleaved: drift shows
         for name, env, attrs in variants:
             os.environ.update(env)
             for k, v in attrs.items():
+                if v == "--silu-tiles":
+                    v = silu_tiles
                 obj, attr = k.split(".")
                 setattr(objs[obj], attr, v)
             if "SPLITSERVE_BLAS" in env:
                 torch.backends.cuda.preferred_blas_library(env["SPLITSERVE_BLAS"])
             runner._graphs, runner._outputs = {}, {}
+            launches.update(n=0, silu=0)
             runner.capture()
+            if launches["n"]:
+                print(f"  {name}: {launches['n']} skinny GEMM launches ({launches['silu']} with SiLU) "
+                      "in warm-up + capture", flush=True)
             for b in batches:
                 logits, toks = runner.run(inputs(eng, b, batches))
                 logits, toks = logits.float().cpu(), toks.tolist()

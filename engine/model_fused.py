@@ -68,11 +68,18 @@ class FusedForward:
             self._prefetch(lw["o"], self.prefetch_o)
             o = self._linear(self._attention(i, qkv, positions, attn, after_layer), lw["o"])
             h = k.rms_norm(o, lw["ln2"], eps, residual=res)
-            act = k.silu_and_mul(self._linear(h, lw["gate_up"]))
+            act = self._gate_up_silu(h, lw["gate_up"])
             if i + 1 < len(m.layers):
                 self._prefetch(m.layers[i + 1]["qkv"], self.prefetch_next_qkv)
             out = self._linear(act, lw["down"])
         return res, out
+
+    def _gate_up_silu(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """silu_and_mul(h @ gate_up.T): one skinny launch where its SiLU table has a tile."""
+        tile = self.k.skinny_tile(w.shape[0], w.shape[1], h.shape[0], silu=True) if self.skinny_gemm else None
+        if tile is not None:
+            return self.k.skinny_linear(h, w, tile, silu=True)
+        return self.k.silu_and_mul(self._linear(h, w))
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """F.linear, or the skinny Triton GEMM where its table has a tile for this shape and M."""

@@ -21,8 +21,6 @@ is absent, `skinny_tile` returns None and the engine calls F.linear.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import NamedTuple
 
 import torch
@@ -30,6 +28,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ._pdl import launch_kwargs, pdl_trigger, pdl_wait
 from ._rounding import round_to
 from ._common import ACT_DTYPES, check, check_device, check_dim, check_dtype, check_last_contiguous, next_pow2
 
@@ -49,7 +48,9 @@ class LinearTile(NamedTuple):
 def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn,
                    stride_ym, k_len, SPLIT, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, EVEN: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, SILU: tl.constexpr = False,
+                   PDL: tl.constexpr = 0):
+    pdl_wait(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -61,32 +62,48 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, strid
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (k0 + rk)[None, :]
     x_ptrs = x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)     # SILU: the up rows (N further on)
     for k in tl.range(0, k_len, BLOCK_K, num_stages=STAGES):
         if EVEN:     # N % BLOCK_N == 0 and the splits tile K exactly: W loads unmasked
             w = tl.load(w_ptrs + k)
             x = tl.load(x_ptrs + k, mask=mmask[:, None], other=0.0)
+            if SILU:
+                w2 = tl.load(w_ptrs + N * stride_wn + k)
         else:
             kmask = (k0 + k + rk) < K
             w = tl.load(w_ptrs + k, mask=nmask[:, None] & kmask[None, :], other=0.0)
             x = tl.load(x_ptrs + k, mask=mmask[:, None] & kmask[None, :], other=0.0)
+            if SILU:
+                w2 = tl.load(w_ptrs + N * stride_wn + k, mask=nmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(w, tl.trans(x), acc)
-    _epilogue(acc, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, stride_ym, SPLIT, pid_n, pid_s, SPLIT_K,
-              BLOCK_N, BLOCK_M, HAS_BIAS)
+        if SILU:
+            acc2 = tl.dot(w2, tl.trans(x), acc2)
+    pdl_trigger(PDL)
+    _epilogue(acc, acc2, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, stride_ym, SPLIT, pid_n, pid_s,
+              SPLIT_K, BLOCK_N, BLOCK_M, HAS_BIAS, SILU)
 
 
 @triton.jit
-def _epilogue(acc, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, stride_ym, SPLIT, pid_n, pid_s,
+def _epilogue(acc, acc2, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, stride_ym, SPLIT, pid_n, pid_s,
               SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-              HAS_BIAS: tl.constexpr):
+              HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] = y^T tile: bias, one rounding, store; or, with a K split, the
-    partial to scratch and, in the split that finishes last, the sum of all in split order."""
+    partial to scratch and, in the split that finishes last, the sum of all in split order.
+    SILU (no split, no bias): acc is gate, acc2 up; stores silu(gate) * up rounded as the
+    unfused path rounds it (the GEMM's outputs, then silu_mul.py's two roundings)."""
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     nmask = rn < N
     mmask = rm < M
     y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
     ymask = nmask[:, None] & mmask[None, :]
-    if not SPLIT_K:
+    if SILU:
+        dt = y_ptr.dtype.element_ty
+        g = round_to(acc, dt).to(tl.float32)
+        u = round_to(acc2, dt).to(tl.float32)
+        sg = round_to(tl.math.div_rn(g, 1.0 + tl.exp(-g)), dt).to(tl.float32)
+        tl.store(y_ptrs, round_to(sg * u, dt), mask=ymask)
+    elif not SPLIT_K:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptrs, round_to(acc, y_ptr.dtype.element_ty), mask=ymask)
@@ -110,28 +127,33 @@ def _epilogue(acc, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, stride_ym, SPLIT, pid_
 @triton.jit
 def _linear_tma_kernel(x_desc, w_desc, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, stride_ym, k_len, SPLIT,
                        SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_K: tl.constexpr, STAGES: tl.constexpr, HAS_BIAS: tl.constexpr):
+                       BLOCK_K: tl.constexpr, STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       SILU: tl.constexpr = False, PDL: tl.constexpr = 0):
     """_linear_kernel with W and x tiles loaded by TMA (tensor descriptors): one thread issues a
     tile, no per-element addresses; out-of-range rows and K columns arrive as zeros."""
+    pdl_wait(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     n0 = pid_n * BLOCK_N
     k0 = pid_s * k_len
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k in tl.range(0, k_len, BLOCK_K, num_stages=STAGES):
         w = w_desc.load([n0, k0 + k])
         x = x_desc.load([0, k0 + k])
         acc = tl.dot(w, x.T, acc)
-    _epilogue(acc, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, stride_ym, SPLIT, pid_n, pid_s, SPLIT_K,
-              BLOCK_N, BLOCK_M, HAS_BIAS)
+        if SILU:   # the up rows: N further on (a gate row past N reads up rows; masked at store)
+            acc2 = tl.dot(w_desc.load([N + n0, k0 + k]), x.T, acc2)
+    pdl_trigger(PDL)
+    _epilogue(acc, acc2, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, stride_ym, SPLIT, pid_n, pid_s,
+              SPLIT_K, BLOCK_N, BLOCK_M, HAS_BIAS, SILU)
 
 
 # (N, K) of the weight -> {M class: tile}, for the classes where the fastest tile beat cuBLAS by
 # 3% or more on the H200 in two sweeps on two machines (`bench/linear_sweep.py --m 32,8,64,128`,
 # bench/results/engine-2026-11-30-s14.md); a step of M tokens uses the class >= M. Llama-3-8B
-# shapes only: other shapes and classes keep cuBLAS. $SPLITSERVE_LINEAR_TILES names a JSON file
-# ({"NxK": {"M": [block_n, block_k, warps, stages, split, tma]}}, what the sweep writes as
-# linear-tiles.json keyed by shape name, rekeyed) that replaces the table at import.
+# shapes only: other shapes and classes keep cuBLAS. SILU_TILES: the same for gate_up with
+# silu_and_mul fused in (against cuBLAS + the silu_and_mul kernel).
 M_CLASSES = (8, 32, 64, 128)
 TILES: dict[tuple[int, int], dict[int, LinearTile]] = {
     (4096, 4096): {8: LinearTile(64, 128, 4, 5, 1), 32: LinearTile(64, 128, 4, 5, 1, True)},        # o
@@ -140,15 +162,13 @@ TILES: dict[tuple[int, int], dict[int, LinearTile]] = {
                     64: LinearTile(128, 64, 4, 3, 1, True), 128: LinearTile(128, 64, 8, 3, 1, True)},  # gate_up
     (4096, 14336): {32: LinearTile(64, 128, 4, 5, 2), 64: LinearTile(64, 128, 4, 5, 2)},            # down
 }
-if os.environ.get("SPLITSERVE_LINEAR_TILES"):
-    with open(os.environ["SPLITSERVE_LINEAR_TILES"]) as f:
-        TILES = {tuple(int(v) for v in nk.split("x")): {int(m): LinearTile(*t) for m, t in per.items()}
-                 for nk, per in json.load(f).items()}
+SILU_TILES: dict[tuple[int, int], dict[int, LinearTile]] = {}
 
 
-def skinny_tile(n: int, k: int, m: int) -> LinearTile | None:
-    """The tile for an [m, k] x [n, k]^T linear, or None where cuBLAS is the faster choice."""
-    per = TILES.get((n, k))
+def skinny_tile(n: int, k: int, m: int, silu: bool = False) -> LinearTile | None:
+    """The tile for an [m, k] x [n, k]^T linear (silu: the fused gate_up + SiLU-and-mul, n = 2I),
+    or None where cuBLAS (+ silu_and_mul) is the faster choice."""
+    per = (SILU_TILES if silu else TILES).get((n, k))
     if not per:
         return None
     cls = next((c for c in M_CLASSES if m <= c), None)
@@ -169,13 +189,15 @@ def _scratch(device: torch.device, part_elems: int, tiles: int) -> tuple[torch.T
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, tile: LinearTile, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:
     """Triton version of `gemv_linear_ref` for 1..MAX_M tokens; returns out [M, N].
 
     x:    [M, K] fp16/bf16, last dim contiguous
-    w:    [N, K] x's dtype, last dim contiguous
+    w:    [N, K] x's dtype, last dim contiguous; with silu the stacked [gate; up] weight [2I, K]
     tile: LinearTile (see TILES / `skinny_tile`)
-    bias: optional [N]
+    bias: optional [N] (not with silu)
+    silu: out = silu_and_mul(x @ w.T) [M, I], rounded as the two unfused kernels round
+    No host sync: capturable in a CUDA graph; launched with PDL where kernels/_pdl.py says so.
     """
     check_dim("x", x, 2, "[num_tokens, in_features]")
     check_dim("w", w, 2, "[out_features, in_features]")
@@ -184,11 +206,14 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, tile: LinearTile, bias: torc
     check_last_contiguous("x", x)
     check_last_contiguous("w", w)
     m, k = x.shape
-    n = w.shape[0]
-    check(w.shape[1] == k, lambda: f"w is [{n}, {w.shape[1]}], x has {k} features")
+    check(w.shape[1] == k, lambda: f"w is {list(w.shape)}, x has {k} features")
     check(1 <= m <= MAX_M, lambda: f"{m} tokens: this kernel takes 1..{MAX_M}")
     check(tile.block_n in (16, 32, 64, 128) and tile.block_k in (16, 32, 64, 128, 256) and tile.split >= 1,
           lambda: f"bad tile {tile}")
+    if silu:
+        check(w.shape[0] % 2 == 0 and bias is None and tile.split == 1,
+              lambda: "silu needs an even number of weight rows [gate; up], no bias and split 1")
+    n = w.shape[0] // 2 if silu else w.shape[0]
     if bias is not None:
         check(bias.shape == (n,) and bias.dtype == x.dtype and bias.stride(0) == 1,
               lambda: f"bias must be contiguous [{n}] {x.dtype}")
@@ -199,24 +224,22 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, tile: LinearTile, bias: torc
     check_device("x", x, w=w, bias=bias, out=out)
     block_m = max(16, next_pow2(m))
     tiles = triton.cdiv(n, tile.block_n)
-    split = tile.split
-    k_len = triton.cdiv(triton.cdiv(k, split), tile.block_k) * tile.block_k
+    k_len = triton.cdiv(triton.cdiv(k, tile.split), tile.block_k) * tile.block_k
     split = triton.cdiv(k, k_len)             # no empty split
     part, cnt = (_scratch(x.device, split * n * block_m, tiles) if split > 1 else (out, out))
+    common = dict(SPLIT_K=split > 1, BLOCK_N=tile.block_n, BLOCK_M=block_m, BLOCK_K=tile.block_k,
+                  STAGES=tile.num_stages, HAS_BIAS=bias is not None, SILU=silu,
+                  num_warps=tile.num_warps, **launch_kwargs(x.device, m))
+    b = bias if bias is not None else out
     if tile.tma:
         check(all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in (x, w)),
               lambda: "a TMA tile needs x and w with 16-byte aligned rows")
         _linear_tma_kernel[(tiles, split)](
             TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, tile.block_k]),
-            TensorDescriptor(w, [n, k], [w.stride(0), 1], [tile.block_n, tile.block_k]),
-            bias if bias is not None else out, out, part, cnt, m, n, out.stride(0), k_len, split,
-            SPLIT_K=split > 1, BLOCK_N=tile.block_n, BLOCK_M=block_m, BLOCK_K=tile.block_k,
-            STAGES=tile.num_stages, HAS_BIAS=bias is not None, num_warps=tile.num_warps)
-        return out
-    _linear_kernel[(tiles, split)](
-        x, w, bias if bias is not None else out, out, part, cnt, m, n, k, x.stride(0), w.stride(0),
-        out.stride(0), k_len, split, SPLIT_K=split > 1, BLOCK_N=tile.block_n, BLOCK_M=block_m,
-        BLOCK_K=tile.block_k, STAGES=tile.num_stages, HAS_BIAS=bias is not None,
-        EVEN=n % tile.block_n == 0 and k_len * split == k,
-        num_warps=tile.num_warps)
+            TensorDescriptor(w, [w.shape[0], k], [w.stride(0), 1], [tile.block_n, tile.block_k]),
+            b, out, part, cnt, m, n, out.stride(0), k_len, split, **common)
+    else:
+        _linear_kernel[(tiles, split)](
+            x, w, b, out, part, cnt, m, n, k, x.stride(0), w.stride(0), out.stride(0), k_len, split,
+            EVEN=n % tile.block_n == 0 and k_len * split == k, **common)
     return out

@@ -200,7 +200,7 @@ def test_gemv_path_matches_gemm_path():
 def test_skinny_gemm_path_matches_cublas_path(monkeypatch):
     """kernels/skinny_gemm.py in the engine's GEMM path. Its table only has Llama-3-8B shapes, so
     here it is given tiles for every linear of dummy:tiny and every M class (plain, K split with
-    the in-launch merge, TMA), and the same steps run through the fused forward with and without
+    the in-launch merge, TMA; gate_up's SiLU fused for the small classes), and the same steps run through the fused forward with and without
     it: logits agree to fp16 rounding (float32 accumulation on both sides, only the summation
     order differs), greedy tokens are equal, and the skinny kernel really ran."""
     from splitserve.engine.request import SamplingParams
@@ -215,13 +215,17 @@ def test_skinny_gemm_path_matches_cublas_path(monkeypatch):
     monkeypatch.setattr(skinny_gemm, "TILES", {s: {c: tiles[(i + j) % len(tiles)]
                                                    for j, c in enumerate(skinny_gemm.M_CLASSES)}
                                                for i, s in enumerate(sorted(shapes))})
-    used = []
+    gate_up = tuple(b.model.layers[0]["gate_up"].shape)     # fused SiLU for the small classes only
+    monkeypatch.setattr(skinny_gemm, "SILU_TILES", {gate_up: {8: tiles[0], 32: tiles[2]}})
+    used, used_kw = [], []
     run = skinny_gemm.skinny_linear
-    monkeypatch.setattr(skinny_gemm, "skinny_linear", lambda x, w, t, **kw: used.append(t) or run(x, w, t, **kw))
+    monkeypatch.setattr(skinny_gemm, "skinny_linear",
+                        lambda x, w, t, **kw: used.append(t) or used_kw.append(kw) or run(x, w, t, **kw))
     for p in PROMPTS:
         a.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True))
     for inp, la, lb in _lockstep(a, b):
         torch.testing.assert_close(lb, la, rtol=2e-2, atol=2e-2)
         assert lb.argmax(-1).tolist() == la.argmax(-1).tolist()
     assert len(shapes) == 4 and {t.split > 1 for t in used} == {False, True} and any(t.tma for t in used)
+    assert any(kw.get("silu") for kw in used_kw) and not all(kw.get("silu") for kw in used_kw)
     torch.testing.assert_close(b.kv_cache.kv, a.kv_cache.kv, rtol=2e-2, atol=2e-2)

@@ -22,7 +22,7 @@ from splitserve.kernels.testing import setup_kernel_tests  # noqa: E402
 
 DEVICE = setup_kernel_tests()
 
-from splitserve.kernels import gemv_linear_ref  # noqa: E402
+from splitserve.kernels import gemv_linear_ref, silu_and_mul_ref  # noqa: E402
 from splitserve.kernels.skinny_gemm import LinearTile, skinny_linear as linear  # noqa: E402
 
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
@@ -63,6 +63,30 @@ def test_linear_matches_reference(dt, m, n, k, tile, bias):
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
     linear(x, w, tile, bias=b, out=out)
     _check(out, gemv_linear_ref(x.cpu(), w.cpu(), None if b is None else b.cpu()), dtype)
+
+
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+@pytest.mark.parametrize("m, i, k, tile", [
+    (3, 64, 128, LinearTile(64, 64, 4, 2, 1)),
+    (17, 96, 192, LinearTile(64, 64, 4, 2, 1)),           # I not a multiple of BLOCK_N
+    (8, 64, 256, LinearTile(32, 64, 4, 2, 1, True)),      # TMA
+    (9, 96, 128, LinearTile(64, 32, 4, 2, 1, True)),      # TMA, gate tile running into up rows
+])
+def test_silu_epilogue_matches_unfused(dt, m, i, k, tile):
+    """silu=True: gate_up [2I, K] GEMM + silu_and_mul in one launch, rounded as the two."""
+    dtype = DTYPES[dt]
+    x, w, _ = _case(dtype, m, 2 * i, k, seed=m + i + k)
+    out = torch.full((m, i), float("nan"), dtype=dtype, device=DEVICE)
+    linear(x, w, tile, out=out, silu=True)
+    _check(out, silu_and_mul_ref(gemv_linear_ref(x.cpu(), w.cpu())), dtype)
+
+
+def test_silu_refuses_split_and_bias():
+    x, w, b = _case(torch.bfloat16, 4, 128, 128, 7)
+    with pytest.raises(ValueError, match="silu needs"):
+        linear(x, w, LinearTile(64, 64, 4, 2, 2), silu=True)
+    with pytest.raises(ValueError, match="silu needs"):
+        linear(x, w, LinearTile(64, 64, 4, 2, 1), bias=b[:64], silu=True)
 
 
 def test_split_counters_rearm_across_calls():
