@@ -1,8 +1,8 @@
 """A/B of decode-step variants on the step's CUDA graphs: programmatic dependent launch
 (kernels/_pdl.py; --ab pdl, and where it triggers: --ab trigger), the decode attention's large-grid
 tiles (--ab largetiles), its K/V L2 prefetch and split length (--ab kvprefetch), RoPE + KV
-write in the QKV GEMV's epilogue (--ab rope), the GEMMs' BLAS library (--ab blas), L2
-prefetch of the next weights (--ab l2w), the skinny Triton GEMM (--ab skinny) or the greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
+write in the QKV GEMV's epilogue (--ab rope), the GEMMs' BLAS library (--ab blas), the
+skinny Triton GEMM (--ab skinny) or the greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
 
 One engine (dummy Llama-3-8B on the GPU, bf16 or FP8 KV; tiny float16 under --smoke), its
 decode graphs captured under each variant in turn, twice, interleaved (a variant sets
@@ -11,7 +11,7 @@ capture); each capture's graph replay time per batch, back to back, timed by CUD
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
     python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|fp8splits|rope|
-                                         blas|l2w|skinny|argmax] [--kv bf16|fp8] [--batches 1,8,32]
+                                         blas|skinny|argmax] [--kv bf16|fp8] [--batches 1,8,32]
                            [--variants a,b] [--context 1024] [--table-tokens 8448]
 """
 from __future__ import annotations
@@ -40,7 +40,9 @@ BATCHES = (1, 2) if SMOKE else (1, 8, 32)
 # 4145 us at batch 1, removed; and splits past a short sequence's end skipping the fused
 # merge's stores and count: 4120 vs 4124 us, removed; engine-2026-11-30-s12.md. The RoPE
 # kernel's slot/v loads before vs after its rotation, --ab ropeloads at 6893ee0, decided for
-# "before", its switch removed.)
+# "before", its switch removed. Session 14 timed an L2 prefetch of the o weight before attention
+# and of the next layer's qkv before the down GEMM (prefetch.global.L2 / cp.async.bulk, --ab l2w
+# at c4a6bfa): every variant slower, +90-600 us per step; removed; engine-2026-11-30-s14.md.)
 # (name, environment, attributes "fused.<name>" of the FusedForward / "runner.<name>" of the
 # DecodeGraphRunner / "decode.<name>" of kernels/decode_plan.py)
 AB = {
@@ -86,19 +88,9 @@ AB = {
     # the GEMMs' BLAS library (torch.backends.cuda.preferred_blas_library, set before capture)
     "blas": [("cublas", {"SPLITSERVE_BLAS": "cublas"}, {}),
              ("cublaslt", {"SPLITSERVE_BLAS": "cublaslt"}, {})],
-    # L2 prefetch of weights (kernels/prefetch.py): the o weight before attention, the next
-    # layer's qkv weight (row heads) before the down GEMM; mode evict_last / normal / bulk
-    "l2w": [(name, {}, {"fused.prefetch_o": po, "fused.prefetch_next_qkv": pq, "fused.prefetch_mode": mode})
-            for name, po, pq, mode in (
-                ("off", 0.0, 0.0, "evict_last"),
-                ("o-last", 1.0, 0.0, "evict_last"),
-                ("o-normal", 1.0, 0.0, "normal"),
-                ("o-bulk", 1.0, 0.0, "bulk"),
-                ("o-half-last", 0.5, 0.0, "evict_last"),
-                ("qkv-half-last", 0.0, 0.5, "evict_last"),
-                ("o+qkv-last", 1.0, 0.5, "evict_last"))],
     # the GEMMs: cuBLAS everywhere vs the skinny Triton GEMM where its table has a tile
-    # (skinny-silu: gate_up's SiLU fused too, with the tiles of --silu-tiles FILE, {M: tile})
+    # (skinny-silu: gate_up's SiLU fused too, with the module's SILU_TILES or those of
+    # --silu-tiles FILE, {M: tile})
     "skinny": [("cublas", {}, {"fused.skinny_gemm": False, "skinny.SILU_TILES": {}}),
                ("skinny", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": {}}),
                ("skinny-silu", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": "--silu-tiles"})],
@@ -176,12 +168,11 @@ def main() -> None:
         launches["silu"] += bool(kw.get("silu"))
         return plain_skinny(*a, **kw)
     skinny_gemm.skinny_linear = counted
+    silu_tiles = dict(skinny_gemm.SILU_TILES)
     if args.silu_tiles:
         per = json.loads(Path(args.silu_tiles).read_text())
         w = eng.model.layers[0]["gate_up"]
         silu_tiles = {tuple(w.shape): {int(m): skinny_gemm.LinearTile(*t) for m, t in per.items()}}
-    elif args.ab == "skinny":
-        variants = [v for v in variants if v[0] != "skinny-silu"]
     for trial in range(1 if SMOKE else 2):       # two passes, interleaved: drift shows
         for name, env, attrs in variants:
             os.environ.update(env)

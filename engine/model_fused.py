@@ -36,12 +36,6 @@ class FusedForward:
         self.k = kernels
         self.small_batch_tokens = SMALL_BATCH_TOKENS
         self.fuse_rope_epilogue = True    # the GEMV path's QKV GEMV does RoPE + KV write
-        # L2 prefetch (kernels/prefetch.py), read at capture: the fraction of the o weight's
-        # rows issued to L2 right before attention, of the next layer's qkv weight right before
-        # the down GEMM, and the prefetch mode. 0 = off.
-        self.prefetch_o = 0.0
-        self.prefetch_next_qkv = 0.0
-        self.prefetch_mode = "evict_last"
         # the Triton skinny GEMM (kernels/skinny_gemm.py) where its table says it beats cuBLAS
         # for the weight shape and token count (read at capture); False: cuBLAS everywhere
         self.skinny_gemm = True
@@ -65,13 +59,9 @@ class FusedForward:
         for i, lw in enumerate(m.layers):
             h = k.rms_norm(res, lw["ln1"], eps) if out is None else k.rms_norm(out, lw["ln1"], eps, residual=res)
             qkv = self._linear(h, lw["qkv"], lw["qkv_bias"])
-            self._prefetch(lw["o"], self.prefetch_o)
             o = self._linear(self._attention(i, qkv, positions, attn, after_layer), lw["o"])
             h = k.rms_norm(o, lw["ln2"], eps, residual=res)
-            act = self._gate_up_silu(h, lw["gate_up"])
-            if i + 1 < len(m.layers):
-                self._prefetch(m.layers[i + 1]["qkv"], self.prefetch_next_qkv)
-            out = self._linear(act, lw["down"])
+            out = self._linear(self._gate_up_silu(h, lw["gate_up"]), lw["down"])
         return res, out
 
     def _gate_up_silu(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -89,9 +79,6 @@ class FusedForward:
                 return self.k.skinny_linear(x, w, tile, bias=bias)
         return F.linear(x, w, bias)
 
-    def _prefetch(self, w: torch.Tensor, fraction: float) -> None:
-        if fraction > 0.0 and w.is_cuda:
-            self.k.l2_prefetch(w, fraction, self.prefetch_mode)
 
     def _layers_gemv(self, input_ids, positions, attn, after_layer) -> tuple[torch.Tensor, torch.Tensor]:
         """The same layers for few tokens with the GEMV kernels; outputs reuse one buffer each."""
@@ -118,13 +105,10 @@ class FusedForward:
                 k.norm_linear(out, lw["ln1"], eps, lw["qkv"], res, other(res), bias=lw["qkv_bias"],
                               out=qkv, rope=rope)
                 res = other(res)
-            self._prefetch(lw["o"], self.prefetch_o)
             k.gemv_linear(self._attention(i, qkv, positions, attn, after_layer, written=fuse),
                           lw["o"], out=o)
             k.norm_linear(o, lw["ln2"], eps, lw["gate_up"], res, other(res), silu=True, out=act)
             res = other(res)
-            if i + 1 < len(m.layers):
-                self._prefetch(m.layers[i + 1]["qkv"], self.prefetch_next_qkv)
             k.gemv_linear(act, lw["down"], out=out)
         return res, out
 

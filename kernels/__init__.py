@@ -40,8 +40,6 @@ The fused layer glue of the engine's GPU path (references in `reference_fused.py
     skinny_linear(x, w, tile, bias=None, out=None), skinny_tile(n, k, m)
         skinny tensor-core y = x @ w.T for 1..256 tokens (K split merged in the launch), and
         the measured tile for a weight shape and token count (None: cuBLAS is faster).
-    l2_prefetch(w, fraction=1.0, mode="evict_last")
-        issue the head of every row of a 2-D weight to L2 (a hint; no-op off the GPU).
 
 Layouts and metadata are those of `reference.py`: caches [num_blocks, block_size,
 num_kv_heads, head_dim] (V pages token-major or token-minor, `token_minor_v`); FP8 caches
@@ -76,7 +74,6 @@ _LAZY = {
     "norm_linear": "gemv",
     "RopeKV": "gemv_rope",
     "argmax_rows": "argmax",
-    "l2_prefetch": "prefetch",
     "skinny_linear": "skinny_gemm",
     "skinny_tile": "skinny_gemm",
 }
@@ -95,6 +92,6 @@ __all__ = [
     "rms_norm_ref", "rope_cos_sin_cache", "rope_ref",
     "rope_write_kv", "rope_write_kv_ref", "silu_and_mul", "silu_and_mul_ref", "write_kv",
     "write_kv_ref", "token_minor_v", "gemv_linear", "gemv_linear_ref", "norm_linear",
-    "norm_linear_ref", "RopeKV", "argmax_rows", "l2_prefetch",
+    "norm_linear_ref", "RopeKV", "argmax_rows",
     "skinny_linear", "skinny_tile",
 ]

@@ -162,7 +162,10 @@ TILES: dict[tuple[int, int], dict[int, LinearTile]] = {
                     64: LinearTile(128, 64, 4, 3, 1, True), 128: LinearTile(128, 64, 8, 3, 1, True)},  # gate_up
     (4096, 14336): {32: LinearTile(64, 128, 4, 5, 2), 64: LinearTile(64, 128, 4, 5, 2)},            # down
 }
-SILU_TILES: dict[tuple[int, int], dict[int, LinearTile]] = {}
+SILU_TILES: dict[tuple[int, int], dict[int, LinearTile]] = {       # vs skinny/cuBLAS + silu kernel
+    (28672, 4096): {8: LinearTile(128, 128, 4, 3, 1, True), 32: LinearTile(64, 64, 4, 3, 1),
+                    64: LinearTile(64, 64, 4, 3, 1), 128: LinearTile(128, 64, 8, 4, 1, True)},
+}
 
 
 def skinny_tile(n: int, k: int, m: int, silu: bool = False) -> LinearTile | None:
