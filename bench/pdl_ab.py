@@ -90,10 +90,15 @@ AB = {
              ("cublaslt", {"SPLITSERVE_BLAS": "cublaslt"}, {})],
     # the GEMMs: cuBLAS everywhere vs the skinny Triton GEMM where its table has a tile
     # (skinny-silu: gate_up's SiLU fused too, with the module's SILU_TILES or those of
-    # --silu-tiles FILE, {M: tile})
+    # --silu-tiles FILE, {M: tile}; skinny-qkv: also the QKV projection at M <= 32, where the
+    # sweep found it level with cuBLAS, so that the whole layer is PDL-launched Triton kernels)
     "skinny": [("cublas", {}, {"fused.skinny_gemm": False, "skinny.SILU_TILES": {}}),
-               ("skinny", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": {}}),
-               ("skinny-silu", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": "--silu-tiles"})],
+               ("skinny", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": {},
+                               "skinny.TILES": "--tiles"}),
+               ("skinny-silu", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": "--silu-tiles",
+                                    "skinny.TILES": "--tiles"}),
+               ("skinny-qkv", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": "--silu-tiles",
+                                   "skinny.TILES": "--tiles+qkv"})],
     "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
                ("split-argmax", {}, {"runner.split_argmax": True})],
 }
@@ -168,7 +173,10 @@ def main() -> None:
         launches["silu"] += bool(kw.get("silu"))
         return plain_skinny(*a, **kw)
     skinny_gemm.skinny_linear = counted
-    silu_tiles = dict(skinny_gemm.SILU_TILES)
+    silu_tiles, tiles = dict(skinny_gemm.SILU_TILES), dict(skinny_gemm.TILES)
+    qkv = tuple(eng.model.layers[0]["qkv"].shape)
+    tiles_qkv = dict(tiles, **{qkv: dict(tiles.get(qkv, {}), **{8: skinny_gemm.LinearTile(64, 128, 4, 5, 1),
+                                                                32: skinny_gemm.LinearTile(64, 128, 4, 5, 1)})})
     if args.silu_tiles:
         per = json.loads(Path(args.silu_tiles).read_text())
         w = eng.model.layers[0]["gate_up"]
@@ -177,8 +185,8 @@ def main() -> None:
         for name, env, attrs in variants:
             os.environ.update(env)
             for k, v in attrs.items():
-                if v == "--silu-tiles":
-                    v = silu_tiles
+                if isinstance(v, str) and v.startswith("--"):
+                    v = {"--silu-tiles": silu_tiles, "--tiles": tiles, "--tiles+qkv": tiles_qkv}[v]
                 obj, attr = k.split(".")
                 setattr(objs[obj], attr, v)
             if "SPLITSERVE_BLAS" in env:
