@@ -175,8 +175,9 @@ def main() -> None:
     skinny_gemm.skinny_linear = counted
     silu_tiles, tiles = dict(skinny_gemm.SILU_TILES), dict(skinny_gemm.TILES)
     qkv = tuple(eng.model.layers[0]["qkv"].shape)
-    tiles_qkv = dict(tiles, **{qkv: dict(tiles.get(qkv, {}), **{8: skinny_gemm.LinearTile(64, 128, 4, 5, 1),
-                                                                32: skinny_gemm.LinearTile(64, 128, 4, 5, 1)})})
+    tiles_qkv = dict(tiles)
+    tiles_qkv[qkv] = {**tiles.get(qkv, {}), 8: skinny_gemm.LinearTile(64, 128, 4, 5, 1),
+                      32: skinny_gemm.LinearTile(64, 128, 4, 5, 1)}
     if args.silu_tiles:
         per = json.loads(Path(args.silu_tiles).read_text())
         w = eng.model.layers[0]["gate_up"]
