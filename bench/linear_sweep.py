@@ -9,7 +9,7 @@ call and every candidate tile of the Triton kernel, each in its own CUDA graph t
 once per weight copy (copies exceed the L2 several times; median of 20 replays, us per call),
 and checks each output against cuBLAS's (same math, float32 accumulation: max relative error
 ~1e-2 of one bf16 rounding). Writes DIR/linear-sweep.json (every row) and DIR/linear-tiles.json
-({shape: {M: [block_n, block_k, warps, stages, split, tma, ws]}} where the best tile beat cuBLAS by 3%+).
+({shape: {M: [block_n, block_k, warps, stages, split, tma]}} where the best tile beat cuBLAS by 3%+).
 """
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ SHAPES = dict(SHAPES, gate_up_silu=SHAPES["gate_up"])   # gate_up + silu_and_mul
 
 SMEM = 227 * 1024
 TMA = (False, True)
-WS = (False,)
 
 
 def candidates(n: int, k: int, m: int, silu: bool = False) -> list[LinearTile]:
@@ -53,9 +52,9 @@ def candidates(n: int, k: int, m: int, silu: bool = False) -> list[LinearTile]:
         if stages * (rows * bn * bk + bm * bk) * 2 > SMEM:
             continue
         tiles = math.ceil(n / bn)
-        for split, tma, ws in itertools.product((1,) if silu else (1, 2, 4, 8), TMA, WS):
-            if 64 <= tiles * split <= 1100 and k // split >= 2 * bk and (tma or not ws):
-                out.append(LinearTile(bn, bk, warps, stages, split, tma, ws))
+        for split, tma in itertools.product((1,) if silu else (1, 2, 4, 8), TMA):
+            if 64 <= tiles * split <= 1100 and k // split >= 2 * bk:
+                out.append(LinearTile(bn, bk, warps, stages, split, tma))
     return out
 
 
@@ -102,12 +101,9 @@ def main() -> None:
     ap.add_argument("--shapes", default="qkv,o,gate_up,down")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--tma", choices=["both", "on", "off"], default="both")
-    ap.add_argument("--ws", choices=["both", "on", "off"], default="off",
-                    help="TMA tiles with Triton's warp specialization")
     args = ap.parse_args()
-    global TMA, WS
+    global TMA
     TMA = {"both": (False, True), "on": (True,), "off": (False,)}[args.tma]
-    WS = {"both": (False, True), "on": (True,), "off": (False,)}[args.ws]
     rows, t0 = [], time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

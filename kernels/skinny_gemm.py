@@ -42,7 +42,6 @@ class LinearTile(NamedTuple):
     num_stages: int
     split: int        # K split (1: no partials, no counter)
     tma: bool = False  # W and x tiles through TMA descriptors (16-byte aligned rows needed)
-    ws: bool = False   # TMA only: Triton's warp specialization of the K loop (producer warps)
 
 
 @triton.jit
@@ -129,7 +128,7 @@ def _epilogue(acc, acc2, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, stride_ym, SPLIT
 def _linear_tma_kernel(x_desc, w_desc, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, stride_ym, k_len, SPLIT,
                        SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_K: tl.constexpr, STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       SILU: tl.constexpr = False, PDL: tl.constexpr = 0, WS: tl.constexpr = False):
+                       SILU: tl.constexpr = False, PDL: tl.constexpr = 0):
     """_linear_kernel with W and x tiles loaded by TMA (tensor descriptors): one thread issues a
     tile, no per-element addresses; out-of-range rows and K columns arrive as zeros."""
     pdl_wait(PDL)
@@ -139,7 +138,7 @@ def _linear_tma_kernel(x_desc, w_desc, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, st
     k0 = pid_s * k_len
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k in tl.range(0, k_len, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
+    for k in tl.range(0, k_len, BLOCK_K, num_stages=STAGES):
         w = w_desc.load([n0, k0 + k])
         x = x_desc.load([0, k0 + k])
         acc = tl.dot(w, x.T, acc)
@@ -238,14 +237,13 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, tile: LinearTile, bias: torc
                   STAGES=tile.num_stages, HAS_BIAS=bias is not None, SILU=silu,
                   num_warps=tile.num_warps, **launch_kwargs(x.device, m))
     b = bias if bias is not None else out
-    check(tile.tma or not tile.ws, lambda: "warp specialization needs a TMA tile")
     if tile.tma:
         check(all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in (x, w)),
               lambda: "a TMA tile needs x and w with 16-byte aligned rows")
         _linear_tma_kernel[(tiles, split)](
             TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, tile.block_k]),
             TensorDescriptor(w, [w.shape[0], k], [w.stride(0), 1], [tile.block_n, tile.block_k]),
-            b, out, part, cnt, m, n, out.stride(0), k_len, split, WS=tile.ws, **common)
+            b, out, part, cnt, m, n, out.stride(0), k_len, split, **common)
     else:
         _linear_kernel[(tiles, split)](
             x, w, b, out, part, cnt, m, n, k, x.stride(0), w.stride(0), out.stride(0), k_len, split,
