@@ -1,4 +1,4 @@
-"""Skinny tensor-core linear layers for decode batches (M = 17..256 tokens): y = x @ W.T (+ bias).
+"""Skinny tensor-core linear layers for decode batches (M = 1..256 tokens): y = x @ W.T (+ bias).
 
 Reference: `reference_fused.gemv_linear_ref` (float32 math, one rounding). A decode step's GEMMs
 stream the weights once per step; at M = 32-256 cuBLAS reads them at 2.3-3.4 TB/s of the H200's
@@ -15,9 +15,16 @@ program's stores); the last one sums the partials in split order (deterministic)
 re-arms the counter. The scratch is allocated once per device and size and reused by every call
 (calls on one stream only; no host sync: CUDA-graph capturable).
 
-TILES picks (BLOCK_N, BLOCK_K, warps, stages, SPLIT, TMA) per weight shape and M class; they are
-the fastest of `bench/linear_sweep.py` on the H200. Where cuBLAS was as fast or faster the entry
-is absent, `skinny_tile` returns None and the engine calls F.linear.
+W and x tiles come by pointer loads (cp.async, pipelined) or by TMA descriptors. With silu=True
+(gate_up, no split) a program also accumulates the matching up rows and stores silu(gate) * up,
+rounded as cuBLAS + `silu_mul.py` round: one launch and no [M, 2I] intermediate. Launches use
+PDL (kernels/_pdl.py), so a layer whose kernels are all Triton overlaps each launch with the
+previous kernel's tail.
+
+TILES / SILU_TILES pick (BLOCK_N, BLOCK_K, warps, stages, SPLIT, TMA) per weight shape and M
+class; they are the fastest of `bench/linear_sweep.py` on the H200. Where cuBLAS was as fast or
+faster the entry is absent, `skinny_tile` returns None and the engine calls F.linear. The engine
+takes this path for steps of 2-128 tokens (one-token steps run kernels/gemv.py).
 """
 from __future__ import annotations
 
