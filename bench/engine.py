@@ -286,26 +286,29 @@ TABLE_LEGEND = (
     "*engine.step()* = one LLMEngine.step() in a loop of decode steps (schedule, inputs, replay, read "
     "tokens, update requests, detokenize, outputs), median wall time, with scheduler.overlap_decode on "
     "(the next step is launched before this one's tokens are read) and off (synchronous); runner tok/s, "
-    "roofline and HF ratios are against the runner step.")
+    "roofline and HF ratios are against the runner step; *engine / roofline* is the engine's default "
+    "(overlapped) step against the same roofline. The runner step's host part varies 0.07-0.45 ms "
+    "between the device's machines (engine-2026-11-30-s14.md); the overlapped step hides most of it.")
 
 
 def table() -> str:
     lines = ["| KV | B | context | graph replay ms | runner step ms | engine.step() ms, overlap | "
-             "engine.step() ms, sync | runner tok/s | roofline ms | runner / roofline | HF static ms/step | "
-             "HF / runner |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "engine.step() ms, sync | runner tok/s | roofline ms | runner / roofline | engine / roofline | "
+             "HF static ms/step | HF / runner |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     hf = {(h["batch"], h["context"]): h["step_s"] for h in R.get("hf", [])}
 
     def ms(r, k):
         return f"{r[k] * 1e3:.2f}" if k in r else "-"
     for r in R.get("decode", []):
         if "skipped" in r:
-            lines.append(f"| {r['kv']} | {r['batch']} | {r['context']} | - | - | - | - | - | - | does not fit | | |")
+            lines.append(f"| {r['kv']} | {r['batch']} | {r['context']} | - | - | - | - | - | - | does not fit | | | |")
             continue
         h = hf.get((r["batch"], r["context"])) if r["kv"] == "bf16" else None
         hf_cells = " | " if h is None else f"{h * 1e3:.2f} | {h / r['step_s']:.2f}x"
+        eng_ratio = (f"{r['engine_overlap_s'] / r['roofline_step_s']:.2f}x" if "engine_overlap_s" in r else "-")
         lines.append(f"| {r['kv']} | {r['batch']} | {r['context']} | {ms(r, 'replay_s')} | {ms(r, 'step_s')} | "
                      f"{ms(r, 'engine_overlap_s')} | {ms(r, 'engine_sync_s')} | {r['tok_s']:.0f} | "
-                     f"{r['roofline_step_s'] * 1e3:.2f} | {r['step_over_roofline']:.2f}x | {hf_cells} |")
+                     f"{r['roofline_step_s'] * 1e3:.2f} | {r['step_over_roofline']:.2f}x | {eng_ratio} | {hf_cells} |")
     return "\n".join(lines)
 
 
