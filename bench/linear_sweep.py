@@ -37,6 +37,7 @@ SHAPES = dict(SHAPES, gate_up_silu=SHAPES["gate_up"])   # gate_up + silu_and_mul
 
 SMEM = 227 * 1024
 TMA = (False, True)
+BLOCK_NS = (64, 128)
 
 
 def candidates(n: int, k: int, m: int, silu: bool = False) -> list[LinearTile]:
@@ -46,8 +47,10 @@ def candidates(n: int, k: int, m: int, silu: bool = False) -> list[LinearTile]:
     out = []
     rows = 2 if silu else 1
     n = n // rows
-    for bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (3, 4, 5)):
-        if warps == 8 and bm < 128 or bn == 64 and m > 128:
+    for bn, bk, warps, stages in itertools.product(BLOCK_NS, (64, 128), (4, 8), (3, 4, 5)):
+        if warps == 8 and bm < 128 and bn < 256 or bn == 64 and m > 128:
+            continue
+        if bn == 256 and (warps != 8 or bm < 64 or bm > 128):   # two warpgroups; registers
             continue
         if stages * (rows * bn * bk + bm * bk) * 2 > SMEM:
             continue
@@ -101,8 +104,10 @@ def main() -> None:
     ap.add_argument("--shapes", default="qkv,o,gate_up,down")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--tma", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--block-n", default="64,128", help="W rows per program to try (256: two warpgroups)")
     args = ap.parse_args()
-    global TMA
+    global TMA, BLOCK_NS
+    BLOCK_NS = tuple(int(v) for v in args.block_n.split(","))
     TMA = {"both": (False, True), "on": (True,), "off": (False,)}[args.tma]
     rows, t0 = [], time.time()
     out = Path(args.out)

@@ -98,7 +98,11 @@ AB = {
                ("skinny-silu", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": "--silu-tiles",
                                     "skinny.TILES": "--tiles"}),
                ("skinny-qkv", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": "--silu-tiles",
-                                   "skinny.TILES": "--tiles+qkv"})],
+                                   "skinny.TILES": "--tiles+qkv"}),
+               # the default table with the tiles of --extra-tiles FILE (linear_sweep.py's
+               # linear-tiles.json) replacing or adding entries
+               ("skinny-extra", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": "--silu-tiles",
+                                     "skinny.TILES": "--extra-tiles"})],
     "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
                ("split-argmax", {}, {"runner.split_argmax": True})],
 }
@@ -147,6 +151,7 @@ def main() -> None:
     ap.add_argument("--table-tokens", type=int, default=0,
                     help="max_model_len at least this (the split plan follows the table's width)")
     ap.add_argument("--silu-tiles", default="", help="JSON {M: tile} for gate_up + SiLU (--ab skinny)")
+    ap.add_argument("--extra-tiles", default="", help="linear_sweep.py's linear-tiles.json (--ab skinny)")
     args = ap.parse_args()
     CONTEXT = args.context
     batches = [int(b) for b in args.batches.split(",")]
@@ -175,6 +180,15 @@ def main() -> None:
     skinny_gemm.skinny_linear = counted
     silu_tiles, tiles = dict(skinny_gemm.SILU_TILES), dict(skinny_gemm.TILES)
     qkv = tuple(eng.model.layers[0]["qkv"].shape)
+    tiles_extra = {k: dict(v) for k, v in tiles.items()}
+    if args.extra_tiles:
+        from gemm_ab import SHAPES as GEMM_SHAPES
+        for name, per in json.loads(Path(args.extra_tiles).read_text()).items():
+            if name in GEMM_SHAPES:
+                tiles_extra.setdefault(GEMM_SHAPES[name], {}).update(
+                    {int(m): skinny_gemm.LinearTile(*t) for m, t in per.items()})
+    elif args.ab == "skinny":
+        variants = [v for v in variants if v[0] != "skinny-extra"]
     tiles_qkv = dict(tiles)
     tiles_qkv[qkv] = {**tiles.get(qkv, {}), 8: skinny_gemm.LinearTile(64, 128, 4, 5, 1),
                       32: skinny_gemm.LinearTile(64, 128, 4, 5, 1)}
@@ -187,7 +201,8 @@ def main() -> None:
             os.environ.update(env)
             for k, v in attrs.items():
                 if isinstance(v, str) and v.startswith("--"):
-                    v = {"--silu-tiles": silu_tiles, "--tiles": tiles, "--tiles+qkv": tiles_qkv}[v]
+                    v = {"--silu-tiles": silu_tiles, "--tiles": tiles, "--tiles+qkv": tiles_qkv,
+                         "--extra-tiles": tiles_extra}[v]
                 obj, attr = k.split(".")
                 setattr(objs[obj], attr, v)
             if "SPLITSERVE_BLAS" in env:
