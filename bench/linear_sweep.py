@@ -48,9 +48,7 @@ def candidates(n: int, k: int, m: int, silu: bool = False) -> list[LinearTile]:
     rows = 2 if silu else 1
     n = n // rows
     for bn, bk, warps, stages in itertools.product(BLOCK_NS, (64, 128), (4, 8), (3, 4, 5)):
-        if warps == 8 and bm < 128 and bn < 256 or bn == 64 and m > 128:
-            continue
-        if bn == 256 and (warps != 8 or bm < 64 or bm > 128):   # two warpgroups; registers
+        if warps == 8 and bm < 128 or bn == 64 and m > 128:
             continue
         if stages * (rows * bn * bk + bm * bk) * 2 > SMEM:
             continue
@@ -104,7 +102,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="qkv,o,gate_up,down")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--tma", choices=["both", "on", "off"], default="both")
-    ap.add_argument("--block-n", default="64,128", help="W rows per program to try (256: two warpgroups)")
+    ap.add_argument("--block-n", default="64,128", help="W rows per program to try")
     args = ap.parse_args()
     global TMA, BLOCK_NS
     BLOCK_NS = tuple(int(v) for v in args.block_n.split(","))

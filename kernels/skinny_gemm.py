@@ -221,7 +221,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, tile: LinearTile, bias: torc
     m, k = x.shape
     check(w.shape[1] == k, lambda: f"w is {list(w.shape)}, x has {k} features")
     check(1 <= m <= MAX_M, lambda: f"{m} tokens: this kernel takes 1..{MAX_M}")
-    check(tile.block_n in (16, 32, 64, 128, 256) and tile.block_k in (16, 32, 64, 128, 256) and tile.split >= 1,
+    check(tile.block_n in (16, 32, 64, 128) and tile.block_k in (16, 32, 64, 128, 256) and tile.split >= 1,
           lambda: f"bad tile {tile}")
     if silu:
         check(w.shape[0] % 2 == 0 and bias is None and tile.split == 1,
