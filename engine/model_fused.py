@@ -79,7 +79,6 @@ class FusedForward:
                 return self.k.skinny_linear(x, w, tile, bias=bias)
         return F.linear(x, w, bias)
 
-
     def _layers_gemv(self, input_ids, positions, attn, after_layer) -> tuple[torch.Tensor, torch.Tensor]:
         """The same layers for few tokens with the GEMV kernels; outputs reuse one buffer each."""
         m, k, a = self.m, self.k, self.m.arch
