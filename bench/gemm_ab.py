@@ -40,17 +40,26 @@ def backend(name: str) -> None:
     torch.backends.cuda.preferred_blas_library("cublaslt" if name.startswith("cublaslt") else "cublas")
 
 
-def case(shape: str, m: int) -> dict:
-    n, k = SHAPES[shape]
+def problem(n: int, k: int, m: int, shape: str) -> tuple:
+    """Random bf16 weight copies [n, k] (together more than the L2 several times over, so every
+    call streams its weight from HBM), the input [m, k], one output [m, n] per copy, and the
+    JSON row's header. Returns (ws, x, outs, row)."""
     nbytes = n * k * 2
     copies = max(2, math.ceil(240e6 / nbytes))
     g = torch.Generator(device="cuda").manual_seed(m * 7 + n)
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
           for _ in range(copies)]
-    wts = [w.t().contiguous() for w in ws]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
     outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
     row = {"shape": shape, "M": m, "N": n, "K": k, "weight_MB": nbytes / 1e6, "copies": copies}
+    return ws, x, outs, row
+
+
+def case(shape: str, m: int) -> dict:
+    n, k = SHAPES[shape]
+    ws, x, outs, row = problem(n, k, m, shape)
+    nbytes, copies = n * k * 2, len(ws)
+    wts = [w.t().contiguous() for w in ws]
     ref = None
     for v in VARIANTS:
         backend(v)

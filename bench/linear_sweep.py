@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kbench import TESTING  # noqa: E402
-from gemm_ab import SHAPES  # noqa: E402
+from gemm_ab import SHAPES, problem  # noqa: E402
 
 from splitserve.kernels import silu_and_mul  # noqa: E402
 from splitserve.kernels.skinny_gemm import LinearTile, skinny_linear as linear  # noqa: E402
@@ -61,13 +61,9 @@ def candidates(n: int, k: int, m: int, silu: bool = False) -> list[LinearTile]:
 
 def case(shape: str, m: int, verbose: bool) -> dict:
     n, k = SHAPES[shape]
-    nbytes = n * k * 2
-    copies = max(2, math.ceil(240e6 / nbytes))
-    g = torch.Generator(device="cuda").manual_seed(m * 7 + n)
-    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(copies)]
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    ws, x, outs, row = problem(n, k, m, shape)
+    nbytes, copies = n * k * 2, len(ws)
     silu = shape.endswith("_silu")
-    outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
     acts = [torch.empty(m, n // 2, device="cuda", dtype=torch.bfloat16) for _ in range(copies)] if silu else outs
     if silu:   # the unfused pair: cuBLAS, then the silu_and_mul kernel
         cublas = TESTING.graph_time_us([lambda i=i: silu_and_mul(torch.mm(x, ws[i].t(), out=outs[i]), out=acts[i])
@@ -75,8 +71,7 @@ def case(shape: str, m: int, verbose: bool) -> dict:
     else:
         cublas = TESTING.graph_time_us([lambda i=i: torch.mm(x, ws[i].t(), out=outs[i]) for i in range(copies)])
     ref = acts[0].float().clone()
-    row = {"shape": shape, "M": m, "N": n, "K": k, "weight_MB": nbytes / 1e6, "copies": copies,
-           "cublas_us": cublas, "tiles": []}
+    row.update(cublas_us=cublas, tiles=[])
     for tile in candidates(n, k, m, silu):
         try:
             us = TESTING.graph_time_us([lambda i=i: linear(x, ws[i], tile, out=acts[i], silu=silu)

@@ -90,15 +90,15 @@ AB = {
              ("cublaslt", {"SPLITSERVE_BLAS": "cublaslt"}, {})],
     # the GEMMs: cuBLAS everywhere vs the skinny Triton GEMM where its table has a tile
     # (skinny-silu: gate_up's SiLU fused too, with the module's SILU_TILES or those of
-    # --silu-tiles FILE, {M: tile}; skinny-qkv: also the QKV projection at M <= 32, where the
-    # sweep found it level with cuBLAS, so that the whole layer is PDL-launched Triton kernels)
+    # --silu-tiles FILE, {M: tile}, i.e. the default; skinny-cublas-qkv: the default but the QKV
+    # projection at M <= 32 on cuBLAS, where the sweep found the two level)
     "skinny": [("cublas", {}, {"fused.skinny_gemm": False, "skinny.SILU_TILES": {}}),
                ("skinny", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": {},
                                "skinny.TILES": "--tiles"}),
                ("skinny-silu", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": "--silu-tiles",
                                     "skinny.TILES": "--tiles"}),
-               ("skinny-qkv", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": "--silu-tiles",
-                                   "skinny.TILES": "--tiles+qkv"}),
+               ("skinny-cublas-qkv", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": "--silu-tiles",
+                                          "skinny.TILES": "--tiles-qkv"}),
                # the default table with the tiles of --extra-tiles FILE (linear_sweep.py's
                # linear-tiles.json) replacing or adding entries
                ("skinny-extra", {}, {"fused.skinny_gemm": True, "skinny.SILU_TILES": "--silu-tiles",
@@ -189,9 +189,8 @@ def main() -> None:
                     {int(m): skinny_gemm.LinearTile(*t) for m, t in per.items()})
     elif args.ab == "skinny":
         variants = [v for v in variants if v[0] != "skinny-extra"]
-    tiles_qkv = dict(tiles)
-    tiles_qkv[qkv] = {**tiles.get(qkv, {}), 8: skinny_gemm.LinearTile(64, 128, 4, 5, 1),
-                      32: skinny_gemm.LinearTile(64, 128, 4, 5, 1)}
+    tiles_no_qkv = dict(tiles)
+    tiles_no_qkv[qkv] = {c: t for c, t in tiles.get(qkv, {}).items() if c > 32}
     if args.silu_tiles:
         per = json.loads(Path(args.silu_tiles).read_text())
         w = eng.model.layers[0]["gate_up"]
@@ -201,7 +200,7 @@ def main() -> None:
             os.environ.update(env)
             for k, v in attrs.items():
                 if isinstance(v, str) and v.startswith("--"):
-                    v = {"--silu-tiles": silu_tiles, "--tiles": tiles, "--tiles+qkv": tiles_qkv,
+                    v = {"--silu-tiles": silu_tiles, "--tiles": tiles, "--tiles-qkv": tiles_no_qkv,
                          "--extra-tiles": tiles_extra}[v]
                 obj, attr = k.split(".")
                 setattr(objs[obj], attr, v)

@@ -160,9 +160,10 @@ def _linear_tma_kernel(x_desc, w_desc, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, st
 # 3% or more on the H200 in two sweeps on two machines (`bench/linear_sweep.py --m 32,8,64,128`,
 # bench/results/engine-2026-11-30-s14.md); a step of M tokens uses the class >= M. The QKV
 # projection at M <= 32 is level with cuBLAS alone, but with it every kernel of the layer is a
-# PDL launch: whole steps 30-40 us faster (`bench/pdl_ab.py --ab skinny`, skinny-qkv). Llama-3-8B
-# shapes only: other shapes and classes keep cuBLAS. SILU_TILES: the same for gate_up with
-# silu_and_mul fused in (against cuBLAS + the silu_and_mul kernel).
+# PDL launch: whole steps 24-40 us faster (`bench/pdl_ab.py --ab skinny`; skinny-cublas-qkv is
+# the table without it). Llama-3-8B shapes only: other shapes and classes keep cuBLAS.
+# SILU_TILES: the same for gate_up with silu_and_mul fused in (against cuBLAS + the silu_and_mul
+# kernel).
 M_CLASSES = (8, 32, 64, 128)
 TILES: dict[tuple[int, int], dict[int, LinearTile]] = {
     (4096, 4096): {8: LinearTile(64, 128, 4, 5, 1), 32: LinearTile(64, 128, 4, 5, 1, True)},        # o
