@@ -80,8 +80,12 @@ def main() -> None:
     ap.add_argument("--rma-min-kib", type=int, default=0, help="transfer.rma_min_kib (0: the config default)")
     ap.add_argument("--staged-path", default="", choices=["", "auto", "buffer", "iov"],
                     help="transfer.staged_path of both agents (empty: the config default)")
+    ap.add_argument("--prepost", default="", help="comma list of on|off: receives posted at reservation or "
+                    "on `begin` (transfer.prepost); several = an interleaved A/B in the same run (empty: "
+                    "the config default)")
     args = ap.parse_args()
     from splitserve.kvtransfer.testing import spawn_worker
+    variants = [{"on": True, "off": False}[v] for v in args.prepost.split(",")] if args.prepost else [None]
 
     sizes = [int(s) for s in args.sizes.split(",")]
     nb = max(sizes)
@@ -116,32 +120,37 @@ def main() -> None:
                 dst, src = list(range(n)), list(range(n))
             else:
                 dst, src = rnd.sample(range(nb), n), rnd.sample(range(nb), n)
-            times, phases = [], {}
+            times = {v: [] for v in variants}
+            phases = {v: {} for v in variants}
             for r in range(reps + 1):
-                h = d.call("reserve", ids=dst)
-                res = p.call("timed_send", h, src, timeout=900)
-                if res["state"] != "success":
-                    raise SystemExit(f"transfer failed: {res}")
-                paths.add(res["data_path"])
-                assert d.call("wait_lease", h["lease_id"], 60)[0] == "success"
-                if r > 0:
-                    for k, v in phase_times(res, d.call("rx_trace", h["lease_id"])).items():
-                        phases.setdefault(k, []).append(v)
-                if r == 0 and n <= 256:
-                    assert d.call("digest", dst) == p.call("digest", src), "bytes differ"
-                d.call("release_completed", dst)
-                times.append(res["seconds"])
-            t = statistics.median(times[1:])
-            row = {"blocks": n, "pattern": pattern, "bytes": nbytes, "paged_s": t, "raw_s": raw_s,
-                   "paged_gbps": nbytes / t / 1e9, "raw_gbps": nbytes / raw_s / 1e9,
-                   "ratio": raw_s / t, "reps": reps, "copy_s": copy_s,
-                   "copy_gbps": nbytes / copy_s / 1e9 if copy_s else None,
-                   "phases_ms": {k: round(statistics.median(v), 3) for k, v in phases.items()}}
-            rows.append(row)
-            print(f"{n:5d} blocks {pattern:10s} {nbytes / MIB:8.0f} MiB  paged {t * 1e3:9.2f} ms "
-                  f"{row['paged_gbps']:8.2f} GB/s | raw {raw_s * 1e3:9.2f} ms "
-                  f"{row['raw_gbps']:8.2f} GB/s | {row['ratio']:.2f}x"
-                  + (f" | torch copy {row['copy_gbps']:8.2f} GB/s" if copy_s else ""), flush=True)
+                for v in variants:   # interleaved: an A/B sees the same machine state
+                    h = d.call("reserve", ids=dst, prepost=v)
+                    res = p.call("timed_send", h, src, timeout=900)
+                    if res["state"] != "success":
+                        raise SystemExit(f"transfer failed: {res}")
+                    paths.add(res["data_path"])
+                    assert d.call("wait_lease", h["lease_id"], 60)[0] == "success"
+                    if r > 0:
+                        for k, x in phase_times(res, d.call("rx_trace", h["lease_id"])).items():
+                            phases[v].setdefault(k, []).append(x)
+                    if r == 0 and n <= 256:
+                        assert d.call("digest", dst) == p.call("digest", src), "bytes differ"
+                    d.call("release_completed", dst)
+                    times[v].append(res["seconds"])
+            for v in variants:
+                t = statistics.median(times[v][1:])
+                row = {"blocks": n, "pattern": pattern, "bytes": nbytes, "paged_s": t, "raw_s": raw_s,
+                       "paged_gbps": nbytes / t / 1e9, "raw_gbps": nbytes / raw_s / 1e9,
+                       "ratio": raw_s / t, "reps": reps, "copy_s": copy_s,
+                       "copy_gbps": nbytes / copy_s / 1e9 if copy_s else None,
+                       "prepost": v, "paged_all_s": times[v][1:],
+                       "phases_ms": {k: round(statistics.median(x), 3) for k, x in phases[v].items()}}
+                rows.append(row)
+                pv = "" if v is None else f" prepost={'on' if v else 'off'}"
+                print(f"{n:5d} blocks {pattern:10s}{pv} {nbytes / MIB:8.0f} MiB  paged {t * 1e3:9.2f} ms "
+                      f"{row['paged_gbps']:8.2f} GB/s | raw {raw_s * 1e3:9.2f} ms "
+                      f"{row['raw_gbps']:8.2f} GB/s | {row['ratio']:.2f}x"
+                      + (f" | torch copy {row['copy_gbps']:8.2f} GB/s" if copy_s else ""), flush=True)
     # layer-wise streaming overlapped with a prefill-shaped workload, per layer kind (testing.py):
     # "matmul2" is runs v1-v13's proxy, "llama" a Llama-3-8B decoder layer with the push where the
     # engine makes it (after attention)
@@ -191,6 +200,12 @@ def main() -> None:
     d.close()
     p.close()
     write(report, Path(args.out))
+
+
+def pattern_name(row: dict) -> str:
+    """The row's block pattern, and its prepost variant in an A/B run."""
+    v = row.get("prepost")
+    return row["pattern"] + ("" if v is None else f" (prepost {'on' if v else 'off'})")
 
 
 def torch_copy_s(nbytes: int, src_gpu: str, dst_gpu: str, reps: int) -> float:
@@ -264,7 +279,7 @@ def write(rep: dict, out: Path) -> None:
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rep["rows"]:
         cp = f"{r['copy_gbps']:.2f}" if r.get("copy_gbps") else "-"
-        lines.append(f"| {r['blocks']} | {r['pattern']} | {r['bytes'] / MIB:.0f} | "
+        lines.append(f"| {r['blocks']} | {pattern_name(r)} | {r['bytes'] / MIB:.0f} | "
                      f"{r['paged_s'] * 1e3:.2f} | {r['paged_gbps']:.2f} | {r['raw_s'] * 1e3:.2f} | "
                      f"{r['raw_gbps']:.2f} | {r['ratio']:.2f}x | {cp} |")
     ov = rep["overlap"] or {}      # none with --overlap-reps 0
@@ -291,7 +306,7 @@ def write(rep: dict, out: Path) -> None:
               "|---:|---|" + "---:|" * len(PHASES)]
     for r in rep["rows"]:
         ph = r.get("phases_ms", {})
-        lines.append(f"| {r['blocks']} | {r['pattern']} | "
+        lines.append(f"| {r['blocks']} | {pattern_name(r)} | "
                      + " | ".join(f"{ph[k]:.2f}" if k in ph else "" for k in PHASES) + " |")
     if ov.get("phases_ms"):
         lines += ["", f"Overlap run ({ov.get('layer_kind', 'matmul2')}, median), ms from the forward's end: "

@@ -77,6 +77,7 @@ class TransferAgent(DecodeSide):
         self._connecting: dict[tuple[str, int], asyncio.Future] = {}
         self._rx_status: dict[int, TransferFSM] = {}
         self._attempts: dict[int, RecvAttempt] = {}
+        self._preposting: dict[int, bool] = {}   # lease -> receives posted at reservation
         self._tombstones: dict[int, float] = {}
         self.rx_traces: dict[int, list] = {}   # lease -> last attempt's trace (benchmarks)
         self.self_test_report: SelfTestReport | None = None

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from . import metrics
-from .layout import TransferPlan, ids_digest
+from .layout import NONCE_BITS, TransferPlan, ids_digest
 from .lease import LeaseError, LeaseState
 from .receiver import RecvAttempt
 from .rma_receiver import RmaAttempt
@@ -32,18 +33,65 @@ class DecodeSide:
     """Mixed into TransferAgent; uses its loop, peers, lease table, config and layout."""
 
     # ---- decode side ---------------------------------------------------------------------
-    def reserve(self, block_ids: Sequence[int]) -> HandoffRecord:
-        """Put `block_ids` (already taken from the engine's pool) under a new lease."""
+    def reserve(self, block_ids: Sequence[int], *, prepost: bool | None = None) -> HandoffRecord:
+        """Put `block_ids` (already taken from the engine's pool) under a new lease; with
+        transfer.prepost (tag path; `prepost` overrides it for this lease) also post every
+        receive now (`_prepost`)."""
         lease = self.leases.reserve(block_ids)
         self._tombstones.pop(lease.tag_key, None)   # a recycled key: its old strays are long gone
         self._rx_status[lease.lease_id] = TransferFSM()
         metrics.leases_live().set(self.leases.live_count())
+        pre = self.prepost if prepost is None else (prepost and self.config.data_path == "tag")
+        self._preposting[lease.lease_id] = pre
+        if pre:
+            try:
+                self.call(self._prepost(lease), timeout=30)
+            except BaseException:
+                self.cancel(lease.lease_id)
+                raise
         return self._record(lease)
 
+    @property
+    def prepost(self) -> bool:
+        """Receives posted at reservation: the tag path only (a put needs a `ready` first)."""
+        return self.config.prepost and self.config.data_path == "tag"
+
     def _record(self, lease) -> HandoffRecord:
+        a = self._attempts.get(lease.lease_id)
+        pre = getattr(a, "preposted", False) and a.epoch == lease.epoch
         return HandoffRecord(self.host, self.port, lease.lease_id, lease.epoch, lease.block_ids,
                              lease.tag_key, self.config.lease_timeout_s,
-                             self.config.direct_min_blocks, self.config.bundle_kib << 10)
+                             self.config.direct_min_blocks, self.config.bundle_kib << 10,
+                             preposted=pre, nonce=a.nonce if pre else 0)
+
+    async def _prepost(self, lease) -> None:
+        """A pre-posted handoff: the attempt of this (lease, epoch) is made now, its plan from
+        the destination ids alone, every receive posted (on our own endpoint: the sender is not
+        known yet) with a fresh nonce that only the handoff record carries. The sender sends its
+        data and then `complete`, which binds it to the attempt (`_complete`). Until then a
+        dead sender is noticed by the lease's deadline, not by its endpoint."""
+        plan = TransferPlan.build(self.layout, lease.block_ids, lease.block_ids,
+                                  self.config.direct_min_blocks, self.config.bundle_kib << 10,
+                                  staged_iov=self.staged_iov, dst_runs=True)
+        attempt = RecvAttempt(self, lease.lease_id, lease.epoch, lease.tag_key, plan, None,
+                              self._rx_status[lease.lease_id],
+                              random.randrange(1, 1 << NONCE_BITS), post_ep=self._self_ep)
+        attempt.preposted, attempt.xid = True, None
+        attempt.dst_digest = ids_digest(lease.block_ids)
+        self._attempts[lease.lease_id] = attempt
+        self._keep_trace(lease.lease_id, attempt)
+        if not attempt.post_all():
+            await attempt.abort("lease resolved while posting receives")
+            raise LeaseError(f"lease {lease.lease_id} resolved while its receives were posted")
+        attempt.prewarm()
+        attempt.trace.append(("posted", time.perf_counter()))
+
+    def _keep_trace(self, lease_id: int, attempt) -> None:
+        attempt.started = time.perf_counter()
+        attempt.trace.append(("attempt_made", attempt.started))
+        self.rx_traces[lease_id] = attempt.trace
+        while len(self.rx_traces) > 64:
+            del self.rx_traces[next(iter(self.rx_traces))]
 
     def poll_lease(self, lease_id: int) -> TransferStatus:
         """Non-blocking receive status of the lease's current epoch."""
@@ -77,6 +125,8 @@ class DecodeSide:
         if old_key is not None:
             self.tombstone(old_key)   # the old epoch's data, even if it never sent a begin
         self._rx_status[lease_id] = TransferFSM()
+        if self._preposting.get(lease_id, self.prepost):
+            await self._prepost(lease)
         return self._record(lease)
 
     async def _cancel_lease(self, lease_id: int, reason: str, notify: bool = True) -> bool:
@@ -98,6 +148,8 @@ class DecodeSide:
         return bool(lease and lease.freed)
 
     async def _notify_sender(self, attempt: RecvAttempt, kind: str, reason: str) -> None:
+        if attempt.ep is None:   # pre-posted, no sender has completed: nobody to tell
+            return
         try:
             await attempt.ep.am_send(encode(kind, xid=attempt.xid, lease=attempt.lease_id,
                                             epoch=attempt.epoch, reason=reason))
@@ -148,12 +200,8 @@ class DecodeSide:
                                   int(msg.get("nonce", 0)))
             attempt.xid = xid
         self._attempts[lease_id] = attempt
-        attempt.started = time.perf_counter()
         attempt.trace.append(("begin_rx", t_begin))
-        attempt.trace.append(("attempt_made", attempt.started))
-        self.rx_traces[lease_id] = attempt.trace
-        while len(self.rx_traces) > 64:
-            del self.rx_traces[next(iter(self.rx_traces))]
+        self._keep_trace(lease_id, attempt)
         if not attempt.post_all():
             await attempt.abort("lease resolved while posting receives")
             await peer.send(encode("reject", xid=xid, lease=lease_id, epoch=epoch,
@@ -173,6 +221,17 @@ class DecodeSide:
         lease = self.leases.get(lease_id)
         if attempt is not None:
             attempt.trace.append(("complete_rx", time.perf_counter()))
+            if attempt.ep is None and attempt.epoch == epoch:   # pre-posted: bind the sender
+                if msg.get("dst_digest") != attempt.dst_digest:
+                    # its data may have landed in (only) this lease's blocks: never accepted;
+                    # the attempt is dropped, the lease stays live for a reissue
+                    del self._attempts[lease_id]
+                    why = "the sender's destination block list differs from the lease's"
+                    await attempt.abort(why)
+                    await peer.send(encode("reject", xid=xid, lease=lease_id, epoch=epoch, reason=why))
+                    return
+                attempt.ep, attempt.xid = peer.ep, xid
+                attempt.fsm.to(TransferState.TRANSFERRING)
         if attempt is None or attempt.epoch != epoch or attempt.ep is not peer.ep:
             why = (f"stale epoch {epoch} (lease {lease_id} is at epoch {lease.epoch})"
                    if lease is not None and lease.epoch != epoch
@@ -211,7 +270,8 @@ class DecodeSide:
     async def _cancel_from_sender(self, peer: Peer, msg: dict) -> None:
         attempt = self._attempts.get(msg["lease"])
         ok = False
-        if attempt is not None and attempt.epoch == msg["epoch"] and attempt.ep is peer.ep:
+        if (attempt is not None and attempt.epoch == msg["epoch"]
+                and (attempt.ep is peer.ep or attempt.ep is None)):   # None: pre-posted, unbound
             ok = await self._cancel_lease(msg["lease"], f"cancelled by sender: {msg.get('reason')}",
                                           notify=False)
         await peer.send(encode("cancel_ack", xid=msg["xid"], lease=msg["lease"], epoch=msg["epoch"],

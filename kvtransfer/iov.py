@@ -84,6 +84,20 @@ class Descriptors:
         return cls(pairs)
 
 
+    @classmethod
+    def regions(cls, kv, layer: int, kv_idx: int, ids) -> "Descriptors":
+        """The (layer, k|v) regions of blocks `ids` of a host pool, in that order (a direct run
+        of a pre-posted plan whose src ids are not consecutive), adjacent ones merged."""
+        rb = kv[0, 0, 0].numel() * kv.element_size()
+        ids = np.asarray(ids, dtype=np.int64)
+        off = ((layer * 2 + kv_idx) * kv.shape[2] + ids) * rb
+        starts = np.flatnonzero(np.r_[True, off[1:] != off[:-1] + rb])
+        pairs = np.empty((starts.size, 2), dtype=np.uint64)
+        pairs[:, 0] = off[starts].astype(np.uint64) + np.uint64(kv.data_ptr())
+        pairs[:, 1] = (np.diff(np.r_[starts, off.size]) * rb).astype(np.uint64)
+        return cls(pairs)
+
+
 _pending: dict[int, tuple] = {}     # id -> (loop, future, keep-alive objects)
 _ids = itertools.count(1)
 _lock = threading.Lock()

@@ -9,7 +9,11 @@ A transfer moves the regions of n source blocks into n destination blocks (src_i
 dst_ids[i]) for every layer. `TransferPlan` turns that into tag messages, identically on both
 sides (it is a pure function of the ids, `direct_min_blocks`, `bundle_bytes` and `staged_iov`,
 which the decode side chooses and the handoff record carries):
-  * maximal runs where src and dst ids both step by +1 are coalesced; a run of at least
+  * maximal runs where src and dst ids both step by +1 are coalesced -- or, for a pre-posted
+    handoff (`dst_runs`), where the dst ids alone do: the decode side posts its receives when it
+    reserves, before any src id is known, so the message boundaries may depend on dst only; a
+    direct run whose src ids are not consecutive is then gathered by the sender (`src_contiguous`);
+    a run of at least
     `direct_min_blocks` blocks is sent *direct*: one message per (layer, k|v, run), read from the
     source pool and received straight into the destination blocks (zero copies);
   * every other block is *staged*: the sender gathers all such regions of `layers_per_bundle`
@@ -138,13 +142,16 @@ class TransferPlan:
     @classmethod
     def build(cls, layout: KVLayout, src_ids: Sequence[int], dst_ids: Sequence[int],
               direct_min_blocks: int, bundle_bytes: int = BUNDLE_BYTES,
-              staged_iov: bool = False) -> "TransferPlan":
+              staged_iov: bool = False, dst_runs: bool = False) -> "TransferPlan":
+        """`dst_runs`: runs from the dst ids alone (a pre-posted handoff; module docstring)."""
         if len(src_ids) != len(dst_ids) or not dst_ids:
             raise ValueError(f"transfer needs equal, non-empty block lists "
                              f"(src {len(src_ids)}, dst {len(dst_ids)})")
         if len(set(dst_ids)) != len(dst_ids):
             raise ValueError("destination block ids must be distinct")
-        runs = coalesce(list(src_ids), list(dst_ids))
+        runs = coalesce(list(dst_ids) if dst_runs else list(src_ids), list(dst_ids))
+        if dst_runs:
+            runs = [Run(r.i0, r.n, int(src_ids[r.i0]), r.dst0) for r in runs]
         direct_runs = [r for r in runs if r.n >= direct_min_blocks]
         staged = [i for r in runs if r.n < direct_min_blocks for i in range(r.i0, r.i0 + r.n)]
         direct = tuple(DirectMsg(kv, r) for kv in (0, 1) for r in direct_runs)
@@ -153,6 +160,11 @@ class TransferPlan:
         if plan.msgs_per_layer > MAX_MSGS_PER_LAYER:
             raise ValueError("too many messages per layer for the tag field")
         return plan
+
+    def src_contiguous(self, run: Run) -> bool:
+        """Do the src ids of `run` step by one (always, unless the plan was built `dst_runs`)?"""
+        ids = self.src_ids[run.i0:run.i0 + run.n]
+        return ids[-1] - ids[0] == run.n - 1 and all(b == a + 1 for a, b in zip(ids, ids[1:]))
 
     @property
     def staged_bytes(self) -> int:

@@ -41,10 +41,18 @@ if TYPE_CHECKING:
 
 class RecvAttempt:
     def __init__(self, agent: "TransferAgent", lease_id: int, epoch: int, tag_key: int,
-                 plan: TransferPlan, ep, fsm: TransferFSM, nonce: int = 0) -> None:
+                 plan: TransferPlan, ep, fsm: TransferFSM, nonce: int = 0, post_ep=None) -> None:
         self.agent, self.lease_id, self.epoch, self.tag_key = agent, lease_id, epoch, tag_key
-        self.nonce = nonce   # the sender's: only its data matches these receives
+        # the sender's (from its `begin`), or the handoff record's (pre-posted): only data
+        # tagged with it matches these receives
+        self.nonce = nonce
+        # ep: the sender's endpoint (None while a pre-posted attempt has no sender yet);
+        # receives are posted on post_ep (tag matching is per worker: any endpoint of ours)
         self.plan, self.ep, self.fsm = plan, ep, fsm
+        self.post_ep = post_ep if post_ep is not None else ep
+        self.preposted = False
+        self.landed_any = False
+        self.started = time.perf_counter()
         self.leases: LeaseTable = agent.leases
         self.pending: dict[int, asyncio.Future] = {}   # tag -> receive still in flight
         self.tasks: list[asyncio.Future] = []
@@ -151,7 +159,7 @@ class RecvAttempt:
         tag = data_tag(self.tag_key, layer, msg, self.nonce)
         arr = buf if isinstance(buf, Array) else Array(buf)
         self.agent.top_up_futures()
-        req = self.ep._ep.tag_recv(arr, Tag(tag), TagMaskFull)
+        req = self.post_ep._ep.tag_recv(arr, Tag(tag), TagMaskFull)
         then = ((lambda: self._landed_bundle(*staged)) if staged is not None
                 else (lambda: self._landed_layer(layer)))
         self._track(tag, req.wait(), arr.nbytes, then)
@@ -168,6 +176,9 @@ class RecvAttempt:
         try:
             got = await landing
             self.trace.append((f"recv {tag & 0x3FFFFFFF:#x}", time.perf_counter()))
+            if self.preposted and not self.landed_any:   # a sender's data is landing
+                self.landed_any, self.started = True, time.perf_counter()
+                self.fsm.to(TransferState.TRANSFERRING)
             if not self.aborted:
                 if got is not None and got != nbytes:
                     raise RuntimeError(f"carried {got} bytes, expected {nbytes}")

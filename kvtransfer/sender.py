@@ -55,12 +55,14 @@ class KVSender(LayerPipeline):
         self.src_ids = [int(b) for b in src_block_ids]
         self.plan = TransferPlan.build(agent.layout, self.src_ids, list(handoff.block_ids),
                                        handoff.direct_min_blocks, handoff.bundle_bytes,
-                                       staged_iov=agent.staged_iov)
+                                       staged_iov=agent.staged_iov, dst_runs=handoff.preposted)
         self.fsm = TransferFSM()
         self.xid = next(_XIDS)   # names this transfer in every control message and reply
         # in its data tags (wire.data_tag): two senders of one process never share it, two of
         # different processes rarely (and a shared one only lets the checksums decide)
         self.nonce = (_NONCE0 + self.xid) % ((1 << NONCE_BITS) - 1) + 1
+        if handoff.preposted:   # the decode side's receives carry the record's nonce
+            self.nonce = handoff.nonce
         self.deadline = time.monotonic() + handoff.ttl_s
         self._on_done = on_done
         self._lock = threading.Lock()
@@ -182,6 +184,9 @@ class KVSender(LayerPipeline):
         h = self.handoff
         self._t("open")
         peer = await self.agent.peer((h.host, h.port))
+        if h.preposted:   # the receives are posted: data, then `complete`
+            await self._transfer_preposted(peer)
+            return peer
         if peer.rma is not None and self._puts_pay():   # put straight into the blocks
             self.data_path = "rma"
             await rma_sender.transfer(self, peer)
@@ -228,6 +233,40 @@ class KVSender(LayerPipeline):
                     task.exception()
         self.fsm.to(TransferState.SUCCESS)
         return peer
+
+    async def _transfer_preposted(self, peer) -> None:
+        """A pre-posted handoff: no begin/ready. Post the data at once (it matches receives the
+        decode side posted when it reserved), then `complete` with the checksums and the digest
+        of our destination list (binds us to the attempt), then Success on `ack`."""
+        h, loop = self.handoff, asyncio.get_running_loop()
+        peer.senders[self.xid] = self
+        self.fsm.to(TransferState.TRANSFERRING)
+        data = asyncio.ensure_future(self._send_layers(peer))
+        try:
+            sends, sum_batches = await data
+            self._t("posted")
+            digest = ids_digest(h.block_ids)
+            sums = [int(x) for batch in await asyncio.gather(*sum_batches) for x in batch]
+            self.reply = loop.create_future()
+            completion = {"xid": self.xid, "lease": h.lease_id, "epoch": h.epoch, "checksums": sums,
+                          "dst_digest": digest}
+            if self.complete_hook is not None:
+                completion = self.complete_hook(completion)
+            self._t("sums")
+            await peer.send(encode("complete", **completion))
+            msg = await self.reply
+            self._t("acked")
+            if msg["t"] != "ack":
+                raise RuntimeError(f"decode worker rejected the completion: {msg.get('reason')}")
+            await asyncio.gather(*sends)
+            self._t("sends_done")
+        finally:
+            for task in (data, *self._sum_futs):
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled():
+                    task.exception()
+        self.fsm.to(TransferState.SUCCESS)
 
     async def _cancel(self) -> bool:
         if self.fsm.poll().done:

@@ -44,6 +44,9 @@ class LayerPipeline:
         with self.agent.setup_stream():   # not behind the forward on the default stream
             src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
             self._sums = pool.Checksummer(kv, self.src_ids, self.agent.scales, plan.staged_idx)
+            if kv.is_cuda:   # direct runs whose src ids are scattered (pre-posted plans)
+                self._gather_runs = {r.i0: (r, pool.index_tensor(self.src_ids[r.i0:r.i0 + r.n], kv.device))
+                                     for r in self._scattered_runs()}
         self._t("setup")
         units = plan.bundles() if plan.staged_idx else [(l, 1) for l in range(plan.layout.num_layers)]
         cfg = self.agent.config
@@ -94,13 +97,31 @@ class LayerPipeline:
             u += len(batch)
         return sends, self._sum_futs
 
+    def _scattered_runs(self) -> list:
+        """Direct runs whose src ids are not consecutive: a pre-posted plan's runs come from the
+        dst ids alone (layout.TransferPlan). Sent from a gathered buffer (CUDA) or as a
+        descriptor list of the regions in place (host pools)."""
+        if getattr(self, "_scattered", None) is None:
+            runs = {d.run.i0: d.run for d in self.plan.direct}
+            self._scattered = [r for r in runs.values() if not self.plan.src_contiguous(r)]
+        return self._scattered
+
     def _post_direct(self, peer, layers: list[int], sends: list) -> None:
         """The direct runs' and the FP8 scales' messages of these layers."""
         kv, plan = self.agent.kv, self.plan
+        gathered = getattr(self, "_gathered", {})
+        scattered = {r.i0 for r in self._scattered_runs()} if plan.direct else set()
         for l in layers:
             for m, d in enumerate(plan.direct):
-                sends.append(self._send(peer, pool.direct_view(kv, l, d.kv, d.run.src0, d.run.n),
-                                        l, m, None))
+                if d.run.i0 not in scattered:
+                    sends.append(self._send(peer, pool.direct_view(kv, l, d.kv, d.run.src0, d.run.n),
+                                            l, m, None))
+                elif kv.is_cuda:   # gathered with the layer's staged regions (_queue_gathers)
+                    buf = gathered.pop((l, d.run.i0, d.kv))
+                    sends.append(self._send(peer, pool.as_buffer(buf), l, m, None))
+                else:
+                    desc = iov.Descriptors.regions(kv, l, d.kv, self.src_ids[d.run.i0:d.run.i0 + d.run.n])
+                    sends.append(self._send_iov(peer, desc, l, m))
             if self.agent.scales is not None:
                 sends.append(self._send(peer, pool.as_buffer(self.agent.scales[l]), l,
                                         plan.scales_msg, None))
@@ -118,20 +139,20 @@ class LayerPipeline:
             layers = list(range(l0, l0 + k))
             self._post_direct(peer, layers, sends)
             desc = iov.Descriptors.bundle(plan, l0, k, self.src_ids, kv.shape[2], kv.data_ptr())
-            sends.append(self._send_iov(peer, desc, l0))
+            sends.append(self._send_iov(peer, desc, l0, plan.staged_msg))
             self._sum_futs.append(loop.run_in_executor(self.agent.executor, self._sums.layers,
                                                        layers))
             self._t(f"prepped {l0}-{l0 + k - 1}")
         return sends, self._sum_futs
 
-    def _send_iov(self, peer, desc: "iov.Descriptors", layer: int):
-        tag = data_tag(self.handoff.tag_key, layer, self.plan.staged_msg, self.nonce)
+    def _send_iov(self, peer, desc: "iov.Descriptors", layer: int, msg: int):
+        tag = data_tag(self.handoff.tag_key, layer, msg, self.nonce)
         fut = iov.send(peer.ep._ep.handle, desc, tag, keep=self.agent.kv)
         self.msgs_posted += 1
 
         async def done():
             await fut
-            self._t(f"sent {layer}.{self.plan.staged_msg}")
+            self._t(f"sent {layer}.{msg}")
             self.bytes_sent += desc.nbytes
         return asyncio.ensure_future(done())
 
@@ -179,6 +200,13 @@ class LayerPipeline:
         for (l0, _), staging in zip(units, stagings):
             if staging is not None:
                 pool.gather_staged(self.agent.kv, l0, staged_idx, staging)
+        self._gathered = getattr(self, "_gathered", {})
+        for r, idx in getattr(self, "_gather_runs", {}).values():   # scattered-src direct runs
+            for l0, k in units:
+                for l in range(l0, l0 + k):
+                    buf = pool.staging_tensor(self.agent.kv, r.n)   # [2, n, *region]
+                    pool.gather_staged(self.agent.kv, l, idx, buf)
+                    self._gathered[(l, r.i0, 0)], self._gathered[(l, r.i0, 1)] = buf[0], buf[1]
         return runnable
 
     async def _prepare_on_loop(self, units: list[tuple[int, int]], staged_idx: torch.Tensor,

@@ -49,7 +49,8 @@ class PoolWorker:
         self.free_calls.append(list(ids))
 
     # ---- decode side ---------------------------------------------------------------------
-    def reserve(self, ids: list[int] | None = None, n: int = 0, seed: int = 0) -> dict:
+    def reserve(self, ids: list[int] | None = None, n: int = 0, seed: int = 0,
+                prepost: bool | None = None) -> dict:
         if ids is None:
             g = torch.Generator().manual_seed(seed)
             pick = torch.randperm(len(self.free), generator=g)[:n].tolist()
@@ -58,7 +59,7 @@ class PoolWorker:
         if missing:
             raise AssertionError(f"blocks {sorted(missing)[:5]} are not free")
         self.free.difference_update(ids)
-        return self.agent.reserve(ids).to_dict()
+        return self.agent.reserve(ids, prepost=prepost).to_dict()
 
     def poison(self, ids: list[int]) -> None:
         self.kv[:, :, ids] = 0

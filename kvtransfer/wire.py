@@ -4,10 +4,12 @@
 Control messages (one AM each, {"t": type, ...}); every transfer message carries `xid`, the
 sender's transfer id, which the decode side echoes in its replies:
     hello        {compat}                      first contact, both directions; mismatch -> hello_err
-    begin        {xid, lease, epoch, key, nonce, src, dst_digest}   P -> D, opens an attempt (data follows at once)
+    begin        {xid, lease, epoch, key, nonce, src, dst_digest}   P -> D, opens an attempt (data follows at once);
+                                           not sent for a pre-posted handoff (record.preposted)
     ready        {lease, epoch}                D -> P, accepted, receives posted (complete waits for it)
     reject       {lease, epoch, reason}        D -> P, attempt refused or failed
-    complete     {lease, epoch, checksums}     P -> D, all layers posted (may overtake the data)
+    complete     {lease, epoch, checksums[, dst_digest]}  P -> D, all layers posted (may overtake the data);
+                                           pre-posted: binds the sender to the attempt
     ack          {lease, epoch}                D -> P, verified; the blocks belong to the request
     cancel       {lease, epoch, reason}        either way; acknowledged with cancel_ack
     cancel_ack   {lease, epoch}
@@ -39,6 +41,10 @@ class HandoffRecord:
     ttl_s: float               # the lease's remaining life when the record was issued
     direct_min_blocks: int     # plan parameters chosen by the decode side
     bundle_bytes: int = 16 << 20
+    # the decode side posted its receives at reservation (plan from the dst ids alone, data tags
+    # with this nonce): the sender sends data, then `complete`, with no begin/ready round trip
+    preposted: bool = False
+    nonce: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -120,6 +120,10 @@ class TransferConfig:
                         "prefill side puts straight into the reserved blocks (UCP RMA, both pools registered "
                         "once); auto: rma for transfers of at most rma_max_runs block runs when both agents registered their "
                         "pools, else tag")
+    prepost: bool = _f(True, "tag path: the decode side posts its receives when it reserves the blocks, so the "
+                       "prefill side sends data and then `complete` with no begin/ready round trip (the plan's "
+                       "message boundaries then come from the destination ids alone); false: receives are "
+                       "posted on the sender's `begin` (docs/kvtransfer.md)")
     rma_max_runs: int = _f(4, "auto: a transfer is put-based only if its blocks form at most this many runs "
                            "(consecutive on both sides; one put per layer, K|V and run), else tag messages")
     rma_min_kib: int = _f(0, "auto: puts only for transfers of at least this many KiB (0: any size); puts wait a "

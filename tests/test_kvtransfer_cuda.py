@@ -19,11 +19,14 @@ LAYOUT = dict(num_layers=6, num_blocks=600, block_size=16, num_kv_heads=2, head_
               dtype="bfloat16")
 
 
-@pytest.fixture(scope="module", params=[(0, "tag"), (2000, "tag"), (2000, "rma")],
-                ids=["executor", "polled", "rma"])
+@pytest.fixture(scope="module", params=[(0, "tag", True), (2000, "tag", True), (2000, "tag", False),
+                                        (2000, "rma", False)],
+                ids=["executor", "polled", "classic", "rma"])
 def pair(request):
-    spin, path = request.param
-    cfg = {"direct_min_blocks": 8, "spin_us": spin, "bundle_kib": 256, "data_path": path}
+    """tag: receives pre-posted at reservation (the default), classic: posted on `begin`."""
+    spin, path, prepost = request.param
+    cfg = {"direct_min_blocks": 8, "spin_us": spin, "bundle_kib": 256, "data_path": path,
+           "prepost": prepost}
     d = spawn_worker(LAYOUT, seed=1, config_kw=cfg, device="cuda")
     p = spawn_worker(LAYOUT, seed=2, config_kw=cfg, device="cuda")
     d.data_path = path
@@ -36,13 +39,19 @@ def same(p, src, d, dst) -> bool:
     return torch.equal(p.call("blocks", src).view(torch.int16), d.call("blocks", dst).view(torch.int16))
 
 
-@pytest.mark.parametrize("case", ["single", "run", "scattered", "mixed"])
+CASES = ["single", "run", "scattered", "mixed", "dst-run"]
+
+
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("streamed", [False, True])
 def test_cuda_transfer_bytes_verified(pair, case, streamed):
     d, p = pair
-    r = random.Random(10 * ["single", "run", "scattered", "mixed"].index(case) + streamed)
+    r = random.Random(10 * CASES.index(case) + streamed)
     dst, src = {"single": ([3], [500]),
                 "run": (list(range(100, 140)), list(range(10, 50))),
+                # consecutive destination blocks from scattered sources: a pre-posted plan sends
+                # the run direct, gathered on the sender (classic plans stage it)
+                "dst-run": (list(range(240, 280)), r.sample(range(300, 600), 40)),
                 "scattered": (r.sample(range(300), 60), r.sample(range(300, 600), 60)),
                 # a direct run (>= direct_min_blocks) and staged blocks in the same layers
                 "mixed": (list(range(200, 230)) + r.sample([i for i in range(300) if not 200 <= i < 230], 25),

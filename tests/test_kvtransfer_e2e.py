@@ -22,16 +22,25 @@ LAYOUT = dict(num_layers=4, num_blocks=512, block_size=4, num_kv_heads=2, head_d
               dtype="bfloat16")
 
 
-@pytest.fixture(scope="module", params=["tag", "tag-buffer", "rma"])
+def path_config(path: str) -> dict:
+    """tag: receives pre-posted at reservation (the default); classic: posted on the sender's
+    `begin`; -buffer: staged bundles through staging buffers instead of descriptor lists."""
+    name, _, staged = path.partition("-")
+    return {"data_path": "tag" if name == "classic" else name, "prepost": name != "classic",
+            "staged_path": staged or "auto"}
+
+
+@pytest.fixture(scope="module", params=["tag", "tag-buffer", "classic", "rma"])
 def pair(request):
-    """Both data paths: tag messages (receives posted by the decode side) and puts (rma); tag
-    messages with staged bundles as descriptor lists in place (host pools' default) and through
-    staging buffers (gather, ring, scatter: a CUDA pool's way, here on host memory)."""
-    path, _, staged = request.param.partition("-")
-    kw = {"data_path": path, "staged_path": staged or "auto"}
+    """Both data paths: tag messages (receives posted by the decode side, at reservation or on
+    the sender's `begin`) and puts (rma); tag messages with staged bundles as descriptor lists in
+    place (host pools' default) and through staging buffers (gather, ring, scatter: a CUDA pool's
+    way, here on host memory)."""
+    kw = path_config(request.param)
     d = spawn_worker(LAYOUT, seed=1, config_kw={"self_test": True, "direct_min_blocks": 4, **kw})
     p = spawn_worker(LAYOUT, seed=2, config_kw=kw)
-    d.data_path = p.data_path = path
+    d.data_path = p.data_path = kw["data_path"]
+    d.prepost = kw["prepost"] and kw["data_path"] == "tag"
     yield d, p
     d.close()
     p.close()
@@ -55,6 +64,9 @@ CASES = {
     "single": ([7], [300]),
     "contiguous": (list(range(100, 164)), list(range(0, 64))),
     "scattered": (random.Random(1).sample(range(512), 50), random.Random(2).sample(range(512), 50)),
+    # a run of consecutive destination blocks from scattered sources: pre-posted plans send it
+    # direct (gathered / a descriptor list on the sender), the others stage it
+    "dst-run-src-scattered": (list(range(150, 190)), random.Random(5).sample(range(512), 40)),
     "hundreds-mixed": (list(range(200, 260)) + random.Random(3).sample(list(range(0, 200)) + list(range(300, 512)), 240),
                        random.Random(4).sample(range(512), 300)),
 }
@@ -118,6 +130,8 @@ def test_refused_sender_data_never_lands(pair):
     lease's tag key; it must not land in the blocks nor disturb the real sender, and is drained
     once the lease resolves. Put path: the refused sender never puts (it waits for `ready`)."""
     d, p = pair
+    if d.prepost:
+        return refused_sender_preposted(d, p)
     if d.data_path == "rma":
         dst, src = [120, 121, 122, 300], [5, 6, 7, 8]
         d.call("poison", dst)
@@ -147,6 +161,30 @@ def test_refused_sender_data_never_lands(pair):
     assert same_bytes(p, src, d, dst)
     # the key is tombstoned once the lease completes: every stray is drained, none landed
     assert wait_until(lambda: d.call("dropped") >= before + posted, 10), "refused data not drained"
+    d.call("release_completed", dst)
+    assert d.call("integrity")["live"] == 0
+
+
+def refused_sender_preposted(d, p) -> None:
+    """Pre-posted receives cannot tell senders apart before `complete`: a second holder of the
+    record (here with a wrong block list) may land data, but only in this lease's own blocks,
+    and is refused at `complete` (its destination digest differs). The attempt is dropped (the
+    lease stays live), and a reissued epoch brings the real data in, verified."""
+    dst, src, bogus, others = [120, 121, 122, 300], [5, 6, 7, 8], [1, 2, 3, 4], [130, 131, 132, 133]
+    d.call("poison", dst)
+    h = d.call("reserve", ids=dst)
+    assert h["preposted"] and h["nonce"] > 0
+    untouched = d.call("blocks", others)
+    sent = p.call("send", {**h, "block_ids": others}, bogus)
+    assert sent[0] == "failed" and "destination block list differs" in sent[1], sent
+    assert d.call("wait_lease", h["lease_id"], 5)[0] == "failed"
+    assert torch.equal(d.call("blocks", others).view(torch.int16), untouched.view(torch.int16))
+    assert d.call("integrity")["live"] >= 1          # not freed: still this lease's blocks
+    h2 = d.call("reissue", h["lease_id"])
+    assert h2["epoch"] == h["epoch"] + 1 and h2["preposted"]
+    assert p.call("send", h2, src) == ("success", "")
+    assert d.call("wait_lease", h["lease_id"], 10) == ("success", "")
+    assert same_bytes(p, src, d, dst)
     d.call("release_completed", dst)
     assert d.call("integrity")["live"] == 0
 

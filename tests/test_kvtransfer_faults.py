@@ -30,14 +30,15 @@ def wait_for(pred, timeout: float, every: float = 0.1):
     return pred()
 
 
-# tag messages with staged bundles as descriptor lists (host pools' default) or through staging
-# buffers, and puts
-PATHS = pytest.mark.parametrize("path", ["tag", "tag-buffer", "rma"])
+# tag messages (receives pre-posted at reservation, or posted on `begin`: classic) with staged
+# bundles as descriptor lists (host pools' default) or through staging buffers, and puts
+PATHS = pytest.mark.parametrize("path", ["tag", "tag-buffer", "classic", "rma"])
 
 
 def paths(path: str, **kw) -> dict:
-    data_path, _, staged = path.partition("-")
-    return {"data_path": data_path, "staged_path": staged or "auto", **kw}
+    name, _, staged = path.partition("-")
+    return {"data_path": "tag" if name == "classic" else name, "prepost": name != "classic",
+            "staged_path": staged or "auto", **kw}
 
 
 @PATHS

@@ -131,9 +131,30 @@ def test_plan_covers_every_block_once(dst, min_blocks, rnd):
         assert list(dst[d.run.i0:d.run.i0 + d.run.n]) == list(range(d.run.dst0, d.run.dst0 + d.run.n))
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 200), min_size=1, max_size=60, unique=True),
+       st.integers(1, 8), st.randoms())
+def test_preposted_plan_depends_on_dst_only(dst, min_blocks, rnd):
+    """A pre-posted plan (receives posted before the src ids are known): the sender's plan, for
+    any src list, has the same messages as the decode side's plan built from dst alone."""
+    src = rnd.sample(range(300), len(dst))
+    lay = KVLayout(1, 300, 4, 1, 8)
+    ours = TransferPlan.build(lay, src, dst, min_blocks, dst_runs=True)
+    theirs = TransferPlan.build(lay, dst, dst, min_blocks, dst_runs=True)
+    assert ours.staged_idx == theirs.staged_idx and ours.msgs_per_layer == theirs.msgs_per_layer
+    assert [(d.kv, d.run.i0, d.run.n, d.run.dst0) for d in ours.direct] == \
+        [(d.kv, d.run.i0, d.run.n, d.run.dst0) for d in theirs.direct]
+    for d in ours.direct:
+        ids = src[d.run.i0:d.run.i0 + d.run.n]
+        assert ours.src_contiguous(d.run) == (ids == list(range(ids[0], ids[0] + d.run.n)))
+        assert d.run.src0 == ids[0]
+
+
 def test_wire_round_trip_and_tags():
     rec = HandoffRecord("10.0.0.1", 1234, 2**40, 3, (5, 6, 9), 77, 30.0, 4)
     assert HandoffRecord.from_json(rec.to_json()) == rec
+    pre = HandoffRecord("10.0.0.1", 1234, 5, 1, (5,), 77, 30.0, 4, preposted=True, nonce=9)
+    assert HandoffRecord.from_json(pre.to_json()) == pre
     assert decode(encode("ready", lease=1, epoch=2)) == {"t": "ready", "lease": 1, "epoch": 2}
     t = data_tag(77, 1023, (1 << 14) - 1, 255)
     assert t & KEY_MASK == key_prefix(77) and data_tag(78, 0, 0) & KEY_MASK != key_prefix(77)
