@@ -86,6 +86,7 @@ class RecvAttempt:
         # begin -> posted path), or on first use.
         self._sums_blocks: pool.Checksummer | None = None
         self._sums_slot: pool.Checksummer | None = None
+        self._fused: pool.FusedSums | None = None   # CUDA: the checksum kernels' ids and slots
         self._sums_lock = threading.Lock()   # made by the prewarm (executor) or on first use (loop)
 
     def _checksummer(self, from_slot: bool) -> pool.Checksummer:
@@ -229,6 +230,9 @@ class RecvAttempt:
 
     def _prewarm(self) -> None:
         try:
+            if self.agent.kv.is_cuda:
+                self._fused_sums()
+                return
             if self.plan.staged_idx and not self.plan.staged_iov:
                 self._checksummer(True)
             if self.plan.direct or self.plan.staged_iov:
@@ -299,6 +303,8 @@ class RecvAttempt:
         their values: a list on CPU, a `pool.Readback` on CUDA whose event also covers the
         scatters -- the scattered slots are re-posted only once it fired)."""
         self.trace.append(("batch_start", time.perf_counter()))
+        if self.agent.kv.is_cuda:
+            return self._queue_batch_fused(batch)
         out: list = [None] * len(batch)
         from_slot: list[tuple[int, int, torch.Tensor]] = []   # (position in the batch, layer, slot row)
         from_blocks: list[tuple[int, int]] = []
@@ -324,7 +330,50 @@ class RecvAttempt:
         self.trace.append(("batch_queued", time.perf_counter()))
         return out, wanted, values
 
+    def _queue_batch_fused(self, batch):
+        """CUDA `_queue_batch`: one kernel per landed bundle scatters it and sums its layers
+        (kernels/kv_checksum.py; the sums of layers still waiting for a direct message are
+        dropped), one per run of consecutive layers summed from the blocks; every sum of the
+        batch in one [2, layers] tensor (row 0: from a scatter, row 1: from the blocks), read
+        back once."""
+        out: list = [None] * len(batch)
+        wanted: list[tuple[int, int, int]] = []     # (position in the batch, layer, row)
+        L = self.plan.layout.num_layers
+        with self.agent.side_stream():
+            fused = self._fused_sums()
+            sums = torch.zeros((2, L), dtype=torch.int64, device=self.agent.kv.device)
+            blocks = sorted((args[0], i) for i, (kind, args, _) in enumerate(batch) if kind == "sum")
+            for i, (kind, args, _) in enumerate(batch):
+                if kind != "sum":
+                    l0, slot, sum_layers = args
+                    fused.add(sums[0, l0:], l0, slot.shape[0], "scatter", slot)
+                    out[i] = {}
+                    wanted += [(i, l, 0) for l in sum_layers]
+            j = 0
+            while j < len(blocks):   # runs of consecutive layers, queued after every scatter
+                e = j + 1
+                while e < len(blocks) and blocks[e][0] == blocks[e - 1][0] + 1:
+                    e += 1
+                fused.add(sums[1, blocks[j][0]:], blocks[j][0], e - j)
+                wanted += [(i, l, 1) for l, i in blocks[j:e]]
+                j = e
+            rb = pool.Readback(sums)
+        self.trace.append(("batch_queued", time.perf_counter()))
+        return out, wanted, rb
+
+    def _fused_sums(self) -> pool.FusedSums:
+        with self._sums_lock:
+            if self._fused is None:
+                with self.agent.setup_stream():
+                    self._fused = pool.FusedSums(self.agent.kv, self.plan.dst_ids,
+                                                 self.plan.staged_idx, self.rx_scales)
+            return self._fused
+
     def _finish_batch(self, out: list, wanted: list, values: list) -> list:
+        if wanted and len(wanted[0]) == 3:   # CUDA: values is the [2, layers] read-back
+            L = self.plan.layout.num_layers
+            values = [values[row * L + l] for _, l, row in wanted]
+            wanted = [(i, l) for i, l, _ in wanted]
         for (i, l), v in zip(wanted, values):
             if isinstance(out[i], dict):
                 out[i][l] = v

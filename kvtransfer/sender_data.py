@@ -42,8 +42,13 @@ class LayerPipeline:
         if plan.staged_iov and plan.staged_idx:
             return await self._send_layers_iov(peer)
         with self.agent.setup_stream():   # not behind the forward on the default stream
-            src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
-            self._sums = pool.Checksummer(kv, self.src_ids, self.agent.scales, plan.staged_idx)
+            if kv.is_cuda:   # one kernel per bundle: gather + checksums (pool.FusedSums)
+                src_staged = None
+                self._fused = pool.FusedSums(kv, self.src_ids, plan.staged_idx, self.agent.scales)
+                self._sums_dev = torch.zeros(plan.layout.num_layers, dtype=torch.int64, device=kv.device)
+            else:
+                src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
+                self._sums = pool.Checksummer(kv, self.src_ids, self.agent.scales, plan.staged_idx)
             if kv.is_cuda:   # direct runs whose src ids are scattered (pre-posted plans)
                 self._gather_runs = {r.i0: (r, pool.index_tensor(self.src_ids[r.i0:r.i0 + r.n], kv.device))
                                      for r in self._scattered_runs()}
@@ -187,18 +192,18 @@ class LayerPipeline:
                 out.append(ev)
         return out
 
-    def _queue_gathers(self, units: list[tuple[int, int]], staged_idx: torch.Tensor,
+    def _queue_gathers(self, units: list[tuple[int, int]], staged_idx: torch.Tensor | None,
                        stagings: list) -> bool:
         """On the current (side) stream: wait for each layer's KV (its CUDA event, so the forward
         on the main stream is not blocked; push_all shares one event among all layers) and gather
-        each bundle's staged regions. True if every event had already fired (the work is
-        runnable now)."""
+        each bundle's staged regions (CPU; on CUDA, `staged_idx` None, the checksum kernel
+        gathers them). True if every event had already fired (the work is runnable now)."""
         events = self._layer_events(l for l0, k in units for l in range(l0, l0 + k))
         for ev in events:
             torch.cuda.current_stream().wait_event(ev)
         runnable = all(ev.query() for ev in events)
         for (l0, _), staging in zip(units, stagings):
-            if staging is not None:
+            if staging is not None and staged_idx is not None:
                 pool.gather_staged(self.agent.kv, l0, staged_idx, staging)
         self._gathered = getattr(self, "_gathered", {})
         for r, idx in getattr(self, "_gather_runs", {}).values():   # scattered-src direct runs
@@ -212,11 +217,18 @@ class LayerPipeline:
     async def _prepare_on_loop(self, units: list[tuple[int, int]], staged_idx: torch.Tensor,
                                stagings: list, layers: list[int], per_layer: list) -> list[int]:
         """CUDA: the gathers and the layers' checksums queued from the loop thread (nothing here
-        blocks), then their read-back event polled while the work is runnable, else waited for
-        on the executor (the forward has not reached those layers yet). Returns the checksums."""
+        blocks): one fused kernel per bundle (gather + sums), or one over the batch's layers when
+        nothing is staged; then their read-back event polled while the work is runnable, else
+        waited for on the executor (the forward has not reached those layers yet). Returns the
+        checksums."""
         with self.agent.side_stream():
             runnable = self._queue_gathers(units, staged_idx, stagings)
-            rb = pool.Readback(self._sums.layers_dev(layers, per_layer))
+            if stagings[0] is None:   # nothing staged: the units are consecutive layers
+                self._fused.add(self._sums_dev[layers[0]:], layers[0], len(layers))
+            else:
+                for (l0, k), staging in zip(units, stagings):
+                    self._fused.add(self._sums_dev[l0:], l0, k, "gather", staging)
+            rb = pool.Readback(self._sums_dev[layers[0]:layers[-1] + 1])
         self._t(f"queued {units[0][0]}{'' if runnable else ' (waits for the forward)'}")
         spin = self.agent.config.spin_us * 1e-6 if runnable else 0.0
         await pool.wait_gpu(rb.event, self.agent.executor, spin)
