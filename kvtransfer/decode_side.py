@@ -277,6 +277,22 @@ class DecodeSide:
         await peer.send(encode("cancel_ack", xid=msg["xid"], lease=msg["lease"], epoch=msg["epoch"],
                                ok=ok))
 
+    def _forget_finished(self) -> None:
+        """About once a second: drop what the agent keeps per lease (record, status, choice)
+        for leases finished longer ago than `lease_retention_s`: a serving decode worker makes
+        one lease per request. poll_lease then answers "unknown lease"."""
+        now = time.monotonic()
+        if now < getattr(self, "_next_forget", 0.0):
+            return
+        self._next_forget = now + 1.0
+        for lid in self.leases.forget_resolved(self.lease_retention_s):
+            self._rx_status.pop(lid, None)
+            self._preposting.pop(lid, None)
+
+    @property
+    def lease_retention_s(self) -> float:
+        return max(2 * self.config.lease_timeout_s, 60.0)
+
     # ---- late writes, expiry -------------------------------------------------------------
     async def plug(self, tag: int) -> None:
         """Complete our own posted receive with `tag` by a zero-length message (writes nothing)."""
@@ -299,6 +315,7 @@ class DecodeSide:
 
     async def _sweep(self) -> None:
         self.top_up_futures()
+        self._forget_finished()
         for lease in self.leases.expire_due():
             self._rx_status[lease.lease_id].fail("lease expired")
             self.tombstone(lease.tag_key)   # data a sender posted before (or without) a begin

@@ -44,6 +44,7 @@ class Lease:
     state: LeaseState = LeaseState.LIVE
     inflight: int = 0                 # admitted writes not yet ended
     freed: bool = False               # blocks handed back to the pool
+    resolved_at: float | None = None  # when it left LIVE (the clock of its table)
     old_tag_keys: list[int] = field(default_factory=list)
 
     @property
@@ -102,7 +103,8 @@ class LeaseTable:
             return lease
 
     def _new_key(self) -> int:
-        in_use = {l.tag_key for l in self._leases.values() if not l.freed}
+        in_use = {l.tag_key for l in self._leases.values()
+                  if not l.freed and l.state is not LeaseState.COMPLETED}
         for _ in range(1 << TAG_KEY_BITS):
             key, self._next_key = self._next_key, self._next_key % ((1 << TAG_KEY_BITS) - 1) + 1
             if key not in in_use:
@@ -143,6 +145,7 @@ class LeaseTable:
             if lease.inflight:
                 return f"lease {lease_id} still has {lease.inflight} writes in flight"
             lease.state = LeaseState.COMPLETED
+            lease.resolved_at = self._clock()
             self._owned.difference_update(lease.block_ids)
             return None
 
@@ -160,6 +163,7 @@ class LeaseTable:
         with self._lock:
             lease = self._live(lease_id)
             lease.state = state
+            lease.resolved_at = self._clock()
             to_free = self._take_if_drained(lease)
         self._free(to_free)
         return lease
@@ -197,6 +201,19 @@ class LeaseTable:
             lease = self._leases.get(lease_id)
             if lease is not None and (lease.state is LeaseState.COMPLETED or lease.freed):
                 del self._leases[lease_id]
+
+    def forget_resolved(self, older_than_s: float) -> list[int]:
+        """Drop the records of leases that finished (completed, or resolved and freed) at least
+        `older_than_s` ago; returns their ids. A serving process reserves a lease per request:
+        without this the table (and each reservation's tag-key scan) grows without bound."""
+        cutoff = self._clock() - older_than_s
+        with self._lock:
+            gone = [l.lease_id for l in self._leases.values()
+                    if (l.state is LeaseState.COMPLETED or l.freed)
+                    and l.resolved_at is not None and l.resolved_at <= cutoff]
+            for lid in gone:
+                del self._leases[lid]
+        return gone
 
     def live_count(self) -> int:
         with self._lock:

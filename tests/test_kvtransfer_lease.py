@@ -93,6 +93,31 @@ def test_complete_epoch_and_inflight_rules():
     assert t.get(lease.lease_id) is None
 
 
+def test_finished_leases_are_forgotten_after_retention():
+    clock = [100.0]
+    freed = []
+    t = LeaseTable(freed.extend, timeout_s=5.0, clock=lambda: clock[0])
+    done = t.reserve([1, 2])
+    assert t.complete(done.lease_id, 1) is None
+    gone = t.reserve([3])
+    t.cancel(gone.lease_id)                       # freed at once (no writes in flight)
+    busy = t.reserve([4])
+    assert t.begin_write(busy.lease_id, 1)
+    t.cancel(busy.lease_id)                       # resolved, but a write is still in flight
+    live = t.reserve([5])
+    clock[0] += 30.0
+    assert t.forget_resolved(60.0) == []          # not old enough yet
+    clock[0] += 31.0
+    assert sorted(t.forget_resolved(60.0)) == sorted([done.lease_id, gone.lease_id])
+    assert t.get(done.lease_id) is None and t.get(gone.lease_id) is None
+    assert t.get(busy.lease_id) is not None       # not freed yet: kept
+    assert t.get(live.lease_id) is not None       # live (expiry is another matter)
+    t.end_write(busy.lease_id)
+    assert freed == [3, 4]
+    assert t.forget_resolved(60.0) == [busy.lease_id]   # resolved long ago, freed now
+    t.check_integrity()
+
+
 def test_fsm_transitions():
     f = TransferFSM()
     assert f.poll().state is TransferState.BOOTSTRAPPING
