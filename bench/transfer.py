@@ -83,9 +83,17 @@ def main() -> None:
     ap.add_argument("--prepost", default="", help="comma list of on|off: receives posted at reservation or "
                     "on `begin` (transfer.prepost); several = an interleaved A/B in the same run (empty: "
                     "the config default)")
+    ap.add_argument("--exec-ab", default="", help="'name:stmt|name:stmt': an interleaved A/B of module settings, "
+                    "each statement run in both workers before its variant's transfers (e.g. 'nocap:import "
+                    "splitserve.kvtransfer.sender_data as S; S.PREP_STEP_BYTES = 0|cap:...')")
     args = ap.parse_args()
     from splitserve.kvtransfer.testing import spawn_worker
+    if args.prepost and args.exec_ab:
+        raise SystemExit("--prepost with several values and --exec-ab: one A/B at a time")
     variants = [{"on": True, "off": False}[v] for v in args.prepost.split(",")] if args.prepost else [None]
+    stmts = dict(v.split(":", 1) for v in args.exec_ab.split("|")) if args.exec_ab else {}
+    if args.exec_ab:
+        variants = list(stmts)
 
     sizes = [int(s) for s in args.sizes.split(",")]
     nb = max(sizes)
@@ -124,7 +132,10 @@ def main() -> None:
             phases = {v: {} for v in variants}
             for r in range(reps + 1):
                 for v in variants:   # interleaved: an A/B sees the same machine state
-                    h = d.call("reserve", ids=dst, prepost=v)
+                    if args.exec_ab:
+                        d.call("exec", stmts[v])
+                        p.call("exec", stmts[v])
+                    h = d.call("reserve", ids=dst, prepost=None if args.exec_ab else v)
                     res = p.call("timed_send", h, src, timeout=900)
                     if res["state"] != "success":
                         raise SystemExit(f"transfer failed: {res}")
@@ -143,10 +154,11 @@ def main() -> None:
                        "paged_gbps": nbytes / t / 1e9, "raw_gbps": nbytes / raw_s / 1e9,
                        "ratio": raw_s / t, "reps": reps, "copy_s": copy_s,
                        "copy_gbps": nbytes / copy_s / 1e9 if copy_s else None,
-                       "prepost": v, "paged_all_s": times[v][1:],
+                       "prepost": None if args.exec_ab else v, "variant": v if args.exec_ab else None,
+                       "paged_all_s": times[v][1:],
                        "phases_ms": {k: round(statistics.median(x), 3) for k, x in phases[v].items()}}
                 rows.append(row)
-                pv = "" if v is None else f" prepost={'on' if v else 'off'}"
+                pv = "" if v is None else (f" [{v}]" if args.exec_ab else f" prepost={'on' if v else 'off'}")
                 print(f"{n:5d} blocks {pattern:10s}{pv} {nbytes / MIB:8.0f} MiB  paged {t * 1e3:9.2f} ms "
                       f"{row['paged_gbps']:8.2f} GB/s | raw {raw_s * 1e3:9.2f} ms "
                       f"{row['raw_gbps']:8.2f} GB/s | {row['ratio']:.2f}x"
@@ -194,7 +206,7 @@ def main() -> None:
               "commit": commit(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "device": args.device, "tag": args.tag, "self_test": d.call("self_test"), "rows": rows,
               "overlap": ov, "overlaps": overlaps, "layout": layout, "agent_config": cfg, "peer_transports": p.call("peer_transports"),
-              "data_paths_used": sorted(paths),
+              "data_paths_used": sorted(paths), "exec_ab": stmts,
               "gpus": {"prefill": gp, "decode": gd, "visible": args.visible}, "topology": topology()}
     print("prefill->decode endpoint transports:", report["peer_transports"], flush=True)
     d.close()
@@ -205,6 +217,8 @@ def main() -> None:
 def pattern_name(row: dict) -> str:
     """The row's block pattern, and its prepost variant in an A/B run."""
     v = row.get("prepost")
+    if row.get("variant"):
+        return f"{row['pattern']} ({row['variant']})"
     return row["pattern"] + ("" if v is None else f" (prepost {'on' if v else 'off'})")
 
 

@@ -53,6 +53,7 @@ class Peer:
         self.lost = False
         self.pong: asyncio.Future | None = None   # agent.rtt's outstanding probe
         self.rma: rma.RemoteRegion | None = None   # its KV pool, when it takes our puts
+        self.device = ""   # its pool's GPU (UUID; "" for host pools or an older peer)
 
     async def send(self, payload: np.ndarray) -> None:
         await self.ep.am_send(payload)
@@ -72,6 +73,9 @@ class TransferAgent(DecodeSide):
         self.staged_iov = config.staged_path == "iov" or (config.staged_path == "auto"
                                                           and not kv.is_cuda)
         self.compat = layout.compat_record(model)
+        # which GPU the pool is on (told to peers in the handshake: a sender paces its steps
+        # differently when the receiver shares its GPU, sender_data.PREP_STEP_BYTES)
+        self.device_id = str(torch.cuda.get_device_properties(kv.device).uuid) if kv.is_cuda else ""
         self.leases = LeaseTable(free_blocks or (lambda ids: None), config.lease_timeout_s)
         self.peers: dict[tuple[str, int], Peer] = {}
         self._connecting: dict[tuple[str, int], asyncio.Future] = {}
@@ -235,11 +239,12 @@ class TransferAgent(DecodeSide):
                                               connect_timeout=self.config.connect_timeout_s)
         peer = Peer(ep, f"{addr[0]}:{addr[1]}")
         asyncio.ensure_future(self._serve(peer))
-        await peer.send(encode("hello", compat=self.compat))
+        await peer.send(encode("hello", compat=self.compat, device=self.device_id))
         reply = await asyncio.wait_for(peer.hello, self.config.connect_timeout_s)
         if reply["t"] != "hello_ok":
             ep.abort()
             raise RuntimeError(f"peer {peer.name} refused us: {reply['reason']}")
+        peer.device = reply.get("device", "")
         check_transports(peer.name, lane_transports(ep_info(ep)),
                          self.config.expected_transports, self.kv.is_cuda)
         if reply.get("rma") and self.putter is not None:
@@ -290,7 +295,8 @@ class TransferAgent(DecodeSide):
             asyncio.ensure_future(peer.send(encode("hello_err", reason=why)))
             return
         peer.hello.set_result(msg)
-        asyncio.ensure_future(peer.send(encode("hello_ok", rma=self.rma_info())))
+        peer.device = msg.get("device", "")
+        asyncio.ensure_future(peer.send(encode("hello_ok", rma=self.rma_info(), device=self.device_id)))
 
     def _on_hello_ok(self, peer: Peer, msg: dict) -> None:
         if not peer.hello.done():

@@ -19,6 +19,16 @@ from . import iov, pool
 from .wire import data_tag
 
 _UNSET = asyncio.Event()   # never set: "not pushed yet"
+# CUDA, to a peer on another GPU: the most data one prep step (wait, gather, checksums, then the
+# sends) covers. A step's sends are posted only after its checksums are read back, so one step
+# over a whole big transfer held every byte back until all of it was summed (two H200s, 8 GiB
+# contiguous: first send at 8.5 ms of 33.7). Smaller steps start the data at once and sum the
+# next step's layers while the previous step's data crosses NVLink: same-call A/B on two H200s,
+# 512 MiB 9.00 -> 5.77 ms (contiguous) and 10.27 -> 8.85 (scattered), 8 GiB 34.1 -> 32.5 and
+# 44.6 -> 38.1 ms. When both processes share one GPU the sums and the copies compete for the
+# same HBM and the cap lost (8 GiB 13.5 -> 22.5 ms, 29.8 -> 41.4), so it is not applied there
+# (transfer-cuda-x2-v26-ab.md, transfer-cuda-v26-ab.md).
+PREP_STEP_BYTES = 256 << 20   # 0: no cap (one step takes every computed unit the window allows)
 
 
 class LayerPipeline:
@@ -59,12 +69,23 @@ class LayerPipeline:
         window = asyncio.Semaphore(win)
         sends: list = []
         u = 0
+        # CPU gathers are long (numpy, ~1-2 GB/s): one bundle per step, so each bundle's send
+        # starts as soon as it is gathered and overlaps the next gather. CUDA: steps of at most
+        # PREP_STEP_BYTES, and, when the staging window cannot hold every bundle, of at most
+        # half of it (the next step's gathers then run while the previous step's buffers are
+        # on the wire)
+        most = win
+        paced = kv.is_cuda and PREP_STEP_BYTES > 0 and peer.device != self.agent.device_id
+        if plan.staged_idx and not kv.is_cuda:
+            most = 1
+        elif plan.staged_idx and paced and win < len(units):
+            most = max(1, win // 2)
+        if paced:   # another GPU (module comment; PREP_STEP_BYTES 0: no cap)
+            unit_bytes = units[0][1] * plan.total_bytes // plan.layout.num_layers
+            most = min(most, max(1, PREP_STEP_BYTES // max(unit_bytes, 1)))
         while u < len(units):
             await self._units_ready(units[u])
             batch = [units[u]]
-            # CPU gathers are long (numpy, ~1-2 GB/s): one bundle per step, so each bundle's
-            # send starts as soon as it is gathered and overlaps the next gather
-            most = win if kv.is_cuda or not plan.staged_idx else 1
             while (len(batch) < most and u + len(batch) < len(units)
                    and self._is_computed(units[u + len(batch)])):
                 batch.append(units[u + len(batch)])
