@@ -82,6 +82,7 @@ class TransferAgent(DecodeSide):
         self._rx_status: dict[int, TransferFSM] = {}
         self._attempts: dict[int, RecvAttempt] = {}
         self._preposting: dict[int, bool] = {}   # lease -> receives posted at reservation
+        self._next_forget = 0.0                   # when the sweeper next drops finished leases
         self._tombstones: dict[int, float] = {}
         self.rx_traces: dict[int, list] = {}   # lease -> last attempt's trace (benchmarks)
         self.self_test_report: SelfTestReport | None = None

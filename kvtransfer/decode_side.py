@@ -58,7 +58,7 @@ class DecodeSide:
 
     def _record(self, lease) -> HandoffRecord:
         a = self._attempts.get(lease.lease_id)
-        pre = getattr(a, "preposted", False) and a.epoch == lease.epoch
+        pre = a is not None and a.preposted and a.epoch == lease.epoch
         return HandoffRecord(self.host, self.port, lease.lease_id, lease.epoch, lease.block_ids,
                              lease.tag_key, self.config.lease_timeout_s,
                              self.config.direct_min_blocks, self.config.bundle_kib << 10,
@@ -282,7 +282,7 @@ class DecodeSide:
         for leases finished longer ago than `lease_retention_s`: a serving decode worker makes
         one lease per request. poll_lease then answers "unknown lease"."""
         now = time.monotonic()
-        if now < getattr(self, "_next_forget", 0.0):
+        if now < self._next_forget:
             return
         self._next_forget = now + 1.0
         for lid in self.leases.forget_resolved(self.lease_retention_s):

@@ -70,10 +70,11 @@ class Readback:
     """A small CUDA int tensor's values on their way to the host: a pinned copy queued on the
     current stream behind the work that produced them, and an event after it. Poll `event`
     (`wait_gpu`) instead of blocking a thread; read `values()` once it has fired. With t=None it
-    is only the event (work queued so far on the current stream is done)."""
+    is only the event (work queued so far on the current stream is done). `pick`: the flat
+    positions whose values `values()` returns, in that order (default: all)."""
 
-    def __init__(self, t: torch.Tensor | None = None) -> None:
-        self.host = None
+    def __init__(self, t: torch.Tensor | None = None, pick: list[int] | None = None) -> None:
+        self.host, self.pick = None, pick
         if t is not None:
             self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             self.host.copy_(t, non_blocking=True)
@@ -81,8 +82,11 @@ class Readback:
         self.event.record()
 
     def values(self) -> list[int]:
-        """The values, flattened (row-major)."""
-        return [] if self.host is None else self.host.reshape(-1).tolist()
+        """The values, flattened (row-major), or those at `pick`."""
+        if self.host is None:
+            return []
+        flat = self.host.reshape(-1).tolist()
+        return flat if self.pick is None else [flat[k] for k in self.pick]
 
 
 async def wait_gpu(event, executor, spin_s: float) -> None:

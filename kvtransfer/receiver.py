@@ -357,9 +357,9 @@ class RecvAttempt:
                 fused.add(sums[1, blocks[j][0]:], blocks[j][0], e - j)
                 wanted += [(i, l, 1) for l, i in blocks[j:e]]
                 j = e
-            rb = pool.Readback(sums)
+            rb = pool.Readback(sums, pick=[row * L + l for _, l, row in wanted])
         self.trace.append(("batch_queued", time.perf_counter()))
-        return out, wanted, rb
+        return out, [(i, l) for i, l, _ in wanted], rb
 
     def _fused_sums(self) -> pool.FusedSums:
         with self._sums_lock:
@@ -370,10 +370,6 @@ class RecvAttempt:
             return self._fused
 
     def _finish_batch(self, out: list, wanted: list, values: list) -> list:
-        if wanted and len(wanted[0]) == 3:   # CUDA: values is the [2, layers] read-back
-            L = self.plan.layout.num_layers
-            values = [values[row * L + l] for _, l, row in wanted]
-            wanted = [(i, l) for i, l, _ in wanted]
         for (i, l), v in zip(wanted, values):
             if isinstance(out[i], dict):
                 out[i][l] = v

@@ -37,6 +37,8 @@ log = logging.getLogger("splitserve.kvtransfer")
 
 
 class RmaAttempt:
+    preposted = False   # put-based attempts start on the sender's `begin`, never at reservation
+
     def __init__(self, agent: "TransferAgent", lease_id: int, epoch: int, tag_key: int,
                  dst_ids: Sequence[int], ep, fsm: TransferFSM, xid: int) -> None:
         self.agent, self.lease_id, self.epoch, self.tag_key = agent, lease_id, epoch, tag_key

@@ -70,6 +70,11 @@ class KVSender(LayerPipeline):
         self._events: dict[int, torch.cuda.Event | None] = {}
         self._layer_ready: dict[int, asyncio.Event] = {}
         self._sum_futs: list[asyncio.Future] = []   # per batch: its checksums, while data moves
+        # direct runs whose src ids are not consecutive (pre-posted plans; sender_data): the
+        # runs, their index tensors (CUDA) and the gathered (layer, run, k|v) buffers
+        self._scattered: list | None = None
+        self._gather_runs: dict = {}
+        self._gathered: dict = {}
         self.reply: asyncio.Future | None = None    # set by the agent's control loop
         self.cancel_ack: asyncio.Future | None = None
         self.bytes_sent = 0

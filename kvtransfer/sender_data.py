@@ -127,7 +127,7 @@ class LayerPipeline:
         """Direct runs whose src ids are not consecutive: a pre-posted plan's runs come from the
         dst ids alone (layout.TransferPlan). Sent from a gathered buffer (CUDA) or as a
         descriptor list of the regions in place (host pools)."""
-        if getattr(self, "_scattered", None) is None:
+        if self._scattered is None:
             runs = {d.run.i0: d.run for d in self.plan.direct}
             self._scattered = [r for r in runs.values() if not self.plan.src_contiguous(r)]
         return self._scattered
@@ -135,7 +135,6 @@ class LayerPipeline:
     def _post_direct(self, peer, layers: list[int], sends: list) -> None:
         """The direct runs' and the FP8 scales' messages of these layers."""
         kv, plan = self.agent.kv, self.plan
-        gathered = getattr(self, "_gathered", {})
         scattered = {r.i0 for r in self._scattered_runs()} if plan.direct else set()
         for l in layers:
             for m, d in enumerate(plan.direct):
@@ -143,7 +142,7 @@ class LayerPipeline:
                     sends.append(self._send(peer, pool.direct_view(kv, l, d.kv, d.run.src0, d.run.n),
                                             l, m, None))
                 elif kv.is_cuda:   # gathered with the layer's staged regions (_queue_gathers)
-                    buf = gathered.pop((l, d.run.i0, d.kv))
+                    buf = self._gathered.pop((l, d.run.i0, d.kv))
                     sends.append(self._send(peer, pool.as_buffer(buf), l, m, None))
                 else:
                     desc = iov.Descriptors.regions(kv, l, d.kv, self.src_ids[d.run.i0:d.run.i0 + d.run.n])
@@ -226,8 +225,7 @@ class LayerPipeline:
         for (l0, _), staging in zip(units, stagings):
             if staging is not None and staged_idx is not None:
                 pool.gather_staged(self.agent.kv, l0, staged_idx, staging)
-        self._gathered = getattr(self, "_gathered", {})
-        for r, idx in getattr(self, "_gather_runs", {}).values():   # scattered-src direct runs
+        for r, idx in self._gather_runs.values():   # scattered-src direct runs
             for l0, k in units:
                 for l in range(l0, l0 + k):
                     buf = pool.staging_tensor(self.agent.kv, r.n)   # [2, n, *region]
