@@ -278,20 +278,21 @@ class DecodeSide:
                                ok=ok))
 
     def _forget_finished(self) -> None:
-        """About once a second: drop what the agent keeps per lease (record, status, choice)
-        for leases finished longer ago than `lease_retention_s`: a serving decode worker makes
-        one lease per request. poll_lease then answers "unknown lease"."""
+        """About once a second (or per retention, if shorter): drop what the agent keeps per
+        lease (record, status, choice) for leases finished longer ago than `lease_retention_s`:
+        a serving decode worker makes one lease per request. poll_lease then answers "unknown
+        lease"."""
         now = time.monotonic()
         if now < self._next_forget:
             return
-        self._next_forget = now + 1.0
+        self._next_forget = now + min(1.0, self.lease_retention_s)
         for lid in self.leases.forget_resolved(self.lease_retention_s):
             self._rx_status.pop(lid, None)
             self._preposting.pop(lid, None)
 
     @property
     def lease_retention_s(self) -> float:
-        return max(2 * self.config.lease_timeout_s, 60.0)
+        return self.config.lease_retention_s or max(2 * self.config.lease_timeout_s, 60.0)
 
     # ---- late writes, expiry -------------------------------------------------------------
     async def plug(self, tag: int) -> None:

@@ -79,7 +79,8 @@ class PoolWorker:
     def integrity(self) -> dict:
         self.agent.leases.check_integrity()
         return {"free": len(self.free), "free_calls": len(self.free_calls),
-                "live": self.agent.leases.live_count(), "freed_count": self.agent.leases.freed_count}
+                "live": self.agent.leases.live_count(), "freed_count": self.agent.leases.freed_count,
+                "records": len(self.agent.leases._leases), "statuses": len(self.agent._rx_status)}
 
     def dropped(self) -> float:
         """Stray data messages the sweeper has drained (late, duplicate or refused writes)."""

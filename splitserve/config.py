@@ -95,6 +95,8 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class TransferConfig:
     lease_timeout_s: float = _f(30.0, "a KV reservation expires if not completed within this")
+    lease_retention_s: float = _f(0.0, "a finished lease's record and status are kept this long, then forgotten "
+                                  "(poll_lease answers 'unknown lease'); 0: max(2 x lease_timeout_s, 60 s)")
     expected_transports: str = _f("auto", "auto, tcp, cuda_ipc or rdma: warn loudly if UCX picks less")
     self_test: bool = _f(True, "run a loopback bandwidth self-test at agent start-up")
     self_test_mib: int = _f(64, "MiB moved by the start-up self-test")
@@ -138,6 +140,7 @@ class TransferConfig:
 
     def __post_init__(self) -> None:
         _require(self.lease_timeout_s > 0, "transfer.lease_timeout_s", "must be > 0")
+        _require(self.lease_retention_s >= 0, "transfer.lease_retention_s", "must be >= 0 (0: the default)")
         _require(self.expected_transports in ("auto", "tcp", "cuda_ipc", "rdma"),
                  "transfer.expected_transports",
                  f"got {self.expected_transports!r}; use auto, tcp, cuda_ipc or rdma")

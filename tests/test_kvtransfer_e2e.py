@@ -252,6 +252,31 @@ def test_cancel_racing_last_write(pair, offset):
     assert after["live"] == 0
 
 
+def test_finished_leases_are_forgotten():
+    """A decode worker makes a lease per request: once finished (completed, or cancelled and
+    freed) and older than transfer.lease_retention_s, its record and status are dropped by the
+    sweeper; a live lease is kept."""
+    d = spawn_worker(LAYOUT, seed=1, config_kw={"lease_retention_s": 0.3})
+    p = spawn_worker(LAYOUT, seed=2)
+    try:
+        done = [transfer(d, p, [i], [i + 100]) for i in range(3)]
+        assert all(sent == got == ("success", "") for _, sent, got in done)
+        cancelled = d.call("reserve", ids=[40, 41])
+        assert d.call("cancel", cancelled["lease_id"]) is True
+        live = d.call("reserve", ids=[50])
+        assert d.call("integrity")["records"] == 5
+        assert wait_until(lambda: d.call("integrity")["records"] == 1, 10), d.call("integrity")
+        info = d.call("integrity")
+        assert info["statuses"] == 1 and info["live"] == 1
+        state, reason = d.call("wait_lease", done[0][0]["lease_id"], 0)
+        assert state == "failed" and "unknown lease" in reason
+        assert d.call("wait_lease", live["lease_id"], 0)[0] == "bootstrapping"
+        assert d.call("cancel", live["lease_id"]) is True
+    finally:
+        d.close()
+        p.close()
+
+
 def test_multi_layer_bundles_stream_through_a_one_slot_ring():
     """Staged bundles spanning several layers (here 3 + 1 of 4 layers: the decode side's
     bundle_kib carried in the handoff), a receive ring of one slot (a tiny staging budget: each
