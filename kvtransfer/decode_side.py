@@ -41,7 +41,8 @@ class DecodeSide:
         self._tombstones.pop(lease.tag_key, None)   # a recycled key: its old strays are long gone
         self._rx_status[lease.lease_id] = TransferFSM()
         metrics.leases_live().set(self.leases.live_count())
-        pre = self.prepost if prepost is None else (prepost and self.config.data_path == "tag")
+        # the tag path only: a put needs a `ready` before its first write
+        pre = (self.config.prepost if prepost is None else prepost) and self.config.data_path == "tag"
         self._preposting[lease.lease_id] = pre
         if pre:
             try:
@@ -50,11 +51,6 @@ class DecodeSide:
                 self.cancel(lease.lease_id)
                 raise
         return self._record(lease)
-
-    @property
-    def prepost(self) -> bool:
-        """Receives posted at reservation: the tag path only (a put needs a `ready` first)."""
-        return self.config.prepost and self.config.data_path == "tag"
 
     def _record(self, lease) -> HandoffRecord:
         a = self._attempts.get(lease.lease_id)
@@ -76,7 +72,7 @@ class DecodeSide:
         attempt = RecvAttempt(self, lease.lease_id, lease.epoch, lease.tag_key, plan, None,
                               self._rx_status[lease.lease_id],
                               random.randrange(1, 1 << NONCE_BITS), post_ep=self._self_ep)
-        attempt.preposted, attempt.xid = True, None
+        attempt.preposted = True
         attempt.dst_digest = ids_digest(lease.block_ids)
         self._attempts[lease.lease_id] = attempt
         self._keep_trace(lease.lease_id, attempt)
@@ -125,7 +121,7 @@ class DecodeSide:
         if old_key is not None:
             self.tombstone(old_key)   # the old epoch's data, even if it never sent a begin
         self._rx_status[lease_id] = TransferFSM()
-        if self._preposting.get(lease_id, self.prepost):
+        if self._preposting.get(lease_id, False):   # as the lease was reserved
             await self._prepost(lease)
         return self._record(lease)
 

@@ -50,7 +50,9 @@ class RecvAttempt:
         # receives are posted on post_ep (tag matching is per worker: any endpoint of ours)
         self.plan, self.ep, self.fsm = plan, ep, fsm
         self.post_ep = post_ep if post_ep is not None else ep
-        self.preposted = False
+        self.preposted = False     # made at reservation (decode_side._prepost)
+        self.dst_digest: str | None = None   # pre-posted: what the sender's `complete` must name
+        self.xid: int | None = None          # the sender's transfer id, once known
         self.landed_any = False
         self.started = time.perf_counter()
         self.leases: LeaseTable = agent.leases

@@ -214,28 +214,9 @@ class KVSender(LayerPipeline):
             self.fsm.to(TransferState.TRANSFERRING)
             self._t("ready")
             await begin
-            sends, sum_batches = await data
-            self._t("posted")
-            sums = [int(x) for batch in await asyncio.gather(*sum_batches) for x in batch]
-            self.reply = loop.create_future()
-            completion = {"xid": self.xid, "lease": h.lease_id, "epoch": h.epoch, "checksums": sums}
-            if self.complete_hook is not None:
-                completion = self.complete_hook(completion)
-            self._t("sums")
-            # before the sends have completed: the decode side verifies once its receives ended
-            await peer.send(encode("complete", **completion))
-            msg = await self.reply
-            self._t("acked")
-            if msg["t"] != "ack":
-                raise RuntimeError(f"decode worker rejected the completion: {msg.get('reason')}")
-            await asyncio.gather(*sends)   # acked => every receive matched; this is bookkeeping
-            self._t("sends_done")
+            await self._complete_and_ack(peer, *await data)
         finally:
-            for task in (data, begin, *self._sum_futs):   # on a refusal or failure: stop, and
-                if not task.done():                          # consume any error
-                    task.cancel()
-                elif not task.cancelled():
-                    task.exception()
+            _stop(data, begin, *self._sum_futs)
         self.fsm.to(TransferState.SUCCESS)
         return peer
 
@@ -243,35 +224,36 @@ class KVSender(LayerPipeline):
         """A pre-posted handoff: no begin/ready. Post the data at once (it matches receives the
         decode side posted when it reserved), then `complete` with the checksums and the digest
         of our destination list (binds us to the attempt), then Success on `ack`."""
-        h, loop = self.handoff, asyncio.get_running_loop()
         peer.senders[self.xid] = self
         self.fsm.to(TransferState.TRANSFERRING)
         data = asyncio.ensure_future(self._send_layers(peer))
         try:
-            sends, sum_batches = await data
-            self._t("posted")
-            digest = ids_digest(h.block_ids)
-            sums = [int(x) for batch in await asyncio.gather(*sum_batches) for x in batch]
-            self.reply = loop.create_future()
-            completion = {"xid": self.xid, "lease": h.lease_id, "epoch": h.epoch, "checksums": sums,
-                          "dst_digest": digest}
-            if self.complete_hook is not None:
-                completion = self.complete_hook(completion)
-            self._t("sums")
-            await peer.send(encode("complete", **completion))
-            msg = await self.reply
-            self._t("acked")
-            if msg["t"] != "ack":
-                raise RuntimeError(f"decode worker rejected the completion: {msg.get('reason')}")
-            await asyncio.gather(*sends)
-            self._t("sends_done")
+            await self._complete_and_ack(peer, *await data,
+                                         dst_digest=ids_digest(self.handoff.block_ids))
         finally:
-            for task in (data, *self._sum_futs):
-                if not task.done():
-                    task.cancel()
-                elif not task.cancelled():
-                    task.exception()
+            _stop(data, *self._sum_futs)
         self.fsm.to(TransferState.SUCCESS)
+
+    async def _complete_and_ack(self, peer, sends: list, sum_batches: list, **extra) -> None:
+        """Every send is posted: wait for the layers' checksums, send `complete` (before the
+        sends have completed: the decode side verifies once its receives ended), wait for
+        `ack`, then collect the send completions (acked => every receive matched)."""
+        h = self.handoff
+        self._t("posted")
+        sums = [int(x) for batch in await asyncio.gather(*sum_batches) for x in batch]
+        self.reply = asyncio.get_running_loop().create_future()
+        completion = {"xid": self.xid, "lease": h.lease_id, "epoch": h.epoch, "checksums": sums,
+                      **extra}
+        if self.complete_hook is not None:
+            completion = self.complete_hook(completion)
+        self._t("sums")
+        await peer.send(encode("complete", **completion))
+        msg = await self.reply
+        self._t("acked")
+        if msg["t"] != "ack":
+            raise RuntimeError(f"decode worker rejected the completion: {msg.get('reason')}")
+        await asyncio.gather(*sends)
+        self._t("sends_done")
 
     async def _cancel(self) -> bool:
         if self.fsm.poll().done:
@@ -290,3 +272,12 @@ class KVSender(LayerPipeline):
             self.fsm.fail("cancelled by the prefill worker")
             self._task.cancel()
         return True
+
+
+def _stop(*tasks) -> None:
+    """On a refusal or failure: cancel what is still running, and consume any error."""
+    for task in tasks:
+        if not task.done():
+            task.cancel()
+        elif not task.cancelled():
+            task.exception()
