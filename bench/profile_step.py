@@ -11,6 +11,8 @@ Writes <out>/profile-step.json and prints the tables.
 
     python3 bench/profile_step.py --out $OUT          # on the H200
     python bench/profile_step.py --smoke --out /tmp    # CPU, tiny shape: the script itself runs
+    python3 bench/profile_step.py --out $OUT --decode 256:1024:bf16,128:1024:fp8 --no-prefill
+        # large-batch decode steps instead (batch:context:kv, one engine per KV dtype)
 """
 from __future__ import annotations
 
@@ -73,7 +75,11 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--decode", default="", help="batch:context:kv,... decode points (default: B=1 at 1k, auto KV)")
+    ap.add_argument("--no-prefill", action="store_true")
     a = ap.parse_args()
+    if a.decode:
+        return profile_points(a)
     eng = be.make_engine("auto", 4096 if not be.SMOKE else 256)
     be.fill_cache_random(eng)
     res = {"shape": be.SHAPE, "device": str(be.DEV)}
@@ -98,6 +104,28 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile-step.json").write_text(json.dumps(res, indent=1) + "\n")
+
+
+def profile_points(a) -> None:
+    """Graph-replayed decode steps at each batch:context:kv point, kernels by GPU time."""
+    import numpy as np
+    points = [p.split(":") for p in a.decode.split(",")]
+    res = {"shape": be.SHAPE, "device": str(be.DEV), "points": {}}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for kv in dict.fromkeys(p[2] for p in points):
+        eng = be.make_engine({"bf16": "auto", "fp8": "fp8_e4m3"}.get(kv, kv), 4096 if not be.SMOKE else 256)
+        be.fill_cache_random(eng)
+        runner = eng.runner.decode_graphs
+        for b, ctx, _ in (p for p in points if p[2] == kv):
+            b, ctx = int(b), int(ctx)
+            inp = be.decode_inputs(eng, b, ctx, np.random.default_rng(b))
+            prof, wall = profile(lambda: runner.run(inp)[1].tolist(), a.steps)
+            key = f"decode_b{b}_ctx{ctx}_{kv}"
+            res["points"][key] = show(f"decode B={b} ctx {ctx} {kv} (graph replay)", wall,
+                                      kernel_table(prof, a.steps), "gpu_us_per_step")
+            (out / "profile-step.json").write_text(json.dumps(res, indent=1) + "\n")
+        be.free_engine(eng)
 
 
 if __name__ == "__main__":
