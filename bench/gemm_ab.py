@@ -12,6 +12,8 @@ times), median of 20 replays, us per call:
   cublaslt    the same with torch.backends.cuda.preferred_blas_library("cublaslt")
   cublas_t    torch.mm(x, W.t().contiguous()): the weight stored [K, N] (another kernel choice)
   cublaslt_t  both
+  tunable     torch.cuda.tunable (TunableOp) on: every registered GEMM implementation timed once
+              per shape on rotating buffers, the fastest kept (--variants cublas,tunable)
 Every variant's output is checked against the first one's (same math, bf16 rounding). TB/s
 counts weight bytes. Writes DIR/gemm-ab-TAG.json and prints a table.
 """
@@ -33,11 +35,17 @@ from kbench import TESTING  # noqa: E402
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336), "lm_head": (128256, 4096)}   # (N, K)
 LAYER = ("qkv", "o", "gate_up", "down")
-VARIANTS = ("cublas", "cublaslt", "cublas_t", "cublaslt_t")
+VARIANTS = ["cublas", "cublaslt", "cublas_t", "cublaslt_t"]
 
 
 def backend(name: str) -> None:
     torch.backends.cuda.preferred_blas_library("cublaslt" if name.startswith("cublaslt") else "cublas")
+    tun = torch.cuda.tunable
+    tun.enable(name == "tunable")
+    tun.tuning_enable(name == "tunable")
+    if name == "tunable":
+        tun.set_rotating_buffer_size(512)     # MB: tuned on cold weights, as the step reads them
+        tun.set_max_tuning_duration(200)      # ms per solution
 
 
 def problem(n: int, k: int, m: int, shape: str) -> tuple:
@@ -86,7 +94,9 @@ def main() -> None:
     ap.add_argument("--m", default="1,8,16,32,64,128,256")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--tag", default="default")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
+    VARIANTS[:] = args.variants.split(",")
     ms = [int(v) for v in args.m.split(",")]
     env = {k: os.environ[k] for k in ("CUBLASLT_WORKSPACE_SIZE", "CUBLAS_WORKSPACE_CONFIG")
            if k in os.environ}

@@ -2,7 +2,8 @@
 (kernels/_pdl.py; --ab pdl, and where it triggers: --ab trigger), the decode attention's large-grid
 tiles (--ab largetiles), its K/V L2 prefetch and split length (--ab kvprefetch), RoPE + KV
 write in the QKV GEMV's epilogue (--ab rope), the GEMMs' BLAS library (--ab blas), the
-skinny Triton GEMM (--ab skinny) or the greedy argmax (torch's vs kernels/argmax.py; --ab argmax).
+skinny Triton GEMM (--ab skinny), the greedy argmax (torch's vs kernels/argmax.py; --ab argmax) or
+the logits' dtype (float32 vs the LM head's; --ab logits).
 
 One engine (dummy Llama-3-8B on the GPU, bf16 or FP8 KV; tiny float16 under --smoke), its
 decode graphs captured under each variant in turn, twice, interleaved (a variant sets
@@ -11,7 +12,7 @@ capture); each capture's graph replay time per batch, back to back, timed by CUD
 the greedy tokens and logits of one step against the first variant's, which must not change.
 
     python bench/pdl_ab.py --out $OUT [--ab pdl|trigger|largetiles|kvprefetch|fp8splits|rope|
-                                         blas|skinny|argmax] [--kv bf16|fp8] [--batches 1,8,32]
+                                         blas|skinny|argmax|logits] [--kv bf16|fp8] [--batches 1,8,32]
                            [--variants a,b] [--context 1024] [--table-tokens 8448]
 """
 from __future__ import annotations
@@ -105,6 +106,10 @@ AB = {
                                      "skinny.TILES": "--extra-tiles"})],
     "argmax": [("torch-argmax", {}, {"runner.split_argmax": False}),
                ("split-argmax", {}, {"runner.split_argmax": True})],
+    # the graphs' logits: cast to float32 in the graph (before session 16) or left in the LM
+    # head's dtype (the argmax reads half the bytes, no cast kernel)
+    "logits": [("float-logits", {}, {"runner.float_logits": True}),
+               ("model-dtype-logits", {}, {"runner.float_logits": False})],
 }
 CONTEXT = 64 if SMOKE else 1024
 

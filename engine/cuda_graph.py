@@ -133,6 +133,10 @@ class DecodeGraphRunner:
         self.use_graphs = use_graphs
         # greedy tokens by kernels/argmax.py on CUDA (torch's took 28.6 us at batch 1), read at capture
         self.split_argmax = model.device.type == "cuda"
+        # the graphs leave the LM head's logits in its dtype, read at capture: the float32 cast
+        # was a kernel of its own (B=256: 96 us, then 55 us of argmax over twice the bytes;
+        # bench/pdl_ab.py --ab logits); the sampler casts the rows it samples with temperature
+        self.float_logits = False
         dev, top = model.device, self.buckets[-1]
         pin = dev.type == "cuda"
         # One byte buffer per side holding, in order, int64 [5, top] (input ids, positions, slots,
@@ -170,7 +174,8 @@ class DecodeGraphRunner:
         return self.attn.cache.block_size
 
     def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model.forward(self._i64[0, :b], self._i64[1, :b], self.attn)   # [b, V] f32
+        logits = self.model.forward(self._i64[0, :b], self._i64[1, :b], self.attn,
+                                    float_logits=self.float_logits)   # [b, V]
         if self.split_argmax:
             from ..kernels.argmax import argmax_rows
             return logits, argmax_rows(logits)
@@ -209,7 +214,8 @@ class DecodeGraphRunner:
 
     @torch.inference_mode()
     def run(self, inp: DecodeInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step -> (float32 logits [n, V], greedy tokens int64 [n]) on the device.
+        """One decode step -> (logits [n, V] (float32 if float_logits, else the model dtype),
+        greedy tokens int64 [n]) on the device.
         The logits are a static output (overwritten by the next run); the tokens are a copy."""
         n = len(inp.input_ids)
         b = bucket_for(n, self.buckets)

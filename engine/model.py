@@ -100,12 +100,16 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
-                logits_indices: torch.Tensor | None = None, after_layer=None) -> torch.Tensor:
-        """input_ids, positions: [T]; returns float32 logits [len(logits_indices) or T, vocab].
+                logits_indices: torch.Tensor | None = None, after_layer=None,
+                float_logits: bool = True) -> torch.Tensor:
+        """input_ids, positions: [T]; returns logits [len(logits_indices) or T, vocab], float32
+        (float_logits) or the LM head's own dtype (no cast kernel: greedy decoding reads them
+        once, and the cast is exact, so the argmax is the same).
         after_layer(i), if given, is called once layer i's KV is written (enqueued on the current
         CUDA stream): a prefill worker pushes that layer to the decode side while the rest run."""
         if self.fused:
-            return self._fused.forward(input_ids, positions, attn, logits_indices, after_layer)
+            return self._fused.forward(input_ids, positions, attn, logits_indices, after_layer,
+                                       float_logits)
         a = self.arch
         x = F.embedding(input_ids, self.w["model.embed_tokens.weight"])      # [T, hidden]
         cos, sin = self.rope(positions)
@@ -128,4 +132,5 @@ class LlamaModel:
         if logits_indices is not None:
             x = x[logits_indices]
         x = rms_norm(x, self.w["model.norm.weight"], a.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        logits = F.linear(x, self.lm_head)
+        return logits.float() if float_logits else logits

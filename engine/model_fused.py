@@ -41,7 +41,8 @@ class FusedForward:
         self.skinny_gemm = True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn,
-                logits_indices: torch.Tensor | None = None, after_layer=None) -> torch.Tensor:
+                logits_indices: torch.Tensor | None = None, after_layer=None,
+                float_logits: bool = True) -> torch.Tensor:
         if input_ids.shape[0] <= self.small_batch_tokens:
             res, out = self._layers_gemv(input_ids, positions, attn, after_layer)
         else:
@@ -49,7 +50,8 @@ class FusedForward:
         if logits_indices is not None:       # the final add + norm only on the rows that sample
             res, out = res[logits_indices], out[logits_indices]
         h = self.k.rms_norm(out, self.m.w["model.norm.weight"], self.m.arch.rms_norm_eps, residual=res)
-        return F.linear(h, self.m.lm_head).float()
+        logits = F.linear(h, self.m.lm_head)
+        return logits.float() if float_logits else logits
 
     def _layers(self, input_ids, positions, attn, after_layer) -> tuple[torch.Tensor, torch.Tensor]:
         """All layers with cuBLAS GEMMs; returns (residual stream, last sublayer output)."""

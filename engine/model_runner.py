@@ -35,8 +35,9 @@ class LaunchedStep:
     """A step enqueued on the device whose sampled tokens the host has not read yet."""
     sched: SchedulerOutput
     reqs: list[Request]            # the requests that sample, in logits-row order
-    logits: torch.Tensor           # float32 [len(reqs), V]; may be a graph's static output: valid
-                                   # only until the next launch (read at once unless all greedy)
+    logits: torch.Tensor           # [len(reqs), V], float32 (decode graphs: the model dtype); may be
+                                   # a graph's static output: valid only until the next launch
+                                   # (read at once unless all greedy)
     greedy: torch.Tensor           # int64 [len(reqs)] argmax of each row, on the device
     host: HostCopy | None          # greedy's copy to the host (all rows greedy), in flight
 

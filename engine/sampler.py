@@ -83,13 +83,14 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, request_ids: Sequence[str],
                params: Sequence[SamplingParams]) -> list[int]:
-        """logits: float32 [N, V], one row per request -> N token ids."""
+        """logits: [N, V] (float32, or the model dtype: a row sampled with temperature is cast
+        to float32 first), one row per request -> N token ids."""
         greedy = logits.argmax(dim=-1)
         out = host_list(greedy)
         for row, (rid, p) in enumerate(zip(request_ids, params)):
             if p.greedy:
                 continue
-            scaled = filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
+            scaled = filter_top_k_top_p(logits[row].float() / p.temperature, p.top_k, p.top_p)
             probs = torch.softmax(scaled, dim=-1)
             out[row] = int(torch.multinomial(probs, 1, generator=self._generator(rid, p.seed)).item())
         return out

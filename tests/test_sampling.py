@@ -49,6 +49,24 @@ def test_distribution_matches(kw):
     _close(_empirical(LOGITS, N, **kw), _expected(LOGITS, **kw))
 
 
+def test_model_dtype_logits_sample_as_their_float32_cast():
+    """Decode graphs hand the sampler bf16 logits: the same seeded draws and greedy picks as the
+    exact float32 cast of the same values (the temperature math runs in float32 either way)."""
+    gen = torch.Generator().manual_seed(3)
+    low = (torch.randn(4, 97, generator=gen) * 3).to(torch.bfloat16)
+    low[1, 10] = low[1, 11] = low[1].max() + 1            # a tie: the first index wins in both
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.8, top_k=20, seed=5), SamplingParams(temperature=1.3, top_p=0.9, seed=6)]
+    ids = ["a", "b", "c", "d"]
+
+    def draws(logits):      # 300 successive steps of each request (one generator per request)
+        sampler = Sampler("cpu")
+        return [sampler.sample(logits, ids, params) for _ in range(300)]
+    want = draws(low.float())
+    assert draws(low) == want
+    assert {w[1] for w in want} == {10} and len({w[3] for w in want}) > 5
+
+
 def test_top_p_keeps_the_crossing_token():
     probs = torch.softmax(LOGITS, -1)                       # [0.37, 0.22, 0.14, ...]
     kept = filter_top_k_top_p(LOGITS, 0, 0.5) > float("-inf")
