@@ -116,21 +116,20 @@ def main() -> None:
     for n in sizes:
         nbytes = n * 2 * MIB
         reps = 1 if (n >= 4096 and args.device == "cpu") else args.reps
+        copy_s = torch_copy_s(nbytes, gp, gd, reps) if gp and gd and gp != gd else None
+        cases = {"contiguous": (list(range(n)), list(range(n)))}
+        cases["scattered"] = (rnd.sample(range(nb), n), rnd.sample(range(nb), n))
+        times = {(c, v): [] for c in cases for v in variants}
+        phases = {(c, v): {} for c in cases for v in variants}
         raw = []
-        for _ in range(reps + 1):            # first is warm-up (registration, IPC handles)
+        # each rep: the raw send, then every pattern and variant, so the ratio compares runs of
+        # the same moment (the 2-core CI/dev VM drifts by 30% between minutes); rep 0 warms up
+        # (registration, IPC handles)
+        for r in range(reps + 1):
             tag += 2
             d.call("raw_recv", nbytes, tag)
             raw.append(p.call("raw_send", d.address, nbytes, tag, timeout=600))
-        raw_s = statistics.median(raw[1:])
-        copy_s = torch_copy_s(nbytes, gp, gd, reps) if gp and gd and gp != gd else None
-        for pattern in ("contiguous", "scattered"):
-            if pattern == "contiguous":
-                dst, src = list(range(n)), list(range(n))
-            else:
-                dst, src = rnd.sample(range(nb), n), rnd.sample(range(nb), n)
-            times = {v: [] for v in variants}
-            phases = {v: {} for v in variants}
-            for r in range(reps + 1):
+            for pattern, (dst, src) in cases.items():
                 for v in variants:   # interleaved: an A/B sees the same machine state
                     if args.exec_ab:
                         d.call("exec", stmts[v])
@@ -143,20 +142,22 @@ def main() -> None:
                     assert d.call("wait_lease", h["lease_id"], 60)[0] == "success"
                     if r > 0:
                         for k, x in phase_times(res, d.call("rx_trace", h["lease_id"])).items():
-                            phases[v].setdefault(k, []).append(x)
+                            phases[pattern, v].setdefault(k, []).append(x)
                     if r == 0 and n <= 256:
                         assert d.call("digest", dst) == p.call("digest", src), "bytes differ"
                     d.call("release_completed", dst)
-                    times[v].append(res["seconds"])
+                    times[pattern, v].append(res["seconds"])
+        raw_s = statistics.median(raw[1:])
+        for pattern in cases:
             for v in variants:
-                t = statistics.median(times[v][1:])
+                t = statistics.median(times[pattern, v][1:])
                 row = {"blocks": n, "pattern": pattern, "bytes": nbytes, "paged_s": t, "raw_s": raw_s,
                        "paged_gbps": nbytes / t / 1e9, "raw_gbps": nbytes / raw_s / 1e9,
                        "ratio": raw_s / t, "reps": reps, "copy_s": copy_s,
                        "copy_gbps": nbytes / copy_s / 1e9 if copy_s else None,
                        "prepost": None if args.exec_ab else v, "variant": v if args.exec_ab else None,
-                       "paged_all_s": times[v][1:],
-                       "phases_ms": {k: round(statistics.median(x), 3) for k, x in phases[v].items()}}
+                       "paged_all_s": times[pattern, v][1:], "raw_all_s": raw[1:],
+                       "phases_ms": {k: round(statistics.median(x), 3) for k, x in phases[pattern, v].items()}}
                 rows.append(row)
                 pv = "" if v is None else (f" [{v}]" if args.exec_ab else f" prepost={'on' if v else 'off'}")
                 print(f"{n:5d} blocks {pattern:10s}{pv} {nbytes / MIB:8.0f} MiB  paged {t * 1e3:9.2f} ms "
@@ -277,6 +278,15 @@ def phase_times(res: dict, rx: list) -> dict:
     return {k: round(out[k], 3) for k in PHASES if k in out}
 
 
+def per_rep_ratios(r: dict) -> str:
+    """raw / paged of each rep (raw and paged timed back to back in one rep): median (min-max);
+    '-' for runs before the raw send was interleaved."""
+    pairs = [a / b for a, b in zip(r.get("raw_all_s", []), r.get("paged_all_s", []))]
+    if not pairs:
+        return "-"
+    return f"{statistics.median(pairs):.2f}x ({min(pairs):.2f}-{max(pairs):.2f})"
+
+
 def write(rep: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / (f"transfer-{rep['device']}" + (f"-{rep['tag']}" if rep.get("tag") else ""))
@@ -289,13 +299,14 @@ def write(rep: dict, out: Path) -> None:
              f"{rep['self_test'].get('gbps', 0):.2f} GB/s loopback; prefill->decode endpoint "
              f"lanes: {rep.get('peer_transports')}", "",
              f"GPUs: {rep.get('gpus')}; peer access {rep.get('topology', {}).get('peer_access')}", "",
-             "| blocks | pattern | MiB | paged ms | paged GB/s | raw ms | raw GB/s | paged/raw | torch copy GB/s |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| blocks | pattern | MiB | paged ms | paged GB/s | raw ms | raw GB/s | paged/raw | "
+             "per-rep paged/raw, median (min-max) | torch copy GB/s |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rep["rows"]:
         cp = f"{r['copy_gbps']:.2f}" if r.get("copy_gbps") else "-"
         lines.append(f"| {r['blocks']} | {pattern_name(r)} | {r['bytes'] / MIB:.0f} | "
                      f"{r['paged_s'] * 1e3:.2f} | {r['paged_gbps']:.2f} | {r['raw_s'] * 1e3:.2f} | "
-                     f"{r['raw_gbps']:.2f} | {r['ratio']:.2f}x | {cp} |")
+                     f"{r['raw_gbps']:.2f} | {r['ratio']:.2f}x | {per_rep_ratios(r)} | {cp} |")
     ov = rep["overlap"] or {}      # none with --overlap-reps 0
     if ov:
         lines += ["", f"Layer-wise overlap ({ov['blocks']} blocks {ov.get('pattern', 'scattered')}, "
