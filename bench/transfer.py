@@ -74,6 +74,7 @@ def main() -> None:
                     help="with --gpus: each process sees both GPUs (its own first) or only its own")
     ap.add_argument("--direct-min-blocks", type=int, default=0, help="0: the config default")
     ap.add_argument("--bundle-kib", type=int, default=0, help="0: the config default")
+    ap.add_argument("--max-bundles", type=int, default=-1, help="-1: the config default (0: bundles never grow)")
     ap.add_argument("--progress-mode", default="", choices=["", "thread", "thread-polling"])
     ap.add_argument("--data-path", default="", choices=["", "tag", "rma", "auto"],
                     help="transfer.data_path of both agents (empty: the config default)")
@@ -103,6 +104,8 @@ def main() -> None:
     cfg.update({k: v for k, v in (("direct_min_blocks", args.direct_min_blocks), ("bundle_kib", args.bundle_kib),
                                   ("data_path", args.data_path), ("progress_mode", args.progress_mode),
                                   ("rma_min_kib", args.rma_min_kib), ("staged_path", args.staged_path)) if v})
+    if args.max_bundles >= 0:
+        cfg["max_bundles"] = args.max_bundles
     t0 = time.time()
     gp, gd = (args.gpus.split(",") + [""])[:2] if args.gpus else ("", "")
     def env(own: str, other: str):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from . import metrics
-from .layout import NONCE_BITS, TransferPlan, ids_digest
+from .layout import NONCE_BITS, TransferPlan, bundle_bytes_for, ids_digest
 from .lease import LeaseError, LeaseState
 from .receiver import RecvAttempt
 from .rma_receiver import RmaAttempt
@@ -57,8 +57,15 @@ class DecodeSide:
         pre = a is not None and a.preposted and a.epoch == lease.epoch
         return HandoffRecord(self.host, self.port, lease.lease_id, lease.epoch, lease.block_ids,
                              lease.tag_key, self.config.lease_timeout_s,
-                             self.config.direct_min_blocks, self.config.bundle_kib << 10,
+                             self.config.direct_min_blocks, self.bundle_bytes(len(lease.block_ids)),
                              preposted=pre, nonce=a.nonce if pre else 0)
+
+    def bundle_bytes(self, num_blocks: int) -> int:
+        """This side's bundle size for a transfer of `num_blocks` blocks (layout.bundle_bytes_for);
+        the handoff record carries it, so both plans use the same."""
+        c = self.config
+        return bundle_bytes_for(num_blocks * self.layout.block_bytes, c.bundle_kib << 10,
+                                c.max_bundles, c.staging_budget_kib << 10)
 
     async def _prepost(self, lease) -> None:
         """A pre-posted handoff: the attempt of this (lease, epoch) is made now, its plan from
@@ -67,7 +74,8 @@ class DecodeSide:
         data and then `complete`, which binds it to the attempt (`_complete`). Until then a
         dead sender is noticed by the lease's deadline, not by its endpoint."""
         plan = TransferPlan.build(self.layout, lease.block_ids, lease.block_ids,
-                                  self.config.direct_min_blocks, self.config.bundle_kib << 10,
+                                  self.config.direct_min_blocks,
+                                  self.bundle_bytes(len(lease.block_ids)),
                                   staged_iov=self.staged_iov, dst_runs=True)
         attempt = RecvAttempt(self, lease.lease_id, lease.epoch, lease.tag_key, plan, None,
                               self._rx_status[lease.lease_id],
@@ -173,7 +181,8 @@ class DecodeSide:
         if why is None:
             try:
                 plan = TransferPlan.build(self.layout, msg["src"], lease.block_ids,
-                                          self.config.direct_min_blocks, self.config.bundle_kib << 10,
+                                          self.config.direct_min_blocks,
+                                          self.bundle_bytes(len(lease.block_ids)),
                                           staged_iov=self.staged_iov)
             except ValueError as e:
                 why = str(e)

@@ -234,6 +234,19 @@ class TransferPlan:
 
 
 
+def bundle_bytes_for(transfer_bytes: int, bundle_bytes: int, max_bundles: int,
+                     staging_budget: int) -> int:
+    """A transfer's bundle size: `bundle_bytes`, grown so that its staged layers take at most
+    `max_bundles` messages (0: no growth), but not past half the staging budget (two bundles in
+    flight). A pure function of the transfer's size, so the decode side derives the same value
+    for its handoff record and both of its plans. Each message costs ~70 us of UCX rendezvous on
+    the H200: 512 MiB went 10.2-10.5 ms in 16 MiB bundles, 6.1-6.7 ms in 64-128 MiB ones."""
+    if not max_bundles:
+        return bundle_bytes
+    want = -(-transfer_bytes // max_bundles)
+    return max(bundle_bytes, min(want, staging_budget // 2))
+
+
 def ids_digest(ids: Sequence[int]) -> str:
     """Short hash of a block-id list, compared by both sides before any data moves."""
     return hashlib.sha1(json.dumps(list(ids)).encode()).hexdigest()[:16]

@@ -108,6 +108,9 @@ class TransferConfig:
                                "~50-100 us of host time, more than a GPU gather of tens of blocks "
                                "(bench/results/transfer-cuda-v6*.md)")
     bundle_kib: int = _f(16384, "a staged message spans as many layers as fit in this many KiB")
+    max_bundles: int = _f(8, "the decode side grows a transfer's bundles past bundle_kib so that its staged "
+                          "layers take at most this many messages, up to half the staging budget (0: always "
+                          "bundle_kib; kvtransfer.layout.bundle_bytes_for)")
     staging_layers: int = _f(8, "staged layers in flight per transfer (bounds staging memory)")
     staging_budget_kib: int = _f(262144, "staged bytes a transfer may keep in flight per side (KiB); more layers than "
                                  "staging_layers while they fit")
@@ -151,6 +154,7 @@ class TransferConfig:
         _require(self.direct_min_blocks >= 1, "transfer.direct_min_blocks", "must be >= 1")
         _require(self.staging_layers >= 1, "transfer.staging_layers", "must be >= 1")
         _require(self.bundle_kib >= 1, "transfer.bundle_kib", "must be >= 1")
+        _require(self.max_bundles >= 0, "transfer.max_bundles", "must be >= 0")
         _require(self.staging_budget_kib >= 1, "transfer.staging_budget_kib", "must be >= 1")
         _require(self.staged_path in ("auto", "buffer", "iov"), "transfer.staged_path",
                  f"got {self.staged_path!r}; use auto, buffer or iov")

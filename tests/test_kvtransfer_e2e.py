@@ -309,6 +309,21 @@ def bundled_transfer(d_cfg: dict, p_cfg: dict, seed: int, layer_delay_s: float) 
         p.close()
 
 
+@pytest.mark.parametrize("path", ["buffer", "iov"])
+def test_bundles_grow_to_max_bundles(path):
+    """transfer.max_bundles: the decode side grows the bundle past bundle_kib (here 1 KiB, one
+    layer per message) until the staged layers take at most 2 messages; the handoff record
+    carries the size, the sender's plan and both of the decode side's (pre-posted and
+    from `complete`) use it, and the bytes arrive verified."""
+    from splitserve.kvtransfer.layout import bundle_bytes_for
+    cfg = {"staged_path": path, "bundle_kib": 1, "max_bundles": 2, "direct_min_blocks": 8}
+    h = bundled_transfer(cfg, {"staged_path": path}, seed=7, layer_delay_s=0.0)
+    block_bytes = LAYOUT["num_layers"] * 2 * LAYOUT["block_size"] * LAYOUT["num_kv_heads"] * LAYOUT["head_dim"] * 2
+    assert h["bundle_bytes"] == bundle_bytes_for(60 * block_bytes, 1 << 10, 2, 262144 << 10) == 30 << 10
+    staged_layer = 2 * 50 * block_bytes // (2 * LAYOUT["num_layers"])
+    assert h["bundle_bytes"] // staged_layer == 2       # two layers per message, not one
+
+
 @pytest.mark.parametrize("d_path,p_path", [("buffer", "iov"), ("iov", "buffer")])
 def test_staged_paths_mix(d_path, p_path):
     """The staged path is each side's own choice: a descriptor list in place on one side and a

@@ -199,3 +199,14 @@ def test_compat_mismatch_names_fields():
     minor = KVLayout(2, 64, 16, 8, 128, "fp8_e4m3", True, v_token_minor=True).compat_record("llama")
     major = KVLayout(2, 64, 16, 8, 128, "fp8_e4m3", True).compat_record("llama")
     assert "v_token_minor" in compat_mismatch(minor, major)   # same bytes, different meaning
+
+
+def test_bundle_bytes_for_grows_to_max_bundles_within_half_the_budget():
+    from splitserve.kvtransfer.layout import bundle_bytes_for
+    mib = 1 << 20
+    assert bundle_bytes_for(512 * mib, 16 * mib, 0, 256 * mib) == 16 * mib       # off
+    assert bundle_bytes_for(32 * mib, 16 * mib, 8, 256 * mib) == 16 * mib        # small: the floor
+    assert bundle_bytes_for(512 * mib, 16 * mib, 8, 256 * mib) == 64 * mib       # 8 messages
+    assert bundle_bytes_for(513 * mib, 16 * mib, 8, 256 * mib) == -(-513 * mib // 8)
+    assert bundle_bytes_for(8192 * mib, 16 * mib, 8, 256 * mib) == 128 * mib     # half the budget
+    assert bundle_bytes_for(8192 * mib, 16 * mib, 8, 8 * mib) == 16 * mib        # never below the floor
