@@ -11,8 +11,8 @@ Writes <out>/profile-step.json and prints the tables.
 
     python3 bench/profile_step.py --out $OUT          # on the H200
     python bench/profile_step.py --smoke --out /tmp    # CPU, tiny shape: the script itself runs
-    python3 bench/profile_step.py --out $OUT --decode 256:1024:bf16,128:1024:fp8 --no-prefill
-        # large-batch decode steps instead (batch:context:kv, one engine per KV dtype)
+    python3 bench/profile_step.py --out $OUT --decode 256:1024:bf16,128:1024:fp8
+        # large-batch decode steps instead (batch:context:kv, one engine per KV dtype; no prefill)
 """
 from __future__ import annotations
 
@@ -76,7 +76,6 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--decode", default="", help="batch:context:kv,... decode points (default: B=1 at 1k, auto KV)")
-    ap.add_argument("--no-prefill", action="store_true")
     a = ap.parse_args()
     if a.decode:
         return profile_points(a)

@@ -320,8 +320,8 @@ def test_bundles_grow_to_max_bundles(path):
     h = bundled_transfer(cfg, {"staged_path": path}, seed=7, layer_delay_s=0.0)
     block_bytes = LAYOUT["num_layers"] * 2 * LAYOUT["block_size"] * LAYOUT["num_kv_heads"] * LAYOUT["head_dim"] * 2
     assert h["bundle_bytes"] == bundle_bytes_for(60 * block_bytes, 1 << 10, 2, 262144 << 10) == 30 << 10
-    staged_layer = 2 * 50 * block_bytes // (2 * LAYOUT["num_layers"])
-    assert h["bundle_bytes"] // staged_layer == 2       # two layers per message, not one
+    staged_layer = 50 * block_bytes // LAYOUT["num_layers"]   # the 50 staged blocks' K and V of a layer
+    assert h["bundle_bytes"] // staged_layer == 2             # two layers per message, not one
 
 
 @pytest.mark.parametrize("d_path,p_path", [("buffer", "iov"), ("iov", "buffer")])
