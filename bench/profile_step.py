@@ -82,11 +82,7 @@ def main() -> None:
     eng = be.make_engine("auto", 4096 if not be.SMOKE else 256)
     be.fill_cache_random(eng)
     res = {"shape": be.SHAPE, "device": str(be.DEV)}
-    ctx = 1024 if not be.SMOKE else 64
-    inp = be.decode_inputs(eng, 1, ctx, np.random.default_rng(1))
-    runner = eng.runner.decode_graphs
-    prof, wall = profile(lambda: runner.run(inp)[1].tolist(), a.steps)
-    res["decode_b1"] = show(f"decode B=1 ctx {ctx} (graph replay)", wall, kernel_table(prof, a.steps), "gpu_us_per_step")
+    res["decode_b1"] = decode_point(eng, 1, 1024 if not be.SMOKE else 64, "bf16", a.steps)
 
     n = 64 if not be.SMOKE else 16
     gen = np.random.default_rng(2)
@@ -105,9 +101,17 @@ def main() -> None:
     (out / "profile-step.json").write_text(json.dumps(res, indent=1) + "\n")
 
 
+def decode_point(eng, b: int, ctx: int, kv: str, steps: int) -> dict:
+    """Graph-replayed decode steps of b sequences at ctx tokens: kernels by GPU time."""
+    import numpy as np
+    inp = be.decode_inputs(eng, b, ctx, np.random.default_rng(b))
+    runner = eng.runner.decode_graphs
+    prof, wall = profile(lambda: runner.run(inp)[1].tolist(), steps)
+    return show(f"decode B={b} ctx {ctx} {kv} (graph replay)", wall, kernel_table(prof, steps), "gpu_us_per_step")
+
+
 def profile_points(a) -> None:
     """Graph-replayed decode steps at each batch:context:kv point, kernels by GPU time."""
-    import numpy as np
     points = [p.split(":") for p in a.decode.split(",")]
     res = {"shape": be.SHAPE, "device": str(be.DEV), "points": {}}
     out = Path(a.out)
@@ -115,14 +119,9 @@ def profile_points(a) -> None:
     for kv in dict.fromkeys(p[2] for p in points):
         eng = be.make_engine({"bf16": "auto", "fp8": "fp8_e4m3"}.get(kv, kv), 4096 if not be.SMOKE else 256)
         be.fill_cache_random(eng)
-        runner = eng.runner.decode_graphs
         for b, ctx, _ in (p for p in points if p[2] == kv):
             b, ctx = int(b), int(ctx)
-            inp = be.decode_inputs(eng, b, ctx, np.random.default_rng(b))
-            prof, wall = profile(lambda: runner.run(inp)[1].tolist(), a.steps)
-            key = f"decode_b{b}_ctx{ctx}_{kv}"
-            res["points"][key] = show(f"decode B={b} ctx {ctx} {kv} (graph replay)", wall,
-                                      kernel_table(prof, a.steps), "gpu_us_per_step")
+            res["points"][f"decode_b{b}_ctx{ctx}_{kv}"] = decode_point(eng, b, ctx, kv, a.steps)
             (out / "profile-step.json").write_text(json.dumps(res, indent=1) + "\n")
         be.free_engine(eng)
 

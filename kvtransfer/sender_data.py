@@ -29,10 +29,6 @@ _UNSET = asyncio.Event()   # never set: "not pushed yet"
 # same HBM and the cap lost (8 GiB 13.5 -> 22.5 ms, 29.8 -> 41.4), so it is not applied there
 # (transfer-cuda-x2-v26-ab.md, transfer-cuda-v26-ab.md).
 PREP_STEP_BYTES = 256 << 20   # 0: no cap (one step takes every computed unit the window allows)
-# Host pools: a batch with nothing to gather (direct runs only) posts its sends from the loop at
-# once instead of after a hop through the executor, whose one thread is then usually still
-# summing the previous batch. False: the hop for every batch (the A/B baseline).
-CPU_INLINE_DIRECT = True
 
 
 class LayerPipeline:
@@ -110,7 +106,10 @@ class LayerPipeline:
                 sums.set_result(await self._prepare_on_loop(batch, src_staged, stagings, layers,
                                                             per_layer))
             else:
-                if not CPU_INLINE_DIRECT or any(st is not None for st in stagings):
+                # a batch with nothing to gather (direct runs only) posts its sends at once: the
+                # executor's one thread is usually still summing the previous batch
+                # (bench/results/transfer-cpu-s16-inline-ab.md: 32 MiB -1.5 / -2.7 ms)
+                if any(st is not None for st in stagings):
                     await loop.run_in_executor(self.agent.executor, self._queue_gathers, batch,
                                                src_staged, stagings)
                 sums = loop.run_in_executor(self.agent.executor, self._sums.layers, layers, per_layer)
