@@ -18,6 +18,15 @@ import transfer as _bench  # noqa: F401,E402  (package mapping on the device)
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
 
+# cProfile on the agent's loop thread (enable/disable run there: a profiler hooks its own thread)
+_PROFILE_ON = ("import cProfile; self._prof = cProfile.Profile(); "
+               "self.agent.loop.call_soon_threadsafe(self._prof.enable)")
+_PROFILE_OFF = ("import io, os, pstats, time; self.agent.loop.call_soon_threadsafe(self._prof.disable); "
+                "time.sleep(0.2); os.makedirs(os.path.dirname('{out}'), exist_ok=True); buf = io.StringIO(); "
+                "st = pstats.Stats(self._prof, stream=buf); st.sort_stats('tottime').print_stats(45); "
+                "st.sort_stats('cumulative').print_stats(60); open('{out}', 'w').write(buf.getvalue())")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -25,6 +34,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--pool", type=int, default=64)
     ap.add_argument("--show", type=int, default=1, help="timelines printed per case")
+    ap.add_argument("--profile", default="", help="directory: cProfile each worker's agent loop "
+                    "thread over the timed reps, write its top functions there")
     ap.add_argument("--ab", default="", help="statement run in both workers before odd reps "
                     "(its 'undo' after '|' before even reps): interleaved A/B, medians of each")
     args = ap.parse_args()
@@ -52,6 +63,9 @@ def main() -> None:
                 rx = d.call("rx_trace", h["lease_id"])
                 d.call("release_completed", dst)
                 if r == 0:
+                    if args.profile:
+                        for w in (d, p):
+                            w.call("exec", _PROFILE_ON)
                     continue
                 secs.append(res["seconds"])
                 ab[r % 2].append(res["seconds"])
@@ -74,6 +88,9 @@ def main() -> None:
                         shown += 1
                         print(f"   {(t - t0) * 1e3:8.2f} (+{(t - last) * 1e3:6.2f})  {k}")
                         last = t
+            if args.profile:
+                for name, w in (("decode", d), ("prefill", p)):
+                    w.call("exec", _PROFILE_OFF.format(out=f"{args.profile}/{name}-{n}-{pattern}.txt"))
             print(f"=== {n} blocks {pattern}: median {statistics.median(secs) * 1e3:.2f} ms "
                   f"(min {min(secs) * 1e3:.2f})")
             if args.ab:
