@@ -20,6 +20,8 @@ Every region read is summed. `buf` is [k, 2, staged, *region] (a multi-layer sta
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -34,6 +36,8 @@ BLOCK_WORDS = 1024                      # 8 KiB of a region per step
 @triton.jit
 def _region_sums(pool_ptr, buf_ptr, ids_ptr, slots_ptr, sums_ptr, l0, n, num_blocks, staged,
                  mix, WORDS: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr):
+    pool_ptr = pool_ptr.to(tl.pointer_type(tl.int64), bitcast=True)   # the bytes as words
+    buf_ptr = buf_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
     pid = tl.program_id(0).to(tl.int64)          # over (layer - l0, kv, i)
     layer = pid // (2 * n)
     kv = (pid // n) % 2
@@ -76,7 +80,7 @@ def region_sums(pool: torch.Tensor, l0: int, k: int, ids: torch.Tensor, sums: to
     check(mode in MODES, lambda: f"mode {mode!r}: use one of {sorted(MODES)}")
     check_device("pool", pool, ids=ids, sums=sums, slots=slots, buf=buf)
     check(pool.is_contiguous() and pool.dim() >= 4, lambda: "pool must be a contiguous [L, 2, blocks, *region]")
-    region = pool[0, 0, 0].numel() * pool.element_size()
+    region = math.prod(pool.shape[3:]) * pool.element_size()
     check(region % 8 == 0, lambda: f"a region is {region} bytes: not a whole number of 64-bit words")
     check(0 <= l0 and l0 + k <= pool.shape[0] and k >= 1, lambda: f"layers {l0}..{l0 + k - 1} outside the pool")
     n = ids.numel()
@@ -91,10 +95,10 @@ def region_sums(pool: torch.Tensor, l0: int, k: int, ids: torch.Tensor, sums: to
               and buf.shape[1] == 2 and tuple(buf.shape[3:]) == tuple(pool.shape[3:]),
               lambda: f"buf {tuple(buf.shape)} {buf.dtype}: need [k, 2, staged, *region] of the pool's dtype")
         staged = buf.shape[2]
-    words = pool.reshape(-1).view(torch.uint8).view(torch.int64)
-    bw = buf.reshape(-1).view(torch.uint8).view(torch.int64) if buf is not None else words
+    # the kernel reads the pool's and the buffer's bytes as int64 words (a pointer bitcast: no
+    # torch views, each ~10 us of host time per launch on the transfer agent's critical path)
     block = min(BLOCK_WORDS, triton.next_power_of_2(region // 8))
-    _region_sums[(k * 2 * n,)](words, bw, ids, slots if slots is not None else ids, sums, l0, n,
+    _region_sums[(k * 2 * n,)](pool, buf if buf is not None else pool, ids, slots if slots is not None else ids, sums, l0, n,
                                pool.shape[2], staged, MIX, WORDS=region // 8, BLOCK=block,
                                MODE=MODES[mode])
     return sums

@@ -6,6 +6,8 @@ CUDA; `scales` (FP8 pools) is [num_layers, 2, num_kv_heads] float32.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -71,21 +73,48 @@ class Readback:
     current stream behind the work that produced them, and an event after it. Poll `event`
     (`wait_gpu`) instead of blocking a thread; read `values()` once it has fired. With t=None it
     is only the event (work queued so far on the current stream is done). `pick`: the flat
-    positions whose values `values()` returns, in that order (default: all)."""
+    positions whose values `values()` returns, in that order (default: all).
+
+    The pinned buffer and the event are reused: `values()` (called once the copy has landed)
+    hands them back to a free list, so a transfer's read-backs allocate no pinned memory and
+    create no CUDA event after the first few (each was 0.07-0.3 ms of host time on the H200
+    hosts beside UCX's CUDA polling: bench/results/transfer-cuda-s17-setup.md). One whose
+    values are never read is simply dropped."""
+
+    _free: dict = {}                 # (numel, dtype) -> [pinned tensors]; None -> [events]
+    _lock = threading.Lock()
 
     def __init__(self, t: torch.Tensor | None = None, pick: list[int] | None = None) -> None:
         self.host, self.pick = None, pick
         if t is not None:
-            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.host.copy_(t, non_blocking=True)
-        self.event = torch.cuda.Event()
+            self.host = self._take((t.numel(), t.dtype))
+            if self.host is None:
+                self.host = torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t.reshape(-1), non_blocking=True)
+        self.event = self._take(None) or torch.cuda.Event()
         self.event.record()
 
+    @classmethod
+    def _take(cls, key):
+        with cls._lock:
+            lst = cls._free.get(key)
+            return lst.pop() if lst else None
+
+    @classmethod
+    def _give(cls, key, obj) -> None:
+        with cls._lock:
+            lst = cls._free.setdefault(key, [])
+            if len(lst) < 64:
+                lst.append(obj)
+
     def values(self) -> list[int]:
-        """The values, flattened (row-major), or those at `pick`."""
-        if self.host is None:
+        """The values, flattened (row-major), or those at `pick`. Call once, after the event."""
+        host, self.host = self.host, None
+        self._give(None, self.event)
+        if host is None:
             return []
-        flat = self.host.reshape(-1).tolist()
+        flat = host.tolist()
+        self._give((host.numel(), host.dtype), host)
         return flat if self.pick is None else [flat[k] for k in self.pick]
 
 
@@ -369,22 +398,27 @@ class Checksummer:
 class FusedSums:
     """CUDA: layer checksums (the same value as `layer_checksum`) computed by one kernel per
     bundle of layers, fused with the staging copy (kernels/kv_checksum.py: gather on the sender,
-    scatter on the receiver; each region read once). The block ids in plan order and each
-    position's staging slot (-1: not staged) go to the GPU in one upload, once per transfer.
-    ~3 launches per bundle instead of ~15 torch ops (a torch op costs ~30 us of host time on
-    the H200 hosts)."""
+    scatter on the receiver; each region read once). The block ids in plan order, each
+    position's staging slot (-1: not staged) and `sums` zeroed int64 accumulators (`.sums`, for
+    the caller's checksums) go to the GPU in one copy from pageable memory, once per transfer
+    (a pinned upload plus a torch.zeros were ~0.4 ms of host time on the H200 hosts:
+    bench/results/transfer-cuda-s17-setup.md). ~3 launches per bundle instead of ~15 torch ops
+    (a torch op costs ~30 us of host time there)."""
 
-    def __init__(self, kv: torch.Tensor, ids, staged_pos=(), scales: torch.Tensor | None = None) -> None:
+    def __init__(self, kv: torch.Tensor, ids, staged_pos=(), scales: torch.Tensor | None = None,
+                 sums: int = 0) -> None:
         from splitserve.kernels.kv_checksum import region_sums
         self._kernel, self.kv, self.scales = region_sums, kv, scales
-        host = np.full((2, len(ids)), -1, dtype=np.int64)
-        host[0] = np.asarray(ids, dtype=np.int64)
+        n = len(ids)
+        host = np.zeros(2 * n + sums, dtype=np.int64)
+        host[:n] = np.asarray(ids, dtype=np.int64)
+        host[n:2 * n] = -1
         if len(staged_pos):
-            host[1, np.asarray(staged_pos, dtype=np.int64)] = np.arange(len(staged_pos))
+            host[n + np.asarray(staged_pos, dtype=np.int64)] = np.arange(len(staged_pos))
         dev = torch.from_numpy(host)
         if kv.is_cuda:   # (CPU: the kernel under TRITON_INTERPRET, in tests)
-            dev = dev.pin_memory().to(kv.device, non_blocking=True)
-        self.ids, self.slots = dev[0], dev[1]
+            dev = dev.to(kv.device)   # returns once the copy has landed
+        self.ids, self.slots, self.sums = dev[:n], dev[n:2 * n], dev[2 * n:]
 
     def add(self, sums: torch.Tensor, l0: int, k: int, mode: str = "sum",
             buf: torch.Tensor | None = None) -> None:

@@ -343,7 +343,7 @@ class RecvAttempt:
         L = self.plan.layout.num_layers
         with self.agent.side_stream():
             fused = self._fused_sums()
-            sums = torch.zeros((2, L), dtype=torch.int64, device=self.agent.kv.device)
+            sums = fused.sums.view(2, L)   # zeroed once per attempt; each (row, layer) is summed once
             blocks = sorted((args[0], i) for i, (kind, args, _) in enumerate(batch) if kind == "sum")
             for i, (kind, args, _) in enumerate(batch):
                 if kind != "sum":
@@ -368,7 +368,8 @@ class RecvAttempt:
             if self._fused is None:
                 with self.agent.setup_stream():
                     self._fused = pool.FusedSums(self.agent.kv, self.plan.dst_ids,
-                                                 self.plan.staged_idx, self.rx_scales)
+                                                 self.plan.staged_idx, self.rx_scales,
+                                                 sums=2 * self.plan.layout.num_layers)
             return self._fused
 
     def _finish_batch(self, out: list, wanted: list, values: list) -> list:

@@ -54,8 +54,9 @@ class LayerPipeline:
         with self.agent.setup_stream():   # not behind the forward on the default stream
             if kv.is_cuda:   # one kernel per bundle: gather + checksums (pool.FusedSums)
                 src_staged = None
-                self._fused = pool.FusedSums(kv, self.src_ids, plan.staged_idx, self.agent.scales)
-                self._sums_dev = torch.zeros(plan.layout.num_layers, dtype=torch.int64, device=kv.device)
+                self._fused = pool.FusedSums(kv, self.src_ids, plan.staged_idx, self.agent.scales,
+                                             sums=plan.layout.num_layers)
+                self._sums_dev = self._fused.sums
             else:
                 src_staged = pool.index_tensor([self.src_ids[i] for i in plan.staged_idx], kv.device)
                 self._sums = pool.Checksummer(kv, self.src_ids, self.agent.scales, plan.staged_idx)
@@ -99,13 +100,13 @@ class LayerPipeline:
             first, last = batch[0][0], batch[-1][0] + batch[-1][1] - 1
             self._t(f"prep {first}-{last}")
             layers = list(range(first, last + 1))
-            per_layer = [None if st is None else st[x] for st, (_, k) in zip(stagings, batch) for x in range(k)]
             t0 = time.perf_counter()
             if kv.is_cuda:   # sums before sends (see the docstring)
                 sums = loop.create_future()
-                sums.set_result(await self._prepare_on_loop(batch, src_staged, stagings, layers,
-                                                            per_layer))
+                sums.set_result(await self._prepare_on_loop(batch, src_staged, stagings, layers))
             else:
+                per_layer = [None if st is None else st[x] for st, (_, k) in zip(stagings, batch)
+                             for x in range(k)]
                 # a batch with nothing to gather (direct runs only) posts its sends at once: the
                 # executor's one thread is usually still summing the previous batch
                 # (bench/results/transfer-cpu-s16-inline-ab.md: 32 MiB -1.5 / -2.7 ms)
@@ -238,7 +239,7 @@ class LayerPipeline:
         return runnable
 
     async def _prepare_on_loop(self, units: list[tuple[int, int]], staged_idx: torch.Tensor,
-                               stagings: list, layers: list[int], per_layer: list) -> list[int]:
+                               stagings: list, layers: list[int]) -> list[int]:
         """CUDA: the gathers and the layers' checksums queued from the loop thread (nothing here
         blocks): one fused kernel per bundle (gather + sums), or one over the batch's layers when
         nothing is staged; then their read-back event polled while the work is runnable, else

@@ -98,6 +98,23 @@ def test_fused_sums_with_fp8_scales():
     assert s2.tolist() == ref[1:]
 
 
+def test_fused_sums_uploads_zeroed_accumulators_with_the_ids():
+    """The agent takes its checksum accumulators from FusedSums' one upload (`sums=`): zeros
+    beside the ids and slots, not aliasing them, summing as a fresh zeros tensor does."""
+    L, blocks, ids, staged = 3, 16, [4, 9, 2, 3], [1, 3]
+    kv = random_pool(L, blocks, (4, 2, 8), torch.bfloat16, seed=5).to(DEVICE)
+    ref = reference(kv.cpu(), range(L), ids, None)
+    f = pool.FusedSums(kv, ids, staged, None, sums=2 * L)
+    assert f.sums.tolist() == [0] * (2 * L)
+    assert f.ids.tolist() == ids and f.slots.tolist() == [-1, 0, -1, 1]
+    rows = f.sums.view(2, L)
+    buf = torch.empty((L, 2, len(staged), 4, 2, 8), dtype=kv.dtype, device=DEVICE)
+    f.add(rows[0], 0, L, "gather", buf)
+    f.add(rows[1, 1:], 1, 2)
+    assert rows[0].tolist() == ref and rows[1].tolist() == [0] + ref[1:]
+    assert f.ids.tolist() == ids and f.slots.tolist() == [-1, 0, -1, 1]   # untouched
+
+
 def test_errors_are_clear():
     kv = random_pool(2, 8, (4, 2, 8), torch.bfloat16, seed=1).to(DEVICE)
     ids = torch.tensor([1, 2], device=DEVICE)
