@@ -77,8 +77,8 @@ class Readback:
 
     The pinned buffer and the event are reused: `values()` (called once the copy has landed)
     hands them back to a free list, so a transfer's read-backs allocate no pinned memory and
-    create no CUDA event after the first few (each was 0.07-0.3 ms of host time on the H200
-    hosts beside UCX's CUDA polling: bench/results/transfer-cuda-s17-setup.md). One whose
+    create no CUDA event after the first few (fewer driver calls on the handoff's critical path;
+    bench/results/transfer-cuda-s17.md, section 2: within the noise end to end). One whose
     values are never read is simply dropped."""
 
     _free: dict = {}                 # (numel, dtype) -> [pinned tensors]; None -> [events]
@@ -401,9 +401,9 @@ class FusedSums:
     scatter on the receiver; each region read once). The block ids in plan order, each
     position's staging slot (-1: not staged) and `sums` zeroed int64 accumulators (`.sums`, for
     the caller's checksums) go to the GPU in one copy from pageable memory, once per transfer
-    (a pinned upload plus a torch.zeros were ~0.4 ms of host time on the H200 hosts:
-    bench/results/transfer-cuda-s17-setup.md). ~3 launches per bundle instead of ~15 torch ops
-    (a torch op costs ~30 us of host time there)."""
+    (one driver call instead of a pinned allocation, a copy and a torch.zeros; end to end within
+    the noise: bench/results/transfer-cuda-s17.md). ~3 launches per bundle instead of ~15 torch
+    ops (a torch op costs ~30 us of host time on the H200 hosts)."""
 
     def __init__(self, kv: torch.Tensor, ids, staged_pos=(), scales: torch.Tensor | None = None,
                  sums: int = 0) -> None:
