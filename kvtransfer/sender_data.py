@@ -180,12 +180,11 @@ class LayerPipeline:
         fut = iov.send(peer.ep._ep.handle, desc, tag, keep=self.agent.kv)
         self.msgs_posted += 1
 
-        def done(f) -> None:
-            if not f.cancelled() and f.exception() is None:
-                self._t(f"sent {layer}.{msg}")
-                self.bytes_sent += desc.nbytes
-        fut.add_done_callback(done)
-        return fut
+        async def done():
+            await fut
+            self._t(f"sent {layer}.{msg}")
+            self.bytes_sent += desc.nbytes
+        return asyncio.ensure_future(done())
 
     def _is_computed(self, unit: tuple[int, int]) -> bool:
         """Pushed *and* already computed on the GPU (its event has fired). The host runs ahead of
@@ -268,26 +267,21 @@ class LayerPipeline:
         self.msgs_posted += 1
         self.send_s += time.perf_counter() - t0
 
-        # the request's own asyncio future (ucxx completes it from its notifier) with a done
-        # callback, not a task per message: a task's creation and first step cost the loop
-        # tens of microseconds per send on the H200 hosts, and a contiguous run is 64 sends
-        fut = req.future
-        if fut is None:   # ucxx initialised without python futures (agent._start warns)
-            fut = asyncio.ensure_future(req.wait())
-
-        def done(f) -> None:
-            ok = not f.cancelled() and f.exception() is None
-            if ok:
+        async def done():
+            ok = False
+            try:
+                await req.wait()
+                ok = True
                 self._t(f"sent {layer}.{msg}")
-                self.bytes_sent += arr.nbytes   # (and `arr` keeps the buffer alive until here)
-            # the buffer goes back to the pool once UCX and the checksums (`read_by`) are done
-            # with it; a failed/cancelled send's, or a failed sum's, is not reused
-            if staging is not None and ok:
-                self._release_after(staging, window, read_by)
-            elif window is not None:
-                window.release()
-        fut.add_done_callback(done)
-        return fut
+                self.bytes_sent += arr.nbytes
+            finally:
+                # the buffer goes back to the pool once UCX and the checksums (`read_by`) are
+                # done with it; a failed/cancelled send's, or a failed sum's, is not reused
+                if staging is not None and ok:
+                    self._release_after(staging, window, read_by)
+                elif window is not None:
+                    window.release()
+        return asyncio.ensure_future(done())
 
     def _release_after(self, staging: torch.Tensor, window: asyncio.Semaphore | None,
                        read_by: asyncio.Future | None) -> None:
