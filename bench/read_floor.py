@@ -43,10 +43,16 @@ def _stream_sum(x_ptr, out_ptr, n_per_prog, BLOCK: tl.constexpr):
     tl.store(out_ptr + pid, tl.sum(acc))
 
 
-def stream(x: torch.Tensor, out: torch.Tensor, programs: int, block: int = 2048):
+def stream(x: torch.Tensor, out: torch.Tensor, programs: int, block: int = 2048, warps: int = 8,
+           stages: int = 4):
     n = x.numel() // programs
     assert n % block == 0, (x.numel(), programs, block)
-    _stream_sum[(programs,)](x, out, n, BLOCK=block, num_warps=8, num_stages=4)
+    _stream_sum[(programs,)](x, out, n, BLOCK=block, num_warps=warps, num_stages=stages)
+
+
+# 128 programs (the B=1 x 4k decode's grid) with more bytes in flight per program: (elements per
+# load, warps, stages); session 16 read the 4 KB-per-load stream at 128 programs as latency-bound
+WIDE_128 = ((8192, 8, 3), (16384, 8, 2), (16384, 16, 3), (32768, 16, 2))
 
 
 def decode_us(tokens: int) -> float:
@@ -76,6 +82,10 @@ def main() -> None:
         row = {"case": name, "MB": nbytes / 1e6, "ideal_us_at_4.25": nbytes / 4.25e6}
         for p in (128, 256, 512, 1024):
             row[f"stream_{p}"] = TESTING.graph_time_us([lambda x=x, p=p: stream(x, part, p) for x in xs])
+        for blk, w, st in WIDE_128:
+            if (nbytes // 2 // 128) % blk == 0:
+                row[f"stream_128_b{blk}_w{w}_s{st}"] = TESTING.graph_time_us(
+                    [lambda x=x, blk=blk, w=w, st=st: stream(x, part, 128, blk, w, st) for x in xs])
         row["torch_sum"] = TESTING.graph_time_us(
             [lambda x=x, s=s: torch.sum(x, 0, dtype=torch.float32, out=s) for x, s in zip(xs, sums)])
         row["copy"] = TESTING.graph_time_us([lambda x=x, y=y: y.copy_(x) for x, y in zip(xs, ys)])
