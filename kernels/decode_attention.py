@@ -98,22 +98,11 @@ def _prefetch_l2(ptrs):
 def _prefetch_split(start, end, col_tok, col_kvh, bt_row, k_cache_ptr, v_cache_ptr, stride_kb,
                     stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
                     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, LINE: tl.constexpr,
-                    V_TOKEN_MINOR: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr):
+                    V_TOKEN_MINOR: tl.constexpr):
     """One L2 prefetch per 128-byte line (LINE elements) of the K and V rows of this split's
-    first TILES tiles (all of a long split prefetched measured slower: L2 churn)."""
-    for t in tl.static_range(TILES):
-        _prefetch_tile(start + t * BLOCK_N, end, col_tok, col_kvh, bt_row, k_cache_ptr,
-                       v_cache_ptr, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo,
-                       stride_vh, HEAD_DIM, PAGE, LINE, V_TOKEN_MINOR)
-
-
-@triton.jit
-def _prefetch_tile(n0, end, col_tok, col_kvh, bt_row, k_cache_ptr, v_cache_ptr, stride_kb,
-                   stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
-                   HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, LINE: tl.constexpr,
-                   V_TOKEN_MINOR: tl.constexpr):
+    first tile (all of it prefetched measured slower at long contexts: L2 churn)."""
     lines = tl.arange(0, HEAD_DIM // LINE) * LINE
-    pos = n0 + col_tok
+    pos = start + col_tok
     blk = tl.load(bt_row + pos // PAGE, mask=pos < end, other=0).to(tl.int64)
     in_page = (pos % PAGE).to(tl.int64)
     _prefetch_l2(k_cache_ptr + (blk * stride_kb + in_page * stride_ko
@@ -177,7 +166,6 @@ def _decode_kernel(
     V_TOKEN_MINOR: tl.constexpr = False, V_RUN: tl.constexpr = 1, PDL: tl.constexpr = 0,
     FUSED_MERGE: tl.constexpr = False,
     MERGE_ROWS: tl.constexpr = 4, MERGE_S: tl.constexpr = 16, PREFETCH_LINE: tl.constexpr = 0,
-    PREFETCH_TILES: tl.constexpr = 1,
 ):
     if not PREFETCH_LINE:
         pdl_wait(PDL)
@@ -209,7 +197,7 @@ def _decode_kernel(
         # kernel finishes
         _prefetch_split(start, end, col_tok, col_kvh, bt_row, k_cache_ptr, v_cache_ptr, stride_kb,
                         stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, HEAD_DIM, PAGE,
-                        PREFETCH_LINE, V_TOKEN_MINOR, BLOCK_N, PREFETCH_TILES)
+                        PREFETCH_LINE, V_TOKEN_MINOR)
         pdl_wait(PDL)                                       # before q and the new token's K/V
     # rows: the HPP * GROUP query heads of kv heads kvh0 .. kvh0 + HPP - 1, in head order
     offs_r = tl.arange(0, BLOCK_H)
@@ -375,7 +363,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
         V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, block_n),
         PREFETCH_LINE=min(128 // k_cache.element_size(), head_dim) if prefetch else 0,
-        PREFETCH_TILES=max(1, plan.KV_PREFETCH_TILES),
         num_warps=num_warps, num_stages=num_stages, **regs, **pdl,
     )
     if not direct and not fused:
