@@ -166,7 +166,6 @@ def _decode_kernel(
     V_TOKEN_MINOR: tl.constexpr = False, V_RUN: tl.constexpr = 1, PDL: tl.constexpr = 0,
     FUSED_MERGE: tl.constexpr = False,
     MERGE_ROWS: tl.constexpr = 4, MERGE_S: tl.constexpr = 16, PREFETCH_LINE: tl.constexpr = 0,
-    PREFETCH_MAX_TOKENS: tl.constexpr = 0,
 ):
     if not PREFETCH_LINE:
         pdl_wait(PDL)
@@ -195,11 +194,10 @@ def _decode_kernel(
     if PREFETCH_LINE:
         # PDL launches: seq_lens and block tables come from before the previous kernel (see
         # KV_PREFETCH_MAX_SEQS), so this split's first K/V lines stream into L2 while that
-        # kernel finishes; only for short splits (PREFETCH_MAX_TOKENS, 0: any length)
-        if (PREFETCH_MAX_TOKENS == 0) or (end - start <= PREFETCH_MAX_TOKENS):
-            _prefetch_split(start, end, col_tok, col_kvh, bt_row, k_cache_ptr, v_cache_ptr,
-                            stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
-                            HEAD_DIM, PAGE, PREFETCH_LINE, V_TOKEN_MINOR)
+        # kernel finishes
+        _prefetch_split(start, end, col_tok, col_kvh, bt_row, k_cache_ptr, v_cache_ptr, stride_kb,
+                        stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, HEAD_DIM, PAGE,
+                        PREFETCH_LINE, V_TOKEN_MINOR)
         pdl_wait(PDL)                                       # before q and the new token's K/V
     # rows: the HPP * GROUP query heads of kv heads kvh0 .. kvh0 + HPP - 1, in head order
     offs_r = tl.arange(0, BLOCK_H)
@@ -365,7 +363,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
         V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, block_n),
         PREFETCH_LINE=min(128 // k_cache.element_size(), head_dim) if prefetch else 0,
-        PREFETCH_MAX_TOKENS=plan.KV_PREFETCH_MAX_SPLIT_TOKENS,
         num_warps=num_warps, num_stages=num_stages, **regs, **pdl,
     )
     if not direct and not fused:

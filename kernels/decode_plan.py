@@ -60,7 +60,6 @@ MAX_SPLITS = 128
 # bench/results/engine-2026-11-30-s12.md): batch-1 step -19 us; B=1 x 4k 11.19 -> 10.71 us;
 # at B=8 the same or up to 1.5 us slower.
 KV_PREFETCH_MAX_SEQS = 1
-KV_PREFETCH_MAX_SPLIT_TOKENS = 0   # ... and only where the split is at most this long (0: any)
 
 
 def launch_shape(num_seqs: int, num_kv_heads: int, fp8: bool) -> tuple[tuple, int]:
