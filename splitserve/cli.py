@@ -141,8 +141,15 @@ def _timing_line(res) -> str:
     t = res.timing
     where = (f"prefill {res.info['prefill_worker']} -> decode {res.info['decode_worker']}"
              if res.info.get("remote_prefill") else f"local prefill on {res.info.get('decode_worker')}")
+    transfer = "transfer -"   # a local prefill moves no KV
+    if res.info.get("remote_prefill"):
+        # the KV is pushed layer by layer during the prefill step; what the request waits for is
+        # the part left after the forward
+        transfer = f"transfer {t.get('transfer_ms', 0):.2f} ms after the forward"
+        if t.get("overlapped_ms", 0) > 0:
+            transfer += f" (streamed during its {t['overlapped_ms']:.1f} ms step)"
     return (f"[{res.finish_reason}, {len(res.token_ids)} tokens, {where}] queue {t.get('queue_ms', 0):.1f} ms | "
-            f"prefill {t.get('prefill_ms', 0):.1f} ms | transfer {t.get('transfer_ms', 0):.1f} ms | "
+            f"prefill {t.get('prefill_ms', 0):.1f} ms | {transfer} | "
             f"decode {t.get('decode_ms', 0):.1f} ms | TTFT {t.get('ttft_ms', 0):.1f} ms | e2e {t.get('e2e_ms', 0):.1f} ms")
 
 

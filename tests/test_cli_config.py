@@ -69,3 +69,22 @@ def test_block_size_auto_follows_the_kv_dtype():
     assert Config().replace("cache", kv_dtype="fp8_e4m3").cache.tokens_per_block == 32
     assert Config().replace("cache", kv_dtype="fp8_e4m3", block_size=16).cache.tokens_per_block == 16
     assert Config().replace("cache", kv_dtype="bfloat16", block_size=64).cache.tokens_per_block == 64
+
+
+def test_demo_timing_line_says_what_the_transfer_time_is():
+    """A remote prefill's transfer time is what is left after the forward (the push streams
+    layer by layer during it): the line says so and names the step it overlapped; a local
+    prefill moves no KV and shows none."""
+    from types import SimpleNamespace
+    from splitserve.cli import _timing_line
+    timing = {"queue_ms": 0.1, "prefill_ms": 216.4, "transfer_ms": 0.04, "overlapped_ms": 210.3,
+              "decode_ms": 2699.2, "ttft_ms": 220.1, "e2e_ms": 2919.3}
+    remote = SimpleNamespace(finish_reason="length", token_ids=[1] * 48, timing=timing,
+                             info={"remote_prefill": True, "prefill_worker": "prefill-0",
+                                   "decode_worker": "decode-0"})
+    line = _timing_line(remote)
+    assert "prefill prefill-0 -> decode decode-0" in line
+    assert "transfer 0.04 ms after the forward (streamed during its 210.3 ms step)" in line
+    local = SimpleNamespace(finish_reason="stop", token_ids=[1] * 8, timing=dict(timing, transfer_ms=0.0),
+                            info={"remote_prefill": False, "decode_worker": "decode-0"})
+    assert "transfer - |" in _timing_line(local) and "local prefill on decode-0" in _timing_line(local)
