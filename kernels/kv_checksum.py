@@ -95,10 +95,10 @@ def region_sums(pool: torch.Tensor, l0: int, k: int, ids: torch.Tensor, sums: to
               and buf.shape[1] == 2 and tuple(buf.shape[3:]) == tuple(pool.shape[3:]),
               lambda: f"buf {tuple(buf.shape)} {buf.dtype}: need [k, 2, staged, *region] of the pool's dtype")
         staged = buf.shape[2]
-    # the kernel reads the pool's and the buffer's bytes as int64 words (a pointer bitcast: no
-    # torch views, each ~10 us of host time per launch on the transfer agent's critical path)
+    # the kernel reads the pool's and the buffer's bytes as int64 words by a pointer bitcast
+    # (no torch views to make per launch on the transfer agent's critical path)
     block = min(BLOCK_WORDS, triton.next_power_of_2(region // 8))
-    _region_sums[(k * 2 * n,)](pool, buf if buf is not None else pool, ids, slots if slots is not None else ids, sums, l0, n,
-                               pool.shape[2], staged, MIX, WORDS=region // 8, BLOCK=block,
-                               MODE=MODES[mode])
+    _region_sums[(k * 2 * n,)](pool, buf if buf is not None else pool, ids,
+                               slots if slots is not None else ids, sums, l0, n, pool.shape[2],
+                               staged, MIX, WORDS=region // 8, BLOCK=block, MODE=MODES[mode])
     return sums

@@ -81,7 +81,7 @@ class Readback:
     bench/results/transfer-cuda-s17.md, section 2: within the noise end to end). One whose
     values are never read is simply dropped."""
 
-    _free: dict = {}                 # (numel, dtype) -> [pinned tensors]; None -> [events]
+    _free: dict = {}   # (numel, dtype) -> [pinned tensors]; ("event", device) -> [CUDA events]
     _lock = threading.Lock()
 
     def __init__(self, t: torch.Tensor | None = None, pick: list[int] | None = None) -> None:
@@ -91,7 +91,8 @@ class Readback:
             if self.host is None:
                 self.host = torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
             self.host.copy_(t.reshape(-1), non_blocking=True)
-        self.event = self._take(None) or torch.cuda.Event()
+        self._device = torch.cuda.current_device()   # an event records on its own device's streams
+        self.event = self._take(("event", self._device)) or torch.cuda.Event()
         self.event.record()
 
     @classmethod
@@ -110,7 +111,7 @@ class Readback:
     def values(self) -> list[int]:
         """The values, flattened (row-major), or those at `pick`. Call once, after the event."""
         host, self.host = self.host, None
-        self._give(None, self.event)
+        self._give(("event", self._device), self.event)
         if host is None:
             return []
         flat = host.tolist()
