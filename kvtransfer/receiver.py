@@ -29,7 +29,7 @@ import torch
 from ucxx._lib.arr import Array
 from ucxx.types import Tag, TagMaskFull
 
-from . import iov, pool
+from . import iov, pool, readback
 from .layout import TransferPlan
 from .lease import LeaseTable
 from .state import TransferFSM, TransferState
@@ -262,7 +262,7 @@ class RecvAttempt:
                 try:
                     if self.agent.kv.is_cuda:   # queued from here, polled: no executor hop
                         out, wanted, rb = self._queue_batch(batch)
-                        await pool.wait_gpu(rb.event, self.agent.executor,
+                        await readback.wait_gpu(rb.event, self.agent.executor,
                                             self.agent.config.spin_us * 1e-6)
                         res = self._finish_batch(out, wanted, rb.values())
                     else:
@@ -302,7 +302,7 @@ class RecvAttempt:
         requested layer checksums -- of layers completed by a bundle, from its ring slot (before
         the slot is re-posted); the others from the blocks (queued after every scatter that could
         write them). Returns (per-item results so far, the wanted (item, layer) checksums, and
-        their values: a list on CPU, a `pool.Readback` on CUDA whose event also covers the
+        their values: a list on CPU, a `readback.Readback` on CUDA whose event also covers the
         scatters -- the scattered slots are re-posted only once it fired)."""
         self.trace.append(("batch_start", time.perf_counter()))
         if self.agent.kv.is_cuda:
@@ -328,7 +328,7 @@ class RecvAttempt:
             except Exception as e:
                 for i, _ in wanted:
                     out[i] = e
-                wanted, values = [], (pool.Readback() if self.agent.kv.is_cuda else [])
+                wanted, values = [], (readback.Readback() if self.agent.kv.is_cuda else [])
         self.trace.append(("batch_queued", time.perf_counter()))
         return out, wanted, values
 
@@ -359,7 +359,7 @@ class RecvAttempt:
                 fused.add(sums[1, blocks[j][0]:], blocks[j][0], e - j)
                 wanted += [(i, l, 1) for l, i in blocks[j:e]]
                 j = e
-            rb = pool.Readback(sums, pick=[row * L + l for _, l, row in wanted])
+            rb = readback.Readback(sums, pick=[row * L + l for _, l, row in wanted])
         self.trace.append(("batch_queued", time.perf_counter()))
         return out, [(i, l) for i, l, _ in wanted], rb
 
@@ -383,7 +383,7 @@ class RecvAttempt:
 
     def _sum_values(self, from_slot: list, from_blocks: list):
         """Checksums of the wanted layers in the order given (slot ones, then block ones): ints on
-        CPU; on CUDA a `pool.Readback` (an event only, if none is wanted)."""
+        CPU; on CUDA a `readback.Readback` (an event only, if none is wanted)."""
         slot_layers, slot_rows = [l for _, l, _ in from_slot], [r for *_, r in from_slot]
         block_layers = [l for _, l in from_blocks]
         if not self.agent.kv.is_cuda:
@@ -394,7 +394,7 @@ class RecvAttempt:
             parts.append(self._checksummer(True).layers_dev(slot_layers, slot_rows))
         if from_blocks:
             parts.append(self._checksummer(False).layers_dev(block_layers))
-        return pool.Readback(torch.cat(parts) if parts else None)
+        return readback.Readback(torch.cat(parts) if parts else None)
 
     def release_ring(self) -> None:
         """All receives have ended (verified or drained): the ring buffers go back to the pool."""

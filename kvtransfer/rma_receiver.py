@@ -25,7 +25,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Sequence
 
-from . import pool
+from . import pool, readback
 from .lease import LeaseTable
 from .state import TransferFSM, TransferState
 from .wire import encode
@@ -97,8 +97,8 @@ class RmaAttempt:
             return await loop.run_in_executor(agent.executor, cs.layers, range(L))
         cs = self._checksummer()
         with agent.side_stream():
-            rb = pool.Readback(cs.layers_dev(range(L)))
-        await pool.wait_gpu(rb.event, agent.executor, agent.config.spin_us * 1e-6)
+            rb = readback.Readback(cs.layers_dev(range(L)))
+        await readback.wait_gpu(rb.event, agent.executor, agent.config.spin_us * 1e-6)
         return rb.values()
 
     async def abort(self, reason: str) -> None:

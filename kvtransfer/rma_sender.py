@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from . import pool, rma
+from . import pool, readback, rma
 from .layout import coalesce, ids_digest
 from .state import TransferState
 from .wire import encode
@@ -129,12 +129,12 @@ async def _written_then_sums(s: "KVSender", sums: pool.Checksummer, layers: list
     with agent.side_stream():
         for ev in events:
             torch.cuda.current_stream().wait_event(ev)
-        rbk = pool.Readback(sums.layers_dev(layers))
+        rbk = readback.Readback(sums.layers_dev(layers))
     spin = agent.config.spin_us * 1e-6
     for ev in events:
-        await pool.wait_gpu(ev, agent.executor, spin if ev.query() else 0.0)
+        await readback.wait_gpu(ev, agent.executor, spin if ev.query() else 0.0)
 
     async def values() -> list[int]:   # wanted only after the flush: waited on a thread, so a
-        await pool.wait_gpu(rbk.event, agent.executor, 0.0)   # spinning loop holds no GIL meanwhile
+        await readback.wait_gpu(rbk.event, agent.executor, 0.0)   # spinning loop holds no GIL meanwhile
         return rbk.values()
     return asyncio.ensure_future(values())

@@ -15,7 +15,7 @@ import torch
 from ucxx._lib.arr import Array
 from ucxx.types import Tag
 
-from . import iov, pool
+from . import iov, pool, readback
 from .wire import data_tag
 
 _UNSET = asyncio.Event()   # never set: "not pushed yet"
@@ -252,10 +252,10 @@ class LayerPipeline:
             else:
                 for (l0, k), staging in zip(units, stagings):
                     self._fused.add(self._sums_dev[l0:], l0, k, "gather", staging)
-            rb = pool.Readback(self._sums_dev[layers[0]:layers[-1] + 1])
+            rb = readback.Readback(self._sums_dev[layers[0]:layers[-1] + 1])
         self._t(f"queued {units[0][0]}{'' if runnable else ' (waits for the forward)'}")
         spin = self.agent.config.spin_us * 1e-6 if runnable else 0.0
-        await pool.wait_gpu(rb.event, self.agent.executor, spin)
+        await readback.wait_gpu(rb.event, self.agent.executor, spin)
         return rb.values()
 
     def _send(self, peer, buf, layer: int, msg: int, window: asyncio.Semaphore | None,
