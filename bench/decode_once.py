@@ -23,17 +23,37 @@ from kernels import Paged  # noqa: E402  (bench/kernels.py)
 import torch  # noqa: E402
 
 
-def compiled_variants(fn) -> list[dict]:
-    """Registers, spills and shared bytes of each compiled specialization of a Triton kernel
-    (best effort across Triton versions)."""
+# PTX instructions counted per compiled variant (--asm): which tensor-core path Triton chose
+# and what surrounds it
+PTX_OPS = ("wgmma.mma_async", "mma.sync", "ldmatrix", "cvt.rn.f16x2.e4m3x2", "cvt", "ld.shared",
+           "st.shared", "cp.async", "ld.global", "bar.sync")
+
+
+def compiled_kernels(fn) -> list:
     out = []
     for caches in getattr(fn, "device_caches", {}).values():
         cache = caches[0] if isinstance(caches, tuple) else caches
-        for ck in getattr(cache, "values", lambda: [])():
-            meta = getattr(ck, "metadata", None)
-            out.append({"n_regs": getattr(ck, "n_regs", None), "n_spills": getattr(ck, "n_spills", None),
-                        "shared": getattr(meta, "shared", None), "num_warps": getattr(meta, "num_warps", None),
-                        "num_stages": getattr(meta, "num_stages", None)})
+        out.extend(getattr(cache, "values", lambda: [])())
+    return out
+
+
+def compiled_variants(fn, asm_dir: str | None = None) -> list[dict]:
+    """Registers, spills and shared bytes of each compiled specialization of a Triton kernel
+    (best effort across Triton versions); with asm_dir, its PTX written there and the counts
+    of PTX_OPS."""
+    out = []
+    for i, ck in enumerate(compiled_kernels(fn)):
+        meta = getattr(ck, "metadata", None)
+        row = {"n_regs": getattr(ck, "n_regs", None), "n_spills": getattr(ck, "n_spills", None),
+               "shared": getattr(meta, "shared", None), "num_warps": getattr(meta, "num_warps", None),
+               "num_stages": getattr(meta, "num_stages", None)}
+        ptx = getattr(ck, "asm", {}).get("ptx") if asm_dir else None
+        if ptx:
+            Path(asm_dir).mkdir(parents=True, exist_ok=True)
+            (Path(asm_dir) / f"decode-{i}.ptx").write_text(ptx)
+            lines = [ln.strip() for ln in ptx.splitlines()]
+            row["ptx"] = {op: sum(ln.startswith(op) for ln in lines) for op in PTX_OPS}
+        out.append(row)
     return out
 
 
@@ -45,6 +65,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=8)
     ap.add_argument("--set", nargs="*", default=[], help="decode_plan ATTR=value")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run under the interpreter")
+    ap.add_argument("--asm", default=None, help="write each variant's PTX here, count PTX_OPS")
     a = ap.parse_args()
     for item in a.set:
         key, _, value = item.partition("=")
@@ -69,7 +90,7 @@ def main() -> None:
         torch.cuda.synchronize()
     print(f"eager {(time.perf_counter() - t) / a.calls * 1e6:.1f} us per call (host launch included)")
     from splitserve.kernels import decode_attention
-    for v in compiled_variants(decode_attention._decode_kernel):
+    for v in compiled_variants(decode_attention._decode_kernel, a.asm):
         print("compiled:", v)
 
 

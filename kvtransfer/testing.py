@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from .testing_raw import RawBaseline
 
-class PoolWorker:
+
+class PoolWorker(RawBaseline):
     """Lives in the child: a KV pool, a free list standing in for the engine's block pool,
     and the agent."""
 
@@ -159,69 +161,7 @@ class PoolWorker:
         return {} if r is None else {"transports": r.transports, "gbps": r.bandwidth_gbps,
                                      "ok": r.ok, "resources": r.context_resources}
 
-    # ---- benchmark support ------------------------------------------------------------------
-    def raw_recv(self, nbytes: int, tag: int, parts: int = 1) -> None:
-        """Post receives of the pool's first `nbytes` as `parts` equal consecutive messages (raw
-        tags tag + 16 + i; one message: tag itself); ack on tag + 1 once all have landed."""
-        self.agent.call(self._raw_recv(nbytes, tag, parts))
-
-    async def _raw_recv(self, nbytes: int, tag: int, parts: int) -> None:
-        import asyncio
-        from ucxx._lib.arr import Array
-        from ucxx.types import Tag, TagMaskFull
-        from .pool import as_buffer
-        ep = self.agent._self_ep   # tag matching is per worker: any endpoint of ours will do
-        reqs = [ep._ep.tag_recv(Array(as_buffer(view)), Tag(t), TagMaskFull)
-                for t, view in self._raw_parts(nbytes, tag, parts)]
-
-        async def then_ack():   # tell the sender the bytes have landed
-            for req in reqs:
-                await req.wait()
-            await self._raw_peer.send(__import__("numpy").zeros(1, "uint8"), tag=tag + 1,
-                                      force_tag=True)
-        asyncio.ensure_future(then_ack())
-
-    def _raw_parts(self, nbytes: int, tag: int, parts: int) -> list:
-        flat = self.kv.view(-1).view(torch.uint8)
-        if parts == 1:
-            return [(tag, flat[:nbytes])]
-        step = nbytes // parts
-        return [(tag + 16 + i, flat[i * step:(i + 1) * step]) for i in range(parts)]
-
-    def raw_connect(self, addr) -> None:
-        """Decode side of the raw baseline: an endpoint back to the sender for the ack."""
-        self._raw_peer = self.agent.call(self.agent.peer(tuple(addr))).ep
-
-    def raw_send(self, addr, nbytes: int, tag: int, parts: int = 1) -> float:
-        """Send the pool's first `nbytes` as `parts` messages posted at once; seconds until the
-        receiver's ack."""
-        return self.agent.call(self._raw_send(tuple(addr), nbytes, tag, parts), timeout=300)
-
-    async def _raw_send(self, addr, nbytes: int, tag: int, parts: int) -> float:
-        import numpy as np
-        from ucxx._lib.arr import Array
-        from ucxx.types import Tag
-        from .pool import as_buffer
-        peer = await self.agent.peer(addr)
-        ack = np.zeros(1, np.uint8)
-        bufs = ([] if parts == 1 else   # one message: as before, ucxx makes its Array in send
-                [(t, Array(as_buffer(view))) for t, view in self._raw_parts(nbytes, tag, parts)])
-        if self.kv.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        recv = __import__("asyncio").ensure_future(
-            self.agent._self_ep.recv(ack, tag=tag + 1, force_tag=True))
-        if parts == 1:
-            await peer.ep.send(as_buffer(self.kv.view(-1).view(torch.uint8)[:nbytes]), tag=tag,
-                               force_tag=True)
-        else:
-            self.agent.top_up_futures()
-            reqs = [peer.ep._ep.tag_send(arr, Tag(t)) for t, arr in bufs]
-            for req in reqs:
-                await req.wait()
-        await recv
-        return time.perf_counter() - t0
-
+    # ---- benchmark support (the raw baselines: testing_raw.RawBaseline) ----------------------
     def timed_send(self, handoff: dict, src: list[int], timeout: float = 300.0) -> dict:
         """All layers ready up front (push_all): time from open to verified Success."""
         from .wire import HandoffRecord

@@ -331,3 +331,23 @@ def test_staged_paths_mix(d_path, p_path):
     them, layer-by-layer pushes)."""
     bundled_transfer({"staged_path": d_path, "bundle_kib": 38, "direct_min_blocks": 8},
                      {"staged_path": p_path}, seed=5, layer_delay_s=0.01)
+
+
+def test_verified_raw_baseline_checks_the_landed_bytes(pair):
+    """bench/raw_parts.py's verified raw send (testing_raw): the receiver sums what landed and
+    acks only on a match; a receiver whose sum disagrees (fault injected) fails the send.
+    (Writes the pools' first bytes: last in the file.)"""
+    d, p = pair
+    if d.data_path != "tag" or not d.prepost:
+        pytest.skip("the raw baseline does not depend on the handoff's data path")
+    nbytes, tag = 64 << 10, 0x5E00_0000_0000_0000
+    d.call("raw_connect", p.address)
+    for i, (parts, verify) in enumerate([(1, "sent"), (4, "summed")]):
+        d.call("raw_recv", nbytes, tag + 256 * i, parts, True)
+        assert p.call("raw_send", d.address, nbytes, tag + 256 * i, parts, verify) > 0
+        assert d.call("raw_sum", nbytes) == p.call("raw_sum", nbytes)
+    d.call("exec", "import sys; m = sys.modules[type(self).__mro__[1].__module__]; "
+                   "f = m._word_sum; m._word_sum = lambda t: f(t) + 1")   # the receiver's sums
+    d.call("raw_recv", nbytes, tag + 1024, 1, True)
+    with pytest.raises(Exception, match="does not match"):
+        p.call("raw_send", d.address, nbytes, tag + 1024, 1, "sent")
