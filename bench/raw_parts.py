@@ -38,11 +38,12 @@ def main() -> None:
     ap.add_argument("--rtt", type=int, default=0, help="first, this many control round trips each way")
     args = ap.parse_args()
     from splitserve.kvtransfer.testing import spawn_worker
+    from splitserve.kvtransfer.testing_raw import VERIFY_MODES
     sizes = [int(x) << 20 for x in args.mib.split(",")]
     variants = []
     for x in args.parts.split(","):
         k, _, verify = x.partition(":")
-        if verify not in ("", "sent", "summed"):
+        if verify not in VERIFY_MODES:
             raise SystemExit(f"--parts {x}: the verify mode must be sent or summed")
         variants.append((x, int(k), verify))
     nb = -(-max(sizes) // (2 << 20))

@@ -8,9 +8,13 @@ and `kv`.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
+import numpy as np
 import torch
+
+VERIFY_MODES = ("", "sent", "summed")
 
 
 def _word_sum(flat: torch.Tensor) -> torch.Tensor:
@@ -30,8 +34,6 @@ class RawBaseline:
         self.agent.call(self._raw_recv(nbytes, tag, parts, verify))
 
     async def _raw_recv(self, nbytes: int, tag: int, parts: int, verify: bool) -> None:
-        import asyncio
-        import numpy as np
         from ucxx._lib.arr import Array
         from ucxx.types import Tag, TagMaskFull
         from .pool import as_buffer
@@ -47,12 +49,16 @@ class RawBaseline:
             for req, (_, view) in zip(reqs, self._raw_parts(nbytes, tag, parts)):
                 await req.wait()
                 if verify:   # each part summed as it lands (queued: the GPU overlaps the next)
-                    total = total + _word_sum(view)
+                    total = total + self._landed_sum(view)
             if verify:
                 await reqs[-1].wait()
             ok = not verify or int(total) == int(want[0])
             await self._raw_peer.send(np.full(1, ok, np.uint8), tag=tag + 1, force_tag=True)
         asyncio.ensure_future(then_ack())
+
+    def _landed_sum(self, view: torch.Tensor) -> torch.Tensor:
+        """The receiver's check of one landed message (a fault test replaces it)."""
+        return _word_sum(view)
 
     def raw_sum_seconds(self, nbytes: int, reps: int = 5) -> float:
         """Median seconds of `raw_sum` alone (the read rate of the verification)."""
@@ -86,10 +92,11 @@ class RawBaseline:
         receiver's ack. verify "sent": then the checksum, summed before the timing starts (as if
         computed when the KV was written); "summed": summed after it starts, before the send.
         Either needs raw_recv(verify=True); a mismatch raises."""
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"raw_send: verify must be one of {VERIFY_MODES}, got {verify!r}")
         return self.agent.call(self._raw_send(tuple(addr), nbytes, tag, parts, verify), timeout=300)
 
     async def _raw_send(self, addr, nbytes: int, tag: int, parts: int, verify: str = "") -> float:
-        import numpy as np
         from ucxx._lib.arr import Array
         from ucxx.types import Tag
         from .pool import as_buffer
@@ -103,12 +110,12 @@ class RawBaseline:
         if self.kv.is_cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        recv = __import__("asyncio").ensure_future(
+        recv = asyncio.ensure_future(
             self.agent._self_ep.recv(ack, tag=tag + 1, force_tag=True))
         if verify == "summed":
             check[0] = self.raw_sum(nbytes)
         if verify:   # the checksum may overtake the data: the receiver waits for both
-            checked = __import__("asyncio").ensure_future(
+            checked = asyncio.ensure_future(
                 peer.ep.send(check, tag=tag + 2, force_tag=True))
         if parts == 1:
             await peer.ep.send(as_buffer(self.kv.view(-1).view(torch.uint8)[:nbytes]), tag=tag,
@@ -130,7 +137,6 @@ class RawBaseline:
         """Answer `n` tag pings (tag + 2i) with pongs (tag + 2i + 1), for `tag_rtt`: the round
         trip of pre-posted tag messages, beside `rtt`'s active messages."""
         async def echo():
-            import numpy as np
             buf = np.zeros(8, np.uint8)
             for i in range(n):
                 await self.agent._self_ep.recv(buf, tag=tag + 2 * i, force_tag=True)
@@ -138,9 +144,9 @@ class RawBaseline:
         self.agent.submit(echo())
 
     def tag_rtt(self, addr, tag: int, n: int) -> list[float]:
+        """Seconds of `n` tag ping -> pong round trips to the worker at `addr` (its `tag_echo`
+        answers), each pong's receive posted before its ping."""
         async def pings():
-            import asyncio
-            import numpy as np
             peer = await self.agent.peer(tuple(addr))
             ping, pong, out = np.zeros(8, np.uint8), np.zeros(8, np.uint8), []
             for i in range(n):
