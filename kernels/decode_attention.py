@@ -117,26 +117,12 @@ def _prefetch_split(start, end, col_tok, col_kvh, bt_row, k_cache_ptr, v_cache_p
 
 
 @triton.jit
-def _load_q(q_ptrs, hmask, FP16Q: tl.constexpr):
-    """The program's query rows [BLOCK_H, D] in the dot's dtype (FP16Q: bf16 -> fp16, exact
-    within fp16's range, for FP8 caches; the scale is not folded into q, whose rounding would
-    cost accuracy)."""
-    q = tl.load(q_ptrs, mask=hmask[:, None], other=0.0)
-    if FP16Q:
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-    return q
-
-
-@triton.jit
 def _tile(q, m_i, l_i, acc, n0, end, col_tok, col_off, v_head_off, same_head, bt_row,
           k_cache_ptr, v_cache_ptr, qk_scale_log2, stride_kb, stride_ko, stride_vb, stride_vo,
-          hmask, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, V_RUN: tl.constexpr,
-          HPP: tl.constexpr, V_TOKEN_MINOR: tl.constexpr, MASKED: tl.constexpr,
-          Q_IN_LOOP: tl.constexpr, FP16Q: tl.constexpr):
+          HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, V_RUN: tl.constexpr, HPP: tl.constexpr,
+          V_TOKEN_MINOR: tl.constexpr, MASKED: tl.constexpr):
     """One online-softmax step over the tile of columns at n0 + col_tok (MASKED: some may be
-    at or past `end`). Q_IN_LOOP: `q` holds the query rows' pointers, loaded here."""
-    if Q_IN_LOOP:
-        q = _load_q(q, hmask, FP16Q)
+    at or past `end`)."""
     pos = n0 + col_tok
     nmask = pos < end
     if MASKED:
@@ -180,7 +166,6 @@ def _decode_kernel(
     V_TOKEN_MINOR: tl.constexpr = False, V_RUN: tl.constexpr = 1, PDL: tl.constexpr = 0,
     FUSED_MERGE: tl.constexpr = False,
     MERGE_ROWS: tl.constexpr = 4, MERGE_S: tl.constexpr = 16, PREFETCH_LINE: tl.constexpr = 0,
-    Q_IN_LOOP: tl.constexpr = False, REARM_SEM: tl.constexpr = "acq_rel",
 ):
     if not PREFETCH_LINE:
         pdl_wait(PDL)
@@ -220,16 +205,16 @@ def _decode_kernel(
     heads = kvh0 * GROUP + offs_r
     hmask = offs_r < GROUP * HPP
     row_kvh = kvh0 + tl.minimum(offs_r // GROUP, HPP - 1)   # each row's kv head
-    q = q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
-    FP16Q: tl.constexpr = FP8 and FP16_COMPUTE
-    if not Q_IN_LOOP:
-        # [BLOCK_H, D], loaded once (Q_IN_LOOP: in each tile, so that the first tile's K/V
-        # loads are issued before q's load and its conversion to the dot layout complete)
-        q = _load_q(q, hmask, FP16Q)
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+                + offs_d[None, :], mask=hmask[:, None], other=0.0)   # [BLOCK_H, D]
     # scores in log2 units: s = (q . k_stored) * qk_scale_log2 (per row: its kv head's scale)
     qk_scale_log2 = tl.full([BLOCK_H], sm_scale * 1.4426950408889634, tl.float32)
     if FP8:
         qk_scale_log2 = qk_scale_log2 * tl.load(k_scale_ptr + row_kvh)
+        if FP16_COMPUTE:
+            # bf16 -> fp16 is exact within fp16's range (8 mantissa bits into 11): the
+            # scale is not folded into q, whose rounding would cost accuracy
+            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     same_head = row_kvh[:, None] == col_kvh[None, :]        # [BLOCK_H, BLOCK_N * HPP]
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -241,13 +226,13 @@ def _decode_kernel(
     for n0 in range(start, full_end, BLOCK_N):
         m_i, l_i, acc = _tile(q, m_i, l_i, acc, n0, end, col_tok, col_off, v_head_off, same_head,
                               bt_row, k_cache_ptr, v_cache_ptr, qk_scale_log2, stride_kb,
-                              stride_ko, stride_vb, stride_vo, hmask, HEAD_DIM, PAGE, V_RUN, HPP,
-                              V_TOKEN_MINOR, False, Q_IN_LOOP, FP16Q)
+                              stride_ko, stride_vb, stride_vo, HEAD_DIM, PAGE, V_RUN, HPP,
+                              V_TOKEN_MINOR, False)
     if full_end < end:
         m_i, l_i, acc = _tile(q, m_i, l_i, acc, full_end, end, col_tok, col_off, v_head_off,
                               same_head, bt_row, k_cache_ptr, v_cache_ptr, qk_scale_log2,
-                              stride_kb, stride_ko, stride_vb, stride_vo, hmask, HEAD_DIM, PAGE,
-                              V_RUN, HPP, V_TOKEN_MINOR, True, Q_IN_LOOP, FP16Q)
+                              stride_kb, stride_ko, stride_vb, stride_vo, HEAD_DIM, PAGE, V_RUN,
+                              HPP, V_TOKEN_MINOR, True)
     pdl_trigger(PDL)
 
     has = l_i > 0.0                                         # false: empty split or seq_len 0
@@ -277,7 +262,11 @@ def _decode_kernel(
                 _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, v_scale_ptr,
                               seq, kvh0, num_q_heads, num_splits, stride_ob, stride_oh,
                               GROUP, HPP, HEAD_DIM, MERGE_ROWS, MERGE_S, FP8)
-                tl.atomic_xchg(counter, 0, sem=REARM_SEM)
+                # re-arm without a fence: no program reads the counter again in this launch,
+                # and the next launch sees it after the kernel boundary (acq_rel put a
+                # MEMBAR.ALL.GPU before the merging program's exit: B=1 x 4k 10.54 -> 10.23
+                # us, bench/results/kernels.md, session 19)
+                tl.atomic_xchg(counter, 0, sem="relaxed")
 
 
 class SplitKVScratch(NamedTuple):
@@ -378,7 +367,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         FUSED_MERGE=fused, MERGE_ROWS=merge_rows, MERGE_S=merge_s,
         V_TOKEN_MINOR=v_token_minor(v_cache), V_RUN=min(page, block_n),
         PREFETCH_LINE=min(128 // k_cache.element_size(), head_dim) if prefetch else 0,
-        Q_IN_LOOP=num_seqs <= plan.Q_IN_LOOP_MAX_SEQS, REARM_SEM=plan.COUNTER_REARM_SEM,
         num_warps=num_warps, num_stages=num_stages, **regs, **pdl,
     )
     if not direct and not fused:

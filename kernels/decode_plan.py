@@ -60,16 +60,6 @@ MAX_SPLITS = 128
 # bench/results/engine-2026-11-30-s12.md): batch-1 step -19 us; B=1 x 4k 11.19 -> 10.71 us;
 # at B=8 the same or up to 1.5 us slower.
 KV_PREFETCH_MAX_SEQS = 1
-# Grids of at most this many sequences load q inside the K/V loop (every tile) rather than once
-# before it, so the pipeline's first K/V loads are not issued behind q's load and its
-# conversion to the dot layout (ncu, B=1 x 4k bf16: ~20% of the warps' stall samples wait on
-# q before any K/V load is issued; bench/results/kernels.md, session 19). 0: never.
-Q_IN_LOOP_MAX_SEQS = 0
-# Memory semantics of the fused merge's counter re-arm (the last split program's final
-# instruction): no other program reads the counter again in this launch, and the next launch
-# sees it after the kernel boundary, so it needs no fence ("relaxed"); acq_rel puts a
-# MEMBAR.ALL.GPU before the program can exit.
-COUNTER_REARM_SEM = "acq_rel"
 
 
 def launch_shape(num_seqs: int, num_kv_heads: int, fp8: bool) -> tuple[tuple, int]:

@@ -172,18 +172,12 @@ def test_decode_large_batch_tiles(kv, monkeypatch):
         run_case([1, 31, 32, 33, 70], 16, 4, 128, 32, kv, seed=11 + splits, num_splits=splits)
 
 
-@pytest.mark.parametrize("kv,hpp,q_in_loop", [("bf16", 1, False), ("fp8-bf16", 1, False),
-                                              ("fp8-fp16", 2, False), ("bf16", 1, True),
-                                              ("fp8-fp16", 2, True)])
-def test_decode_fused_split_merge(kv, hpp, q_in_loop, small_tiles, monkeypatch):
+@pytest.mark.parametrize("kv,hpp", [("bf16", 1), ("fp8-bf16", 1), ("fp8-fp16", 2)])
+def test_decode_fused_split_merge(kv, hpp, small_tiles, monkeypatch):
     """The last split merges in the decode launch: equal to the reference for several split
     counts, calls in a row through one scratch (its counters must come back to zero), and
-    rows with empty splits (short sequences beside long ones). q_in_loop: q loaded in every
-    tile (full and ragged) and the counters re-armed without a fence."""
+    rows with empty splits (short sequences beside long ones)."""
     monkeypatch.setattr(decode_plan, "FUSED_MERGE_MAX_SPLITS", 64)
-    if q_in_loop:
-        monkeypatch.setattr(decode_plan, "Q_IN_LOOP_MAX_SEQS", 64)
-        monkeypatch.setattr(decode_plan, "COUNTER_REARM_SEM", "relaxed")
     monkeypatch.setattr(decode_plan, "HPP_16BIT", hpp)
     monkeypatch.setattr(decode_plan, "HPP_FP8", hpp)
     dtype, kv_dtype = KV[kv]
