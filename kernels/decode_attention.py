@@ -22,7 +22,8 @@ write a normalized partial output and its log-sum-exp (base 2) to scratch. The m
 the same launch when the scratch has counters and there are at most FUSED_MERGE_MAX_SPLITS
 splits: each split program bumps its (sequence, head group)'s counter (a CTA barrier, then an
 acq_rel atomic by one thread, which publishes the whole program's stores); the last one loads
-all splits' partials at once (L2 reads) and writes the output, then re-arms the counter.
+all splits' partials at once (L2 reads) and writes the output, then re-arms the counter (a
+relaxed atomic: nothing in the launch reads it again).
 Otherwise `splitkv_reduce` merges them in a second launch. (A first in-launch merge that walked
 the splits one load at a time was slower than the second launch: 20.4 vs 14.8 us at B=1,
 L=4096; the vectorized one is faster: 12.7 vs 13.1 us.) `num_splits` is chosen on the host
