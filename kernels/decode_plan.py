@@ -36,13 +36,8 @@ BATCH_TILES = ((16, False, (128, 5, 4), 1),
 # and short tiles, measured at B=128/256 x 1k (bench/results/engine-2026-11-30-s11.md, sec. 4;
 # engine step -199 / -341 us FP8, -211 / -79 us bf16, same process): FP8 (32-token pages)
 # 83.6 / 151.7 us vs 88.9 / 162.4 with the defaults, bf16 137.3 / 257.5 vs 143.5 / 267.7; at
-# B=32 both were slower than the defaults (FP8 29.5 vs 27.3 us). 16-bit caches from 384 programs
-# (B >= 48 over 8 kv heads), same process (bench/decode_ab.py, bench/results/kernels.md session
-# 19): B=64 x 4k / 16k 253.6 / 966.9 -> 248.6 / 953.7 us at 16-token pages (246.7 / 944.9 vs
-# 253.5 / 964.8 at 32), B=48 x 4k 223.6 -> 222.0, B=64 x 1k within 0.5%. FP8 stays at 1024:
-# faster at 4k-16k (B=64 x 16k 687.7 -> 644.9 us) but slower at 1k (51.7 -> 55.2), and the
-# plan cannot tell the two apart in an engine's wide block table.
-LARGE_BATCH_TILES = ((384, False, (16, 5, 4), 4),
+# B=32 both were slower than the defaults (FP8 29.5 vs 27.3 us).
+LARGE_BATCH_TILES = ((1024, False, (16, 5, 4), 4),
                      (1024, True, (32, 5, 4), 4))
 FUSED_MERGE_MAX_SPLITS = 16  # split counts up to this merge in the decode launch (0: never)
 # the same for FP8 caches launched one kv head per program, whose 128-token tiles fit two

@@ -148,8 +148,7 @@ def test_launch_shape_by_batch(monkeypatch):
     monkeypatch.setattr(decode_plan, "BATCH_TILES", ((16, False, (128, 5, 4), 1),
                                                      (128, True, (64, 5, 4), 2)))
     assert decode_plan.launch_shape(1, 8, False) == ((128, 5, 4), 1)
-    assert decode_plan.launch_shape(47, 8, False) == (decode_plan.TILES_16BIT, 1)
-    assert decode_plan.launch_shape(48, 8, False) == ((16, 5, 4), 4)   # shipped: from 384 programs
+    assert decode_plan.launch_shape(64, 8, False) == (decode_plan.TILES_16BIT, 1)
     assert decode_plan.launch_shape(8, 8, True) == ((64, 5, 4), 2)
     assert decode_plan.launch_shape(8, 3, True) == ((64, 5, 4), 1)    # 2 does not divide 3
     assert decode_plan.launch_shape(64, 8, True) == (decode_plan.TILES_FP8, 1)
