@@ -12,19 +12,17 @@ plus fp16 HMMAs, only wgmma (64-row tiles, asynchronous) consumes e4m3 directly.
 """
 from __future__ import annotations
 
-import collections
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sm90_sass import compile_sm90, sass_ops  # noqa: E402
 
 
 @gluon.jit
@@ -47,21 +45,13 @@ def _one_mma(a_ptr, b_ptr, c_ptr):
 
 def main() -> None:
     src = GluonASTSource(_one_mma, {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*fp32"})
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    ck, sass, _ = compile_sm90(src, num_warps=1)
     ptx_mma = [ln.strip() for ln in ck.asm["ptx"].splitlines() if ln.strip().startswith("mma.")]
     print(f"triton {triton.__version__}, PTX:", *ptx_mma, sep="\n  ")
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(ck.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    ops = collections.Counter(m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(\S+)", sass))
-    keep = {k: v for k, v in ops.items() if k.startswith(("HMMA", "F2FP", "QMMA", "IMMA"))}
+    keep = {k: v for k, v in sass_ops(sass).items() if k.startswith(("HMMA", "F2FP", "QMMA", "IMMA"))}
     print("SASS tensor-core and conversion ops (sm_90):", keep)
     if not any(k.startswith("QMMA") for k in keep) and any(k.startswith("F2FP") for k in keep):
         print("-> the e4m3 mma.sync is lowered to e4m3->f16 conversions + fp16 HMMA on sm_90")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

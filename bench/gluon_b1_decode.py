@@ -13,8 +13,9 @@ per kv head):
   by its own threads (cp.async), its scores are a batched tensor-core dot ([warp, 16 rows,
   keys]: q rows 4..15 are padding), its softmax stays inside the warp, and P goes to the P.V
   dot in registers; the warps' partial results meet once, at the end;
-- the block table and seq_len are read before the PDL wait; after it, every K/V copy is
-  issued before q is loaded (straight into the dot's register layout: no shared memory);
+- the block table and seq_len are read before the PDL wait; after it, q is loaded straight
+  into the dot's register layout (no shared memory) and then every K/V copy is issued (with
+  q after the copies ptxas placed part of q's loads behind the K wait; the same time);
 - splits merge in the same launch: partial + log-sum-exp to scratch, one acq_rel counter
   bump per program, the last one merges (as kernels/decode_attention.py).
 """
@@ -32,7 +33,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 import triton.language as tl
 
-HEAD_DIM = gl.constexpr(128)
 GROUP = gl.constexpr(4)
 PAGE = gl.constexpr(16)
 WARPS = 4
@@ -49,22 +49,18 @@ def _pdl_launch():
 
 
 @gluon.jit
-def _sync(WARP_SYNC: gl.constexpr):
+def _warp_sync():
     """After a cp.async wait: each warp reads only the rows its own threads copied, so a warp
-    barrier orders them (WARP_SYNC); else a CTA barrier."""
-    if WARP_SYNC:
-        tl.inline_asm_elementwise("bar.warp.sync -1; // $0", "=r", [], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-    else:
-        gl.thread_barrier()
+    barrier orders them (Gluon 3.6 still inserts a CTA barrier before the shared loads)."""
+    tl.inline_asm_elementwise("bar.warp.sync -1; // $0", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @gluon.jit
 def _b1_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_out_ptr,
                       part_lse_ptr, counters_ptr, qk_scale_log2, stride_kb, stride_ko,
-                      num_splits, num_q_heads,
-                      CHUNK: gl.constexpr, PDL: gl.constexpr, MERGE_S: gl.constexpr,
-                      WARP_SYNC: gl.constexpr = True, MERGE: gl.constexpr = True):
+                      num_splits, CHUNK: gl.constexpr, PDL: gl.constexpr,
+                      MERGE_S: gl.constexpr, MERGE: gl.constexpr = True):
     KW: gl.constexpr = CHUNK // 4                       # keys per warp
     D: gl.constexpr = 128
     kvh = gl.program_id(0)
@@ -113,7 +109,7 @@ def _b1_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_o
     async_copy.commit_group()
 
     async_copy.wait_group(1)
-    _sync(WARP_SYNC)
+    _warp_sync()
     kt = k_s.permute([0, 2, 1]).load(b_op)                              # [4, D, KW]
     s = mma_v2(q, kt, gl.zeros([4, 16, KW], gl.float32, mma))
     # mask keys past the end
@@ -128,7 +124,7 @@ def _b1_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_o
     p_op = gl.convert_layout(p.to(gl.bfloat16), a_op, assert_trivial=True)
 
     async_copy.wait_group(0)
-    _sync(WARP_SYNC)
+    _warp_sync()
     v = v_s.load(b_op)                                                # [4, KW, D]
     o = mma_v2(p_op, v, gl.zeros([4, 16, D], gl.float32, mma))
     if PDL:
@@ -197,38 +193,25 @@ def _merge(part_out_ptr, part_lse_ptr, out_ptr, kvh, num_splits, MERGE_S: gl.con
     gl.store(out_ptr + (kvh * GROUP + r2)[:, None] * D + d2[None, :], o.to(gl.bfloat16))
 
 
-def compile_only(chunk: int) -> None:
-    """Compile for sm_90 without a GPU; print registers, spills, shared bytes and SASS ops."""
-    import collections
-    import re
-    import subprocess
-    import tempfile
-    from triton.backends.compiler import GPUTarget
+def compile_only(chunk: int, out: Path) -> None:
+    """Compile for sm_90 without a GPU; print shared bytes, registers/spills and SASS ops, and
+    write the SASS to out."""
     from triton.experimental.gluon._runtime import GluonASTSource
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sm90_sass import compile_sm90, sass_ops
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i32",
            "seq_lens_ptr": "*i32", "out_ptr": "*bf16", "part_out_ptr": "*fp32",
            "part_lse_ptr": "*fp32", "counters_ptr": "*i32", "qk_scale_log2": "fp32",
-           "stride_kb": "i64", "stride_ko": "i64", "num_splits": "i32", "num_q_heads": "i32",
+           "stride_kb": "i64", "stride_ko": "i64", "num_splits": "i32",
            "CHUNK": "constexpr", "PDL": "constexpr", "MERGE_S": "constexpr"}
     src = GluonASTSource(_b1_decode_kernel, sig,
                          constexprs={"CHUNK": chunk, "PDL": 1, "MERGE_S": 16},
                          attrs={(i,): [["tt.divisibility", 16]] for i in range(12)})
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS})
-    md = ck.metadata
-    print(f"CHUNK {chunk}: shared {md.shared} B, num_warps {md.num_warps}")
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(ck.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True,
-                              text=True, check=True).stdout
-        res = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout
-    print(res.strip().splitlines()[-1])
-    ops = collections.Counter(m.group(1).split(".")[0]
-                              for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?(\S+)", sass))
-    print(dict(ops.most_common(30)))
-    Path("/tmp/gluon_b1.sass").write_text(sass)
+    ck, sass, resources = compile_sm90(src, WARPS)
+    print(f"CHUNK {chunk}: shared {ck.metadata.shared} B; {resources}")
+    print(dict(sass_ops(sass, base=True).most_common(30)))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"gluon-b1-c{chunk}.sass").write_text(sass)
 
 
 def main() -> None:
@@ -241,7 +224,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.compile_only:
         for chunk in args.chunks:
-            compile_only(chunk)
+            compile_only(chunk, Path(args.out))
         return
     run_gpu(args)
 
@@ -292,7 +275,7 @@ def run_gpu(args) -> None:
                 _b1_decode_kernel[(HKV, splits)](
                     p.q, p.k_cache, p.v_cache, p.tables[i], p.seq_lens, outs[i], po, pl, cnt,
                     D ** -0.5 * 1.4426950408889634, p.k_cache.stride(0), p.k_cache.stride(1),
-                    splits, HQ, CHUNK=chunk, PDL=pdl, MERGE_S=max(2, next_pow2(splits)),
+                    splits, CHUNK=chunk, PDL=pdl, MERGE_S=max(2, next_pow2(splits)),
                     MERGE=bool(merge), num_warps=WARPS, launch_pdl=bool(pdl))
             name = f"gluon_c{chunk}" + ("" if merge else "_nomerge") + ("" if pdl else "_nopdl")
             for i in range(2 if merge else 0):
