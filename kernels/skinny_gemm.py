@@ -12,8 +12,9 @@ K can be split SPLIT ways (grid cdiv(N, BLOCK_N) x SPLIT) to give the SMs enough
 split program writes its float32 partial tile to a scratch [SPLIT, N, BLOCK_M], then bumps its
 column tile's counter (a CTA barrier, then an acq_rel atomic by one thread, which publishes the
 program's stores); the last one sums the partials in split order (deterministic), writes y and
-re-arms the counter (relaxed: nothing in the launch reads it again). The scratch is allocated once per device and size and reused by every call
-(calls on one stream only; no host sync: CUDA-graph capturable).
+re-arms the counter (relaxed: nothing in the launch reads it again). The scratch is allocated
+once per device and size and reused by every call (calls on one stream only; no host sync:
+CUDA-graph capturable).
 
 W and x tiles come by pointer loads (cp.async, pipelined) or by TMA descriptors. With silu=True
 (gate_up, no split) a program also accumulates the matching up rows and stores silu(gate) * up,
